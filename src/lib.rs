@@ -1,0 +1,3 @@
+//! Kennel: node-local persistent storage for Kubernetes StatefulSets.
+
+pub mod retention;

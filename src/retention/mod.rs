@@ -1,0 +1,1 @@
+//! StatefulSet PVC retention controller.

@@ -1,3 +1,9 @@
 //! Kennel: node-local persistent storage for Kubernetes StatefulSets.
 
+pub mod backend;
+pub mod csi;
+pub mod driver;
+pub mod error;
+pub mod node;
 pub mod retention;
+pub mod volume;

@@ -1,0 +1,72 @@
+//! Where volumes live. Each backend stores its own state (files beside the
+//! images, LV tags), so a restarted driver rebuilds everything from it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::volume::capacity::CapacityRange;
+use crate::volume::spec::{Capability, VolumeParams};
+use crate::volume::VolumeId;
+
+#[path = "loop.rs"]
+pub mod loop_files;
+
+/// Everything Kennel knows about one volume; persisted by the backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub capacity_bytes: u64,
+    pub requested: CapacityRange,
+    pub capabilities: Vec<Capability>,
+    pub params: VolumeParams,
+    /// Node and machine that hold the data: a node re-created under the same
+    /// name on another machine does not have it.
+    pub node_id: String,
+    pub machine_id: String,
+    pub created_unix: u64,
+}
+
+/// Room left in a backend's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCapacity {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    /// Bytes promised to existing volumes.
+    pub provisioned_bytes: u64,
+}
+
+/// A pool of volumes on this node. Methods block (file I/O, ioctls, lvm2);
+/// callers run them off the async runtime.
+pub trait Backend: Send + Sync + 'static {
+    fn kind(&self) -> &'static str;
+    /// Volume sizes are multiples of this.
+    fn granularity(&self) -> u64;
+
+    /// All volumes, sorted by ID.
+    fn list(&self) -> Result<Vec<VolumeRecord>>;
+    fn get(&self, id: &VolumeId) -> Result<Option<VolumeRecord>>;
+    fn find_by_name(&self, name: &str) -> Result<Option<VolumeRecord>>;
+
+    /// Allocate storage for `record` and persist it in one step: afterwards the
+    /// volume either fully exists or not at all.
+    fn create(&self, record: &VolumeRecord) -> Result<()>;
+    /// Remove a volume; an unknown ID is not an error.
+    fn delete(&self, id: &VolumeId) -> Result<()>;
+    /// Grow a volume's storage to `new_size` bytes.
+    fn expand(&self, id: &VolumeId, new_size: u64) -> Result<VolumeRecord>;
+    fn capacity(&self) -> Result<PoolCapacity>;
+
+    /// The block device holding the volume, made available on this node (idempotent).
+    fn attach(&self, id: &VolumeId) -> Result<PathBuf>;
+    /// Release the block device (idempotent).
+    fn detach(&self, id: &VolumeId) -> Result<()>;
+    /// The block device if the volume is attached now.
+    fn attached_device(&self, id: &VolumeId) -> Result<Option<PathBuf>>;
+    /// Make an attached device see the volume's new size.
+    fn refresh_device(&self, id: &VolumeId) -> Result<()>;
+    /// Why the volume's storage is unhealthy, if it is.
+    fn health(&self, record: &VolumeRecord) -> Option<String>;
+}

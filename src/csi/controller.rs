@@ -1,0 +1,317 @@
+//! Controller service glue.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::csi::convert::{self, CapabilityError};
+use crate::csi::pb::{
+    self, controller_server::Controller as ControllerRpc, controller_service_capability,
+};
+use crate::csi::server::Driver;
+use crate::error::Error;
+use crate::volume::spec::{self, CreateRequest, VolumeParams};
+
+pub struct ControllerService {
+    driver: Arc<Driver>,
+}
+
+impl ControllerService {
+    pub fn new(driver: Arc<Driver>) -> Self {
+        ControllerService { driver }
+    }
+
+    fn volume(&self, record: &crate::backend::VolumeRecord) -> pb::Volume {
+        convert::volume(
+            record,
+            &self.driver.controller.identity().topology,
+            self.driver.volume_context(record),
+        )
+    }
+}
+
+fn condition(abnormal: Option<String>) -> pb::VolumeCondition {
+    pb::VolumeCondition {
+        abnormal: abnormal.is_some(),
+        message: abnormal.unwrap_or_else(|| "volume is healthy".to_owned()),
+    }
+}
+
+fn unimplemented(rpc: &str) -> Status {
+    Status::unimplemented(format!("{rpc} is not supported by Kennel"))
+}
+
+#[tonic::async_trait]
+impl ControllerRpc for ControllerService {
+    #[instrument(skip_all, fields(rpc = "CreateVolume", name = %request.get_ref().name))]
+    async fn create_volume(
+        &self,
+        request: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        spec::validate_name(&req.name)?;
+        let capabilities = convert::capabilities(&req.volume_capabilities)?;
+        let capacity = convert::capacity_range(req.capacity_range.as_ref())?;
+        if req.volume_content_source.is_some() {
+            return Err(Error::invalid(
+                "creating a volume from a content source is not supported yet",
+            )
+            .into());
+        }
+        let params = VolumeParams::parse(&req.parameters)?;
+        let requisite = req
+            .accessibility_requirements
+            .map(|t| t.requisite.into_iter().map(|s| s.segments).collect())
+            .unwrap_or_default();
+        let record = self
+            .driver
+            .controller
+            .create(CreateRequest {
+                name: req.name,
+                capacity,
+                capabilities,
+                params,
+                requisite,
+            })
+            .await?;
+        Ok(Response::new(pb::CreateVolumeResponse {
+            volume: Some(self.volume(&record)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "DeleteVolume", volume_id = %request.get_ref().volume_id))]
+    async fn delete_volume(
+        &self,
+        request: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Error::invalid("volume_id is required").into());
+        }
+        self.driver.controller.delete(&req.volume_id).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _: Request<pb::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<pb::ControllerPublishVolumeResponse>, Status> {
+        Err(unimplemented("ControllerPublishVolume"))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<pb::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<pb::ControllerUnpublishVolumeResponse>, Status> {
+        Err(unimplemented("ControllerUnpublishVolume"))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ValidateVolumeCapabilities", volume_id = %request.get_ref().volume_id))]
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<pb::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<pb::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Error::invalid("volume_id is required").into());
+        }
+        if req.volume_capabilities.is_empty() {
+            return Err(Error::invalid("volume_capabilities are required").into());
+        }
+        let mut capabilities = Vec::new();
+        let mut refusal = None;
+        for cap in &req.volume_capabilities {
+            match convert::capability(cap) {
+                Ok(c) => capabilities.push(c),
+                Err(CapabilityError::Malformed(e)) => return Err(e.into()),
+                Err(CapabilityError::Unsupported(e)) => refusal = Some(e.to_string()),
+            }
+        }
+        let params = match VolumeParams::parse(&req.parameters) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                refusal.get_or_insert(e.to_string());
+                None
+            }
+        };
+        // Existence first: an unknown volume is NOT_FOUND whatever else is wrong.
+        let verdict = self
+            .driver
+            .controller
+            .validate(
+                &req.volume_id,
+                &capabilities,
+                params.as_ref().filter(|_| !req.parameters.is_empty()),
+            )
+            .await?;
+        let refusal = refusal.or(verdict.err());
+        let response = match refusal {
+            Some(message) => pb::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message,
+            },
+            None => pb::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: Default::default(),
+                }),
+                message: String::new(),
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ListVolumes"))]
+    async fn list_volumes(
+        &self,
+        request: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let req = request.into_inner();
+        let (page, next_token) = self
+            .driver
+            .controller
+            .list(&req.starting_token, req.max_entries)
+            .await?;
+        let entries = page
+            .into_iter()
+            .map(|(record, abnormal)| pb::list_volumes_response::Entry {
+                volume: Some(self.volume(&record)),
+                status: Some(pb::list_volumes_response::VolumeStatus {
+                    published_node_ids: vec![],
+                    volume_condition: Some(condition(abnormal)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::ListVolumesResponse {
+            entries,
+            next_token,
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "GetCapacity"))]
+    async fn get_capacity(
+        &self,
+        request: Request<pb::GetCapacityRequest>,
+    ) -> Result<Response<pb::GetCapacityResponse>, Status> {
+        let req = request.into_inner();
+        VolumeParams::parse(&req.parameters)?;
+        // A capability Kennel cannot serve has no room at all.
+        let unsupported = req
+            .volume_capabilities
+            .iter()
+            .any(|c| convert::capability(c).is_err());
+        let segment = req.accessible_topology.map(|t| t.segments);
+        let cap = self.driver.controller.capacity(segment.as_ref()).await?;
+        let available = if unsupported { 0 } else { cap.available_bytes };
+        Ok(Response::new(pb::GetCapacityResponse {
+            available_capacity: convert::bytes(available),
+            maximum_volume_size: Some(convert::bytes(available)),
+            minimum_volume_size: Some(convert::bytes(self.driver.granularity)),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<pb::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::ControllerGetCapabilitiesResponse>, Status> {
+        use controller_service_capability::rpc::Type;
+        let capabilities = [
+            Type::CreateDeleteVolume,
+            Type::ListVolumes,
+            Type::GetCapacity,
+            Type::ExpandVolume,
+            Type::GetVolume,
+            Type::VolumeCondition,
+            Type::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| pb::ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(
+                controller_service_capability::Rpc { r#type: t as i32 },
+            )),
+        })
+        .collect();
+        Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
+        Err(unimplemented("CreateSnapshot"))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        Err(unimplemented("DeleteSnapshot"))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        Err(unimplemented("ListSnapshots"))
+    }
+
+    async fn get_snapshot(
+        &self,
+        _: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        Err(unimplemented("GetSnapshot"))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ControllerExpandVolume", volume_id = %request.get_ref().volume_id))]
+    async fn controller_expand_volume(
+        &self,
+        request: Request<pb::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<pb::ControllerExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Error::invalid("volume_id is required").into());
+        }
+        let range = req
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| Error::invalid("capacity_range is required"))?;
+        let range = convert::capacity_range(Some(range))?;
+        if let Some(cap) = req.volume_capability.as_ref() {
+            convert::capability(cap).map_err(Error::from)?;
+        }
+        let size = self.driver.controller.expand(&req.volume_id, range).await?;
+        Ok(Response::new(pb::ControllerExpandVolumeResponse {
+            capacity_bytes: convert::bytes(size),
+            // The loop device and the filesystem grow on the node.
+            node_expansion_required: true,
+        }))
+    }
+
+    #[instrument(skip_all, fields(rpc = "ControllerGetVolume", volume_id = %request.get_ref().volume_id))]
+    async fn controller_get_volume(
+        &self,
+        request: Request<pb::ControllerGetVolumeRequest>,
+    ) -> Result<Response<pb::ControllerGetVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let (record, abnormal) = self.driver.controller.get(&req.volume_id).await?;
+        Ok(Response::new(pb::ControllerGetVolumeResponse {
+            volume: Some(self.volume(&record)),
+            status: Some(pb::controller_get_volume_response::VolumeStatus {
+                published_node_ids: vec![],
+                volume_condition: Some(condition(abnormal)),
+            }),
+        }))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<pb::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<pb::ControllerModifyVolumeResponse>, Status> {
+        Err(unimplemented("ControllerModifyVolume"))
+    }
+}

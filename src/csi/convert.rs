@@ -1,0 +1,180 @@
+//! Protobuf → validated domain values, and back.
+
+use std::collections::BTreeMap;
+
+use crate::backend::VolumeRecord;
+use crate::csi::pb;
+use crate::error::{Error, Result};
+use crate::volume::capacity::CapacityRange;
+use crate::volume::spec::{AccessMode, AccessType, Capability, FsType, Segment};
+
+use pb::volume_capability::access_mode::Mode;
+
+/// Why a capability cannot be used.
+#[derive(Debug)]
+pub enum CapabilityError {
+    /// The request is malformed (no access type, no mode): INVALID_ARGUMENT everywhere.
+    Malformed(Error),
+    /// Well-formed but not something Kennel serves (MULTI_NODE, unknown fs).
+    Unsupported(Error),
+}
+
+impl From<CapabilityError> for Error {
+    fn from(e: CapabilityError) -> Error {
+        match e {
+            CapabilityError::Malformed(e) | CapabilityError::Unsupported(e) => e,
+        }
+    }
+}
+
+pub fn capability(cap: &pb::VolumeCapability) -> std::result::Result<Capability, CapabilityError> {
+    use pb::volume_capability::AccessType as Pb;
+    let access_type = match &cap.access_type {
+        None => {
+            return Err(CapabilityError::Malformed(Error::invalid(
+                "volume capability needs an access type (block or mount)",
+            )))
+        }
+        Some(Pb::Block(_)) => AccessType::Block,
+        Some(Pb::Mount(m)) => {
+            if !m.volume_mount_group.is_empty() {
+                return Err(CapabilityError::Unsupported(Error::invalid(
+                    "volume_mount_group is not supported (fsGroupPolicy File lets the kubelet apply it)",
+                )));
+            }
+            AccessType::Mount {
+                fs_type: FsType::parse(&m.fs_type).map_err(CapabilityError::Unsupported)?,
+                mount_flags: m.mount_flags.clone(),
+            }
+        }
+    };
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .ok_or_else(|| {
+            CapabilityError::Malformed(Error::invalid("volume capability needs an access mode"))
+        })?
+        .mode;
+    let access_mode = match Mode::try_from(mode) {
+        Ok(Mode::SingleNodeWriter) => AccessMode::SingleNodeWriter,
+        Ok(Mode::SingleNodeReaderOnly) => AccessMode::SingleNodeReaderOnly,
+        Ok(Mode::SingleNodeSingleWriter) => AccessMode::SingleNodeSingleWriter,
+        Ok(Mode::SingleNodeMultiWriter) => AccessMode::SingleNodeMultiWriter,
+        Ok(
+            m @ (Mode::MultiNodeReaderOnly
+            | Mode::MultiNodeSingleWriter
+            | Mode::MultiNodeMultiWriter),
+        ) => {
+            return Err(CapabilityError::Unsupported(Error::invalid(format!(
+                "access mode {} is not supported: Kennel volumes are local to one node",
+                m.as_str_name()
+            ))))
+        }
+        Ok(Mode::Unknown) | Err(_) => {
+            return Err(CapabilityError::Malformed(Error::invalid(format!(
+                "unknown access mode {mode}"
+            ))))
+        }
+    };
+    Ok(Capability {
+        access_type,
+        access_mode,
+    })
+}
+
+/// Every capability of a request, all of which must be supported.
+pub fn capabilities(caps: &[pb::VolumeCapability]) -> Result<Vec<Capability>> {
+    if caps.is_empty() {
+        return Err(Error::invalid("volume_capabilities are required"));
+    }
+    caps.iter()
+        .map(|c| capability(c).map_err(Error::from))
+        .collect()
+}
+
+pub fn required_capability(cap: Option<&pb::VolumeCapability>) -> Result<Capability> {
+    let cap = cap.ok_or_else(|| Error::invalid("volume_capability is required"))?;
+    Ok(capability(cap)?)
+}
+
+pub fn capacity_range(range: Option<&pb::CapacityRange>) -> Result<CapacityRange> {
+    range.map_or(Ok(CapacityRange::default()), |r| {
+        CapacityRange::new(r.required_bytes, r.limit_bytes)
+    })
+}
+
+pub fn topology(segment: &Segment) -> pb::Topology {
+    pb::Topology {
+        segments: segment.clone(),
+    }
+}
+
+pub fn volume(
+    record: &VolumeRecord,
+    topology_segment: &Segment,
+    context: BTreeMap<String, String>,
+) -> pb::Volume {
+    pb::Volume {
+        capacity_bytes: record.capacity_bytes as i64,
+        volume_id: record.id.to_string(),
+        volume_context: context,
+        content_source: None,
+        accessible_topology: vec![topology(topology_segment)],
+    }
+}
+
+/// Capacity values on the wire are int64.
+pub fn bytes(value: u64) -> i64 {
+    value.min(i64::MAX as u64) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::volume_capability::{
+        AccessMode as PbMode, AccessType as PbType, BlockVolume, MountVolume,
+    };
+
+    fn cap(access_type: Option<PbType>, mode: Mode) -> pb::VolumeCapability {
+        pb::VolumeCapability {
+            access_type,
+            access_mode: Some(PbMode { mode: mode as i32 }),
+        }
+    }
+
+    #[test]
+    fn single_node_modes_are_accepted() {
+        let c = capability(&cap(
+            Some(PbType::Block(BlockVolume {})),
+            Mode::SingleNodeWriter,
+        ))
+        .unwrap();
+        assert!(c.is_block());
+        let mount = PbType::Mount(MountVolume {
+            fs_type: "xfs".into(),
+            mount_flags: vec!["noatime".into()],
+            volume_mount_group: String::new(),
+        });
+        let c = capability(&cap(Some(mount), Mode::SingleNodeReaderOnly)).unwrap();
+        assert_eq!(c.fs_type(), Some(FsType::Xfs));
+        assert!(c.access_mode.read_only());
+    }
+
+    #[test]
+    fn multi_node_is_unsupported_and_missing_fields_are_malformed() {
+        let block = Some(PbType::Block(BlockVolume {}));
+        assert!(matches!(
+            capability(&cap(block.clone(), Mode::MultiNodeMultiWriter)),
+            Err(CapabilityError::Unsupported(_))
+        ));
+        assert!(matches!(
+            capability(&cap(None, Mode::SingleNodeWriter)),
+            Err(CapabilityError::Malformed(_))
+        ));
+        assert!(matches!(
+            capability(&cap(block, Mode::Unknown)),
+            Err(CapabilityError::Malformed(_))
+        ));
+        assert!(capabilities(&[]).is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! gRPC glue: protobuf in, domain calls, protobuf out. Nothing below knows protobuf.
+
+pub mod controller;
+pub mod convert;
+pub mod identity;
+pub mod node;
+pub mod server;
+pub mod status;
+
+/// Code generated from proto/csi.proto.
+#[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+pub mod pb {
+    tonic::include_proto!("csi.v1");
+}

@@ -1,0 +1,137 @@
+//! `kennel driver`: build the backend and serve CSI until told to stop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
+use crate::backend::Backend;
+use crate::csi::server::{self, Driver};
+use crate::error::{Error, Result};
+use crate::volume::capacity::parse_size;
+use crate::volume::controller::{Controller, NodeIdentity};
+use crate::volume::locks::LockMap;
+use crate::volume::node::NodeOps;
+
+pub const TOPOLOGY_KEY: &str = "topology.kennel.csi.dev/node";
+pub const DEFAULT_DRIVER_NAME: &str = "kennel.csi.dev";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    Loop,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DriverArgs {
+    /// CSI endpoint (unix socket).
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///run/kennel/csi.sock"
+    )]
+    pub endpoint: String,
+    /// Node ID reported to the CO (default: the hostname).
+    #[arg(long, env = "KENNEL_NODE_ID")]
+    pub node_id: Option<String>,
+    #[arg(long, default_value = DEFAULT_DRIVER_NAME)]
+    pub driver_name: String,
+    #[arg(long, value_enum, default_value = "loop")]
+    pub backend: BackendKind,
+    /// Directory holding loop-backed volume images.
+    #[arg(long, default_value = "/var/lib/kennel/loop")]
+    pub loop_dir: PathBuf,
+    /// Pool size for the loop backend, e.g. 100GiB (default: free space minus the reserve).
+    #[arg(long, value_parser = parse_size)]
+    pub capacity: Option<u64>,
+    /// Space kept free on the loop directory's filesystem (default: 5%, at most 10GiB).
+    #[arg(long, value_parser = parse_size)]
+    pub reserve: Option<u64>,
+    /// preallocated: images fully allocated at creation; sparse: overcommit allowed.
+    #[arg(long, value_enum, default_value = "preallocated")]
+    pub provisioning: Provisioning,
+    /// Reported in NodeGetInfo (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_volumes_per_node: i64,
+}
+
+pub fn machine_id() -> String {
+    ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn hostname() -> Result<String> {
+    nix::unistd::gethostname()
+        .map_err(|e| Error::Internal(format!("gethostname: {e}")))?
+        .into_string()
+        .map_err(|_| Error::Internal("hostname is not UTF-8".to_owned()))
+}
+
+/// Build the driver from its flags (opening the backend, recovering state).
+pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
+    if args.max_volumes_per_node < 0 {
+        return Err(Error::invalid(
+            "--max-volumes-per-node must not be negative",
+        ));
+    }
+    let node_id = match &args.node_id {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => hostname()?,
+    };
+    let backend: Arc<dyn Backend> = match args.backend {
+        BackendKind::Loop => Arc::new(LoopBackend::open(LoopConfig {
+            dir: args.loop_dir.clone(),
+            capacity: args.capacity,
+            reserve: args.reserve,
+            provisioning: args.provisioning,
+        })?),
+    };
+    let identity = NodeIdentity {
+        topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
+        node_id,
+        machine_id: machine_id(),
+    };
+    let locks = LockMap::default();
+    Ok(Arc::new(Driver {
+        name: args.driver_name.clone(),
+        granularity: backend.granularity(),
+        controller: Controller::new(backend.clone(), locks.clone(), identity),
+        node: NodeOps::new(backend, locks),
+        max_volumes_per_node: args.max_volumes_per_node,
+    }))
+}
+
+/// Serve until SIGTERM or SIGINT, then stop accepting and return.
+pub async fn run(args: DriverArgs) -> Result<()> {
+    let driver = build(&args)?;
+    let socket = server::socket_path(&args.endpoint)?;
+    let listener = server::bind_private(&socket)?;
+    tracing::info!(
+        endpoint = %args.endpoint,
+        node_id = %driver.controller.identity().node_id,
+        backend = driver.controller.backend_kind(),
+        version = env!("CARGO_PKG_VERSION"),
+        "kennel driver serving"
+    );
+    server::serve(driver, listener, shutdown_signal()).await?;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("kennel driver stopped");
+    Ok(())
+}
+
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

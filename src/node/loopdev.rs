@@ -1,0 +1,292 @@
+//! Loop devices through the kernel's ioctl interface (no `losetup`).
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+
+use crate::error::{Error, IoContext, Result};
+
+const LOOP_CONTROL: &str = "/dev/loop-control";
+const LO_NAME_SIZE: usize = 64;
+const LO_KEY_SIZE: usize = 32;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
+/// How often to retry when another process takes the free device first.
+const ATTACH_ATTEMPTS: usize = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; LO_NAME_SIZE],
+    lo_crypt_name: [u8; LO_NAME_SIZE],
+    lo_encrypt_key: [u8; LO_KEY_SIZE],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+mod ioctl {
+    use super::{LoopConfig, LoopInfo64};
+    nix::ioctl_none_bad!(ctl_get_free, 0x4C82);
+    nix::ioctl_write_ptr_bad!(configure, 0x4C0A, LoopConfig);
+    nix::ioctl_write_int_bad!(set_fd, 0x4C00);
+    nix::ioctl_write_ptr_bad!(set_status64, 0x4C04, LoopInfo64);
+    nix::ioctl_none_bad!(clr_fd, 0x4C01);
+    nix::ioctl_none_bad!(set_capacity, 0x4C07);
+    nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
+}
+
+/// Where to place a loop device over a file: the whole file by default, or a
+/// byte range of it (an LV's extents on its physical volume).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Window {
+    pub offset: u64,
+    pub size_limit: u64,
+}
+
+/// Attach `backing` to a free loop device and return the device path.
+/// Direct I/O is asked for (so pages are not cached in both the loop device
+/// and the backing file) and dropped if the backing filesystem refuses it.
+pub fn attach(backing: &Path, window: Window) -> Result<PathBuf> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(backing)
+        .ctx("open backing file", backing)?;
+    let control = File::open(LOOP_CONTROL).ctx("open", LOOP_CONTROL)?;
+    let mut last_err = None;
+    for _ in 0..ATTACH_ATTEMPTS {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+        let number = unsafe { ioctl::ctl_get_free(control.as_raw_fd()) }
+            .ctx("LOOP_CTL_GET_FREE", LOOP_CONTROL)?;
+        let device = PathBuf::from(format!("/dev/loop{number}"));
+        match configure(&device, &file, backing, window) {
+            Ok(()) => return Ok(device),
+            // Someone else configured it between GET_FREE and our call: try the next one.
+            Err(Errno::EBUSY) => last_err = Some(Errno::EBUSY),
+            Err(errno) => return Err(Error::io("attach loop device", device, errno.into())),
+        }
+    }
+    Err(Error::io(
+        "attach loop device for",
+        backing,
+        std::io::Error::from(last_err.unwrap_or(Errno::EBUSY)),
+    ))
+}
+
+fn configure(
+    device: &Path,
+    file: &File,
+    backing: &Path,
+    window: Window,
+) -> std::result::Result<(), Errno> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(device)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let mut info = new_info(backing, window);
+    info.lo_flags = LO_FLAGS_DIRECT_IO;
+    let mut config = LoopConfig {
+        fd: file.as_raw_fd() as u32,
+        block_size: 0,
+        info,
+        reserved: [0; 8],
+    };
+    // SAFETY: `config` is a valid loop_config for the lifetime of the call.
+    let result = unsafe { ioctl::configure(dev.as_raw_fd(), &config) };
+    match result {
+        Ok(_) => Ok(()),
+        // Direct I/O impossible on this backing file: buffered I/O then.
+        Err(Errno::EINVAL) => {
+            config.info.lo_flags = 0;
+            // SAFETY: as above.
+            match unsafe { ioctl::configure(dev.as_raw_fd(), &config) } {
+                Ok(_) => Ok(()),
+                Err(Errno::EINVAL | Errno::ENOTTY) => legacy_configure(&dev, file, &config.info),
+                Err(e) => Err(e),
+            }
+        }
+        // Kernels before 5.8 lack LOOP_CONFIGURE.
+        Err(Errno::ENOTTY) => legacy_configure(&dev, file, &new_info(backing, window)),
+        Err(e) => Err(e),
+    }
+}
+
+fn legacy_configure(dev: &File, file: &File, info: &LoopInfo64) -> std::result::Result<(), Errno> {
+    // SAFETY: LOOP_SET_FD takes a file descriptor by value.
+    unsafe { ioctl::set_fd(dev.as_raw_fd(), file.as_raw_fd()) }?;
+    // SAFETY: `info` is a valid loop_info64.
+    if let Err(e) = unsafe { ioctl::set_status64(dev.as_raw_fd(), info) } {
+        // SAFETY: undo the half-configured device.
+        let _ = unsafe { ioctl::clr_fd(dev.as_raw_fd()) };
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn new_info(backing: &Path, window: Window) -> LoopInfo64 {
+    let mut name = [0u8; LO_NAME_SIZE];
+    let bytes = backing.as_os_str().as_encoded_bytes();
+    let len = bytes.len().min(LO_NAME_SIZE - 1);
+    name[..len].copy_from_slice(&bytes[..len]);
+    LoopInfo64 {
+        lo_device: 0,
+        lo_inode: 0,
+        lo_rdevice: 0,
+        lo_offset: window.offset,
+        lo_sizelimit: window.size_limit,
+        lo_number: 0,
+        lo_encrypt_type: 0,
+        lo_encrypt_key_size: 0,
+        lo_flags: 0,
+        lo_file_name: name,
+        lo_crypt_name: [0; LO_NAME_SIZE],
+        lo_encrypt_key: [0; LO_KEY_SIZE],
+        lo_init: [0; 2],
+    }
+}
+
+/// Detach a loop device. If it is still open (mounted), the kernel detaches
+/// it when the last user closes it.
+pub fn detach(device: &Path) -> Result<()> {
+    let dev = match File::open(device) {
+        Ok(dev) => dev,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("open", device, e)),
+    };
+    // SAFETY: LOOP_CLR_FD takes no argument.
+    match unsafe { ioctl::clr_fd(dev.as_raw_fd()) } {
+        Ok(_) | Err(Errno::ENXIO) => Ok(()),
+        Err(e) => Err(Error::io("LOOP_CLR_FD", device, e.into())),
+    }
+}
+
+/// Re-read the backing file's size after it grew.
+pub fn refresh_capacity(device: &Path) -> Result<()> {
+    let dev = File::open(device).ctx("open", device)?;
+    // SAFETY: LOOP_SET_CAPACITY takes no argument.
+    unsafe { ioctl::set_capacity(dev.as_raw_fd()) }.ctx("LOOP_SET_CAPACITY", device)?;
+    Ok(())
+}
+
+/// Size in bytes of any block device.
+pub fn device_size(device: &Path) -> Result<u64> {
+    let dev = File::open(device).ctx("open", device)?;
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64.
+    unsafe { ioctl::blk_get_size64(dev.as_raw_fd(), &mut size) }.ctx("BLKGETSIZE64", device)?;
+    Ok(size)
+}
+
+/// One attached loop device as sysfs describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub device: PathBuf,
+    pub backing_file: PathBuf,
+    pub offset: u64,
+    pub size_limit: u64,
+    pub direct_io: bool,
+}
+
+/// Every attached loop device, read from `/sys/block/loop*/loop`.
+pub fn attachments() -> Result<Vec<Attachment>> {
+    attachments_in(Path::new("/sys/block"))
+}
+
+fn attachments_in(sys_block: &Path) -> Result<Vec<Attachment>> {
+    let mut found = Vec::new();
+    let entries = fs::read_dir(sys_block).ctx("read", sys_block)?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| n.starts_with("loop")) else {
+            continue;
+        };
+        let loop_dir = entry.path().join("loop");
+        // Detached devices have no `loop` directory; a device detaching
+        // under us may lose it between reads.
+        let Ok(backing) = fs::read_to_string(loop_dir.join("backing_file")) else {
+            continue;
+        };
+        let read_u64 = |file: &str| {
+            fs::read_to_string(loop_dir.join(file))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        found.push(Attachment {
+            device: PathBuf::from(format!("/dev/{name}")),
+            backing_file: PathBuf::from(backing.trim_end_matches('\n')),
+            offset: read_u64("offset"),
+            size_limit: read_u64("sizelimit"),
+            direct_io: read_u64("dio") == 1,
+        });
+    }
+    found.sort_by(|a, b| a.device.cmp(&b.device));
+    Ok(found)
+}
+
+/// Loop devices currently backed by `backing` (normally zero or one).
+pub fn find_attached(backing: &Path) -> Result<Vec<Attachment>> {
+    Ok(attachments()?
+        .into_iter()
+        .filter(|a| a.backing_file == backing)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysfs_attachments_are_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path();
+        fs::create_dir_all(sys.join("loop3/loop")).unwrap();
+        fs::write(
+            sys.join("loop3/loop/backing_file"),
+            "/var/lib/kennel/a b.img\n",
+        )
+        .unwrap();
+        fs::write(sys.join("loop3/loop/offset"), "4096\n").unwrap();
+        fs::write(sys.join("loop3/loop/sizelimit"), "0\n").unwrap();
+        fs::write(sys.join("loop3/loop/dio"), "1\n").unwrap();
+        fs::create_dir_all(sys.join("loop4")).unwrap(); // detached: no loop/ dir
+        fs::create_dir_all(sys.join("vda")).unwrap();
+        let found = attachments_in(sys).unwrap();
+        assert_eq!(
+            found,
+            vec![Attachment {
+                device: PathBuf::from("/dev/loop3"),
+                backing_file: PathBuf::from("/var/lib/kennel/a b.img"),
+                offset: 4096,
+                size_limit: 0,
+                direct_io: true,
+            }]
+        );
+    }
+
+    #[test]
+    fn loop_structs_match_the_kernel_abi() {
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+}

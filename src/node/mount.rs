@@ -1,0 +1,257 @@
+//! Mount state from `/proc/self/mountinfo`, and mount/umount through `nix`.
+
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::error::{Error, IoContext, Result};
+
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// One line of mountinfo: the fields Kennel needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// major:minor of the mounted device.
+    pub dev: (u32, u32),
+    /// Path inside the source filesystem that is mounted (`/` unless a bind of a subtree).
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    pub options: Vec<String>,
+    pub fs_type: String,
+    pub source: String,
+}
+
+impl MountEntry {
+    pub fn read_only(&self) -> bool {
+        self.options.iter().any(|o| o == "ro")
+    }
+}
+
+pub fn mounts() -> Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string(MOUNTINFO).ctx("read", MOUNTINFO)?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// Mounts whose mount point is exactly `path`, oldest first (the last one is visible).
+pub fn mounts_at(path: &Path) -> Result<Vec<MountEntry>> {
+    Ok(mounts()?
+        .into_iter()
+        .filter(|m| m.mount_point == path)
+        .collect())
+}
+
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<MountEntry> {
+    // 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+    let (left, right) = line.split_once(" - ")?;
+    let mut left = left.split(' ');
+    let _mount_id = left.next()?;
+    let _parent_id = left.next()?;
+    let (major, minor) = left.next()?.split_once(':')?;
+    let root = unescape(left.next()?);
+    let mount_point = unescape(left.next()?);
+    let mount_options = left.next()?;
+    let mut right = right.split(' ');
+    let fs_type = unescape(right.next()?);
+    let source = unescape(right.next().unwrap_or(""));
+    let super_options = right.next().unwrap_or("");
+    let mut options: Vec<String> = mount_options.split(',').map(str::to_owned).collect();
+    options.extend(
+        super_options
+            .split(',')
+            .filter(|o| !o.is_empty())
+            .map(str::to_owned),
+    );
+    Some(MountEntry {
+        dev: (major.parse().ok()?, minor.parse().ok()?),
+        root: PathBuf::from(root),
+        mount_point: PathBuf::from(mount_point),
+        options,
+        fs_type,
+        source,
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mount options split into kernel flags and filesystem data.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MountOptions {
+    pub flags: MsFlags,
+    pub data: Vec<String>,
+}
+
+/// Translate user-facing mount options (`noatime`, `ro`, `data=ordered`...).
+pub fn parse_options(options: &[String]) -> Result<MountOptions> {
+    let mut parsed = MountOptions {
+        flags: MsFlags::empty(),
+        data: Vec::new(),
+    };
+    for option in options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
+        if option.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(Error::invalid(format!(
+                "mount option {option:?} contains whitespace or control characters"
+            )));
+        }
+        let flag = match option {
+            "ro" => MsFlags::MS_RDONLY,
+            "rw" | "defaults" | "async" | "auto" => MsFlags::empty(),
+            "noatime" => MsFlags::MS_NOATIME,
+            "nodiratime" => MsFlags::MS_NODIRATIME,
+            "relatime" => MsFlags::MS_RELATIME,
+            "strictatime" => MsFlags::MS_STRICTATIME,
+            "nosuid" => MsFlags::MS_NOSUID,
+            "nodev" => MsFlags::MS_NODEV,
+            "noexec" => MsFlags::MS_NOEXEC,
+            "sync" => MsFlags::MS_SYNCHRONOUS,
+            "dirsync" => MsFlags::MS_DIRSYNC,
+            "lazytime" => MsFlags::MS_LAZYTIME,
+            "bind" | "rbind" | "remount" | "move" | "shared" | "private" | "slave"
+            | "unbindable" => {
+                return Err(Error::invalid(format!(
+                    "mount option {option:?} is not allowed"
+                )))
+            }
+            other => {
+                parsed.data.push(other.to_owned());
+                continue;
+            }
+        };
+        parsed.flags |= flag;
+    }
+    Ok(parsed)
+}
+
+pub fn mount_device(
+    device: &Path,
+    target: &Path,
+    fs_type: &str,
+    options: &MountOptions,
+) -> Result<()> {
+    let data = options.data.join(",");
+    let data = (!data.is_empty()).then_some(data.as_str());
+    mount(Some(device), target, Some(fs_type), options.flags, data).ctx("mount", target)
+}
+
+/// Bind `source` onto `target`; a read-only bind needs a second, remounting call.
+pub fn bind(source: &Path, target: &Path, read_only: bool, extra: MsFlags) -> Result<()> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .ctx("bind mount", target)?;
+    let remount_flags = extra
+        | if read_only {
+            MsFlags::MS_RDONLY
+        } else {
+            MsFlags::empty()
+        };
+    if !remount_flags.is_empty() {
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | remount_flags;
+        if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+            let _ = umount2(target, MntFlags::empty());
+            return Err(Error::io("remount", target, e.into()));
+        }
+    }
+    Ok(())
+}
+
+/// Unmount everything stacked on `target`. Not mounted is fine.
+pub fn unmount_all(target: &Path) -> Result<()> {
+    // Bounded: a path can only hold so many stacked mounts.
+    for _ in 0..64 {
+        match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => continue,
+            Err(Errno::EINVAL | Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(Error::io("unmount", target, e.into())),
+        }
+    }
+    Err(Error::Internal(format!(
+        "{} still mounted after 64 unmounts",
+        target.display()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+100 27 7:3 / /var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/pvc\\040one/mount ro,relatime shared:5 - ext4 /dev/loop3 ro
+101 27 0:6 /loop3 /stage/block rw,nosuid - devtmpfs devtmpfs rw,size=100k
+garbage line
+";
+
+    #[test]
+    fn parses_fields_and_unescapes_paths() {
+        let mounts = parse_mountinfo(SAMPLE);
+        assert_eq!(mounts.len(), 4);
+        assert_eq!(mounts[1].dev, (98, 0));
+        assert_eq!(mounts[1].root, PathBuf::from("/mnt1"));
+        assert_eq!(mounts[1].mount_point, PathBuf::from("/mnt2"));
+        assert_eq!(mounts[1].fs_type, "ext3");
+        assert_eq!(mounts[1].source, "/dev/root");
+        assert!(mounts[1].options.contains(&"errors=continue".to_owned()));
+        assert_eq!(
+            mounts[2].mount_point,
+            PathBuf::from("/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/pvc one/mount")
+        );
+        assert!(mounts[2].read_only());
+        assert!(!mounts[1].read_only());
+        assert_eq!(mounts[3].root, PathBuf::from("/loop3"));
+    }
+
+    #[test]
+    fn unescape_handles_backslashes_and_tabs() {
+        assert_eq!(unescape("a\\134b\\011c"), "a\\b\tc");
+        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+    }
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let opts =
+            parse_options(&["noatime".into(), "data=ordered,ro".into(), "discard".into()]).unwrap();
+        assert_eq!(opts.flags, MsFlags::MS_NOATIME | MsFlags::MS_RDONLY);
+        assert_eq!(
+            opts.data,
+            vec!["data=ordered".to_owned(), "discard".to_owned()]
+        );
+        assert!(parse_options(&["bind".into()]).is_err());
+        assert!(parse_options(&["a b".into()]).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! The domain: what a request means and what to do about it.
+
+pub mod capacity;
+pub mod controller;
+pub mod id;
+pub mod locks;
+pub mod node;
+pub mod spec;
+pub mod token;
+
+pub use id::VolumeId;

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod csi;
+pub mod ctl;
 pub mod driver;
 pub mod error;
 pub mod node;

@@ -24,6 +24,8 @@ enum LogFormat {
 enum Command {
     /// Serve the CSI Identity, Controller and Node services.
     Driver(kennel::driver::DriverArgs),
+    /// Talk to a CSI driver by hand.
+    Ctl(kennel::ctl::CtlArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -55,6 +57,7 @@ fn main() -> std::process::ExitCode {
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
             Command::Driver(args) => kennel::driver::run(args).await.map_err(Into::into),
+            Command::Ctl(args) => kennel::ctl::run(args).await,
         }
     });
     match result {

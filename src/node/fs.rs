@@ -101,14 +101,94 @@ fn mkfs(device: &Path, fs: FsType, discard: bool) -> Result<()> {
 }
 
 /// Grow the filesystem mounted at `mount_point` (from `device`) to fill the device.
-pub fn grow(device: &Path, mount_point: &Path, fs: &str) -> Result<()> {
+pub fn grow_online(device: &Path, mount_point: &Path, fs: &str) -> Result<()> {
     match fs {
-        "ext4" | "ext3" | "ext2" => cmd::run("resize2fs", [device]).map(drop),
+        "ext4" | "ext3" | "ext2" => {
+            // The kernel refuses online ext4 resizing without CAP_SYS_RESOURCE.
+            if !has_capability(CAP_SYS_RESOURCE) {
+                return Err(Error::Precondition(
+                    "growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE; \
+                     it will grow when the volume is next staged"
+                        .to_owned(),
+                ));
+            }
+            cmd::run("resize2fs", [device]).map(drop)
+        }
         "xfs" => cmd::run("xfs_growfs", [mount_point]).map(drop),
         other => Err(Error::Precondition(format!(
             "cannot grow a {other} filesystem"
         ))),
     }
+}
+
+/// Grow an unmounted ext4 filesystem (resize2fs insists on a fresh check first).
+pub fn grow_offline_ext4(device: &Path) -> Result<()> {
+    let check = cmd::output("e2fsck", [Path::new("-f"), Path::new("-p"), device])?;
+    // 0: clean, 1: errors fixed. Anything else needs a human.
+    if !matches!(check.status.code(), Some(0 | 1)) {
+        return Err(Error::Precondition(format!(
+            "{} needs repair before it can grow: {}",
+            device.display(),
+            cmd::failure("e2fsck", &check)
+        )));
+    }
+    cmd::run("resize2fs", [device]).map(drop)
+}
+
+const CAP_SYS_RESOURCE: u32 = 24;
+
+pub fn has_capability(bit: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
+
+/// Whether a mounted ext4 filesystem can grow in this process.
+pub fn can_grow_ext4_online() -> bool {
+    has_capability(CAP_SYS_RESOURCE)
+}
+
+/// Bytes the filesystem on `device` spans, read from its superblock; `None`
+/// for a filesystem Kennel does not grow.
+pub fn filesystem_bytes(device: &Path) -> Result<Option<u64>> {
+    use std::io::Read;
+    let mut head = vec![0u8; 2048];
+    let mut file = std::fs::File::open(device).map_err(|e| Error::io("open", device, e))?;
+    file.read_exact(&mut head)
+        .map_err(|e| Error::io("read superblock of", device, e))?;
+    Ok(superblock_bytes(&head))
+}
+
+/// ext2/3/4 superblock at byte 1024 (little endian), XFS at byte 0 (big endian).
+fn superblock_bytes(head: &[u8]) -> Option<u64> {
+    if head.len() < 2048 {
+        return None;
+    }
+    let le32 =
+        |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]) as u64;
+    let be32 =
+        |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]) as u64;
+    if &head[0..4] == b"XFSB" {
+        let blocks = (be32(8) << 32) | be32(12);
+        return Some(be32(4) * blocks);
+    }
+    if u16::from_le_bytes([head[1024 + 56], head[1024 + 57]]) == 0xEF53 {
+        let block_size = 1024u64 << le32(1024 + 24);
+        const INCOMPAT_64BIT: u64 = 0x80;
+        let high = if le32(1024 + 96) & INCOMPAT_64BIT != 0 {
+            le32(1024 + 0x150)
+        } else {
+            0
+        };
+        return Some(((high << 32) | le32(1024 + 4)) * block_size);
+    }
+    None
 }
 
 /// Space and inode use of a mounted filesystem.
@@ -143,6 +223,21 @@ pub fn usage(path: &Path) -> Result<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn superblock_sizes_are_read() {
+        let mut ext = vec![0u8; 2048];
+        ext[1024 + 4..1024 + 8].copy_from_slice(&65536u32.to_le_bytes());
+        ext[1024 + 24..1024 + 28].copy_from_slice(&2u32.to_le_bytes()); // 4 KiB blocks
+        ext[1024 + 56..1024 + 58].copy_from_slice(&0xEF53u16.to_le_bytes());
+        assert_eq!(superblock_bytes(&ext), Some(65536 * 4096));
+        let mut xfs = vec![0u8; 2048];
+        xfs[0..4].copy_from_slice(b"XFSB");
+        xfs[4..8].copy_from_slice(&4096u32.to_be_bytes());
+        xfs[8..16].copy_from_slice(&1000u64.to_be_bytes());
+        assert_eq!(superblock_bytes(&xfs), Some(4096 * 1000));
+        assert_eq!(superblock_bytes(&[0u8; 2048]), None);
+    }
 
     #[test]
     fn blkid_export_is_classified() {

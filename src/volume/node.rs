@@ -167,7 +167,7 @@ impl NodeOps {
             }
             if let Some(entry) = mount_of(&volume_path, &device)? {
                 if !is_block_bind(&entry, &device)? {
-                    filesystem::grow(&device, &volume_path, &entry.fs_type)?;
+                    filesystem::grow_online(&device, &volume_path, &entry.fs_type)?;
                 }
             }
             Ok(size)
@@ -288,7 +288,21 @@ fn stage_filesystem(
             fs.name().to_owned()
         }
     };
-    mount::mount_device(device, staging, &fs_name, &options)
+    // A volume expanded while unstaged grows now: ext4 before mounting (no
+    // special capability needed), xfs only once mounted.
+    let needs_growth = filesystem::filesystem_bytes(device)?
+        .is_some_and(|fs_bytes| fs_bytes < loopdev::device_size(device).unwrap_or(0));
+    if needs_growth && fs_name == "ext4" && !cap.access_mode.read_only() {
+        filesystem::grow_offline_ext4(device)?;
+    }
+    mount::mount_device(device, staging, &fs_name, &options)?;
+    if needs_growth && fs_name == "xfs" && !cap.access_mode.read_only() {
+        if let Err(e) = filesystem::grow_online(device, staging, &fs_name) {
+            let _ = mount::unmount_all(staging);
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn publish(b: &dyn Backend, id: &VolumeId, req: &PublishRequest) -> Result<()> {

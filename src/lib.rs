@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod csi;
 pub mod ctl;
+pub mod demo;
 pub mod driver;
 pub mod error;
 pub mod node;

@@ -24,13 +24,15 @@ enum LogFormat {
 enum Command {
     /// Serve the CSI Identity, Controller and Node services.
     Driver(kennel::driver::DriverArgs),
+    /// The StatefulSet walk-through on this machine: real driver, real loop volumes.
+    Demo(kennel::demo::DemoArgs),
     /// Talk to a CSI driver by hand.
     Ctl(kennel::ctl::CtlArgs),
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -42,7 +44,12 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Commands that talk to people keep the log quiet unless asked.
+    let default_level = match cli.command {
+        Command::Driver(_) => "info",
+        _ => "warn",
+    };
+    init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -58,6 +65,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Driver(args) => kennel::driver::run(args).await.map_err(Into::into),
             Command::Ctl(args) => kennel::ctl::run(args).await,
+            Command::Demo(args) => kennel::demo::run(args).await,
         }
     });
     match result {

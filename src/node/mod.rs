@@ -1,5 +1,6 @@
 //! Host plumbing: loop devices, mounts, filesystems. No protobuf here.
 
+pub mod cleanup;
 pub mod cmd;
 pub mod fs;
 pub mod loopdev;

@@ -45,7 +45,10 @@ impl Steps {
         let at = Instant::now();
         let result = step.await;
         let mark = if result.is_ok() { "ok " } else { "ERR" };
-        println!("  [{mark}] {title:<58} {:>8.1} ms", at.elapsed().as_secs_f64() * 1000.0);
+        println!(
+            "  [{mark}] {title:<58} {:>8.1} ms",
+            at.elapsed().as_secs_f64() * 1000.0
+        );
         result
     }
 }
@@ -72,7 +75,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "the demo attaches loop devices and mounts filesystems: run it as root"
     );
     let dir = PathBuf::from(
-        nix::unistd::mkdtemp(&std::env::temp_dir().join("kennel-demo-XXXXXX")).context("create temp dir")?,
+        nix::unistd::mkdtemp(&std::env::temp_dir().join("kennel-demo-XXXXXX"))
+            .context("create temp dir")?,
     );
     println!("Kennel demo: a webserver StatefulSet with one local volume per pod");
     println!("  working directory {}", dir.display());
@@ -88,7 +92,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn walk_through(dir: &Path) -> anyhow::Result<()> {
-    let steps = Steps { started: Instant::now() };
+    let steps = Steps {
+        started: Instant::now(),
+    };
     let endpoint = format!("unix://{}", dir.join("csi.sock").display());
     let args = DriverArgs {
         endpoint: endpoint.clone(),
@@ -105,10 +111,15 @@ async fn walk_through(dir: &Path) -> anyhow::Result<()> {
     let server = steps
         .run("start kennel driver on a temporary socket", async {
             let drv = driver::build(&args)?;
-            let listener = crate::csi::server::bind_private(&crate::csi::server::socket_path(&endpoint)?)?;
-            Ok(tokio::spawn(crate::csi::server::serve(drv, listener, async {
-                let _ = stopped.await;
-            })))
+            let listener =
+                crate::csi::server::bind_private(&crate::csi::server::socket_path(&endpoint)?)?;
+            Ok(tokio::spawn(crate::csi::server::serve(
+                drv,
+                listener,
+                async {
+                    let _ = stopped.await;
+                },
+            )))
         })
         .await?;
     let result = scenario(&steps, dir, &endpoint).await;
@@ -126,7 +137,12 @@ async fn walk_through(dir: &Path) -> anyhow::Result<()> {
 
 async fn scenario(steps: &Steps, dir: &Path, endpoint: &str) -> anyhow::Result<()> {
     let client = Arc::new(CsiClient::connect(endpoint).await?);
-    let info = client.identity.clone().get_plugin_info(pb::GetPluginInfoRequest {}).await?.into_inner();
+    let info = client
+        .identity
+        .clone()
+        .get_plugin_info(pb::GetPluginInfoRequest {})
+        .await?
+        .into_inner();
     println!("  driver {} {}", info.name, info.vendor_version);
 
     let mut pods = Vec::new();
@@ -134,18 +150,28 @@ async fn scenario(steps: &Steps, dir: &Path, endpoint: &str) -> anyhow::Result<(
         let pod = format!("webserver-{ordinal}");
         let claim = format!("www-{pod}");
         let volume = steps
-            .run(&format!("provision claim {claim}"), provision(&client, &claim))
+            .run(
+                &format!("provision claim {claim}"),
+                provision(&client, &claim),
+            )
             .await?;
         pods.push(Pod {
-            staging: dir.join(format!("kubelet/plugins/kubernetes.io/csi/kennel.csi.dev/{claim}/globalmount")),
-            target: dir.join(format!("kubelet/pods/{pod}-uid1/volumes/kubernetes.io~csi/{claim}/mount")),
+            staging: dir.join(format!(
+                "kubelet/plugins/kubernetes.io/csi/kennel.csi.dev/{claim}/globalmount"
+            )),
+            target: dir.join(format!(
+                "kubelet/pods/{pod}-uid1/volumes/kubernetes.io~csi/{claim}/mount"
+            )),
             name: pod,
             volume_id: volume.volume_id,
         });
     }
     for pod in &pods {
         steps
-            .run(&format!("start {}: stage + publish its volume", pod.name), attach_pod(&client, pod))
+            .run(
+                &format!("start {}: stage + publish its volume", pod.name),
+                attach_pod(&client, pod),
+            )
             .await?;
     }
 
@@ -161,7 +187,10 @@ async fn scenario(steps: &Steps, dir: &Path, endpoint: &str) -> anyhow::Result<(
         .await?;
 
     steps
-        .run("scale 3 -> 2: webserver-2 stops (unpublish + unstage)", detach_pod(&client, web2))
+        .run(
+            "scale 3 -> 2: webserver-2 stops (unpublish + unstage)",
+            detach_pod(&client, web2),
+        )
         .await?;
     steps
         .run("the claim is retained: volume still listed", async {
@@ -176,25 +205,40 @@ async fn scenario(steps: &Steps, dir: &Path, endpoint: &str) -> anyhow::Result<(
                 .iter()
                 .filter_map(|e| e.volume.as_ref())
                 .any(|v| v.volume_id == web2.volume_id);
-            ensure!(listed, "volume {} vanished after scale-down", web2.volume_id);
-            ensure!(!web2.target.join("hello.txt").exists(), "pod directory still mounted");
+            ensure!(
+                listed,
+                "volume {} vanished after scale-down",
+                web2.volume_id
+            );
+            ensure!(
+                !web2.target.join("hello.txt").exists(),
+                "pod directory still mounted"
+            );
             Ok(())
         })
         .await?;
 
     let reborn = Pod {
-        target: dir.join("kubelet/pods/webserver-2-uid2/volumes/kubernetes.io~csi/www-webserver-2/mount"),
+        target: dir
+            .join("kubelet/pods/webserver-2-uid2/volumes/kubernetes.io~csi/www-webserver-2/mount"),
         name: web2.name.clone(),
         volume_id: web2.volume_id.clone(),
         staging: web2.staging.clone(),
     };
     steps
-        .run("scale 2 -> 3: webserver-2 is back with the same volume", attach_pod(&client, &reborn))
+        .run(
+            "scale 2 -> 3: webserver-2 is back with the same volume",
+            attach_pod(&client, &reborn),
+        )
         .await?;
     steps
         .run("webserver-2 reads hello.txt", async {
-            let text = std::fs::read_to_string(reborn.target.join("hello.txt")).context("read hello.txt")?;
-            ensure!(text == GREETING, "hello.txt holds {text:?}, expected {GREETING:?}");
+            let text = std::fs::read_to_string(reborn.target.join("hello.txt"))
+                .context("read hello.txt")?;
+            ensure!(
+                text == GREETING,
+                "hello.txt holds {text:?}, expected {GREETING:?}"
+            );
             println!("        hello.txt: {}", text.trim_end());
             Ok(())
         })
@@ -202,18 +246,21 @@ async fn scenario(steps: &Steps, dir: &Path, endpoint: &str) -> anyhow::Result<(
 
     for pod in pods.iter().take(2).chain(std::iter::once(&reborn)) {
         steps
-            .run(&format!("delete {}: unpublish, unstage, delete volume", pod.name), async {
-                detach_pod(&client, pod).await?;
-                client
-                    .controller
-                    .clone()
-                    .delete_volume(pb::DeleteVolumeRequest {
-                        volume_id: pod.volume_id.clone(),
-                        ..Default::default()
-                    })
-                    .await?;
-                Ok(())
-            })
+            .run(
+                &format!("delete {}: unpublish, unstage, delete volume", pod.name),
+                async {
+                    detach_pod(&client, pod).await?;
+                    client
+                        .controller
+                        .clone()
+                        .delete_volume(pb::DeleteVolumeRequest {
+                            volume_id: pod.volume_id.clone(),
+                            ..Default::default()
+                        })
+                        .await?;
+                    Ok(())
+                },
+            )
             .await?;
     }
     steps

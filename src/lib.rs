@@ -1,6 +1,7 @@
 //! Kennel: node-local persistent storage for Kubernetes StatefulSets.
 
 pub mod backend;
+pub mod bench;
 pub mod csi;
 pub mod ctl;
 pub mod demo;

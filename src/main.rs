@@ -26,6 +26,8 @@ enum Command {
     Driver(kennel::driver::DriverArgs),
     /// The StatefulSet walk-through on this machine: real driver, real loop volumes.
     Demo(kennel::demo::DemoArgs),
+    /// Measure volume lifecycles against a real driver, with a same-run baseline.
+    Bench(kennel::bench::BenchArgs),
     /// Talk to a CSI driver by hand.
     Ctl(kennel::ctl::CtlArgs),
 }
@@ -66,6 +68,7 @@ fn main() -> std::process::ExitCode {
             Command::Driver(args) => kennel::driver::run(args).await.map_err(Into::into),
             Command::Ctl(args) => kennel::ctl::run(args).await,
             Command::Demo(args) => kennel::demo::run(args).await,
+            Command::Bench(args) => kennel::bench::run(args).await,
         }
     });
     match result {

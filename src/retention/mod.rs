@@ -10,5 +10,8 @@ pub mod nodeloss;
 pub mod owners;
 pub mod policy;
 
+pub mod controller;
 #[cfg(test)]
 mod fixtures;
+pub mod metrics;
+pub mod rbac;

@@ -1,1 +1,241 @@
-//! StatefulSet PVC retention controller.
+//! StatefulSet PVC retention controller (`kennel retention`).
+//!
+//! `policy` decides (pure), `controller` talks to the API server, `leader` keeps a single writer.
+//! The README section "Retention controller" describes the behaviour for users.
+
+pub mod builtin;
+pub mod controller;
+pub mod duration;
+pub mod leader;
+pub mod metrics;
+pub mod names;
+pub mod nodeloss;
+pub mod owners;
+pub mod policy;
+pub mod rbac;
+
+#[cfg(test)]
+mod fixtures;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kube::Client;
+use tracing::{info, warn};
+
+pub use builtin::BuiltinMode;
+use duration::parse_duration;
+
+/// Flags of `kennel retention`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RetentionArgs {
+    /// Whether Kubernetes' own StatefulSet controller enforces
+    /// spec.persistentVolumeClaimRetentionPolicy (auto: yes from server version 1.32). When it
+    /// does, Kennel leaves the basic owner references to it and only adds its guards.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub builtin_retention: BuiltinMode,
+
+    /// How long a pod must wait on a lost node before its claim is recreated
+    /// (only for sets annotated kennel.csi.dev/on-node-loss=recreate).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub node_loss_grace: Duration,
+
+    /// Every StatefulSet is planned again at least this often.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// Delete out-of-range claims whose condemned pod vanished before the pod reference was
+    /// written (whenScaled=Delete only). Kubernetes keeps such claims forever.
+    #[arg(long)]
+    pub sweep_orphaned_claims: bool,
+
+    /// Opt-in deletion of orphaned volumes once they have been orphaned this long. Off unless set.
+    #[arg(long, value_parser = parse_duration)]
+    pub orphan_delete_grace: Option<Duration>,
+
+    /// CSI driver name of Kennel volumes.
+    #[arg(long, default_value = "kennel.csi.dev")]
+    pub driver_name: String,
+
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9102).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Run only while holding a coordination.k8s.io Lease (for more than one replica).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Name of the leader election Lease.
+    #[arg(long, default_value = "kennel-retention")]
+    pub lease_name: String,
+
+    /// Namespace of the leader election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kennel-system")]
+    pub lease_namespace: String,
+
+    /// How long a leader's Lease is valid without renewal.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+}
+
+/// This replica's name in events and in the Lease.
+fn identity() -> String {
+    std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| format!("kennel-retention-{}", std::process::id()))
+}
+
+/// Resolves when the process is asked to stop (SIGTERM or SIGINT).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Builds a client from the environment (in-cluster or kubeconfig) and runs the controller until
+/// SIGTERM/SIGINT, or until leadership is lost (an error, so the pod restarts and rejoins).
+pub async fn run(args: RetentionArgs) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("building a Kubernetes client from the environment")?;
+    let version = client
+        .apiserver_version()
+        .await
+        .context("reading the API server version")?;
+    let builtin = args
+        .builtin_retention
+        .resolve(&version.major, &version.minor);
+    info!(
+        server = %version.git_version,
+        mode = ?args.builtin_retention,
+        builtin,
+        "built-in StatefulSet retention {}",
+        if builtin { "assumed on: Kennel only adds its guards" } else { "off: Kennel writes owner references" }
+    );
+    if args.orphan_delete_grace.is_some() {
+        warn!("--orphan-delete-grace: orphaned volumes are reported through the node inventory, which this build does not read yet; nothing is deleted");
+    }
+    let metrics = Arc::new(metrics::Metrics::default());
+    if let Some(addr) = args.metrics_addr {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, m).await {
+                warn!(%addr, error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+    let settings = controller::Settings {
+        builtin,
+        sweep_orphaned_claims: args.sweep_orphaned_claims,
+        node_loss_grace: args.node_loss_grace,
+        driver_name: args.driver_name.clone(),
+        resync_interval: args.resync_interval,
+    };
+    let me = identity();
+
+    if !args.leader_election {
+        controller::run(client, settings, metrics, Some(me), shutdown_signal()).await;
+        return Ok(());
+    }
+    let lock = leader::LeaseLock::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &me,
+        args.lease_duration,
+    );
+    tokio::select! {
+        _ = lock.acquire() => {}
+        _ = shutdown_signal() => return Ok(()),
+    }
+    info!(identity = %me, lease = %args.lease_name, "leading");
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = lost_rx => {}
+        }
+    };
+    let running = controller::run(client, settings, metrics, Some(me), stop);
+    tokio::pin!(running);
+    tokio::select! {
+        _ = &mut running => Ok(()),
+        _ = lock.keep() => {
+            let _ = lost_tx.send(());
+            running.await;
+            anyhow::bail!("lost the leader Lease {}/{}", args.lease_namespace, args.lease_name)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RetentionArgs,
+    }
+
+    #[test]
+    fn flags_have_safe_defaults() {
+        let a = Cli::try_parse_from(["kennel"])
+            .expect("defaults parse")
+            .args;
+        assert_eq!(a.builtin_retention, BuiltinMode::Auto);
+        assert_eq!(a.node_loss_grace, Duration::from_secs(300));
+        assert!(!a.sweep_orphaned_claims);
+        assert_eq!(a.orphan_delete_grace, None);
+        assert_eq!(a.driver_name, "kennel.csi.dev");
+        assert!(a.leader_election);
+    }
+
+    #[test]
+    fn flags_parse_durations_and_modes() {
+        let a = Cli::try_parse_from([
+            "kennel",
+            "--builtin-retention",
+            "off",
+            "--node-loss-grace",
+            "90s",
+            "--resync-interval",
+            "1h",
+            "--sweep-orphaned-claims",
+            "--orphan-delete-grace",
+            "2d",
+            "--leader-election",
+            "false",
+        ])
+        .expect("parse")
+        .args;
+        assert_eq!(a.builtin_retention, BuiltinMode::Off);
+        assert_eq!(a.node_loss_grace, Duration::from_secs(90));
+        assert_eq!(a.resync_interval, Duration::from_secs(3600));
+        assert!(a.sweep_orphaned_claims);
+        assert_eq!(a.orphan_delete_grace, Some(Duration::from_secs(172_800)));
+        assert!(!a.leader_election);
+        assert!(Cli::try_parse_from(["kennel", "--node-loss-grace", "5"]).is_err());
+        assert!(Cli::try_parse_from(["kennel", "--builtin-retention", "maybe"]).is_err());
+    }
+}

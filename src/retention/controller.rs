@@ -1,0 +1,475 @@
+//! kube::runtime wiring: watches, the reconcile loop and the execution of planned actions.
+//!
+//! One `Controller` over StatefulSets. Pods (by their controller reference), claims, PVs and
+//! nodes trigger the sets they concern; each kind is watched once and its store is shared with
+//! the reconciler. A reconcile plans from the caches, confirms missing nodes with an uncached GET,
+//! re-reads the set uncached before any write (and replans if it moved), then executes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{
+    Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
+};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use super::metrics::Metrics;
+use super::names::claim_identity;
+use super::nodeloss::{pinned_node, pv_driver, NodeView};
+use super::policy::{self, Action, Note, Observed, Options, Plan, Regarding};
+
+/// Label the StatefulSet controller puts on every pod it makes; narrows the pod watch.
+const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
+/// Reporting controller name on events.
+pub const REPORTER: &str = "kennel-retention";
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub builtin: bool,
+    pub sweep_orphaned_claims: bool,
+    pub node_loss_grace: Duration,
+    pub driver_name: String,
+    pub resync_interval: Duration,
+}
+
+/// Everything a reconcile needs, injected so tests can use a mock API and filled stores.
+pub struct Context {
+    pub client: Client,
+    pub claims: Store<PersistentVolumeClaim>,
+    pub pods: Store<Pod>,
+    pub volumes: Store<PersistentVolume>,
+    pub nodes: Store<Node>,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub clock: fn() -> Timestamp,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{verb} {object}: {source}")]
+    Api {
+        verb: &'static str,
+        object: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{object} changed since it was read; planning again")]
+    Conflict { object: String },
+    #[error("StatefulSet without name or namespace")]
+    Incomplete,
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Api { .. } => "api",
+            Error::Conflict { .. } => "conflict",
+            Error::Incomplete => "incomplete",
+        }
+    }
+}
+
+fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Maps an API error of a write: 404 means there is nothing left to do, 409 is a conflict.
+fn write_result<T>(
+    r: Result<T, kube::Error>,
+    verb: &'static str,
+    object: String,
+) -> Result<(), Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if status_code(&e) == Some(404) => {
+            debug!(%object, "{verb}: already gone");
+            Ok(())
+        }
+        Err(e) if status_code(&e) == Some(409) => Err(Error::Conflict { object }),
+        Err(source) => Err(Error::Api {
+            verb,
+            object,
+            source,
+        }),
+    }
+}
+
+impl Context {
+    fn options(&self) -> Options {
+        Options {
+            builtin: self.settings.builtin,
+            sweep_orphaned_claims: self.settings.sweep_orphaned_claims,
+            node_loss_grace: self.settings.node_loss_grace,
+            driver_name: self.settings.driver_name.clone(),
+            now: (self.clock)(),
+        }
+    }
+
+    /// Plans for `set` from the caches, confirming nodes missing from the cache with a GET.
+    async fn plan_for(
+        &self,
+        set: &StatefulSet,
+        ns: &str,
+        nodes: &mut NodeView,
+    ) -> Result<Plan, Error> {
+        let claims = self
+            .claims
+            .state_filter(|c| c.namespace().as_deref() == Some(ns));
+        let pods = self
+            .pods
+            .state_filter(|p| p.namespace().as_deref() == Some(ns));
+        let driver = self.settings.driver_name.as_str();
+        let volumes = self
+            .volumes
+            .state_filter(|pv| pv_driver(pv) == Some(driver));
+        let claims: Vec<&PersistentVolumeClaim> = claims.iter().map(AsRef::as_ref).collect();
+        let pods: Vec<&Pod> = pods.iter().map(AsRef::as_ref).collect();
+        let volumes: Vec<&PersistentVolume> = volumes.iter().map(AsRef::as_ref).collect();
+        let opts = self.options();
+        let mut plan = policy::plan(
+            Observed {
+                set,
+                claims: &claims,
+                pods: &pods,
+                volumes: &volumes,
+                nodes,
+            },
+            &opts,
+        );
+        if !plan.unconfirmed_nodes.is_empty() {
+            let api: Api<Node> = Api::all(self.client.clone());
+            for name in &plan.unconfirmed_nodes {
+                match api.get_opt(name).await {
+                    Ok(Some(node)) => nodes.insert(&node),
+                    Ok(None) => nodes.confirm_gone(name),
+                    Err(source) => {
+                        return Err(Error::Api {
+                            verb: "get",
+                            object: format!("node {name}"),
+                            source,
+                        })
+                    }
+                }
+            }
+            plan = policy::plan(
+                Observed {
+                    set,
+                    claims: &claims,
+                    pods: &pods,
+                    volumes: &volumes,
+                    nodes,
+                },
+                &opts,
+            );
+        }
+        Ok(plan)
+    }
+
+    async fn publish(&self, set: &StatefulSet, note: &Note) {
+        let reference = match &note.regarding {
+            Regarding::StatefulSet => set.object_ref(&()),
+            Regarding::Volume(name) => ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("PersistentVolume".into()),
+                name: Some(name.clone()),
+                uid: self
+                    .volumes
+                    .get(&ObjectRef::new(name))
+                    .and_then(|pv| pv.metadata.uid.clone()),
+                ..Default::default()
+            },
+        };
+        let event = Event {
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.into(),
+            note: Some(note.message.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // Events are reports, not state: a failed publish must not undo or block the writes.
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            warn!(reason = note.reason, error = %e, "could not publish event");
+        }
+    }
+
+    async fn execute(&self, set: &StatefulSet, ns: &str, action: &Action) -> Result<(), Error> {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let volumes: Api<PersistentVolume> = Api::all(self.client.clone());
+        let (kind, result) = match action {
+            Action::Event(note) => {
+                self.publish(set, note).await;
+                return Ok(());
+            }
+            Action::SetClaimOwners {
+                claim,
+                resource_version,
+                owner_references,
+            } => {
+                // A merge patch replaces the whole list; the resourceVersion makes it conditional.
+                let patch = json!({"metadata": {
+                    "resourceVersion": resource_version,
+                    "ownerReferences": owner_references,
+                }});
+                let r = claims
+                    .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+                (
+                    "claim_owners",
+                    write_result(r, "patch", format!("claim {ns}/{claim}")),
+                )
+            }
+            Action::DeleteClaim {
+                claim,
+                uid,
+                resource_version,
+            } => {
+                let dp = preconditions(uid, Some(resource_version));
+                let r = claims.delete(claim, &dp).await;
+                (
+                    "claim_delete",
+                    write_result(r, "delete", format!("claim {ns}/{claim}")),
+                )
+            }
+            Action::DeletePod { pod, uid } => {
+                let r = pods.delete(pod, &preconditions(uid, None)).await;
+                (
+                    "pod_delete",
+                    write_result(r, "delete", format!("pod {ns}/{pod}")),
+                )
+            }
+            Action::SetVolumeFinalizers {
+                volume,
+                resource_version,
+                finalizers,
+            } => {
+                let patch = json!({"metadata": {
+                    "resourceVersion": resource_version,
+                    "finalizers": finalizers,
+                }});
+                let r = volumes
+                    .patch(volume, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+                (
+                    "volume_finalizers",
+                    write_result(r, "patch", format!("volume {volume}")),
+                )
+            }
+            Action::DeleteVolume { volume, uid } => {
+                let r = volumes.delete(volume, &preconditions(uid, None)).await;
+                (
+                    "volume_delete",
+                    write_result(r, "delete", format!("volume {volume}")),
+                )
+            }
+        };
+        result?;
+        self.metrics.action(kind);
+        Ok(())
+    }
+}
+
+fn preconditions(uid: &str, resource_version: Option<&String>) -> DeleteParams {
+    DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: resource_version.cloned(),
+        }),
+        ..DeleteParams::default()
+    }
+}
+
+/// Plans and executes for one StatefulSet.
+pub async fn reconcile(
+    set: Arc<StatefulSet>,
+    ctx: Arc<Context>,
+) -> Result<controller::Action, Error> {
+    ctx.metrics.reconciled();
+    let (Some(ns), Some(name)) = (set.namespace(), set.metadata.name.clone()) else {
+        return Err(Error::Incomplete);
+    };
+    let mut nodes = NodeView::from_nodes(ctx.nodes.state().iter().map(AsRef::as_ref));
+    let mut set: Arc<StatefulSet> = set;
+    let mut plan = ctx.plan_for(&set, &ns, &mut nodes).await?;
+    if plan.has_writes() {
+        // The cache may lag behind a scale; never write from an old replica count.
+        let fresh = Api::<StatefulSet>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&name)
+            .await
+            .map_err(|source| Error::Api {
+                verb: "get",
+                object: format!("statefulset {ns}/{name}"),
+                source,
+            })?;
+        let Some(fresh) = fresh.filter(|f| f.metadata.uid == set.metadata.uid) else {
+            return Ok(controller::Action::await_change());
+        };
+        if fresh.metadata.resource_version != set.metadata.resource_version {
+            debug!(%ns, %name, "StatefulSet moved since cached; planning again");
+            set = Arc::new(fresh);
+            plan = ctx.plan_for(&set, &ns, &mut nodes).await?;
+        }
+    }
+    for action in &plan.actions {
+        ctx.execute(&set, &ns, action).await?;
+    }
+    if plan.has_writes() {
+        info!(%ns, %name, writes = plan.actions.iter().filter(|a| a.is_write()).count(), "reconciled");
+    }
+    let resync = ctx.settings.resync_interval;
+    Ok(controller::Action::requeue(
+        plan.requeue_after.map_or(resync, |d| d.min(resync)),
+    ))
+}
+
+pub fn error_policy(set: Arc<StatefulSet>, error: &Error, ctx: Arc<Context>) -> controller::Action {
+    ctx.metrics.failure(error.metric_label());
+    match error {
+        Error::Conflict { .. } => debug!(set = %set.name_any(), %error, "requeue"),
+        _ => warn!(set = %set.name_any(), %error, "reconcile failed"),
+    }
+    let delay = match error {
+        Error::Conflict { .. } => Duration::from_secs(2),
+        _ => Duration::from_secs(30),
+    };
+    controller::Action::requeue(delay)
+}
+
+/// The sets whose claim names (computed forward) include `ns`/`claim`.
+fn sets_for_claim(
+    sets: &Store<StatefulSet>,
+    ns: Option<&str>,
+    claim: &str,
+) -> Vec<ObjectRef<StatefulSet>> {
+    sets.state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == ns && claim_identity(s, claim).is_some())
+        .map(|s| ObjectRef::from_obj(s.as_ref()))
+        .collect()
+}
+
+fn sets_for_volume(
+    sets: &Store<StatefulSet>,
+    pv: &PersistentVolume,
+) -> Vec<ObjectRef<StatefulSet>> {
+    let claim_ref = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+    match claim_ref.and_then(|c| Some((c.namespace.as_deref(), c.name.as_deref()?))) {
+        Some((ns, name)) => sets_for_claim(sets, ns, name),
+        None => Vec::new(),
+    }
+}
+
+/// A reflected, backed-off watch of `api`: its store and its stream of touched objects.
+fn reflect<K>(
+    api: Api<K>,
+    wc: watcher::Config,
+) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, wc)
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    (store, stream)
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    instance: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let wc = watcher::Config::default().any_semantic();
+    let (set_store, set_writer) = reflector::store();
+    let sets = watcher(Api::<StatefulSet>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .reflect(set_writer)
+        .applied_objects();
+    let (pod_store, pods) = reflect(
+        Api::<Pod>::all(client.clone()),
+        wc.clone().labels(POD_NAME_LABEL),
+    );
+    let (claim_store, claims) = reflect(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        wc.clone(),
+    );
+    let (volume_store, volumes) = reflect(Api::<PersistentVolume>::all(client.clone()), wc.clone());
+    let (node_store, nodes) = reflect(Api::<Node>::all(client.clone()), wc);
+
+    let reporter = Reporter {
+        controller: REPORTER.into(),
+        instance,
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        claims: claim_store,
+        pods: pod_store,
+        volumes: volume_store.clone(),
+        nodes: node_store,
+        settings,
+        metrics,
+        clock: Timestamp::now,
+    });
+
+    let (by_claim, by_volume, by_node) = (set_store.clone(), set_store.clone(), set_store.clone());
+    let driver = ctx.settings.driver_name.clone();
+    Controller::for_stream(sets, set_store)
+        .owns_stream(pods)
+        .watches_stream(claims, move |c: PersistentVolumeClaim| {
+            sets_for_claim(&by_claim, c.namespace().as_deref(), &c.name_any())
+        })
+        .watches_stream(volumes, move |pv: PersistentVolume| {
+            sets_for_volume(&by_volume, &pv)
+        })
+        .watches_stream(nodes, move |node: Node| {
+            // A node change matters to the sets whose Kennel volumes are pinned to it.
+            let name = node.name_any();
+            volume_store
+                .state()
+                .iter()
+                .filter(|pv| pv_driver(pv) == Some(driver.as_str()))
+                .filter(|pv| pinned_node(pv).as_deref() == Some(name.as_str()))
+                .flat_map(|pv| sets_for_volume(&by_node, pv))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                debug!(error = %e, "controller");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests;

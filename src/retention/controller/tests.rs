@@ -1,0 +1,402 @@
+//! The reconciler against a mocked API server: exact requests, in order, under a timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::client::Body;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use kube::Client;
+use serde_json::{json, Value};
+use tower_test::mock::{self, Handle};
+
+use super::{error_policy, reconcile, Context, Error, Settings, REPORTER};
+use crate::retention::fixtures::*;
+use crate::retention::metrics::Metrics;
+use crate::retention::policy::ON_NODE_LOSS_ANNOTATION;
+use crate::retention::rbac;
+
+fn store<K>(objects: Vec<K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (reader, mut writer) = reflector::store();
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::Apply(o));
+    }
+    reader
+}
+
+struct Cluster {
+    claims: Vec<PersistentVolumeClaim>,
+    pods: Vec<Pod>,
+    volumes: Vec<PersistentVolume>,
+    nodes: Vec<Node>,
+}
+
+fn context(cluster: Cluster) -> (Arc<Context>, Handle<Request<Body>, Response<Body>>) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let ctx = Context {
+        recorder: Recorder::new(client.clone(), REPORTER.into()),
+        client,
+        claims: store(cluster.claims),
+        pods: store(cluster.pods),
+        volumes: store(cluster.volumes),
+        nodes: store(cluster.nodes),
+        settings: Settings {
+            builtin: false,
+            sweep_orphaned_claims: false,
+            node_loss_grace: Duration::from_secs(300),
+            driver_name: DRIVER.into(),
+            resync_interval: Duration::from_secs(600),
+        },
+        metrics: Arc::new(Metrics::default()),
+        clock: || ts(0),
+    };
+    (Arc::new(ctx), handle)
+}
+
+/// One request the controller must make next, and the answer the fake server gives.
+struct Exchange {
+    method: &'static str,
+    path: String,
+    /// Fields the JSON body must contain (compared exactly, key by key, at the top level).
+    body: Option<Value>,
+    status: StatusCode,
+    /// `None`: echo the request body (what the API server does for events).
+    reply: Option<Value>,
+}
+
+fn expect(method: &'static str, path: &str, body: Option<Value>, reply: Value) -> Exchange {
+    Exchange {
+        method,
+        path: path.into(),
+        body,
+        status: StatusCode::OK,
+        reply: Some(reply),
+    }
+}
+
+fn not_found(method: &'static str, path: &str, what: &str) -> Exchange {
+    Exchange {
+        method,
+        path: path.into(),
+        body: None,
+        status: StatusCode::NOT_FOUND,
+        reply: Some(json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("{what} not found"), "reason": "NotFound", "code": 404
+        })),
+    }
+}
+
+fn conflict(method: &'static str, path: &str) -> Exchange {
+    Exchange {
+        method,
+        path: path.into(),
+        body: None,
+        status: StatusCode::CONFLICT,
+        reply: Some(json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "the object has been modified", "reason": "Conflict", "code": 409
+        })),
+    }
+}
+
+/// An event POST whose `reason` is `reason`.
+fn event(reason: &str) -> Exchange {
+    Exchange {
+        method: "POST",
+        path: "/apis/events.k8s.io/v1/namespaces/default/events".into(),
+        body: Some(json!({"reason": reason, "reportingController": REPORTER})),
+        status: StatusCode::OK,
+        reply: None,
+    }
+}
+
+/// Serves `script` in order, asserting each request, then asserts nothing else was asked.
+async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, script: Vec<Exchange>) {
+    for (i, step) in script.into_iter().enumerate() {
+        let (request, send) = handle
+            .next_request()
+            .await
+            .unwrap_or_else(|| panic!("request {i} ({} {}) never came", step.method, step.path));
+        let (method, path) = (
+            request.method().to_string(),
+            request.uri().path().to_string(),
+        );
+        assert_eq!(
+            (method.as_str(), path.as_str()),
+            (step.method, step.path.as_str()),
+            "request {i}"
+        );
+        let (group, resource, verb) = rbac::classify(&method, &path).expect("API request");
+        assert!(
+            rbac::allows(&group, &resource, &verb),
+            "request {i}: {verb} {group}/{resource} is not in the RBAC rules"
+        );
+        let bytes = request.into_body().collect_bytes().await.expect("body");
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
+        if let Some(expected) = &step.body {
+            for (key, value) in expected.as_object().expect("object") {
+                assert_eq!(
+                    body.get(key),
+                    Some(value),
+                    "request {i} {path}: body field {key} in {body}"
+                );
+            }
+        }
+        let reply = step.reply.unwrap_or(body);
+        send.send_response(
+            Response::builder()
+                .status(step.status)
+                .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+                .expect("response"),
+        );
+    }
+    // Let a stray request surface before declaring victory.
+    tokio::select! {
+        extra = handle.next_request() => {
+            if let Some((request, _)) = extra {
+                panic!("unexpected request {} {}", request.method(), request.uri());
+            }
+        }
+        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+    }
+}
+
+async fn run_scenario(
+    set: StatefulSet,
+    cluster: Cluster,
+    script: Vec<Exchange>,
+) -> (
+    Result<kube::runtime::controller::Action, Error>,
+    Arc<Context>,
+) {
+    let (ctx, handle) = context(cluster);
+    let server = tokio::spawn(serve(handle, script));
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        reconcile(Arc::new(set), ctx.clone()),
+    )
+    .await
+    .expect("reconcile finished in time");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server finished in time")
+        .expect("every request as expected");
+    (result, ctx)
+}
+
+const SETS: &str = "/apis/apps/v1/namespaces/default/statefulsets/web";
+const CLAIMS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
+const PODS: &str = "/api/v1/namespaces/default/pods";
+
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("serializable")
+}
+
+#[tokio::test]
+async fn scale_down_writes_the_pod_ref_with_resource_version() {
+    let web = set(1, Some(("Retain", "Delete")));
+    let cluster = Cluster {
+        claims: vec![claim(0, vec![]), claim(1, vec![])],
+        pods: vec![pod(0), pod(1)],
+        volumes: vec![],
+        nodes: vec![],
+    };
+    let script = vec![
+        expect("GET", SETS, None, to_json(&web)),
+        expect(
+            "PATCH",
+            &format!("{CLAIMS}/data-web-1"),
+            Some(json!({"metadata": {
+                "resourceVersion": "101",
+                "ownerReferences": [{
+                    "apiVersion": "v1", "kind": "Pod", "name": "web-1", "uid": "uid-pod-1",
+                    "controller": true, "blockOwnerDeletion": true
+                }]
+            }})),
+            to_json(&claim(1, vec![pod_ref(1)])),
+        ),
+        event("ClaimOwnersUpdated"),
+    ];
+    let (result, ctx) = run_scenario(web, cluster, script).await;
+    let action = result.expect("reconciled");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(600))
+    );
+    assert_eq!(ctx.metrics.action_count("claim_owners"), 1);
+}
+
+#[tokio::test]
+async fn a_set_that_moved_since_the_cache_is_planned_again() {
+    // The cache still says 1 replica; the server already says 2: ordinal 1 is not condemned.
+    let cached = set(1, Some(("Retain", "Delete")));
+    let mut fresh = set(2, Some(("Retain", "Delete")));
+    fresh.metadata.resource_version = Some("11".into());
+    let cluster = Cluster {
+        claims: vec![claim(0, vec![]), claim(1, vec![])],
+        pods: vec![pod(0), pod(1)],
+        volumes: vec![],
+        nodes: vec![],
+    };
+    let script = vec![expect("GET", SETS, None, to_json(&fresh))];
+    let (result, _) = run_scenario(cached, cluster, script).await;
+    result.expect("reconciled");
+}
+
+#[tokio::test]
+async fn reattach_removes_the_stale_pod_ref() {
+    // Scaled 3 -> 1 -> 3: claim 2 still points at the pod that was condemned and is gone.
+    let web = set(3, Some(("Retain", "Delete")));
+    let cluster = Cluster {
+        claims: vec![
+            claim(0, vec![]),
+            claim(1, vec![]),
+            claim(2, vec![pod_ref_uid(2, "uid-earlier")]),
+        ],
+        pods: vec![pod(0), pod(1)],
+        volumes: vec![],
+        nodes: vec![],
+    };
+    let script = vec![
+        expect("GET", SETS, None, to_json(&web)),
+        expect(
+            "PATCH",
+            &format!("{CLAIMS}/data-web-2"),
+            Some(json!({"metadata": {"resourceVersion": "102", "ownerReferences": []}})),
+            to_json(&claim(2, vec![])),
+        ),
+        event("StaleOwnerRemoved"),
+    ];
+    let (result, ctx) = run_scenario(web, cluster, script).await;
+    result.expect("reconciled");
+    assert_eq!(ctx.metrics.action_count("claim_owners"), 1);
+}
+
+#[tokio::test]
+async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
+    let web = annotate(
+        set(2, Some(("Retain", "Retain"))),
+        ON_NODE_LOSS_ANNOTATION,
+        "recreate",
+    );
+    let cluster = Cluster {
+        claims: vec![claim(0, vec![]), claim(1, vec![])],
+        pods: vec![pod(0), unschedulable(pod(1), ts(-600))],
+        volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
+        nodes: vec![node("node-a", "m-a", true)],
+    };
+    let script = vec![
+        not_found("GET", "/api/v1/nodes/node-b", "nodes \"node-b\""),
+        expect("GET", SETS, None, to_json(&web)),
+        expect(
+            "DELETE",
+            &format!("{CLAIMS}/data-web-1"),
+            Some(json!({"preconditions": {"uid": "uid-claim-1", "resourceVersion": "101"}})),
+            to_json(&claim_terminating(claim(1, vec![]))),
+        ),
+        event("ClaimRecreatedAfterNodeLoss"),
+        expect(
+            "DELETE",
+            &format!("{PODS}/web-1"),
+            Some(json!({"preconditions": {"uid": "uid-pod-1"}})),
+            to_json(&pod(1)),
+        ),
+        event("PodRecreatedAfterNodeLoss"),
+    ];
+    let (result, _) = run_scenario(web.clone(), cluster, script).await;
+    result.expect("reconciled");
+
+    // Next pass: the claim is gone and its PV released; its node is still gone.
+    let cluster = Cluster {
+        claims: vec![claim(0, vec![])],
+        pods: vec![pod(0)],
+        volumes: vec![pv(0, "node-a", "m-a"), released(pv(1, "node-b", "m-b"))],
+        nodes: vec![node("node-a", "m-a", true)],
+    };
+    let script = vec![
+        not_found("GET", "/api/v1/nodes/node-b", "nodes \"node-b\""),
+        expect("GET", SETS, None, to_json(&web)),
+        expect(
+            "PATCH",
+            "/api/v1/persistentvolumes/pv-1",
+            Some(json!({"metadata": {
+                "resourceVersion": "301",
+                "finalizers": ["kubernetes.io/pv-protection"]
+            }})),
+            to_json(&released(pv(1, "node-b", "m-b"))),
+        ),
+        expect(
+            "DELETE",
+            "/api/v1/persistentvolumes/pv-1",
+            Some(json!({"preconditions": {"uid": "uid-pv-1"}})),
+            to_json(&released(pv(1, "node-b", "m-b"))),
+        ),
+        event("StaleVolumeCleaned"),
+    ];
+    let (result, ctx) = run_scenario(web, cluster, script).await;
+    result.expect("reconciled");
+    assert_eq!(ctx.metrics.action_count("volume_delete"), 1);
+}
+
+#[tokio::test]
+async fn node_present_on_the_server_but_not_in_the_cache_changes_nothing() {
+    let web = annotate(
+        set(2, Some(("Retain", "Retain"))),
+        ON_NODE_LOSS_ANNOTATION,
+        "recreate",
+    );
+    let cluster = Cluster {
+        claims: vec![claim(0, vec![]), claim(1, vec![])],
+        pods: vec![pod(0), unschedulable(pod(1), ts(-600))],
+        volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
+        nodes: vec![node("node-a", "m-a", true)],
+    };
+    let script = vec![expect(
+        "GET",
+        "/api/v1/nodes/node-b",
+        None,
+        to_json(&node("node-b", "m-b", false)),
+    )];
+    let (result, _) = run_scenario(web, cluster, script).await;
+    result.expect("reconciled");
+}
+
+#[tokio::test]
+async fn a_conflicting_write_requeues_soon() {
+    let web = set(1, Some(("Retain", "Delete")));
+    let cluster = Cluster {
+        claims: vec![claim(0, vec![]), claim(1, vec![])],
+        pods: vec![pod(0), pod(1)],
+        volumes: vec![],
+        nodes: vec![],
+    };
+    let script = vec![
+        expect("GET", SETS, None, to_json(&web)),
+        conflict("PATCH", &format!("{CLAIMS}/data-web-1")),
+    ];
+    let (result, ctx) = run_scenario(web.clone(), cluster, script).await;
+    let error = result.expect_err("conflict surfaces");
+    assert!(matches!(error, Error::Conflict { .. }), "{error}");
+    let action = error_policy(Arc::new(web), &error, ctx.clone());
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(2))
+    );
+    assert!(ctx
+        .metrics
+        .render()
+        .contains("failures_total{error=\"conflict\"} 1"));
+}

@@ -24,6 +24,8 @@ enum LogFormat {
 enum Command {
     /// Serve the CSI Identity, Controller and Node services.
     Driver(kennel::driver::DriverArgs),
+    /// StatefulSet PVC retention controller (runs in the cluster).
+    Retention(kennel::retention::RetentionArgs),
     /// The StatefulSet walk-through on this machine: real driver, real loop volumes.
     Demo(kennel::demo::DemoArgs),
     /// Measure volume lifecycles against a real driver, with a same-run baseline.
@@ -48,7 +50,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Commands that talk to people keep the log quiet unless asked.
     let default_level = match cli.command {
-        Command::Driver(_) => "info",
+        Command::Driver(_) | Command::Retention(_) => "info",
         _ => "warn",
     };
     init_logging(cli.log_format, default_level);
@@ -68,6 +70,7 @@ fn main() -> std::process::ExitCode {
             Command::Driver(args) => kennel::driver::run(args).await.map_err(Into::into),
             Command::Ctl(args) => kennel::ctl::run(args).await,
             Command::Demo(args) => kennel::demo::run(args).await,
+            Command::Retention(args) => kennel::retention::run(args).await,
             Command::Bench(args) => kennel::bench::run(args).await,
         }
     });

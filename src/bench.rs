@@ -56,9 +56,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.concurrency > 0 && args.lifecycles > 0,
         "--lifecycles and --concurrency must be positive"
     );
-    let dir = PathBuf::from(nix::unistd::mkdtemp(
-        &std::env::temp_dir().join("kennel-bench-XXXXXX"),
-    )?);
+    let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("kennel-bench-XXXXXX"))?;
     let result = measure(&args, &dir).await;
     let cleaned = cleanup::release_all_under(&dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -227,7 +225,7 @@ async fn kennel_lifecycle(
     let cap = capability(filesystem);
     let started = Instant::now();
     let volume = timed(&samples, "create", async {
-        Ok(controller
+        controller
             .create_volume(pb::CreateVolumeRequest {
                 name: format!("bench-{i}"),
                 capacity_range: Some(pb::CapacityRange {
@@ -240,7 +238,7 @@ async fn kennel_lifecycle(
             .await?
             .into_inner()
             .volume
-            .context("no volume")?)
+            .context("no volume")
     })
     .await?;
     let id = volume.volume_id;

@@ -74,10 +74,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         nix::unistd::geteuid().is_root(),
         "the demo attaches loop devices and mounts filesystems: run it as root"
     );
-    let dir = PathBuf::from(
-        nix::unistd::mkdtemp(&std::env::temp_dir().join("kennel-demo-XXXXXX"))
-            .context("create temp dir")?,
-    );
+    let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("kennel-demo-XXXXXX"))
+        .context("create temp dir")?;
     println!("Kennel demo: a webserver StatefulSet with one local volume per pod");
     println!("  working directory {}", dir.display());
     let outcome = walk_through(&dir).await;

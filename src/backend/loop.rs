@@ -1,31 +1,27 @@
-//! The loop backend: one image file per volume plus its record as JSON.
+//! The loop backend: one image file per volume, attached as a loop device.
 //!
-//! `<dir>/<id>.img` holds the data, `<dir>/<id>.json` describes it. The JSON
-//! file is the commit point: it is written (temp file, fsync, rename, fsync
-//! dir) only after the image is fully allocated, and removed before the image
-//! on delete. An image without a record is debris from an interrupted call and
-//! is removed when the backend opens.
+//! `<dir>/<id>.img` + `<id>.json` per volume, `<dir>/snapshots/<id>.img` +
+//! `<id>.json` per snapshot (see `image_store` for the commit protocol).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
 
-use super::{Backend, PoolCapacity, VolumeRecord};
+use super::image_store::ImageStore;
+use super::{Backend, ContentSource, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
 use crate::node::loopdev::{self, Window};
+use crate::node::{copy, freeze, mount};
 use crate::volume::capacity::MIB;
-use crate::volume::VolumeId;
+use crate::volume::spec::unknown_param;
+use crate::volume::{SnapshotId, VolumeId};
 
-const IMAGE_EXT: &str = "img";
-const RECORD_EXT: &str = "json";
-const TEMP_SUFFIX: &str = ".tmp";
 const LOCK_FILE: &str = ".kennel.lock";
+const SNAPSHOT_DIR: &str = "snapshots";
 
 /// How images take space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,8 +47,8 @@ pub struct LoopBackend {
     pool_bytes: u64,
     reserve_bytes: u64,
     provisioning: Provisioning,
-    /// Mirror of the records on disk; this process is their only writer (the lock file).
-    records: Mutex<BTreeMap<VolumeId, VolumeRecord>>,
+    volumes: ImageStore<VolumeRecord>,
+    snapshots: ImageStore<SnapshotRecord>,
     _lock: Flock<File>,
 }
 
@@ -78,12 +74,17 @@ impl LoopBackend {
                 ))
             })?;
 
-        let records = recover(&dir)?;
+        let volumes = ImageStore::<VolumeRecord>::open(&dir)?;
+        let snapshots = ImageStore::<SnapshotRecord>::open(&dir.join(SNAPSHOT_DIR))?;
         let free = filesystem_free(&dir)?;
-        let fs_total = filesystem_total(&dir)?;
-        let reserve_bytes = config.reserve.unwrap_or_else(|| default_reserve(fs_total));
+        let reserve_bytes = config
+            .reserve
+            .unwrap_or_else(|| default_reserve(filesystem_total(&dir).unwrap_or(0)));
         let allocated: u64 = match config.provisioning {
-            Provisioning::Preallocated => records.values().map(|r| r.capacity_bytes).sum(),
+            Provisioning::Preallocated => {
+                volumes.list().iter().map(|r| r.capacity_bytes).sum::<u64>()
+                    + snapshots.list().iter().map(|s| s.size_bytes).sum::<u64>()
+            }
             Provisioning::Sparse => 0,
         };
         let pool_bytes = config
@@ -94,7 +95,8 @@ impl LoopBackend {
             pool_bytes,
             reserve_bytes,
             provisioning: config.provisioning,
-            records: Mutex::new(records),
+            volumes,
+            snapshots,
             _lock: lock,
         })
     }
@@ -103,25 +105,22 @@ impl LoopBackend {
         &self.dir
     }
 
-    fn image_path(&self, id: &VolumeId) -> PathBuf {
-        self.dir.join(format!("{id}.{IMAGE_EXT}"))
-    }
-
-    fn record_path(&self, id: &VolumeId) -> PathBuf {
-        self.dir.join(format!("{id}.{RECORD_EXT}"))
-    }
-
-    fn records(&self) -> std::sync::MutexGuard<'_, BTreeMap<VolumeId, VolumeRecord>> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn provisioned(&self) -> u64 {
-        self.records().values().map(|r| r.capacity_bytes).sum()
+        self.volumes
+            .list()
+            .iter()
+            .map(|r| r.capacity_bytes)
+            .sum::<u64>()
+            + self
+                .snapshots
+                .list()
+                .iter()
+                .map(|s| s.size_bytes)
+                .sum::<u64>()
     }
 
-    /// Bytes a new allocation of `extra` bytes may take, or why not.
     fn check_room(&self, extra: u64) -> Result<()> {
-        let cap = self.capacity()?;
+        let cap = self.pool()?;
         if extra > cap.available_bytes {
             return Err(Error::Exhausted(format!(
                 "{extra} bytes requested, {} bytes available in {}",
@@ -132,6 +131,24 @@ impl LoopBackend {
         Ok(())
     }
 
+    fn pool(&self) -> Result<PoolCapacity> {
+        let provisioned = self.provisioned();
+        let under_pool = self.pool_bytes.saturating_sub(provisioned);
+        let available = match self.provisioning {
+            // Allocation is real: the filesystem's free space is a hard limit too.
+            Provisioning::Preallocated => {
+                under_pool.min(filesystem_free(&self.dir)?.saturating_sub(self.reserve_bytes))
+            }
+            Provisioning::Sparse => under_pool,
+        };
+        Ok(PoolCapacity {
+            total_bytes: self.pool_bytes,
+            available_bytes: available / MIB * MIB,
+            provisioned_bytes: provisioned,
+        })
+    }
+
+    /// Give `file` its full `size`, allocated up front unless sparse.
     fn allocate(&self, file: &File, path: &Path, size: u64) -> Result<()> {
         match self.provisioning {
             Provisioning::Sparse => file.set_len(size).ctx("resize", path),
@@ -152,10 +169,58 @@ impl LoopBackend {
         }
     }
 
-    fn write_record(&self, record: &VolumeRecord) -> Result<()> {
-        let json = serde_json::to_vec_pretty(record)
-            .map_err(|e| Error::Internal(format!("encode record: {e}")))?;
-        write_atomically(&self.dir, &self.record_path(&record.id), &json)
+    /// The image holding a content source's data.
+    fn source_image(&self, source: &ContentSource) -> Result<PathBuf> {
+        match source {
+            ContentSource::Snapshot(id) => {
+                self.snapshots
+                    .get(id)
+                    .ok_or_else(|| Error::NotFound(format!("snapshot {id} not found")))?;
+                Ok(self.snapshots.image_path(id))
+            }
+            ContentSource::Volume(id) => {
+                self.volumes
+                    .get(id)
+                    .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+                Ok(self.volumes.image_path(id))
+            }
+        }
+    }
+
+    /// Copy a volume's image; if its filesystem is mounted, freeze it meanwhile
+    /// so the copy is consistent.
+    fn copy_volume_image(
+        &self,
+        id: &VolumeId,
+        dst: &mut File,
+        dst_path: &Path,
+    ) -> Result<copy::CopyKind> {
+        let src = self.volumes.image_path(id);
+        let mounted = match self.attached_device(id)? {
+            Some(device) => mount::mount_point_of(&device)?,
+            None => None,
+        };
+        match mounted {
+            Some(point) => {
+                freeze::while_frozen(&point, || copy::clone_or_copy(&src, dst, dst_path))
+            }
+            None => copy::clone_or_copy(&src, dst, dst_path),
+        }
+    }
+
+    fn fill_volume(&self, record: &VolumeRecord, file: &mut File, image: &Path) -> Result<()> {
+        if let Some(source) = &record.source {
+            match source {
+                ContentSource::Volume(id) => {
+                    self.copy_volume_image(id, file, image)?;
+                }
+                ContentSource::Snapshot(_) => {
+                    copy::clone_or_copy(&self.source_image(source)?, file, image)?;
+                }
+            }
+        }
+        self.allocate(file, image, record.capacity_bytes)?;
+        file.sync_all().ctx("fsync", image)
     }
 }
 
@@ -169,64 +234,53 @@ impl Backend for LoopBackend {
     }
 
     fn list(&self) -> Result<Vec<VolumeRecord>> {
-        Ok(self.records().values().cloned().collect())
+        Ok(self.volumes.list())
     }
 
     fn get(&self, id: &VolumeId) -> Result<Option<VolumeRecord>> {
-        Ok(self.records().get(id).cloned())
+        Ok(self.volumes.get(id))
     }
 
     fn find_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
-        Ok(self.records().values().find(|r| r.name == name).cloned())
+        Ok(self.volumes.find_by_name(name))
     }
 
     fn create(&self, record: &VolumeRecord) -> Result<()> {
-        self.check_room(record.capacity_bytes)?;
-        let image = self.image_path(&record.id);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&image)
-            .ctx("create image", &image)?;
-        let written = self
-            .allocate(&file, &image, record.capacity_bytes)
-            .and_then(|()| file.sync_all().ctx("fsync", &image))
-            .and_then(|()| self.write_record(record));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&image);
-            return Err(e);
+        if let Some(source) = &record.source {
+            self.source_image(source)?;
         }
-        self.records().insert(record.id.clone(), record.clone());
-        Ok(())
+        self.check_room(record.capacity_bytes)?;
+        let mut file = self.volumes.create_image(&record.id)?;
+        let image = self.volumes.image_path(&record.id);
+        let done = self
+            .fill_volume(record, &mut file, &image)
+            .and_then(|()| self.volumes.commit(record));
+        if done.is_err() {
+            self.volumes.discard_image(&record.id);
+        }
+        done
     }
 
     fn delete(&self, id: &VolumeId) -> Result<()> {
-        let image = self.image_path(id);
-        if let Some(attached) = loopdev::find_attached(&image)?.first() {
+        if let Some(attached) = loopdev::find_attached(&self.volumes.image_path(id))?.first() {
             return Err(Error::Precondition(format!(
                 "volume {id} is staged on this node ({}); unstage it first",
                 attached.device.display()
             )));
         }
-        // Record first: once it is gone the volume is gone, even if we crash
-        // before the image is removed (the image is then debris for recover()).
-        remove_if_exists(&self.record_path(id))?;
-        sync_dir(&self.dir)?;
-        remove_if_exists(&image)?;
-        self.records().remove(id);
-        Ok(())
+        self.volumes.remove(id)
     }
 
     fn expand(&self, id: &VolumeId, new_size: u64) -> Result<VolumeRecord> {
         let mut record = self
-            .get(id)?
+            .volumes
+            .get(id)
             .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
         if new_size <= record.capacity_bytes {
             return Ok(record);
         }
         self.check_room(new_size - record.capacity_bytes)?;
-        let image = self.image_path(id);
+        let image = self.volumes.image_path(id);
         let file = OpenOptions::new()
             .write(true)
             .open(&image)
@@ -234,33 +288,62 @@ impl Backend for LoopBackend {
         self.allocate(&file, &image, new_size)?;
         file.sync_all().ctx("fsync", &image)?;
         record.capacity_bytes = new_size;
-        self.write_record(&record)?;
-        self.records().insert(id.clone(), record.clone());
+        self.volumes.commit(&record)?;
         Ok(record)
     }
 
-    fn capacity(&self) -> Result<PoolCapacity> {
-        let provisioned = self.provisioned();
-        let under_pool = self.pool_bytes.saturating_sub(provisioned);
-        let available = match self.provisioning {
-            // Allocation is real: the filesystem's free space is the hard limit too.
-            Provisioning::Preallocated => {
-                under_pool.min(filesystem_free(&self.dir)?.saturating_sub(self.reserve_bytes))
-            }
-            Provisioning::Sparse => under_pool,
-        };
-        Ok(PoolCapacity {
-            total_bytes: self.pool_bytes,
-            available_bytes: available / MIB * MIB,
-            provisioned_bytes: provisioned,
-        })
+    fn capacity(&self, _params: &BTreeMap<String, String>) -> Result<PoolCapacity> {
+        self.pool()
+    }
+
+    fn check_params(&self, params: &BTreeMap<String, String>) -> Result<()> {
+        match params.keys().next() {
+            Some(key) => Err(unknown_param(key, "loop", &[])),
+            None => Ok(()),
+        }
+    }
+
+    fn create_snapshot(&self, snapshot: &SnapshotRecord) -> Result<()> {
+        if self.snapshots.get(&snapshot.id).is_some() {
+            return Ok(());
+        }
+        self.volumes
+            .get(&snapshot.source_volume)
+            .ok_or_else(|| Error::VolumeNotFound(snapshot.source_volume.to_string()))?;
+        self.check_room(snapshot.size_bytes)?;
+        let mut file = self.snapshots.create_image(&snapshot.id)?;
+        let image = self.snapshots.image_path(&snapshot.id);
+        let done = self
+            .copy_volume_image(&snapshot.source_volume, &mut file, &image)
+            .and_then(|_| file.sync_all().ctx("fsync", &image))
+            .and_then(|()| self.snapshots.commit(snapshot));
+        if done.is_err() {
+            self.snapshots.discard_image(&snapshot.id);
+        }
+        done
+    }
+
+    fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        self.snapshots.remove(id)
+    }
+
+    fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        Ok(self.snapshots.list())
+    }
+
+    fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotRecord>> {
+        Ok(self.snapshots.get(id))
+    }
+
+    fn find_snapshot_by_name(&self, name: &str) -> Result<Option<SnapshotRecord>> {
+        Ok(self.snapshots.find_by_name(name))
     }
 
     fn attach(&self, id: &VolumeId) -> Result<PathBuf> {
         if let Some(device) = self.attached_device(id)? {
             return Ok(device);
         }
-        let image = self.image_path(id);
+        let image = self.volumes.image_path(id);
         if !image.exists() {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
@@ -268,14 +351,14 @@ impl Backend for LoopBackend {
     }
 
     fn detach(&self, id: &VolumeId) -> Result<()> {
-        for attachment in loopdev::find_attached(&self.image_path(id))? {
+        for attachment in loopdev::find_attached(&self.volumes.image_path(id))? {
             loopdev::detach(&attachment.device)?;
         }
         Ok(())
     }
 
     fn attached_device(&self, id: &VolumeId) -> Result<Option<PathBuf>> {
-        Ok(loopdev::find_attached(&self.image_path(id))?
+        Ok(loopdev::find_attached(&self.volumes.image_path(id))?
             .into_iter()
             .next()
             .map(|a| a.device))
@@ -289,7 +372,7 @@ impl Backend for LoopBackend {
     }
 
     fn health(&self, record: &VolumeRecord) -> Option<String> {
-        let image = self.image_path(&record.id);
+        let image = self.volumes.image_path(&record.id);
         match fs::metadata(&image) {
             Err(e) => Some(format!("image {} unreadable: {e}", image.display())),
             Ok(meta) if meta.len() < record.capacity_bytes => Some(format!(
@@ -300,82 +383,6 @@ impl Backend for LoopBackend {
             )),
             Ok(_) => None,
         }
-    }
-}
-
-/// Load every committed record and remove debris of interrupted calls.
-fn recover(dir: &Path) -> Result<BTreeMap<VolumeId, VolumeRecord>> {
-    let mut records = BTreeMap::new();
-    let mut images = Vec::new();
-    for entry in fs::read_dir(dir).ctx("read", dir)?.flatten() {
-        let path = entry.path();
-        let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if file_name.ends_with(TEMP_SUFFIX) {
-            remove_if_exists(&path)?;
-            continue;
-        }
-        let Some((stem, ext)) = file_name.rsplit_once('.') else {
-            continue;
-        };
-        let Some(id) = VolumeId::parse(stem) else {
-            continue;
-        };
-        match ext {
-            RECORD_EXT => {
-                let bytes = fs::read(&path).ctx("read", &path)?;
-                let record: VolumeRecord = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::Internal(format!("corrupt record {}: {e}", path.display()))
-                })?;
-                if record.id != id {
-                    return Err(Error::Internal(format!(
-                        "{} describes volume {}",
-                        path.display(),
-                        record.id
-                    )));
-                }
-                records.insert(id, record);
-            }
-            IMAGE_EXT => images.push((id, path)),
-            _ => {}
-        }
-    }
-    for (id, image) in images {
-        if !records.contains_key(&id) {
-            tracing::warn!(image = %image.display(), "removing image of an interrupted create or delete");
-            remove_if_exists(&image)?;
-        }
-    }
-    Ok(records)
-}
-
-/// temp file, write, fsync, rename, fsync directory.
-fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(TEMP_SUFFIX);
-    let tmp = PathBuf::from(tmp_name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .ctx("create", &tmp)?;
-    file.write_all(bytes).ctx("write", &tmp)?;
-    file.sync_all().ctx("fsync", &tmp)?;
-    fs::rename(&tmp, path).ctx("rename", path)?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).ctx("fsync", dir)
-}
-
-fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
-        _ => Ok(()),
     }
 }
 
@@ -410,6 +417,7 @@ mod tests {
             node_id: "n".into(),
             machine_id: "m".into(),
             created_unix: 0,
+            source: None,
         }
     }
 
@@ -430,7 +438,7 @@ mod tests {
         {
             let backend = open(dir.path(), 64 * MIB, Provisioning::Preallocated);
             backend.create(&rec).unwrap();
-            let meta = fs::metadata(backend.image_path(&rec.id)).unwrap();
+            let meta = fs::metadata(backend.volumes.image_path(&rec.id)).unwrap();
             assert_eq!(meta.len(), 4 * MIB);
             // Preallocated: the blocks are really there.
             use std::os::unix::fs::MetadataExt;
@@ -438,10 +446,13 @@ mod tests {
         }
         let backend = open(dir.path(), 64 * MIB, Provisioning::Preallocated);
         assert_eq!(backend.find_by_name("a").unwrap(), Some(rec.clone()));
-        assert_eq!(backend.capacity().unwrap().available_bytes, 60 * MIB);
+        assert_eq!(
+            backend.capacity(&BTreeMap::new()).unwrap().available_bytes,
+            60 * MIB
+        );
         backend.delete(&rec.id).unwrap();
         backend.delete(&rec.id).unwrap();
-        assert!(!backend.image_path(&rec.id).exists());
+        assert!(!backend.volumes.image_path(&rec.id).exists());
         assert_eq!(backend.list().unwrap(), vec![]);
     }
 
@@ -459,20 +470,6 @@ mod tests {
     }
 
     #[test]
-    fn debris_of_interrupted_calls_is_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let orphan = VolumeId::generate();
-        fs::write(dir.path().join(format!("{orphan}.img")), b"x").unwrap();
-        fs::write(dir.path().join(format!("{orphan}.json.tmp")), b"{").unwrap();
-        fs::write(dir.path().join("unrelated.txt"), b"keep").unwrap();
-        let backend = open(dir.path(), 64 * MIB, Provisioning::Sparse);
-        assert!(backend.list().unwrap().is_empty());
-        assert!(!dir.path().join(format!("{orphan}.img")).exists());
-        assert!(!dir.path().join(format!("{orphan}.json.tmp")).exists());
-        assert!(dir.path().join("unrelated.txt").exists());
-    }
-
-    #[test]
     fn pool_limits_creation_and_expansion() {
         let dir = tempfile::tempdir().unwrap();
         let backend = open(dir.path(), 10 * MIB, Provisioning::Sparse);
@@ -482,8 +479,6 @@ mod tests {
             backend.create(&record("b", 4 * MIB)),
             Err(Error::Exhausted(_))
         ));
-        // The failed create left nothing behind.
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3);
         assert!(matches!(
             backend.expand(&a.id, 12 * MIB),
             Err(Error::Exhausted(_))
@@ -491,11 +486,75 @@ mod tests {
         let grown = backend.expand(&a.id, 10 * MIB).unwrap();
         assert_eq!(grown.capacity_bytes, 10 * MIB);
         assert_eq!(
-            fs::metadata(backend.image_path(&a.id)).unwrap().len(),
+            fs::metadata(backend.volumes.image_path(&a.id))
+                .unwrap()
+                .len(),
             10 * MIB
         );
-        let reopened_records = recover(dir.path()).unwrap();
-        assert_eq!(reopened_records[&a.id].capacity_bytes, 10 * MIB);
-        assert_eq!(backend.capacity().unwrap().available_bytes, 0);
+        drop(backend);
+        let backend = open(dir.path(), 10 * MIB, Provisioning::Sparse);
+        assert_eq!(
+            backend.get(&a.id).unwrap().unwrap().capacity_bytes,
+            10 * MIB
+        );
+        assert_eq!(
+            backend.capacity(&BTreeMap::new()).unwrap().available_bytes,
+            0
+        );
+    }
+
+    #[test]
+    fn snapshots_and_clones_copy_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = open(dir.path(), 64 * MIB, Provisioning::Sparse);
+        let origin = record("origin", 4 * MIB);
+        backend.create(&origin).unwrap();
+        let origin_image = backend.volumes.image_path(&origin.id);
+        fs::write(&origin_image, b"precious data").unwrap();
+        let snap = SnapshotRecord {
+            id: SnapshotId::generate(),
+            name: "snap".into(),
+            source_volume: origin.id.clone(),
+            size_bytes: 4 * MIB,
+            created_unix: 0,
+        };
+        backend.create_snapshot(&snap).unwrap();
+        backend.create_snapshot(&snap).unwrap();
+        fs::write(&origin_image, b"overwritten!!").unwrap();
+
+        let mut restored = record("restored", 8 * MIB);
+        restored.source = Some(ContentSource::Snapshot(snap.id.clone()));
+        backend.create(&restored).unwrap();
+        let data = fs::read(backend.volumes.image_path(&restored.id)).unwrap();
+        assert_eq!(&data[..13], b"precious data");
+        assert_eq!(data.len() as u64, 8 * MIB);
+
+        let mut clone = record("clone", 4 * MIB);
+        clone.source = Some(ContentSource::Volume(origin.id.clone()));
+        backend.create(&clone).unwrap();
+        assert_eq!(
+            &fs::read(backend.volumes.image_path(&clone.id)).unwrap()[..13],
+            b"overwritten!!"
+        );
+
+        let mut missing = record("missing", 4 * MIB);
+        missing.source = Some(ContentSource::Snapshot(SnapshotId::generate()));
+        assert!(matches!(backend.create(&missing), Err(Error::NotFound(_))));
+        assert_eq!(backend.list_snapshots().unwrap(), vec![snap.clone()]);
+        backend.delete_snapshot(&snap.id).unwrap();
+        backend.delete_snapshot(&snap.id).unwrap();
+        assert!(backend.list_snapshots().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unknown_parameters_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = open(dir.path(), 64 * MIB, Provisioning::Sparse);
+        let params = BTreeMap::from([("thinPool".to_owned(), "x".to_owned())]);
+        assert!(matches!(
+            backend.check_params(&params),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(backend.check_params(&BTreeMap::new()).is_ok());
     }
 }

@@ -1,6 +1,7 @@
 //! Where volumes live. Each backend stores its own state (files beside the
 //! images, LV tags), so a restarted driver rebuilds everything from it.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -8,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::volume::capacity::CapacityRange;
 use crate::volume::spec::{Capability, VolumeParams};
-use crate::volume::VolumeId;
+use crate::volume::{SnapshotId, VolumeId};
 
+pub mod image_store;
 #[path = "loop.rs"]
 pub mod loop_files;
 
@@ -26,6 +28,27 @@ pub struct VolumeRecord {
     /// name on another machine does not have it.
     pub node_id: String,
     pub machine_id: String,
+    pub created_unix: u64,
+    /// What the volume's data was copied from, if anything.
+    #[serde(default)]
+    pub source: Option<ContentSource>,
+}
+
+/// The origin of a pre-populated volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentSource {
+    Snapshot(SnapshotId),
+    Volume(VolumeId),
+}
+
+/// A point-in-time copy of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub name: String,
+    pub source_volume: VolumeId,
+    pub size_bytes: u64,
     pub created_unix: u64,
 }
 
@@ -50,14 +73,32 @@ pub trait Backend: Send + Sync + 'static {
     fn get(&self, id: &VolumeId) -> Result<Option<VolumeRecord>>;
     fn find_by_name(&self, name: &str) -> Result<Option<VolumeRecord>>;
 
-    /// Allocate storage for `record` and persist it in one step: afterwards the
-    /// volume either fully exists or not at all.
+    /// Allocate storage for `record` (filled from `record.source` when set) and
+    /// persist it in one step: afterwards the volume fully exists or not at all.
     fn create(&self, record: &VolumeRecord) -> Result<()>;
     /// Remove a volume; an unknown ID is not an error.
     fn delete(&self, id: &VolumeId) -> Result<()>;
     /// Grow a volume's storage to `new_size` bytes.
     fn expand(&self, id: &VolumeId, new_size: u64) -> Result<VolumeRecord>;
-    fn capacity(&self) -> Result<PoolCapacity>;
+    /// Room for a new volume with these backend-specific parameters.
+    fn capacity(&self, params: &BTreeMap<String, String>) -> Result<PoolCapacity>;
+    /// Refuse backend-specific StorageClass keys this backend does not know.
+    fn check_params(&self, params: &BTreeMap<String, String>) -> Result<()>;
+
+    /// Copy a volume's data as it is now into a new snapshot (idempotent by ID).
+    fn create_snapshot(&self, snapshot: &SnapshotRecord) -> Result<()>;
+    /// Remove a snapshot; an unknown ID is not an error.
+    fn delete_snapshot(&self, id: &SnapshotId) -> Result<()>;
+    /// All snapshots, sorted by ID.
+    fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>>;
+
+    fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotRecord>> {
+        Ok(self.list_snapshots()?.into_iter().find(|s| &s.id == id))
+    }
+
+    fn find_snapshot_by_name(&self, name: &str) -> Result<Option<SnapshotRecord>> {
+        Ok(self.list_snapshots()?.into_iter().find(|s| s.name == name))
+    }
 
     /// The block device holding the volume, made available on this node (idempotent).
     fn attach(&self, id: &VolumeId) -> Result<PathBuf>;

@@ -53,12 +53,11 @@ impl ControllerRpc for ControllerService {
         spec::validate_name(&req.name)?;
         let capabilities = convert::capabilities(&req.volume_capabilities)?;
         let capacity = convert::capacity_range(req.capacity_range.as_ref())?;
-        if req.volume_content_source.is_some() {
-            return Err(Error::invalid(
-                "creating a volume from a content source is not supported yet",
-            )
-            .into());
-        }
+        let source = req
+            .volume_content_source
+            .as_ref()
+            .map(convert::content_source)
+            .transpose()?;
         let params = VolumeParams::parse(&req.parameters)?;
         let requisite = req
             .accessibility_requirements
@@ -73,6 +72,7 @@ impl ControllerRpc for ControllerService {
                 capabilities,
                 params,
                 requisite,
+                source,
             })
             .await?;
         Ok(Response::new(pb::CreateVolumeResponse {
@@ -197,14 +197,18 @@ impl ControllerRpc for ControllerService {
         request: Request<pb::GetCapacityRequest>,
     ) -> Result<Response<pb::GetCapacityResponse>, Status> {
         let req = request.into_inner();
-        VolumeParams::parse(&req.parameters)?;
+        let params = VolumeParams::parse(&req.parameters)?;
         // A capability Kennel cannot serve has no room at all.
         let unsupported = req
             .volume_capabilities
             .iter()
             .any(|c| convert::capability(c).is_err());
         let segment = req.accessible_topology.map(|t| t.segments);
-        let cap = self.driver.controller.capacity(segment.as_ref()).await?;
+        let cap = self
+            .driver
+            .controller
+            .capacity(params.backend, segment.as_ref())
+            .await?;
         let available = if unsupported { 0 } else { cap.available_bytes };
         Ok(Response::new(pb::GetCapacityResponse {
             available_capacity: convert::bytes(available),
@@ -223,6 +227,9 @@ impl ControllerRpc for ControllerService {
             Type::ListVolumes,
             Type::GetCapacity,
             Type::ExpandVolume,
+            Type::CreateDeleteSnapshot,
+            Type::ListSnapshots,
+            Type::CloneVolume,
             Type::GetVolume,
             Type::VolumeCondition,
             Type::SingleNodeMultiWriter,
@@ -239,25 +246,62 @@ impl ControllerRpc for ControllerService {
         }))
     }
 
+    #[instrument(skip_all, fields(rpc = "CreateSnapshot", name = %request.get_ref().name))]
     async fn create_snapshot(
         &self,
-        _: Request<pb::CreateSnapshotRequest>,
+        request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
-        Err(unimplemented("CreateSnapshot"))
+        let req = request.into_inner();
+        convert::snapshot_params(&req.parameters)?;
+        let snapshot = self
+            .driver
+            .controller
+            .create_snapshot(req.name, &req.source_volume_id)
+            .await?;
+        Ok(Response::new(pb::CreateSnapshotResponse {
+            snapshot: Some(convert::snapshot(&snapshot)),
+        }))
     }
 
+    #[instrument(skip_all, fields(rpc = "DeleteSnapshot", snapshot_id = %request.get_ref().snapshot_id))]
     async fn delete_snapshot(
         &self,
-        _: Request<pb::DeleteSnapshotRequest>,
+        request: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        Err(unimplemented("DeleteSnapshot"))
+        let req = request.into_inner();
+        self.driver
+            .controller
+            .delete_snapshot(&req.snapshot_id)
+            .await?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
+    #[instrument(skip_all, fields(rpc = "ListSnapshots"))]
     async fn list_snapshots(
         &self,
-        _: Request<pb::ListSnapshotsRequest>,
+        request: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        Err(unimplemented("ListSnapshots"))
+        let req = request.into_inner();
+        let (page, next_token) = self
+            .driver
+            .controller
+            .list_snapshots(
+                &req.snapshot_id,
+                &req.source_volume_id,
+                &req.starting_token,
+                req.max_entries,
+            )
+            .await?;
+        let entries = page
+            .iter()
+            .map(|s| pb::list_snapshots_response::Entry {
+                snapshot: Some(convert::snapshot(s)),
+            })
+            .collect();
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            entries,
+            next_token,
+        }))
     }
 
     async fn get_snapshot(

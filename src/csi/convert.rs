@@ -2,11 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::VolumeRecord;
+use crate::backend::{ContentSource, SnapshotRecord, VolumeRecord};
 use crate::csi::pb;
 use crate::error::{Error, Result};
 use crate::volume::capacity::CapacityRange;
 use crate::volume::spec::{AccessMode, AccessType, Capability, FsType, Segment};
+use crate::volume::{SnapshotId, VolumeId};
 
 use pb::volume_capability::access_mode::Mode;
 
@@ -118,8 +119,64 @@ pub fn volume(
         capacity_bytes: record.capacity_bytes as i64,
         volume_id: record.id.to_string(),
         volume_context: context,
-        content_source: None,
+        content_source: record.source.as_ref().map(content_source_pb),
         accessible_topology: vec![topology(topology_segment)],
+    }
+}
+
+/// A content source named by the request. IDs that cannot exist are NOT_FOUND.
+pub fn content_source(source: &pb::VolumeContentSource) -> Result<ContentSource> {
+    use pb::volume_content_source::Type;
+    match &source.r#type {
+        Some(Type::Snapshot(s)) => SnapshotId::parse(&s.snapshot_id)
+            .map(ContentSource::Snapshot)
+            .ok_or_else(|| Error::NotFound(format!("snapshot {:?} not found", s.snapshot_id))),
+        Some(Type::Volume(v)) => VolumeId::parse(&v.volume_id)
+            .map(ContentSource::Volume)
+            .ok_or_else(|| Error::NotFound(format!("source volume {:?} not found", v.volume_id))),
+        None => Err(Error::invalid(
+            "volume_content_source names neither a snapshot nor a volume",
+        )),
+    }
+}
+
+fn content_source_pb(source: &ContentSource) -> pb::VolumeContentSource {
+    use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let r#type = match source {
+        ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+            snapshot_id: id.to_string(),
+        }),
+        ContentSource::Volume(id) => Type::Volume(VolumeSource {
+            volume_id: id.to_string(),
+        }),
+    };
+    pb::VolumeContentSource {
+        r#type: Some(r#type),
+    }
+}
+
+pub fn snapshot(record: &SnapshotRecord) -> pb::Snapshot {
+    pb::Snapshot {
+        size_bytes: bytes(record.size_bytes),
+        snapshot_id: record.id.to_string(),
+        source_volume_id: record.source_volume.to_string(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: record.created_unix as i64,
+            nanos: 0,
+        }),
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
+    }
+}
+
+/// VolumeSnapshotClass parameters: only csi-snapshotter's metadata is known.
+pub fn snapshot_params(params: &BTreeMap<String, String>) -> Result<()> {
+    const METADATA_PREFIX: &str = "csi.storage.k8s.io/volumesnapshot";
+    match params.keys().find(|k| !k.starts_with(METADATA_PREFIX)) {
+        Some(key) => Err(Error::invalid(format!(
+            "unknown VolumeSnapshotClass parameter {key:?}"
+        ))),
+        None => Ok(()),
     }
 }
 

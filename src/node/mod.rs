@@ -2,6 +2,8 @@
 
 pub mod cleanup;
 pub mod cmd;
+pub mod copy;
+pub mod freeze;
 pub mod fs;
 pub mod loopdev;
 pub mod mount;

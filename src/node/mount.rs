@@ -41,6 +41,25 @@ pub fn mounts_at(path: &Path) -> Result<Vec<MountEntry>> {
         .collect())
 }
 
+/// major:minor of a block device node.
+pub fn device_number(device: &Path) -> Result<(u32, u32)> {
+    let st = nix::sys::stat::stat(device).ctx("stat", device)?;
+    let rdev = st.st_rdev;
+    Ok((
+        nix::sys::stat::major(rdev) as u32,
+        nix::sys::stat::minor(rdev) as u32,
+    ))
+}
+
+/// Where the filesystem on `device` is mounted, if anywhere.
+pub fn mount_point_of(device: &Path) -> Result<Option<PathBuf>> {
+    let number = device_number(device)?;
+    Ok(mounts()?
+        .into_iter()
+        .find(|m| m.dev == number)
+        .map(|m| m.mount_point))
+}
+
 pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
 }

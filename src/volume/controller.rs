@@ -3,12 +3,14 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::backend::{Backend, PoolCapacity, VolumeRecord};
+use std::collections::BTreeMap;
+
+use crate::backend::{Backend, ContentSource, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, Result};
 use crate::volume::capacity::{choose_size, CapacityRange, GIB};
 use crate::volume::locks::LockMap;
 use crate::volume::spec::{segment_matches, Capability, CreateRequest, Segment, VolumeParams};
-use crate::volume::{token, VolumeId};
+use crate::volume::{token, SnapshotId, VolumeId};
 
 /// Size of a volume whose request names no capacity.
 pub const DEFAULT_VOLUME_BYTES: u64 = GIB;
@@ -61,18 +63,28 @@ impl Controller {
             )));
         }
         let name = req.name.clone();
-        if let Some(existing) = self.blocking(move |b| b.find_by_name(&name)).await? {
+        let backend_params = req.params.backend.clone();
+        let source = req.source.clone();
+        let (existing, source_bytes) = self
+            .blocking(move |b| {
+                b.check_params(&backend_params)?;
+                let source_bytes = match &source {
+                    Some(source) => Some(source_size(b, source)?),
+                    None => None,
+                };
+                Ok((b.find_by_name(&name)?, source_bytes))
+            })
+            .await?;
+        if let Some(existing) = existing {
             return check_same_volume(existing, &req);
         }
-        let minimum = req
+        let fs_minimum = req
             .fs_type()
             .map_or(self.backend.granularity(), |fs| fs.minimum_bytes());
-        let size = choose_size(
-            req.capacity,
-            self.backend.granularity(),
-            minimum,
-            DEFAULT_VOLUME_BYTES,
-        )?;
+        // A copy needs at least the source's size.
+        let minimum = fs_minimum.max(source_bytes.unwrap_or(0));
+        let default = DEFAULT_VOLUME_BYTES.max(source_bytes.unwrap_or(0));
+        let size = choose_size(req.capacity, self.backend.granularity(), minimum, default)?;
         let record = VolumeRecord {
             id: VolumeId::generate(),
             name: req.name,
@@ -82,9 +94,8 @@ impl Controller {
             params: req.params,
             node_id: self.identity.node_id.clone(),
             machine_id: self.identity.machine_id.clone(),
-            created_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created_unix: now_unix(),
+            source: req.source,
         };
         let stored = record.clone();
         self.blocking(move |b| b.create(&stored)).await?;
@@ -148,7 +159,7 @@ impl Controller {
         max_entries: i32,
     ) -> Result<(Vec<VolumeStatus>, String)> {
         // Reject a bad token before touching the backend.
-        token::decode(starting_token)?;
+        token::decode::<VolumeId>(starting_token)?;
         let all = self
             .blocking(|b| {
                 Ok(b.list()?
@@ -163,9 +174,19 @@ impl Controller {
         token::page(all, |(r, _)| &r.id, starting_token, max_entries)
     }
 
-    /// Room for new volumes reachable from `topology` (all of it when unset).
-    pub async fn capacity(&self, topology: Option<&Segment>) -> Result<PoolCapacity> {
-        let cap = self.blocking(|b| b.capacity()).await?;
+    /// Room for new volumes with these backend parameters, reachable from
+    /// `topology` (all of it when unset).
+    pub async fn capacity(
+        &self,
+        params: BTreeMap<String, String>,
+        topology: Option<&Segment>,
+    ) -> Result<PoolCapacity> {
+        let cap = self
+            .blocking(move |b| {
+                b.check_params(&params)?;
+                b.capacity(&params)
+            })
+            .await?;
         match topology {
             Some(segment) if !segment_matches(segment, &self.identity.topology) => {
                 Ok(PoolCapacity {
@@ -201,6 +222,74 @@ impl Controller {
         .await
     }
 
+    /// Snapshot a volume; idempotent by name.
+    pub async fn create_snapshot(&self, name: String, raw_source: &str) -> Result<SnapshotRecord> {
+        crate::volume::spec::validate_name(&name)?;
+        if raw_source.is_empty() {
+            return Err(Error::invalid("source_volume_id is required"));
+        }
+        let source = parse_known(raw_source)?;
+        let _name_guard = self.locks.lock(format!("snapshot:{name}")).await;
+        let _volume_guard = self.locks.lock(source.as_str()).await;
+        self.blocking(move |b| {
+            if let Some(existing) = b.find_snapshot_by_name(&name)? {
+                if existing.source_volume != source {
+                    return Err(Error::AlreadyExists(format!(
+                        "snapshot {name:?} already exists for volume {}",
+                        existing.source_volume
+                    )));
+                }
+                return Ok(existing);
+            }
+            let volume = b.get(&source)?.ok_or_else(|| Error::VolumeNotFound(source.to_string()))?;
+            let snapshot = SnapshotRecord {
+                id: SnapshotId::generate(),
+                name,
+                source_volume: source,
+                size_bytes: volume.capacity_bytes,
+                created_unix: now_unix(),
+            };
+            b.create_snapshot(&snapshot)?;
+            tracing::info!(snapshot_id = %snapshot.id, volume_id = %snapshot.source_volume, "snapshot created");
+            Ok(snapshot)
+        })
+        .await
+    }
+
+    /// Deleting an unknown snapshot succeeds.
+    pub async fn delete_snapshot(&self, raw_id: &str) -> Result<()> {
+        if raw_id.is_empty() {
+            return Err(Error::invalid("snapshot_id is required"));
+        }
+        let Some(id) = SnapshotId::parse(raw_id) else {
+            return Ok(());
+        };
+        let _guard = self.locks.lock(id.as_str()).await;
+        self.blocking(move |b| b.delete_snapshot(&id)).await
+    }
+
+    /// Snapshots, optionally only one or only those of one volume.
+    pub async fn list_snapshots(
+        &self,
+        snapshot_id: &str,
+        source_volume_id: &str,
+        starting_token: &str,
+        max_entries: i32,
+    ) -> Result<(Vec<SnapshotRecord>, String)> {
+        token::decode::<SnapshotId>(starting_token)?;
+        let (snapshot_id, source) = (snapshot_id.to_owned(), source_volume_id.to_owned());
+        let all = self
+            .blocking(move |b| {
+                Ok(b.list_snapshots()?
+                    .into_iter()
+                    .filter(|s| snapshot_id.is_empty() || s.id.as_str() == snapshot_id)
+                    .filter(|s| source.is_empty() || s.source_volume.as_str() == source)
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        token::page(all, |s| &s.id, starting_token, max_entries)
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Backend) -> Result<T> + Send + 'static,
@@ -227,6 +316,26 @@ pub fn parse_known(raw_id: &str) -> Result<VolumeId> {
     VolumeId::parse(raw_id).ok_or_else(|| Error::VolumeNotFound(raw_id.to_owned()))
 }
 
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Bytes a new volume needs to hold a copy of `source`.
+fn source_size(b: &dyn Backend, source: &ContentSource) -> Result<u64> {
+    match source {
+        ContentSource::Snapshot(id) => b
+            .get_snapshot(id)?
+            .map(|s| s.size_bytes)
+            .ok_or_else(|| Error::NotFound(format!("snapshot {id} not found"))),
+        ContentSource::Volume(id) => b
+            .get(id)?
+            .map(|v| v.capacity_bytes)
+            .ok_or_else(|| Error::NotFound(format!("source volume {id} not found"))),
+    }
+}
+
 /// A repeated CreateVolume must describe the volume that exists.
 fn check_same_volume(existing: VolumeRecord, req: &CreateRequest) -> Result<VolumeRecord> {
     let conflict = |reason: String| Error::NameConflict {
@@ -251,6 +360,11 @@ fn check_same_volume(existing: VolumeRecord, req: &CreateRequest) -> Result<Volu
     }
     if !req.params.same_volume_as(&existing.params) {
         return Err(conflict("it was created with other parameters".to_owned()));
+    }
+    if req.source != existing.source {
+        return Err(conflict(
+            "it was created from another content source".to_owned(),
+        ));
     }
     Ok(existing)
 }

@@ -8,4 +8,4 @@ pub mod node;
 pub mod spec;
 pub mod token;
 
-pub use id::VolumeId;
+pub use id::{SnapshotId, VolumeId};

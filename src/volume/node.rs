@@ -245,7 +245,7 @@ fn stage_filesystem(
         options.flags |= MsFlags::MS_RDONLY;
     }
     if let Some(entry) = mount::mounts_at(staging)?.pop() {
-        if entry.dev != device_number(device)? {
+        if entry.dev != mount::device_number(device)? {
             return Err(Error::AlreadyExists(format!(
                 "{} is already a mount of {}",
                 staging.display(),
@@ -324,7 +324,7 @@ fn publish(b: &dyn Backend, id: &VolumeId, req: &PublishRequest) -> Result<()> {
         let staged = mount::mounts_at(&req.staging_path)?
             .pop()
             .ok_or_else(not_staged)?;
-        if staged.dev != device_number(&device)? {
+        if staged.dev != mount::device_number(&device)? {
             return Err(not_staged());
         }
         req.staging_path.clone()
@@ -334,7 +334,7 @@ fn publish(b: &dyn Backend, id: &VolumeId, req: &PublishRequest) -> Result<()> {
         let same_volume = if req.capability.is_block() {
             is_block_bind(&entry, &device)?
         } else {
-            entry.dev == device_number(&device)?
+            entry.dev == mount::device_number(&device)?
         };
         if !same_volume {
             return Err(Error::AlreadyExists(format!(
@@ -380,7 +380,7 @@ fn mount_of(path: &Path, device: &Path) -> Result<Option<MountEntry>> {
     let Some(entry) = mount::mounts_at(path)?.pop() else {
         return Ok(None);
     };
-    let ours = entry.dev == device_number(device)? || is_block_bind(&entry, device)?;
+    let ours = entry.dev == mount::device_number(device)? || is_block_bind(&entry, device)?;
     Ok(ours.then_some(entry))
 }
 
@@ -394,17 +394,8 @@ fn is_block_bind(entry: &MountEntry, device: &Path) -> Result<bool> {
     Ok(entry.root == Path::new("/").join(relative))
 }
 
-fn device_number(device: &Path) -> Result<(u32, u32)> {
-    let st = nix::sys::stat::stat(device).ctx("stat", device)?;
-    let rdev = st.st_rdev;
-    Ok((
-        nix::sys::stat::major(rdev) as u32,
-        nix::sys::stat::minor(rdev) as u32,
-    ))
-}
-
 fn is_mounted_anywhere(device: &Path) -> bool {
-    let Ok(number) = device_number(device) else {
+    let Ok(number) = mount::device_number(device) else {
         return false;
     };
     mount::mounts()

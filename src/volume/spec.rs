@@ -91,8 +91,9 @@ impl Capability {
     }
 }
 
-/// StorageClass parameters the loop backend accepts. Unknown keys are refused
-/// by name so a typo in a StorageClass is an error, not a silent default.
+/// StorageClass parameters. Keys every backend understands are parsed here;
+/// the rest belong to the backend, which refuses any key it does not know, so
+/// a typo in a StorageClass is an error, not a silent default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeParams {
     /// Let mkfs discard the device first (off: on a preallocated image a
@@ -102,6 +103,9 @@ pub struct VolumeParams {
     pub pvc_name: Option<String>,
     pub pvc_namespace: Option<String>,
     pub pv_name: Option<String>,
+    /// Backend-specific keys (LVM layout, device class...).
+    #[serde(default)]
+    pub backend: BTreeMap<String, String>,
 }
 
 pub const PARAM_MKFS_DISCARD: &str = "mkfsDiscard";
@@ -121,9 +125,7 @@ impl VolumeParams {
                 PARAM_PVC_NAMESPACE => params.pvc_namespace = Some(value.clone()),
                 PARAM_PV_NAME => params.pv_name = Some(value.clone()),
                 other => {
-                    return Err(Error::invalid(format!(
-                        "unknown StorageClass parameter {other:?} (known: {PARAM_MKFS_DISCARD})"
-                    )))
+                    params.backend.insert(other.to_owned(), value.clone());
                 }
             }
         }
@@ -133,17 +135,27 @@ impl VolumeParams {
     /// Parameters that change the volume itself (not just where it came from):
     /// a repeated CreateVolume must agree on these.
     pub fn same_volume_as(&self, other: &VolumeParams) -> bool {
-        self.mkfs_discard == other.mkfs_discard
+        self.mkfs_discard == other.mkfs_discard && self.backend == other.backend
     }
 
     /// Volume context handed back to the CO and on to NodeStage.
     pub fn to_context(&self) -> BTreeMap<String, String> {
-        let mut ctx = BTreeMap::new();
+        let mut ctx = self.backend.clone();
         if self.mkfs_discard {
             ctx.insert(PARAM_MKFS_DISCARD.to_owned(), "true".to_owned());
         }
         ctx
     }
+}
+
+/// The error for a StorageClass key a backend does not know.
+pub fn unknown_param(key: &str, backend: &str, known: &[&str]) -> Error {
+    let mut all = vec![PARAM_MKFS_DISCARD];
+    all.extend_from_slice(known);
+    Error::invalid(format!(
+        "unknown StorageClass parameter {key:?} for the {backend} backend (known: {})",
+        all.join(", ")
+    ))
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool> {
@@ -165,6 +177,8 @@ pub struct CreateRequest {
     pub params: VolumeParams,
     /// Segments the volume must be reachable from (any one of them).
     pub requisite: Vec<Segment>,
+    /// Data to start from.
+    pub source: Option<crate::backend::ContentSource>,
 }
 
 impl CreateRequest {
@@ -202,9 +216,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_parameters_are_named() {
+    fn backend_keys_are_kept_apart_and_named_when_unknown() {
         let raw = BTreeMap::from([("mkfsDiscrad".to_owned(), "true".to_owned())]);
-        let err = VolumeParams::parse(&raw).unwrap_err().to_string();
+        let params = VolumeParams::parse(&raw).unwrap();
+        assert_eq!(params.backend, raw);
+        assert!(!params.same_volume_as(&VolumeParams::default()));
+        let err = unknown_param("mkfsDiscrad", "loop", &[]).to_string();
         assert!(err.contains("mkfsDiscrad"), "{err}");
     }
 

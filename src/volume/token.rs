@@ -1,31 +1,49 @@
 //! ListVolumes pagination tokens: the last ID of the previous page. A cursor
 //! (not an offset) so that deletions between pages skip nothing.
 
+use std::fmt::Display;
+
 use crate::error::{Error, Result};
-use crate::volume::VolumeId;
 
 const TOKEN_PREFIX: &str = "after:";
 
-pub fn encode(last: &VolumeId) -> String {
+/// IDs that can be paged over: sortable, printable, and parsed back strictly.
+pub trait Cursor: Ord + Display + Sized {
+    fn parse_cursor(raw: &str) -> Option<Self>;
+}
+
+impl Cursor for crate::volume::VolumeId {
+    fn parse_cursor(raw: &str) -> Option<Self> {
+        Self::parse(raw)
+    }
+}
+
+impl Cursor for crate::volume::SnapshotId {
+    fn parse_cursor(raw: &str) -> Option<Self> {
+        Self::parse(raw)
+    }
+}
+
+pub fn encode(last: &impl Display) -> String {
     format!("{TOKEN_PREFIX}{last}")
 }
 
 /// `None` for the first page.
-pub fn decode(token: &str) -> Result<Option<VolumeId>> {
+pub fn decode<K: Cursor>(token: &str) -> Result<Option<K>> {
     if token.is_empty() {
         return Ok(None);
     }
     token
         .strip_prefix(TOKEN_PREFIX)
-        .and_then(VolumeId::parse)
+        .and_then(K::parse_cursor)
         .map(Some)
         .ok_or_else(|| Error::BadToken(token.to_owned()))
 }
 
 /// One page of `items` (sorted by ID) after `token`, plus the next token.
-pub fn page<T>(
+pub fn page<T, K: Cursor>(
     items: Vec<T>,
-    id_of: impl Fn(&T) -> &VolumeId,
+    id_of: impl Fn(&T) -> &K,
     token: &str,
     max_entries: i32,
 ) -> Result<(Vec<T>, String)> {
@@ -56,6 +74,7 @@ pub fn page<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volume::VolumeId;
 
     fn ids(n: usize) -> Vec<VolumeId> {
         let mut v: Vec<_> = (0..n).map(|_| VolumeId::generate()).collect();
@@ -92,7 +111,10 @@ mod tests {
     #[test]
     fn foreign_tokens_are_rejected() {
         for bad in ["garbage", "after:../x", "after:", "10"] {
-            assert!(matches!(decode(bad), Err(Error::BadToken(_))), "{bad}");
+            assert!(
+                matches!(decode::<VolumeId>(bad), Err(Error::BadToken(_))),
+                "{bad}"
+            );
         }
         assert!(matches!(
             page(ids(1), |i| i, "", -1),

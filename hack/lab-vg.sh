@@ -7,7 +7,7 @@
 #
 # `up` is idempotent and prints the driver flags to use; `down` removes every
 # LV of the VG, the VG, the PV label, the loop device and the file.
-# Without device-mapper (/dev/mapper/control missing) lvm2 runs with
+# Without device-mapper in the kernel lvm2 runs with
 # `--driverloaded n`: metadata only, no thin pool.
 set -euo pipefail
 
@@ -33,10 +33,12 @@ command -v lvm >/dev/null || { echo "lvm2 is not installed (hack/setup.sh instal
 
 export LVM_SUPPRESS_FD_WARNINGS=1
 lvm_opts=()
-if [ ! -e /dev/mapper/control ]; then
+dm=yes
+dmsetup version >/dev/null 2>&1 || dm=no
+if [ "$dm" = no ]; then
   lvm_opts+=(--driverloaded n)
 fi
-if [ ! -e /run/udev/control ] || [ ! -e /dev/mapper/control ]; then
+if [ ! -e /run/udev/control ] || [ "$dm" = no ]; then
   lvm_opts+=("--config=activation{udev_sync=0 udev_rules=0 monitoring=0} devices{obtain_device_list_from_udev=0}")
 fi
 image="$dir/$name.img"
@@ -56,7 +58,7 @@ up() {
     vgcreate "${lvm_opts[@]}" "$name" "$dev" >/dev/null
   fi
   if [ -n "$thin" ] && ! lvs "${lvm_opts[@]}" "$name/pool" >/dev/null 2>&1; then
-    if [ -e /dev/mapper/control ]; then
+    if [ "$dm" = yes ]; then
       lvcreate "${lvm_opts[@]}" -y --type thin-pool -L "$thin" -n pool "$name" >/dev/null
     else
       echo "note: no device-mapper here, so no thin pool" >&2
@@ -73,7 +75,7 @@ down() {
   if vgs "${lvm_opts[@]}" "$name" >/dev/null 2>&1; then
     local pvs_of
     pvs_of=$(pvs "${lvm_opts[@]}" --noheadings -o pv_name -S "vg_name=$name" 2>/dev/null | tr -d ' ')
-    if [ -e /dev/mapper/control ]; then
+    if [ "$dm" = yes ]; then
       vgchange "${lvm_opts[@]}" -an "$name" >/dev/null 2>&1 || true
     fi
     vgremove "${lvm_opts[@]}" -ff -y "$name" >/dev/null

@@ -7,7 +7,7 @@
 //!
 //! With device-mapper, the node side activates the LV (`lvchange -ay`) and
 //! uses `/dev/VG/LV`. Without it (`--lvm-activation loop`, automatic when
-//! `/dev/mapper/control` is missing), lvm2 runs with `--driverloaded n` and
+//! `/dev/mapper/control` cannot be opened), lvm2 runs with `--driverloaded n` and
 //! only edits metadata; a linear LV is then allocated contiguously and exposed
 //! through a loop device over its byte range of the PV. Thin LVs and scattered
 //! or striped LVs need device-mapper.
@@ -41,7 +41,7 @@ use tags::Decoded;
 /// How the node side reaches an LV's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Activation {
-    /// `dm` when `/dev/mapper/control` exists, `loop` otherwise.
+    /// `dm` when the kernel has device-mapper, `loop` otherwise.
     Auto,
     /// device-mapper: `lvchange -ay`, `/dev/VG/LV`.
     Dm,
@@ -53,11 +53,21 @@ pub enum Activation {
 impl Activation {
     pub fn resolve(self) -> Activation {
         match self {
-            Activation::Auto if Path::new("/dev/mapper/control").exists() => Activation::Dm,
+            Activation::Auto if device_mapper_available() => Activation::Dm,
             Activation::Auto => Activation::Loop,
             other => other,
         }
     }
+}
+
+/// Whether the kernel answers on `/dev/mapper/control` (the node alone
+/// proves nothing: lvm2 creates it even where the kernel lacks the driver).
+pub fn device_mapper_available() -> bool {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+        .is_ok()
 }
 
 #[derive(Debug, Clone)]

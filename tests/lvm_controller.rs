@@ -119,7 +119,7 @@ async fn lvs_without_the_kennel_tag_are_never_touched() {
     with_timeout(120, async {
         let vg = TestVg::new("1G");
         let lookalike = "kv-abcdefghijklmnopqrstuvwx";
-        let path = format!("{}", vg.name);
+        let path = vg.name.clone();
         lvm_ok(
             "lvcreate",
             &["-an", "-Zn", "-y", "-L", "8m", "-n", lookalike, &path],

@@ -231,3 +231,187 @@ async fn list_volumes(csi: &mut CsiClient) -> anyhow::Result<Vec<BackendVolume>>
         token = page.next_token;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::loop_files::Provisioning;
+    use crate::driver::{BackendKind, DriverArgs};
+    use crate::retention::mock_api::{expect, serve, Exchange};
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::json;
+
+    fn orphan_event(reason: &str) -> Exchange {
+        Exchange {
+            method: "POST",
+            path: "/apis/events.k8s.io/v1/namespaces/default/events".into(),
+            body: Some(json!({"reason": reason, "reportingController": "kennel-orphans"})),
+            status: StatusCode::OK,
+            reply: None,
+        }
+    }
+
+    /// What the node DaemonSet's service account may do for the sweeper.
+    fn node_rbac(method: &str, path: &str) -> bool {
+        matches!(
+            (method, path),
+            ("GET", "/api/v1/persistentvolumes")
+                | ("POST", "/apis/events.k8s.io/v1/namespaces/default/events")
+        )
+    }
+
+    /// A real driver (sparse images: no root needed) on a temporary socket.
+    async fn driver(dir: &std::path::Path) -> (String, tokio::sync::oneshot::Sender<()>) {
+        let endpoint = format!("unix://{}", dir.join("csi.sock").display());
+        let args = DriverArgs {
+            endpoint: endpoint.clone(),
+            node_id: Some("node-1".into()),
+            driver_name: "kennel.csi.dev".into(),
+            backend: BackendKind::Loop,
+            loop_dir: dir.join("loop"),
+            capacity: Some(1 << 30),
+            reserve: Some(0),
+            provisioning: Provisioning::Sparse,
+            max_volumes_per_node: 0,
+        };
+        let drv = crate::driver::build(&args).expect("driver");
+        let socket = crate::csi::server::socket_path(&endpoint).expect("socket path");
+        let listener = crate::csi::server::bind_private(&socket).expect("bind");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(crate::csi::server::serve(drv, listener, async {
+            let _ = stopped.await;
+        }));
+        (endpoint, stop)
+    }
+
+    #[tokio::test]
+    async fn orphan_is_reported_once_then_deleted_after_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let (endpoint, _stop) = driver(dir.path()).await;
+        let mut csi = CsiClient::connect(&endpoint).await.unwrap();
+        let volume = csi
+            .controller
+            .create_volume(pb::CreateVolumeRequest {
+                name: "pvc-1234".into(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: 1 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![crate::ctl::capability(&crate::ctl::UsageArgs {
+                    block: true,
+                    fs_type: String::new(),
+                    mount_flags: vec![],
+                    read_only_mode: false,
+                })],
+                parameters: [
+                    (PARAM_PVC_NAME.to_owned(), "www-web-0".to_owned()),
+                    (PARAM_PVC_NAMESPACE.to_owned(), "shop".to_owned()),
+                ]
+                .into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let args = OrphanArgs {
+            endpoint,
+            node_name: "node-1".into(),
+            driver_name: "kennel.csi.dev".into(),
+            interval: Duration::from_secs(60),
+            delete_after: Some(Duration::ZERO),
+            metrics_addr: None,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let mut sweeper = Sweeper::new(client, args, metrics.clone());
+        let empty = json!({"kind": "PersistentVolumeList", "apiVersion": "v1", "metadata": {}, "items": []});
+        let script = vec![
+            expect("GET", "/api/v1/persistentvolumes", None, empty),
+            orphan_event("OrphanVolume"),
+            orphan_event("OrphanVolumeDeleted"),
+        ];
+        let server = tokio::spawn(serve(handle, script, node_rbac));
+        let report = tokio::time::timeout(Duration::from_secs(10), sweeper.pass())
+            .await
+            .expect("pass in time")
+            .expect("pass");
+        server.await.expect("every request as scripted");
+
+        assert_eq!(report.orphans.len(), 1);
+        assert_eq!(report.orphans[0].volume_id, volume.volume_id);
+        assert_eq!(report.orphans[0].claim.as_deref(), Some("shop/www-web-0"));
+        assert_eq!(report.delete, vec![volume.volume_id.clone()]);
+        assert_eq!(metrics.orphan_volumes.load(Ordering::Relaxed), 1);
+        let left = csi
+            .controller
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            left.entries.is_empty(),
+            "the orphan was deleted through the driver"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_volume_with_its_pv_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (endpoint, _stop) = driver(dir.path()).await;
+        let mut csi = CsiClient::connect(&endpoint).await.unwrap();
+        let volume = csi
+            .controller
+            .create_volume(pb::CreateVolumeRequest {
+                name: "pvc-5678".into(),
+                volume_capabilities: vec![crate::ctl::capability(&crate::ctl::UsageArgs {
+                    block: true,
+                    fs_type: String::new(),
+                    mount_flags: vec![],
+                    read_only_mode: false,
+                })],
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: 1 << 20,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let args = OrphanArgs {
+            endpoint,
+            node_name: "node-1".into(),
+            driver_name: "kennel.csi.dev".into(),
+            interval: Duration::from_secs(60),
+            delete_after: Some(Duration::ZERO),
+            metrics_addr: None,
+        };
+        let mut sweeper = Sweeper::new(
+            Client::new(service, "default"),
+            args,
+            Arc::new(Metrics::default()),
+        );
+        let pvs = json!({"kind": "PersistentVolumeList", "apiVersion": "v1", "metadata": {}, "items": [{
+            "metadata": {"name": "pvc-5678"},
+            "spec": {"csi": {"driver": "kennel.csi.dev", "volumeHandle": volume.volume_id,
+                             "volumeAttributes": {"kennel.csi.dev/node": "node-1"}}},
+            "status": {"phase": "Bound"}
+        }]});
+        let server = tokio::spawn(serve(
+            handle,
+            vec![expect("GET", "/api/v1/persistentvolumes", None, pvs)],
+            node_rbac,
+        ));
+        let report = sweeper.pass().await.expect("pass");
+        server.await.expect("only the list");
+        assert_eq!(report, orphans::OrphanReport::default());
+    }
+}

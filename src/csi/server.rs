@@ -20,6 +20,7 @@ use crate::csi::pb::{
 use crate::error::{Error, IoContext, Result};
 use crate::volume::controller::Controller;
 use crate::volume::node::NodeOps;
+use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
 
 /// Volume context keys naming where a volume's data lives.
 pub const CONTEXT_NODE: &str = "kennel.csi.dev/node";
@@ -39,6 +40,17 @@ pub struct Driver {
 impl Driver {
     pub fn volume_context(&self, record: &VolumeRecord) -> BTreeMap<String, String> {
         let mut ctx = record.params.to_context();
+        // Where the data came from, so every volume can be traced to its claim.
+        let claim = [
+            (PARAM_PVC_NAME, &record.params.pvc_name),
+            (PARAM_PVC_NAMESPACE, &record.params.pvc_namespace),
+            (PARAM_PV_NAME, &record.params.pv_name),
+        ];
+        for (key, value) in claim {
+            if let Some(value) = value {
+                ctx.insert(key.to_owned(), value.clone());
+            }
+        }
         ctx.insert(CONTEXT_NODE.to_owned(), record.node_id.clone());
         ctx.insert(CONTEXT_MACHINE_ID.to_owned(), record.machine_id.clone());
         ctx

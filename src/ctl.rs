@@ -153,7 +153,13 @@ fn volume_json(v: &pb::Volume) -> Value {
 
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let mut client = CsiClient::connect(&args.endpoint).await?;
-    let output = execute(&mut client, args.command).await?;
+    let output = execute(&mut client, args.command).await.map_err(|e| {
+        match e.downcast::<tonic::Status>() {
+            // The gRPC code is what a person (or script) needs first.
+            Ok(status) => anyhow::anyhow!("{:?}: {}", status.code(), status.message()),
+            Err(other) => other,
+        }
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&output)?);
     } else {

@@ -108,6 +108,7 @@ async fn walk_through(dir: &Path) -> anyhow::Result<()> {
         thin_overprovision_ratio: 1.0,
         lock_dir: dir.join("locks"),
         max_volumes_per_node: 0,
+        metrics_addr: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let server = steps

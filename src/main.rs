@@ -26,6 +26,8 @@ enum Command {
     Driver(kennel::driver::DriverArgs),
     /// StatefulSet PVC retention controller (runs in the cluster).
     Retention(kennel::retention::RetentionArgs),
+    /// Node-local orphan accounting: volumes without PVs, PVs without volumes.
+    Orphans(kennel::retention::orphan_sweeper::OrphanArgs),
     /// The StatefulSet walk-through on this machine: real driver, real loop volumes.
     Demo(kennel::demo::DemoArgs),
     /// Measure volume lifecycles against a real driver, with a same-run baseline.
@@ -50,7 +52,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Commands that talk to people keep the log quiet unless asked.
     let default_level = match cli.command {
-        Command::Driver(_) | Command::Retention(_) => "info",
+        Command::Driver(_) | Command::Retention(_) | Command::Orphans(_) => "info",
         _ => "warn",
     };
     init_logging(cli.log_format, default_level);
@@ -71,6 +73,7 @@ fn main() -> std::process::ExitCode {
             Command::Ctl(args) => kennel::ctl::run(args).await,
             Command::Demo(args) => kennel::demo::run(args).await,
             Command::Retention(args) => kennel::retention::run(args).await,
+            Command::Orphans(args) => kennel::retention::orphan_sweeper::run(args).await,
             Command::Bench(args) => kennel::bench::run(args).await,
         }
     });

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
@@ -49,7 +50,22 @@ pub struct LoopBackend {
     provisioning: Provisioning,
     volumes: ImageStore<VolumeRecord>,
     snapshots: ImageStore<SnapshotRecord>,
+    /// Bytes promised to allocations in flight, so concurrent creates of
+    /// different volumes cannot overcommit the pool.
+    reserved: Mutex<u64>,
     _lock: Flock<File>,
+}
+
+/// Room held for one allocation until it is committed or abandoned.
+struct Reservation<'a> {
+    backend: &'a LoopBackend,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        *self.backend.reserved() -= self.bytes;
+    }
 }
 
 impl LoopBackend {
@@ -97,6 +113,7 @@ impl LoopBackend {
             provisioning: config.provisioning,
             volumes,
             snapshots,
+            reserved: Mutex::new(0),
             _lock: lock,
         })
     }
@@ -119,21 +136,41 @@ impl LoopBackend {
                 .sum::<u64>()
     }
 
-    fn check_room(&self, extra: u64) -> Result<()> {
-        let cap = self.pool()?;
-        if extra > cap.available_bytes {
+    fn reserved(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.reserved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hold `extra` bytes of the pool for an allocation, or refuse.
+    fn reserve(&self, extra: u64) -> Result<Reservation<'_>> {
+        let mut reserved = self.reserved();
+        let available = self.available(*reserved)?;
+        if extra > available {
             return Err(Error::Exhausted(format!(
-                "{extra} bytes requested, {} bytes available in {}",
-                cap.available_bytes,
+                "{extra} bytes requested, {available} bytes available in {}",
                 self.dir.display()
             )));
         }
-        Ok(())
+        *reserved += extra;
+        Ok(Reservation {
+            backend: self,
+            bytes: extra,
+        })
     }
 
     fn pool(&self) -> Result<PoolCapacity> {
-        let provisioned = self.provisioned();
-        let under_pool = self.pool_bytes.saturating_sub(provisioned);
+        let reserved = *self.reserved();
+        Ok(PoolCapacity {
+            total_bytes: self.pool_bytes,
+            available_bytes: self.available(reserved)?,
+            provisioned_bytes: self.provisioned(),
+        })
+    }
+
+    /// Bytes a new allocation may take, with `reserved` already promised.
+    fn available(&self, reserved: u64) -> Result<u64> {
+        let under_pool = self
+            .pool_bytes
+            .saturating_sub(self.provisioned() + reserved);
         let available = match self.provisioning {
             // Allocation is real: the filesystem's free space is a hard limit too.
             Provisioning::Preallocated => {
@@ -141,11 +178,7 @@ impl LoopBackend {
             }
             Provisioning::Sparse => under_pool,
         };
-        Ok(PoolCapacity {
-            total_bytes: self.pool_bytes,
-            available_bytes: available / MIB * MIB,
-            provisioned_bytes: provisioned,
-        })
+        Ok(available / MIB * MIB)
     }
 
     /// Give `file` its full `size`, allocated up front unless sparse.
@@ -249,7 +282,7 @@ impl Backend for LoopBackend {
         if let Some(source) = &record.source {
             self.source_image(source)?;
         }
-        self.check_room(record.capacity_bytes)?;
+        let _room = self.reserve(record.capacity_bytes)?;
         let mut file = self.volumes.create_image(&record.id)?;
         let image = self.volumes.image_path(&record.id);
         let done = self
@@ -279,7 +312,7 @@ impl Backend for LoopBackend {
         if new_size <= record.capacity_bytes {
             return Ok(record);
         }
-        self.check_room(new_size - record.capacity_bytes)?;
+        let _room = self.reserve(new_size - record.capacity_bytes)?;
         let image = self.volumes.image_path(id);
         let file = OpenOptions::new()
             .write(true)
@@ -310,7 +343,7 @@ impl Backend for LoopBackend {
         self.volumes
             .get(&snapshot.source_volume)
             .ok_or_else(|| Error::VolumeNotFound(snapshot.source_volume.to_string()))?;
-        self.check_room(snapshot.size_bytes)?;
+        let _room = self.reserve(snapshot.size_bytes)?;
         let mut file = self.snapshots.create_image(&snapshot.id)?;
         let image = self.snapshots.image_path(&snapshot.id);
         let done = self

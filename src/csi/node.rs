@@ -29,6 +29,16 @@ fn require_id(id: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// A volume path to inspect: required, but a path that cannot be a mount of
+/// ours (relative, with `..`) simply does not hold the volume: NOT_FOUND.
+fn existing_volume_path(raw: &str) -> Result<std::path::PathBuf, Error> {
+    if raw.is_empty() {
+        return Err(Error::invalid("volume_path is required"));
+    }
+    host_path(raw, "volume_path")
+        .map_err(|_| Error::NotFound(format!("volume path {raw:?} does not exist")))
+}
+
 fn usage(unit: pb::volume_usage::Unit, total: u64, available: u64, used: u64) -> pb::VolumeUsage {
     pb::VolumeUsage {
         available: convert::bytes(available),
@@ -120,7 +130,7 @@ impl Node for NodeService {
     ) -> Result<Response<pb::NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         require_id(&req.volume_id)?;
-        let volume_path = host_path(&req.volume_path, "volume_path")?;
+        let volume_path = existing_volume_path(&req.volume_path)?;
         let report = self.driver.node.stats(&req.volume_id, volume_path).await?;
         use pb::volume_usage::Unit;
         let usage = match report.stats {
@@ -152,7 +162,7 @@ impl Node for NodeService {
     ) -> Result<Response<pb::NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         require_id(&req.volume_id)?;
-        let volume_path = host_path(&req.volume_path, "volume_path")?;
+        let volume_path = existing_volume_path(&req.volume_path)?;
         let range = convert::capacity_range(req.capacity_range.as_ref())?;
         if let Some(cap) = req.volume_capability.as_ref() {
             convert::capability(cap).map_err(Error::from)?;

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::backend::VolumeRecord;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
+use crate::csi::metrics::{RpcMetrics, RpcMetricsLayer};
 use crate::csi::node::NodeService;
 use crate::csi::pb::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
@@ -19,6 +20,7 @@ use crate::csi::pb::{
 use crate::error::{Error, IoContext, Result};
 use crate::volume::controller::Controller;
 use crate::volume::node::NodeOps;
+use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
 
 /// Volume context keys naming where a volume's data lives.
 pub const CONTEXT_NODE: &str = "kennel.csi.dev/node";
@@ -31,11 +33,24 @@ pub struct Driver {
     pub node: NodeOps,
     pub max_volumes_per_node: i64,
     pub granularity: u64,
+    /// Counted by the layer `serve` puts around every call.
+    pub rpc_metrics: Arc<RpcMetrics>,
 }
 
 impl Driver {
     pub fn volume_context(&self, record: &VolumeRecord) -> BTreeMap<String, String> {
         let mut ctx = record.params.to_context();
+        // Where the data came from, so every volume can be traced to its claim.
+        let claim = [
+            (PARAM_PVC_NAME, &record.params.pvc_name),
+            (PARAM_PVC_NAMESPACE, &record.params.pvc_namespace),
+            (PARAM_PV_NAME, &record.params.pv_name),
+        ];
+        for (key, value) in claim {
+            if let Some(value) = value {
+                ctx.insert(key.to_owned(), value.clone());
+            }
+        }
         ctx.insert(CONTEXT_NODE.to_owned(), record.node_id.clone());
         ctx.insert(CONTEXT_MACHINE_ID.to_owned(), record.machine_id.clone());
         ctx
@@ -83,13 +98,15 @@ pub fn bind_private(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serve Identity, Controller and Node until `shutdown` resolves.
+/// Serve Identity, Controller and Node until `shutdown` resolves. Every call is counted and
+/// timed in `driver.rpc_metrics` and runs in a span naming its RPC.
 pub async fn serve(
     driver: Arc<Driver>,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer::new(driver.rpc_metrics.clone()))
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_service(ControllerServer::new(ControllerService::new(
             driver.clone(),

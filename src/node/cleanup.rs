@@ -18,13 +18,22 @@ pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(points)
 }
 
-/// Loop devices whose backing file lies below `dir`.
+/// Loop devices whose backing file lies below `dir`, and those stacked on
+/// them (read-only Block publications), the stacked ones first.
 pub fn loops_under(dir: &Path) -> Result<Vec<PathBuf>> {
-    Ok(loopdev::attachments()?
-        .into_iter()
+    let all = loopdev::attachments()?;
+    let direct: Vec<PathBuf> = all
+        .iter()
         .filter(|a| a.backing_file.starts_with(dir))
-        .map(|a| a.device)
-        .collect())
+        .map(|a| a.device.clone())
+        .collect();
+    let mut ordered: Vec<PathBuf> = all
+        .iter()
+        .filter(|a| direct.contains(&a.backing_file))
+        .map(|a| a.device.clone())
+        .collect();
+    ordered.extend(direct);
+    Ok(ordered)
 }
 
 /// Unmount everything below `dir`, then detach its loop devices.

@@ -12,9 +12,12 @@ use crate::error::{Error, IoContext, Result};
 const LOOP_CONTROL: &str = "/dev/loop-control";
 const LO_NAME_SIZE: usize = 64;
 const LO_KEY_SIZE: usize = 32;
+const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 /// How often to retry when another process takes the free device first.
 const ATTACH_ATTEMPTS: usize = 16;
+/// 5 ms steps: up to 2 s for a device to be released after LOOP_CLR_FD.
+const DETACH_WAIT_STEPS: usize = 400;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -66,9 +69,19 @@ pub struct Window {
 /// Direct I/O is asked for (so pages are not cached in both the loop device
 /// and the backing file) and dropped if the backing filesystem refuses it.
 pub fn attach(backing: &Path, window: Window) -> Result<PathBuf> {
+    attach_with(backing, window, false)
+}
+
+/// A read-only loop device over `backing` (a file or another block device):
+/// writes through it fail with EROFS whatever the opener asks for.
+pub fn attach_read_only(backing: &Path) -> Result<PathBuf> {
+    attach_with(backing, Window::default(), true)
+}
+
+fn attach_with(backing: &Path, window: Window, read_only: bool) -> Result<PathBuf> {
     let file = OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(!read_only)
         .open(backing)
         .ctx("open backing file", backing)?;
     let control = File::open(LOOP_CONTROL).ctx("open", LOOP_CONTROL)?;
@@ -78,7 +91,7 @@ pub fn attach(backing: &Path, window: Window) -> Result<PathBuf> {
         let number = unsafe { ioctl::ctl_get_free(control.as_raw_fd()) }
             .ctx("LOOP_CTL_GET_FREE", LOOP_CONTROL)?;
         let device = PathBuf::from(format!("/dev/loop{number}"));
-        match configure(&device, &file, backing, window) {
+        match configure(&device, &file, backing, window, read_only) {
             Ok(()) => return Ok(device),
             // Someone else configured it between GET_FREE and our call: try the next one.
             Err(Errno::EBUSY) => last_err = Some(Errno::EBUSY),
@@ -97,6 +110,7 @@ fn configure(
     file: &File,
     backing: &Path,
     window: Window,
+    read_only: bool,
 ) -> std::result::Result<(), Errno> {
     let dev = OpenOptions::new()
         .read(true)
@@ -104,8 +118,8 @@ fn configure(
         .custom_flags(libc::O_CLOEXEC)
         .open(device)
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-    let mut info = new_info(backing, window);
-    info.lo_flags = LO_FLAGS_DIRECT_IO;
+    let mut info = new_info(backing, window, read_only);
+    info.lo_flags |= LO_FLAGS_DIRECT_IO;
     let mut config = LoopConfig {
         fd: file.as_raw_fd() as u32,
         block_size: 0,
@@ -118,7 +132,7 @@ fn configure(
         Ok(_) => Ok(()),
         // Direct I/O impossible on this backing file: buffered I/O then.
         Err(Errno::EINVAL) => {
-            config.info.lo_flags = 0;
+            config.info.lo_flags &= !LO_FLAGS_DIRECT_IO;
             // SAFETY: as above.
             match unsafe { ioctl::configure(dev.as_raw_fd(), &config) } {
                 Ok(_) => Ok(()),
@@ -127,7 +141,7 @@ fn configure(
             }
         }
         // Kernels before 5.8 lack LOOP_CONFIGURE.
-        Err(Errno::ENOTTY) => legacy_configure(&dev, file, &new_info(backing, window)),
+        Err(Errno::ENOTTY) => legacy_configure(&dev, file, &new_info(backing, window, read_only)),
         Err(e) => Err(e),
     }
 }
@@ -144,7 +158,7 @@ fn legacy_configure(dev: &File, file: &File, info: &LoopInfo64) -> std::result::
     Ok(())
 }
 
-fn new_info(backing: &Path, window: Window) -> LoopInfo64 {
+fn new_info(backing: &Path, window: Window, read_only: bool) -> LoopInfo64 {
     let mut name = [0u8; LO_NAME_SIZE];
     let bytes = backing.as_os_str().as_encoded_bytes();
     let len = bytes.len().min(LO_NAME_SIZE - 1);
@@ -158,7 +172,7 @@ fn new_info(backing: &Path, window: Window) -> LoopInfo64 {
         lo_number: 0,
         lo_encrypt_type: 0,
         lo_encrypt_key_size: 0,
-        lo_flags: 0,
+        lo_flags: if read_only { LO_FLAGS_READ_ONLY } else { 0 },
         lo_file_name: name,
         lo_crypt_name: [0; LO_NAME_SIZE],
         lo_encrypt_key: [0; LO_KEY_SIZE],
@@ -176,9 +190,28 @@ pub fn detach(device: &Path) -> Result<()> {
     };
     // SAFETY: LOOP_CLR_FD takes no argument.
     match unsafe { ioctl::clr_fd(dev.as_raw_fd()) } {
-        Ok(_) | Err(Errno::ENXIO) => Ok(()),
-        Err(e) => Err(Error::io("LOOP_CLR_FD", device, e.into())),
+        Ok(_) | Err(Errno::ENXIO) => {}
+        Err(e) => return Err(Error::io("LOOP_CLR_FD", device, e.into())),
     }
+    drop(dev);
+    wait_detached(device);
+    Ok(())
+}
+
+/// The kernel clears a device that someone else (udev, blkid) still holds
+/// when they close it; wait briefly so callers see it gone.
+fn wait_detached(device: &Path) {
+    let Some(name) = device.file_name() else {
+        return;
+    };
+    let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
+    for _ in 0..DETACH_WAIT_STEPS {
+        if !backing.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    tracing::warn!(device = %device.display(), "loop device still busy; it detaches when closed");
 }
 
 /// Re-read the backing file's size after it grew.

@@ -10,12 +10,16 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod nodeloss;
+pub mod orphan_sweeper;
+pub mod orphans;
 pub mod owners;
 pub mod policy;
 pub mod rbac;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod mock_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,10 +54,6 @@ pub struct RetentionArgs {
     /// written (whenScaled=Delete only). Kubernetes keeps such claims forever.
     #[arg(long)]
     pub sweep_orphaned_claims: bool,
-
-    /// Opt-in deletion of orphaned volumes once they have been orphaned this long. Off unless set.
-    #[arg(long, value_parser = parse_duration)]
-    pub orphan_delete_grace: Option<Duration>,
 
     /// CSI driver name of Kennel volumes.
     #[arg(long, default_value = "kennel.csi.dev")]
@@ -131,14 +131,11 @@ pub async fn run(args: RetentionArgs) -> anyhow::Result<()> {
         "built-in StatefulSet retention {}",
         if builtin { "assumed on: Kennel only adds its guards" } else { "off: Kennel writes owner references" }
     );
-    if args.orphan_delete_grace.is_some() {
-        warn!("--orphan-delete-grace: orphaned volumes are reported through the node inventory, which this build does not read yet; nothing is deleted");
-    }
     let metrics = Arc::new(metrics::Metrics::default());
     if let Some(addr) = args.metrics_addr {
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m).await {
+            if let Err(e) = crate::metrics::serve(addr, m).await {
                 warn!(%addr, error = %e, "metrics endpoint stopped");
             }
         });
@@ -206,7 +203,6 @@ mod tests {
         assert_eq!(a.builtin_retention, BuiltinMode::Auto);
         assert_eq!(a.node_loss_grace, Duration::from_secs(300));
         assert!(!a.sweep_orphaned_claims);
-        assert_eq!(a.orphan_delete_grace, None);
         assert_eq!(a.driver_name, "kennel.csi.dev");
         assert!(a.leader_election);
     }
@@ -222,8 +218,6 @@ mod tests {
             "--resync-interval",
             "1h",
             "--sweep-orphaned-claims",
-            "--orphan-delete-grace",
-            "2d",
             "--leader-election",
             "false",
         ])
@@ -233,7 +227,6 @@ mod tests {
         assert_eq!(a.node_loss_grace, Duration::from_secs(90));
         assert_eq!(a.resync_interval, Duration::from_secs(3600));
         assert!(a.sweep_orphaned_claims);
-        assert_eq!(a.orphan_delete_grace, Some(Duration::from_secs(172_800)));
         assert!(!a.leader_election);
         assert!(Cli::try_parse_from(["kennel", "--node-loss-grace", "5"]).is_err());
         assert!(Cli::try_parse_from(["kennel", "--builtin-retention", "maybe"]).is_err());

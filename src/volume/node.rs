@@ -17,7 +17,7 @@ use crate::node::{fs as filesystem, loopdev};
 use crate::volume::capacity::CapacityRange;
 use crate::volume::controller::{parse_known, run_blocking};
 use crate::volume::locks::LockMap;
-use crate::volume::spec::{AccessType, Capability, FsType};
+use crate::volume::spec::{AccessMode, AccessType, Capability, FsType};
 use crate::volume::VolumeId;
 
 /// Inside a Block volume's staging directory, the file the device is bound to.
@@ -78,6 +78,12 @@ impl NodeOps {
             mount::unmount_all(&staging_path.join(BLOCK_STAGING_FILE))?;
             remove_path(&staging_path.join(BLOCK_STAGING_FILE))?;
             mount::unmount_all(&staging_path)?;
+            // Read-only devices of Block publications that were never unpublished.
+            if let Some(device) = b.attached_device(&id)? {
+                for stacked in loopdev::find_attached(&device)? {
+                    loopdev::detach(&stacked.device)?;
+                }
+            }
             b.detach(&id)
         })
         .await
@@ -98,7 +104,17 @@ impl NodeOps {
         let _guard = self.locks.lock(id.as_str()).await;
         run_blocking(self.backend.clone(), move |b| {
             known(b, &id)?;
+            let stacked = match (
+                b.attached_device(&id)?,
+                mount::mounts_at(&target_path)?.pop(),
+            ) {
+                (Some(device), Some(entry)) => stacked_read_only_device(&entry, &device)?,
+                _ => None,
+            };
             mount::unmount_all(&target_path)?;
+            if let Some(ro_device) = stacked {
+                loopdev::detach(&ro_device)?;
+            }
             remove_path(&target_path)
         })
         .await
@@ -166,7 +182,10 @@ impl NodeOps {
                 )));
             }
             if let Some(entry) = mount_of(&volume_path, &device)? {
-                if !is_block_bind(&entry, &device)? {
+                // Already grown (e.g. offline, on the last stage): nothing to ask the kernel.
+                let fs_bytes = filesystem::filesystem_bytes(&device)?;
+                let needs_growth = fs_bytes.is_none_or(|bytes| bytes < size);
+                if needs_growth && !is_block_bind(&entry, &device)? {
                     filesystem::grow_online(&device, &volume_path, &entry.fs_type)?;
                 }
             }
@@ -331,50 +350,95 @@ fn publish(b: &dyn Backend, id: &VolumeId, req: &PublishRequest) -> Result<()> {
         }
         req.staging_path.clone()
     };
+    if req.capability.access_mode == AccessMode::SingleNodeSingleWriter {
+        ensure_single_publication(&device, req, &source)?;
+    }
     let read_only = req.read_only || req.capability.access_mode.read_only();
     if let Some(entry) = mount::mounts_at(&req.target_path)?.pop() {
-        let same_volume = if req.capability.is_block() {
-            is_block_bind(&entry, &device)?
+        let published = if req.capability.is_block() {
+            block_publication(&entry, &device)?
+        } else if entry.dev == mount::device_number(&device)? {
+            Some(entry.read_only())
         } else {
-            entry.dev == mount::device_number(&device)?
+            None
         };
-        if !same_volume {
-            return Err(Error::AlreadyExists(format!(
+        return match published {
+            None => Err(Error::AlreadyExists(format!(
                 "{} is already a mount of another volume",
                 req.target_path.display()
-            )));
-        }
-        if entry.read_only() != read_only {
-            return Err(Error::AlreadyExists(format!(
+            ))),
+            Some(ro) if ro != read_only => Err(Error::AlreadyExists(format!(
                 "{} is already published {}",
                 req.target_path.display(),
-                if entry.read_only() {
-                    "read-only"
-                } else {
-                    "read-write"
-                }
+                if ro { "read-only" } else { "read-write" }
+            ))),
+            Some(_) => Ok(()),
+        };
+    }
+    match &req.capability.access_type {
+        AccessType::Mount { mount_flags, .. } => {
+            let extra = mount::parse_options(mount_flags)?.flags & !MsFlags::MS_RDONLY;
+            ensure_dir(&req.target_path)?;
+            mount::bind(&source, &req.target_path, read_only, extra)
+        }
+        AccessType::Block => {
+            if let Some(parent) = req.target_path.parent() {
+                ensure_dir(parent)?;
+            }
+            ensure_file(&req.target_path)?;
+            if !read_only {
+                return mount::bind(&source, &req.target_path, false, MsFlags::empty());
+            }
+            // A read-only bind does not stop writes through a device node: give
+            // the workload its own read-only loop device over the staged one.
+            let ro_device = loopdev::attach_read_only(&device)?;
+            let bound = mount::bind(&ro_device, &req.target_path, true, MsFlags::empty());
+            if bound.is_err() {
+                let _ = loopdev::detach(&ro_device);
+            }
+            bound
+        }
+    }
+}
+
+/// How a Block target is published from `device`: `Some(false)` a bind of
+/// the device itself, `Some(true)` a read-only loop device stacked on it,
+/// `None` something else.
+fn block_publication(entry: &MountEntry, device: &Path) -> Result<Option<bool>> {
+    if is_block_bind(entry, device)? {
+        return Ok(Some(false));
+    }
+    Ok(stacked_read_only_device(entry, device)?.map(|_| true))
+}
+
+/// The read-only loop device a Block target is bound to, if it sits on `device`.
+fn stacked_read_only_device(entry: &MountEntry, device: &Path) -> Result<Option<PathBuf>> {
+    let stacked = loopdev::find_attached(device)?;
+    for attachment in stacked {
+        if is_block_bind(entry, &attachment.device)? {
+            return Ok(Some(attachment.device));
+        }
+    }
+    Ok(None)
+}
+
+/// SINGLE_NODE_SINGLE_WRITER: one workload at a time. Any other mount of the
+/// device than its staging and the requested target is a publication elsewhere.
+fn ensure_single_publication(device: &Path, req: &PublishRequest, staged_at: &Path) -> Result<()> {
+    let number = mount::device_number(device)?;
+    for entry in mount::mounts()? {
+        let ours = entry.dev == number || is_block_bind(&entry, device)?;
+        let expected = entry.mount_point == staged_at
+            || entry.mount_point == req.staging_path
+            || entry.mount_point == req.target_path;
+        if ours && !expected {
+            return Err(Error::Precondition(format!(
+                "volume is single-writer and already published at {}",
+                entry.mount_point.display()
             )));
         }
-        return Ok(());
     }
-    let extra = match &req.capability.access_type {
-        AccessType::Mount { mount_flags, .. } => mount::parse_options(mount_flags)?.flags,
-        AccessType::Block => MsFlags::empty(),
-    };
-    if req.capability.is_block() {
-        if let Some(parent) = req.target_path.parent() {
-            ensure_dir(parent)?;
-        }
-        ensure_file(&req.target_path)?;
-    } else {
-        ensure_dir(&req.target_path)?;
-    }
-    mount::bind(
-        &source,
-        &req.target_path,
-        read_only,
-        extra & !MsFlags::MS_RDONLY,
-    )
+    Ok(())
 }
 
 /// The visible mount at `path` if it comes from `device`.

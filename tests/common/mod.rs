@@ -17,9 +17,8 @@ use std::time::{Duration, Instant};
 use kennel::csi::client::CsiClient;
 use kennel::csi::pb::{
     self, controller_client::ControllerClient, identity_client::IdentityClient,
-    node_client::NodeClient, volume_capability::access_mode::Mode,
-    volume_capability::AccessMode, volume_capability::AccessType,
-    volume_capability::BlockVolume, volume_capability::MountVolume,
+    node_client::NodeClient, volume_capability::access_mode::Mode, volume_capability::AccessMode,
+    volume_capability::AccessType, volume_capability::BlockVolume, volume_capability::MountVolume,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
@@ -202,12 +201,15 @@ impl TestDriver {
 
     /// Send SIGTERM and wait (bounded) for the exit status.
     pub async fn terminate(&mut self) -> ExitStatus {
+        self.signal_and_wait(nix::sys::signal::Signal::SIGTERM)
+            .await
+    }
+
+    /// Send `signal` and wait (bounded) for the exit status.
+    pub async fn signal_and_wait(&mut self, signal: nix::sys::signal::Signal) -> ExitStatus {
         let mut child = self.child.take().expect("driver is running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("send SIGTERM");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+            .expect("send signal");
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = child.try_wait().expect("wait for driver") {
@@ -217,12 +219,18 @@ impl TestDriver {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "driver did not exit within 15s of SIGTERM\n{}",
+                    "driver did not exit within 15s of {signal}\n{}",
                     self.log_tail(40)
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Start the driver again after it was stopped.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "driver is still running");
+        self.spawn_again().await;
     }
 
     /// SIGKILL and reap the driver, if running.
@@ -283,7 +291,11 @@ impl TestDriver {
             .unwrap_or_else(|s| panic!("DeleteVolume {volume_id}: {s:?}"));
     }
 
-    pub fn stage_req(&self, volume_id: &str, cap: pb::VolumeCapability) -> pb::NodeStageVolumeRequest {
+    pub fn stage_req(
+        &self,
+        volume_id: &str,
+        cap: pb::VolumeCapability,
+    ) -> pb::NodeStageVolumeRequest {
         pb::NodeStageVolumeRequest {
             volume_id: volume_id.to_owned(),
             staging_target_path: self.staging_path(volume_id).display().to_string(),
@@ -297,7 +309,9 @@ impl TestDriver {
         self.node()
             .node_stage_volume(self.stage_req(volume_id, cap))
             .await
-            .unwrap_or_else(|s| panic!("NodeStageVolume {volume_id}: {s:?}\n{}", self.log_tail(20)));
+            .unwrap_or_else(|s| {
+                panic!("NodeStageVolume {volume_id}: {s:?}\n{}", self.log_tail(20))
+            });
         self.staging_path(volume_id)
     }
 
@@ -332,12 +346,22 @@ impl TestDriver {
         }
     }
 
-    pub async fn publish(&self, volume_id: &str, cap: pb::VolumeCapability, readonly: bool) -> PathBuf {
+    pub async fn publish(
+        &self,
+        volume_id: &str,
+        cap: pb::VolumeCapability,
+        readonly: bool,
+    ) -> PathBuf {
         let block = is_block(&cap);
         self.node()
             .node_publish_volume(self.publish_req(volume_id, cap, readonly))
             .await
-            .unwrap_or_else(|s| panic!("NodePublishVolume {volume_id}: {s:?}\n{}", self.log_tail(20)));
+            .unwrap_or_else(|s| {
+                panic!(
+                    "NodePublishVolume {volume_id}: {s:?}\n{}",
+                    self.log_tail(20)
+                )
+            });
         self.target_path(volume_id, block)
     }
 
@@ -442,7 +466,10 @@ pub async fn wait_ready(child: &mut Child, endpoint: &str, log: &Path) -> CsiCli
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("driver did not answer Probe within 20s\n{}", log_tail(log, 40));
+            panic!(
+                "driver did not answer Probe within 20s\n{}",
+                log_tail(log, 40)
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -486,6 +513,7 @@ fn spawn_driver(opts: &DriverOpts, endpoint: &str, loop_dir: &Path, log: &Path) 
         cmd.arg("--max-volumes-per-node").arg(max.to_string());
     }
     cmd.env("RUST_LOG", "kennel=debug,info")
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("dup log"))
         .stderr(log_file)
@@ -532,7 +560,11 @@ pub fn is_block(cap: &pb::VolumeCapability) -> bool {
     matches!(cap.access_type, Some(AccessType::Block(_)))
 }
 
-pub fn create_req(name: &str, bytes: i64, caps: Vec<pb::VolumeCapability>) -> pb::CreateVolumeRequest {
+pub fn create_req(
+    name: &str,
+    bytes: i64,
+    caps: Vec<pb::VolumeCapability>,
+) -> pb::CreateVolumeRequest {
     pb::CreateVolumeRequest {
         name: name.to_owned(),
         capacity_range: Some(pb::CapacityRange {
@@ -546,7 +578,11 @@ pub fn create_req(name: &str, bytes: i64, caps: Vec<pb::VolumeCapability>) -> pb
 
 /// Assert an RPC failed with exactly `code`.
 #[track_caller]
-pub fn assert_code<T: std::fmt::Debug>(result: Result<Response<T>, Status>, code: Code, what: &str) {
+pub fn assert_code<T: std::fmt::Debug>(
+    result: Result<Response<T>, Status>,
+    code: Code,
+    what: &str,
+) {
     match result {
         Ok(resp) => panic!("{what}: expected {code:?}, got OK: {:?}", resp.into_inner()),
         Err(status) => assert_eq!(
@@ -595,7 +631,10 @@ fn unescape_octal(field: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -628,7 +667,10 @@ pub fn mountinfo() -> Vec<Mount> {
 
 /// Mounts exactly at `path`, oldest first (the last one is the visible one).
 pub fn mounts_at(path: &Path) -> Vec<Mount> {
-    mountinfo().into_iter().filter(|m| m.mount_point == path).collect()
+    mountinfo()
+        .into_iter()
+        .filter(|m| m.mount_point == path)
+        .collect()
 }
 
 /// Mounts at or below `dir`.
@@ -694,7 +736,12 @@ fn unmount_everything_under(dir: &Path) {
             return;
         }
         // Deepest first; among stacked mounts on one path, newest first.
-        mounts.sort_by_key(|m| (std::cmp::Reverse(m.mount_point.components().count()), std::cmp::Reverse(m.id)));
+        mounts.sort_by_key(|m| {
+            (
+                std::cmp::Reverse(m.mount_point.components().count()),
+                std::cmp::Reverse(m.id),
+            )
+        });
         for m in mounts {
             if nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::empty()).is_err() {
                 let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
@@ -770,5 +817,7 @@ pub fn mode_of(path: &Path) -> u32 {
 
 /// A recognisable pattern of `len` bytes.
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::client::Body;
@@ -17,6 +17,7 @@ use tower_test::mock::{self, Handle};
 use super::{error_policy, reconcile, Context, Error, Settings, REPORTER};
 use crate::retention::fixtures::*;
 use crate::retention::metrics::Metrics;
+use crate::retention::mock_api::{conflict, event, expect, not_found, serve, Exchange};
 use crate::retention::policy::ON_NODE_LOSS_ANNOTATION;
 use crate::retention::rbac;
 
@@ -61,117 +62,10 @@ fn context(cluster: Cluster) -> (Arc<Context>, Handle<Request<Body>, Response<Bo
     (Arc::new(ctx), handle)
 }
 
-/// One request the controller must make next, and the answer the fake server gives.
-struct Exchange {
-    method: &'static str,
-    path: String,
-    /// Fields the JSON body must contain (compared exactly, key by key, at the top level).
-    body: Option<Value>,
-    status: StatusCode,
-    /// `None`: echo the request body (what the API server does for events).
-    reply: Option<Value>,
-}
-
-fn expect(method: &'static str, path: &str, body: Option<Value>, reply: Value) -> Exchange {
-    Exchange {
-        method,
-        path: path.into(),
-        body,
-        status: StatusCode::OK,
-        reply: Some(reply),
-    }
-}
-
-fn not_found(method: &'static str, path: &str, what: &str) -> Exchange {
-    Exchange {
-        method,
-        path: path.into(),
-        body: None,
-        status: StatusCode::NOT_FOUND,
-        reply: Some(json!({
-            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": format!("{what} not found"), "reason": "NotFound", "code": 404
-        })),
-    }
-}
-
-fn conflict(method: &'static str, path: &str) -> Exchange {
-    Exchange {
-        method,
-        path: path.into(),
-        body: None,
-        status: StatusCode::CONFLICT,
-        reply: Some(json!({
-            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": "the object has been modified", "reason": "Conflict", "code": 409
-        })),
-    }
-}
-
-/// An event POST whose `reason` is `reason`.
-fn event(reason: &str) -> Exchange {
-    Exchange {
-        method: "POST",
-        path: "/apis/events.k8s.io/v1/namespaces/default/events".into(),
-        body: Some(json!({"reason": reason, "reportingController": REPORTER})),
-        status: StatusCode::OK,
-        reply: None,
-    }
-}
-
-/// Serves `script` in order, asserting each request, then asserts nothing else was asked.
-async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, script: Vec<Exchange>) {
-    for (i, step) in script.into_iter().enumerate() {
-        let (request, send) = handle
-            .next_request()
-            .await
-            .unwrap_or_else(|| panic!("request {i} ({} {}) never came", step.method, step.path));
-        let (method, path) = (
-            request.method().to_string(),
-            request.uri().path().to_string(),
-        );
-        assert_eq!(
-            (method.as_str(), path.as_str()),
-            (step.method, step.path.as_str()),
-            "request {i}"
-        );
-        let (group, resource, verb) = rbac::classify(&method, &path).expect("API request");
-        assert!(
-            rbac::allows(&group, &resource, &verb),
-            "request {i}: {verb} {group}/{resource} is not in the RBAC rules"
-        );
-        let bytes = request.into_body().collect_bytes().await.expect("body");
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).expect("JSON body")
-        };
-        if let Some(expected) = &step.body {
-            for (key, value) in expected.as_object().expect("object") {
-                assert_eq!(
-                    body.get(key),
-                    Some(value),
-                    "request {i} {path}: body field {key} in {body}"
-                );
-            }
-        }
-        let reply = step.reply.unwrap_or(body);
-        send.send_response(
-            Response::builder()
-                .status(step.status)
-                .body(Body::from(serde_json::to_vec(&reply).expect("json")))
-                .expect("response"),
-        );
-    }
-    // Let a stray request surface before declaring victory.
-    tokio::select! {
-        extra = handle.next_request() => {
-            if let Some((request, _)) = extra {
-                panic!("unexpected request {} {}", request.method(), request.uri());
-            }
-        }
-        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-    }
+/// Every request the retention controller makes must be granted by its ClusterRole.
+fn rbac_allows(method: &str, path: &str) -> bool {
+    let (group, resource, verb) = rbac::classify(method, path).expect("API request");
+    rbac::allows(&group, &resource, &verb)
 }
 
 async fn run_scenario(
@@ -183,7 +77,7 @@ async fn run_scenario(
     Arc<Context>,
 ) {
     let (ctx, handle) = context(cluster);
-    let server = tokio::spawn(serve(handle, script));
+    let server = tokio::spawn(serve(handle, script, rbac_allows));
     let result = tokio::time::timeout(
         Duration::from_secs(5),
         reconcile(Arc::new(set), ctx.clone()),

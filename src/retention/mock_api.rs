@@ -1,0 +1,127 @@
+//! A scripted fake API server for tests: each request must match the next
+//! expected one (method, path, body fields) and be allowed by RBAC.
+
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use kube::client::Body;
+use serde_json::{json, Value};
+use tower_test::mock::Handle;
+
+use crate::retention::controller::REPORTER;
+
+/// One request the controller must make next, and the answer the fake server gives.
+pub struct Exchange {
+    pub method: &'static str,
+    pub path: String,
+    /// Fields the JSON body must contain (compared exactly, key by key, at the top level).
+    pub body: Option<Value>,
+    pub status: StatusCode,
+    /// `None`: echo the request body (what the API server does for events).
+    pub reply: Option<Value>,
+}
+
+pub fn expect(method: &'static str, path: &str, body: Option<Value>, reply: Value) -> Exchange {
+    Exchange {
+        method,
+        path: path.into(),
+        body,
+        status: StatusCode::OK,
+        reply: Some(reply),
+    }
+}
+
+pub fn not_found(method: &'static str, path: &str, what: &str) -> Exchange {
+    Exchange {
+        method,
+        path: path.into(),
+        body: None,
+        status: StatusCode::NOT_FOUND,
+        reply: Some(json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("{what} not found"), "reason": "NotFound", "code": 404
+        })),
+    }
+}
+
+pub fn conflict(method: &'static str, path: &str) -> Exchange {
+    Exchange {
+        method,
+        path: path.into(),
+        body: None,
+        status: StatusCode::CONFLICT,
+        reply: Some(json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "the object has been modified", "reason": "Conflict", "code": 409
+        })),
+    }
+}
+
+/// An event POST whose `reason` is `reason`.
+pub fn event(reason: &str) -> Exchange {
+    Exchange {
+        method: "POST",
+        path: "/apis/events.k8s.io/v1/namespaces/default/events".into(),
+        body: Some(json!({"reason": reason, "reportingController": REPORTER})),
+        status: StatusCode::OK,
+        reply: None,
+    }
+}
+
+/// Serves `script` in order, asserting each request, then asserts nothing else was asked.
+pub async fn serve(
+    mut handle: Handle<Request<Body>, Response<Body>>,
+    script: Vec<Exchange>,
+    allowed: fn(&str, &str) -> bool,
+) {
+    for (i, step) in script.into_iter().enumerate() {
+        let (request, send) = handle
+            .next_request()
+            .await
+            .unwrap_or_else(|| panic!("request {i} ({} {}) never came", step.method, step.path));
+        let (method, path) = (
+            request.method().to_string(),
+            request.uri().path().to_string(),
+        );
+        assert_eq!(
+            (method.as_str(), path.as_str()),
+            (step.method, step.path.as_str()),
+            "request {i}"
+        );
+        assert!(
+            allowed(&method, &path),
+            "request {i}: {method} {path} is not allowed by the RBAC rules"
+        );
+        let bytes = request.into_body().collect_bytes().await.expect("body");
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
+        if let Some(expected) = &step.body {
+            for (key, value) in expected.as_object().expect("object") {
+                assert_eq!(
+                    body.get(key),
+                    Some(value),
+                    "request {i} {path}: body field {key} in {body}"
+                );
+            }
+        }
+        let reply = step.reply.unwrap_or(body);
+        send.send_response(
+            Response::builder()
+                .status(step.status)
+                .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+                .expect("response"),
+        );
+    }
+    // Let a stray request surface before declaring victory.
+    tokio::select! {
+        extra = handle.next_request() => {
+            if let Some((request, _)) = extra {
+                panic!("unexpected request {} {}", request.method(), request.uri());
+            }
+        }
+        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+    }
+}

@@ -1,0 +1,1187 @@
+//! Node service against the real driver: real loop devices, real mkfs, real
+//! mounts. Host state is checked through /proc/self/mountinfo and
+//! /sys/block/loop*/loop, not through the driver.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+
+use common::*;
+use kennel::csi::pb::{
+    self, node_service_capability, volume_capability::access_mode::Mode, volume_usage::Unit,
+};
+use tonic::Code;
+
+const T: u64 = 180;
+
+fn expand_req(
+    td: &TestDriver,
+    id: &str,
+    volume_path: &Path,
+    bytes: i64,
+    cap: pb::VolumeCapability,
+) -> pb::NodeExpandVolumeRequest {
+    pb::NodeExpandVolumeRequest {
+        volume_id: id.to_owned(),
+        volume_path: volume_path.display().to_string(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        staging_target_path: td.staging_path(id).display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+async fn controller_expand(
+    td: &TestDriver,
+    id: &str,
+    bytes: i64,
+) -> pb::ControllerExpandVolumeResponse {
+    td.controller()
+        .controller_expand_volume(pb::ControllerExpandVolumeRequest {
+            volume_id: id.to_owned(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ControllerExpandVolume {id}: {s:?}"))
+        .into_inner()
+}
+
+fn stats_req(id: &str, path: &Path) -> pb::NodeGetVolumeStatsRequest {
+    pb::NodeGetVolumeStatsRequest {
+        volume_id: id.to_owned(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    }
+}
+
+/// The one visible mount at `path`, which must exist.
+fn the_mount(path: &Path) -> Mount {
+    let mut at = mounts_at(path);
+    assert_eq!(
+        at.len(),
+        1,
+        "expected exactly one mount at {}: {at:#?}",
+        path.display()
+    );
+    at.pop().unwrap()
+}
+
+fn assert_erofs(result: std::io::Result<()>, what: &str) {
+    match result {
+        Ok(()) => panic!("{what}: write succeeded on a read-only publish"),
+        Err(e) => assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EROFS),
+            "{what}: expected EROFS, got {e}"
+        ),
+    }
+}
+
+fn try_write(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+// ------------------------------------------------------ capabilities/info
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_get_capabilities() {
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("64MiB")).await;
+        let resp = td
+            .node()
+            .node_get_capabilities(pb::NodeGetCapabilitiesRequest {})
+            .await
+            .expect("NodeGetCapabilities")
+            .into_inner();
+        let rpcs: BTreeSet<i32> = resp
+            .capabilities
+            .iter()
+            .filter_map(|c| match &c.r#type {
+                Some(node_service_capability::Type::Rpc(r)) => Some(r.r#type),
+                _ => None,
+            })
+            .collect();
+        use node_service_capability::rpc::Type as R;
+        for wanted in [R::StageUnstageVolume, R::GetVolumeStats, R::ExpandVolume] {
+            assert!(
+                rpcs.contains(&(wanted as i32)),
+                "{wanted:?} missing: {resp:?}"
+            );
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_get_info_reports_id_topology_and_limit() {
+    with_timeout(T, async {
+        let opts = DriverOpts {
+            node_id: "worker-7".into(),
+            max_volumes_per_node: Some(7),
+            ..DriverOpts::sparse("64MiB")
+        };
+        let td = TestDriver::start_with(opts).await;
+        let info = td
+            .node()
+            .node_get_info(pb::NodeGetInfoRequest {})
+            .await
+            .expect("NodeGetInfo")
+            .into_inner();
+        assert_eq!(info.node_id, "worker-7");
+        assert_eq!(info.max_volumes_per_node, 7);
+        assert_eq!(
+            info.accessible_topology,
+            Some(pb::Topology {
+                segments: segment("worker-7")
+            })
+        );
+        drop(td);
+
+        // No limit given: 0 (unlimited).
+        let td = TestDriver::start_with(DriverOpts::sparse("64MiB")).await;
+        let info = td
+            .node()
+            .node_get_info(pb::NodeGetInfoRequest {})
+            .await
+            .expect("NodeGetInfo")
+            .into_inner();
+        assert_eq!(info.node_id, td.opts.node_id);
+        assert_eq!(info.max_volumes_per_node, 0);
+    })
+    .await
+}
+
+// ------------------------------------------------------------ lifecycles
+
+async fn filesystem_lifecycle(opts: DriverOpts, fs_type: &str, bytes: i64, expect_fs: &str) {
+    let td = TestDriver::start_with(opts).await;
+    let vol = td.create("pvc-fs", bytes, mount_cap(fs_type)).await;
+    let id = vol.volume_id.as_str();
+    let capability = pb::VolumeCapability {
+        access_type: Some(pb::volume_capability::AccessType::Mount(
+            pb::volume_capability::MountVolume {
+                fs_type: fs_type.to_owned(),
+                mount_flags: vec!["noatime".to_owned()],
+                volume_mount_group: String::new(),
+            },
+        )),
+        ..mount_cap(fs_type)
+    };
+
+    // Stage twice: one mount.
+    let staging = td.stage(id, capability.clone()).await;
+    td.stage(id, capability.clone()).await;
+    let staged = the_mount(&staging);
+    assert_eq!(staged.fs_type, expect_fs);
+    assert!(!staged.read_only());
+    assert!(
+        staged.options.split(',').any(|o| o == "noatime"),
+        "mount_flags not applied: {staged:?}"
+    );
+    let image = td.image_path(id);
+    assert_eq!(loops_of(&image).len(), 1, "one loop device for the image");
+
+    // Publish twice: one bind mount of the same filesystem.
+    let target = td.publish(id, capability.clone(), false).await;
+    td.publish(id, capability.clone(), false).await;
+    let published = the_mount(&target);
+    assert_eq!(published.dev, staged.dev);
+    assert!(!published.read_only());
+
+    write_file(&target.join("hello.txt"), b"hello from webserver-2");
+    assert_eq!(
+        read_file(&staging.join("hello.txt")),
+        b"hello from webserver-2"
+    );
+
+    // Unpublish twice.
+    td.unpublish(id, false).await;
+    td.unpublish(id, false).await;
+    assert!(mounts_at(&target).is_empty());
+    // Unstage twice.
+    td.unstage(id).await;
+    td.unstage(id).await;
+    assert!(mounts_at(&staging).is_empty());
+    assert!(
+        loops_of(&image).is_empty(),
+        "loop device left after unstage"
+    );
+    td.delete(id).await;
+    td.delete(id).await;
+    td.assert_no_leaks();
+    assert!(!image.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_ext4_lifecycle_is_idempotent() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(
+        T,
+        filesystem_lifecycle(DriverOpts::preallocated("256MiB"), "ext4", 32 * MIB, "ext4"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_default_fs_is_ext4() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(
+        T,
+        filesystem_lifecycle(DriverOpts::sparse("256MiB"), "", 16 * MIB, "ext4"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_xfs_lifecycle_is_idempotent() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(
+        T,
+        filesystem_lifecycle(DriverOpts::sparse("1GiB"), "xfs", 300 * MIB, "xfs"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_lifecycle_reads_back_written_bytes() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::preallocated("256MiB")).await;
+        let vol = td.create("pvc-block", 64 * MIB, block_cap()).await;
+        let id = vol.volume_id.as_str();
+        let image = td.image_path(id);
+
+        let staging = td.stage(id, block_cap()).await;
+        td.stage(id, block_cap()).await;
+        let staged_file = staging.join("device");
+        let staged = the_mount(&staged_file);
+        assert_eq!(loops_of(&image).len(), 1);
+        // The bind shows the loop device node as its root.
+        let device = &loops_of(&image)[0].device;
+        assert_eq!(
+            Path::new(&staged.root).file_name(),
+            device.file_name(),
+            "staging bind is not of the volume's loop device: {staged:?}"
+        );
+        assert!(
+            mounts_at(&staging).is_empty(),
+            "Block staging must not mount a filesystem"
+        );
+
+        let target = td.publish(id, block_cap(), false).await;
+        td.publish(id, block_cap(), false).await;
+        assert_eq!(mounts_at(&target).len(), 1);
+        assert!(!target.is_dir(), "Block target must not be a directory");
+        assert_eq!(block_size(&target), 64 * MIB as u64);
+
+        let data = pattern(7, 8192);
+        write_block(&target, MIB as u64, &data);
+        assert_eq!(read_block(&target, MIB as u64, data.len()), data);
+        let tail = pattern(9, 4096);
+        write_block(&target, 64 * MIB as u64 - 4096, &tail);
+
+        // Down and up again: the bytes are still there.
+        td.unpublish(id, true).await;
+        td.unpublish(id, true).await;
+        assert!(mounts_at(&target).is_empty());
+        td.unstage(id).await;
+        td.unstage(id).await;
+        assert!(
+            loops_of(&image).is_empty(),
+            "loop device left after unstage"
+        );
+        assert!(leaked_mounts(&td.root).is_empty());
+
+        td.stage(id, block_cap()).await;
+        let target = td.publish(id, block_cap(), false).await;
+        assert_eq!(read_block(&target, MIB as u64, data.len()), data);
+        assert_eq!(
+            read_block(&target, 64 * MIB as u64 - 4096, tail.len()),
+            tail
+        );
+
+        td.unpublish(id, true).await;
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_data_survives_unpublish_unstage_stage_publish() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::preallocated("256MiB")).await;
+        let vol = td
+            .create("www-webserver-2", 32 * MIB, mount_cap("ext4"))
+            .await;
+        let id = vol.volume_id.as_str();
+        td.stage(id, mount_cap("ext4")).await;
+        let target = td.publish(id, mount_cap("ext4"), false).await;
+        let big = pattern(3, 3 * MIB as usize);
+        fs::create_dir(target.join("html")).unwrap();
+        write_file(&target.join("html/hello.txt"), b"hello");
+        write_file(&target.join("big.bin"), &big);
+        td.unpublish(id, false).await;
+        td.unstage(id).await;
+        assert!(loops_of(&td.image_path(id)).is_empty());
+
+        td.stage(id, mount_cap("ext4")).await;
+        let target = td.publish(id, mount_cap("ext4"), false).await;
+        assert_eq!(read_file(&target.join("html/hello.txt")), b"hello");
+        assert_eq!(read_file(&target.join("big.bin")), big);
+        td.unpublish(id, false).await;
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+// ------------------------------------------------------ never reformat
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_never_reformats_existing_data() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let vol = td.create("pvc-keep", 32 * MIB, mount_cap("ext4")).await;
+        let id = vol.volume_id.as_str();
+        let staging = td.stage(id, mount_cap("ext4")).await;
+        write_file(&staging.join("precious"), b"data");
+        td.unstage(id).await;
+
+        // Same filesystem again: same data.
+        td.stage(id, mount_cap("ext4")).await;
+        assert_eq!(read_file(&staging.join("precious")), b"data");
+        td.unstage(id).await;
+
+        // Another filesystem requested: refused, not reformatted.
+        let other = td
+            .node()
+            .node_stage_volume(td.stage_req(id, mount_cap("xfs")))
+            .await;
+        assert!(
+            other.is_err(),
+            "staging ext4 data as xfs must fail, got {other:?}"
+        );
+        assert!(mounts_at(&staging).is_empty(), "failed stage left a mount");
+        assert!(
+            loops_of(&td.image_path(id)).is_empty(),
+            "failed stage left a loop device"
+        );
+
+        // No fs_type: the existing filesystem is used.
+        td.stage(id, mount_cap("")).await;
+        assert_eq!(the_mount(&staging).fs_type, "ext4");
+        assert_eq!(read_file(&staging.join("precious")), b"data");
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+// -------------------------------------------------------------- read-only
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_publish_is_really_read_only() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let vol = td.create("pvc-ro", 16 * MIB, mount_cap("ext4")).await;
+        let id = vol.volume_id.as_str();
+        let staging = td.stage(id, mount_cap("ext4")).await;
+        write_file(&staging.join("existing"), b"before");
+
+        let target = td.publish(id, mount_cap("ext4"), true).await;
+        td.publish(id, mount_cap("ext4"), true).await;
+        assert!(the_mount(&target).read_only());
+        assert_eq!(read_file(&target.join("existing")), b"before");
+        assert_erofs(
+            try_write(&target.join("new"), b"x"),
+            "create in read-only publish",
+        );
+        assert_erofs(
+            try_write(&target.join("existing"), b"x"),
+            "overwrite in read-only publish",
+        );
+        assert_erofs(
+            fs::create_dir(target.join("dir")),
+            "mkdir in read-only publish",
+        );
+        // The same target asked read-write now: incompatible.
+        assert_code(
+            td.node()
+                .node_publish_volume(td.publish_req(id, mount_cap("ext4"), false))
+                .await,
+            Code::AlreadyExists,
+            "republish read-write over a read-only publish",
+        );
+        td.unpublish(id, false).await;
+        td.unstage(id).await;
+
+        // SINGLE_NODE_READER_ONLY: read-only at every level.
+        let reader = cap(mount_type("ext4"), Mode::SingleNodeReaderOnly);
+        td.stage(id, reader.clone()).await;
+        assert!(the_mount(&staging).read_only());
+        let target = td.publish(id, reader.clone(), false).await;
+        assert!(the_mount(&target).read_only());
+        assert_eq!(read_file(&target.join("existing")), b"before");
+        assert_erofs(
+            try_write(&target.join("new"), b"x"),
+            "SINGLE_NODE_READER_ONLY publish",
+        );
+        td.unpublish(id, false).await;
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_block_publish_rejects_writes() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let vol = td.create("pvc-ro-block", 16 * MIB, block_cap()).await;
+        let id = vol.volume_id.as_str();
+        td.stage(id, block_cap()).await;
+        let rw = td.publish(id, block_cap(), false).await;
+        let data = pattern(1, 4096);
+        write_block(&rw, 0, &data);
+        td.unpublish(id, true).await;
+
+        let target = td.publish(id, block_cap(), true).await;
+        assert!(the_mount(&target).read_only());
+        assert_eq!(read_block(&target, 0, 4096), data);
+        let write = fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .and_then(|mut f| {
+                use std::io::Write;
+                f.write_all(&pattern(2, 4096))?;
+                f.sync_all()
+            });
+        assert!(
+            write.is_err(),
+            "opening and writing a read-only Block publish succeeded"
+        );
+        assert_eq!(
+            read_block(&target, 0, 4096),
+            data,
+            "read-only Block publish was modified"
+        );
+        td.unpublish(id, true).await;
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+// ------------------------------------------------------ argument checks
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_calls_missing_arguments_are_invalid() {
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let vol = td.create("pvc-args", 16 * MIB, mount_cap("")).await;
+        let id = vol.volume_id.as_str();
+        let mut node = td.node();
+
+        let mut r = td.stage_req(id, mount_cap(""));
+        r.volume_id.clear();
+        assert_code(
+            node.node_stage_volume(r).await,
+            Code::InvalidArgument,
+            "stage: no volume id",
+        );
+        let mut r = td.stage_req(id, mount_cap(""));
+        r.staging_target_path.clear();
+        assert_code(
+            node.node_stage_volume(r).await,
+            Code::InvalidArgument,
+            "stage: no staging path",
+        );
+        let mut r = td.stage_req(id, mount_cap(""));
+        r.volume_capability = None;
+        assert_code(
+            node.node_stage_volume(r).await,
+            Code::InvalidArgument,
+            "stage: no capability",
+        );
+
+        let mut r = td.unstage_req(id);
+        r.volume_id.clear();
+        assert_code(
+            node.node_unstage_volume(r).await,
+            Code::InvalidArgument,
+            "unstage: no volume id",
+        );
+        let mut r = td.unstage_req(id);
+        r.staging_target_path.clear();
+        assert_code(
+            node.node_unstage_volume(r).await,
+            Code::InvalidArgument,
+            "unstage: no staging path",
+        );
+
+        let mut r = td.publish_req(id, mount_cap(""), false);
+        r.volume_id.clear();
+        assert_code(
+            node.node_publish_volume(r).await,
+            Code::InvalidArgument,
+            "publish: no volume id",
+        );
+        let mut r = td.publish_req(id, mount_cap(""), false);
+        r.target_path.clear();
+        assert_code(
+            node.node_publish_volume(r).await,
+            Code::InvalidArgument,
+            "publish: no target path",
+        );
+        let mut r = td.publish_req(id, mount_cap(""), false);
+        r.staging_target_path.clear();
+        assert_code(
+            node.node_publish_volume(r).await,
+            Code::InvalidArgument,
+            "publish: no staging path",
+        );
+        let mut r = td.publish_req(id, mount_cap(""), false);
+        r.volume_capability = None;
+        assert_code(
+            node.node_publish_volume(r).await,
+            Code::InvalidArgument,
+            "publish: no capability",
+        );
+
+        let mut r = td.unpublish_req(id, false);
+        r.volume_id.clear();
+        assert_code(
+            node.node_unpublish_volume(r).await,
+            Code::InvalidArgument,
+            "unpublish: no volume id",
+        );
+        let mut r = td.unpublish_req(id, false);
+        r.target_path.clear();
+        assert_code(
+            node.node_unpublish_volume(r).await,
+            Code::InvalidArgument,
+            "unpublish: no target path",
+        );
+
+        assert_code(
+            node.node_get_volume_stats(stats_req("", &td.root)).await,
+            Code::InvalidArgument,
+            "stats: no volume id",
+        );
+        assert_code(
+            node.node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                volume_id: id.to_owned(),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            "stats: no volume path",
+        );
+        let mut r = expand_req(&td, id, &td.target_path(id, false), 32 * MIB, mount_cap(""));
+        r.volume_id.clear();
+        assert_code(
+            node.node_expand_volume(r).await,
+            Code::InvalidArgument,
+            "expand: no volume id",
+        );
+        let mut r = expand_req(&td, id, &td.target_path(id, false), 32 * MIB, mount_cap(""));
+        r.volume_path.clear();
+        assert_code(
+            node.node_expand_volume(r).await,
+            Code::InvalidArgument,
+            "expand: no volume path",
+        );
+
+        // A MULTI_NODE capability is refused on the node too.
+        let multi = cap(mount_type(""), Mode::MultiNodeMultiWriter);
+        assert_code(
+            node.node_stage_volume(td.stage_req(id, multi.clone()))
+                .await,
+            Code::InvalidArgument,
+            "stage: MULTI_NODE capability",
+        );
+        assert_code(
+            node.node_publish_volume(td.publish_req(id, multi, false))
+                .await,
+            Code::InvalidArgument,
+            "publish: MULTI_NODE capability",
+        );
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_calls_on_unknown_volume_are_not_found() {
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("64MiB")).await;
+        let mut node = td.node();
+        for id in [UNKNOWN_ID, "../../etc", "kv-AAAAAAAAAAAAAAAAAAAAAAAA"] {
+            let mut r = td.stage_req(UNKNOWN_ID, mount_cap(""));
+            r.volume_id = id.to_owned();
+            assert_code(
+                node.node_stage_volume(r).await,
+                Code::NotFound,
+                &format!("stage {id}"),
+            );
+            let mut r = td.stage_req(UNKNOWN_ID, block_cap());
+            r.volume_id = id.to_owned();
+            assert_code(
+                node.node_stage_volume(r).await,
+                Code::NotFound,
+                &format!("stage block {id}"),
+            );
+            let mut r = td.publish_req(UNKNOWN_ID, mount_cap(""), false);
+            r.volume_id = id.to_owned();
+            assert_code(
+                node.node_publish_volume(r).await,
+                Code::NotFound,
+                &format!("publish {id}"),
+            );
+            let mut r = td.unstage_req(UNKNOWN_ID);
+            r.volume_id = id.to_owned();
+            assert_code(
+                node.node_unstage_volume(r).await,
+                Code::NotFound,
+                &format!("unstage {id}"),
+            );
+            let mut r = td.unpublish_req(UNKNOWN_ID, false);
+            r.volume_id = id.to_owned();
+            assert_code(
+                node.node_unpublish_volume(r).await,
+                Code::NotFound,
+                &format!("unpublish {id}"),
+            );
+            assert_code(
+                node.node_get_volume_stats(stats_req(id, &td.root)).await,
+                Code::NotFound,
+                &format!("stats {id}"),
+            );
+            assert_code(
+                node.node_expand_volume(expand_req(&td, id, &td.root, 32 * MIB, mount_cap("")))
+                    .await,
+                Code::NotFound,
+                &format!("expand {id}"),
+            );
+        }
+        td.assert_no_leaks();
+        assert!(!td.staging_path(UNKNOWN_ID).join("device").exists());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_before_stage_is_failed_precondition() {
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let fs_vol = td.create("pvc-fs", 16 * MIB, mount_cap("")).await;
+        let block_vol = td.create("pvc-block", 16 * MIB, block_cap()).await;
+        assert_code(
+            td.node()
+                .node_publish_volume(td.publish_req(&fs_vol.volume_id, mount_cap(""), false))
+                .await,
+            Code::FailedPrecondition,
+            "publish Filesystem before stage",
+        );
+        assert_code(
+            td.node()
+                .node_publish_volume(td.publish_req(&block_vol.volume_id, block_cap(), false))
+                .await,
+            Code::FailedPrecondition,
+            "publish Block before stage",
+        );
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_from_wrong_staging_path_is_failed_precondition() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let a = td.create("pvc-a", 16 * MIB, mount_cap("")).await;
+        let b = td.create("pvc-b", 16 * MIB, mount_cap("")).await;
+        td.stage(&a.volume_id, mount_cap("")).await;
+        // b is not staged; pointing it at a's staging path must not publish a's data.
+        let mut r = td.publish_req(&b.volume_id, mount_cap(""), false);
+        r.staging_target_path = td.staging_path(&a.volume_id).display().to_string();
+        assert_code(
+            td.node().node_publish_volume(r).await,
+            Code::FailedPrecondition,
+            "publish b from a's staging path",
+        );
+        td.unstage(&a.volume_id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_traversal_is_invalid_argument() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let vol = td.create("pvc-trav", 16 * MIB, mount_cap("")).await;
+        let id = vol.volume_id.as_str();
+        let mut node = td.node();
+        let escape = td.root.join("escape");
+
+        // An unknown volume cannot be mounted anywhere, so this literal is harmless.
+        let mut r = td.stage_req(UNKNOWN_ID, mount_cap(""));
+        r.staging_target_path = "/tmp/../etc".into();
+        assert_code(
+            node.node_stage_volume(r).await,
+            Code::InvalidArgument,
+            "stage at /tmp/../etc",
+        );
+        // A real volume, with a traversal that would land inside the test directory.
+        for path in [
+            format!("{}/staging/../escape", td.root.display()),
+            "staging/relative".to_owned(),
+        ] {
+            let mut r = td.stage_req(id, mount_cap(""));
+            r.staging_target_path = path.clone();
+            assert_code(
+                node.node_stage_volume(r).await,
+                Code::InvalidArgument,
+                &format!("stage at {path}"),
+            );
+        }
+        assert!(leaked_mounts(&td.root).is_empty());
+        assert!(!escape.exists());
+
+        // Unstaged volume, literal traversal as target: refused before anything.
+        let mut r = td.publish_req(id, mount_cap(""), false);
+        r.target_path = "/tmp/../etc".into();
+        assert_code(
+            node.node_publish_volume(r).await,
+            Code::InvalidArgument,
+            "publish to /tmp/../etc",
+        );
+
+        td.stage(id, mount_cap("")).await;
+        let mut r = td.publish_req(id, mount_cap(""), false);
+        r.target_path = format!("{}/pods/../escape", td.root.display());
+        assert_code(
+            node.node_publish_volume(r).await,
+            Code::InvalidArgument,
+            "publish to <root>/pods/../escape",
+        );
+        let mut r = td.publish_req(id, mount_cap(""), false);
+        r.staging_target_path = format!("{}/staging/../staging/{id}", td.root.display());
+        assert_code(
+            node.node_publish_volume(r).await,
+            Code::InvalidArgument,
+            "publish from a traversing staging path",
+        );
+        assert!(!escape.exists());
+        let mut r = td.unstage_req(id);
+        r.staging_target_path = format!("{}/pods/../staging/{id}", td.root.display());
+        assert_code(
+            node.node_unstage_volume(r).await,
+            Code::InvalidArgument,
+            "unstage traversing path",
+        );
+        let mut r = td.unpublish_req(id, false);
+        r.target_path = format!("{}/pods/../staging/{id}", td.root.display());
+        assert_code(
+            node.node_unpublish_volume(r).await,
+            Code::InvalidArgument,
+            "unpublish traversing path",
+        );
+        // A path that cannot hold the volume is NOT_FOUND for stats (as csi-sanity expects).
+        assert_code(
+            node.node_get_volume_stats(stats_req(id, Path::new("/tmp/../etc")))
+                .await,
+            Code::NotFound,
+            "stats at /tmp/../etc",
+        );
+        // Still staged: the refused unstage did nothing.
+        assert_eq!(mounts_at(&td.staging_path(id)).len(), 1);
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_staged_volume_is_refused_until_unstaged() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let vol = td.create("pvc-busy", 16 * MIB, mount_cap("")).await;
+        let id = vol.volume_id.as_str();
+        let staging = td.stage(id, mount_cap("")).await;
+        write_file(&staging.join("f"), b"still here");
+        assert_code(
+            td.controller()
+                .delete_volume(pb::DeleteVolumeRequest {
+                    volume_id: id.to_owned(),
+                    ..Default::default()
+                })
+                .await,
+            Code::FailedPrecondition,
+            "delete a staged volume",
+        );
+        assert_eq!(read_file(&staging.join("f")), b"still here");
+        assert!(td.image_path(id).exists());
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+// -------------------------------------------------------------- expansion
+
+/// Online ext4 growth needs CAP_SYS_RESOURCE, which some containers drop
+/// even for root. The driver shares this process's capabilities.
+fn has_cap_sys_resource() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+async fn node_expand(td: &TestDriver, id: &str, path: &Path, to: i64, cap: pb::VolumeCapability) {
+    let grown = td
+        .node()
+        .node_expand_volume(expand_req(td, id, path, to, cap))
+        .await
+        .unwrap_or_else(|s| panic!("NodeExpandVolume: {s:?}\n{}", td.log_tail(20)))
+        .into_inner();
+    assert!(grown.capacity_bytes >= to, "{grown:?}");
+}
+
+async fn filesystem_expansion(opts: DriverOpts, fs_type: &str, from: i64, to: i64) {
+    let td = TestDriver::start_with(opts).await;
+    let vol = td.create("pvc-grow", from, mount_cap(fs_type)).await;
+    let id = vol.volume_id.as_str();
+    td.stage(id, mount_cap(fs_type)).await;
+    let mut target = td.publish(id, mount_cap(fs_type), false).await;
+    write_file(&target.join("keep"), b"kept");
+    let before = fs_total_bytes(&target);
+    assert!(before <= from as u64);
+
+    let resp = controller_expand(&td, id, to).await;
+    assert!(resp.capacity_bytes >= to);
+    assert!(resp.node_expansion_required);
+    let online = td
+        .node()
+        .node_expand_volume(expand_req(&td, id, &target, to, mount_cap(fs_type)))
+        .await;
+    match online {
+        Ok(resp) => {
+            assert!(resp.into_inner().capacity_bytes >= to);
+            // Again: the second call finds nothing left to do.
+            node_expand(&td, id, &target, to, mount_cap(fs_type)).await;
+        }
+        // Without CAP_SYS_RESOURCE (some containers drop it even for root)
+        // the kernel cannot grow a mounted ext4; the driver says so and
+        // grows it on the next stage instead.
+        Err(status)
+            if fs_type == "ext4"
+                && !has_cap_sys_resource()
+                && status.code() == Code::FailedPrecondition =>
+        {
+            eprintln!("note: no CAP_SYS_RESOURCE, checking ext4 growth on the next stage");
+            td.unpublish(id, false).await;
+            td.unstage(id).await;
+            td.stage(id, mount_cap(fs_type)).await;
+            target = td.publish(id, mount_cap(fs_type), false).await;
+        }
+        Err(status) => panic!(
+            "NodeExpandVolume {fs_type}: {status:?}\n{}",
+            td.log_tail(20)
+        ),
+    }
+    let after = fs_total_bytes(&target);
+    let growth = (to - from) as u64;
+    assert!(
+        after >= before + growth * 3 / 4,
+        "{fs_type} grew from {before} to {after} bytes; expected about {growth} more"
+    );
+    assert_eq!(fs_total_bytes(&td.staging_path(id)), after);
+    assert_eq!(read_file(&target.join("keep")), b"kept");
+    // Stats see the new size too.
+    let stats = td
+        .node()
+        .node_get_volume_stats(stats_req(id, &target))
+        .await
+        .expect("stats")
+        .into_inner();
+    let bytes = stats
+        .usage
+        .iter()
+        .find(|u| u.unit == Unit::Bytes as i32)
+        .unwrap();
+    assert_eq!(bytes.total as u64, after);
+
+    td.unpublish(id, false).await;
+    td.unstage(id).await;
+    td.delete(id).await;
+    td.assert_no_leaks();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expansion_is_visible_in_ext4() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(
+        T,
+        filesystem_expansion(
+            DriverOpts::preallocated("256MiB"),
+            "ext4",
+            32 * MIB,
+            96 * MIB,
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expansion_is_visible_in_xfs() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(
+        T,
+        filesystem_expansion(DriverOpts::sparse("1GiB"), "xfs", 300 * MIB, 400 * MIB),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expansion_is_visible_on_block_device() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::preallocated("256MiB")).await;
+        let vol = td.create("pvc-grow-block", 32 * MIB, block_cap()).await;
+        let id = vol.volume_id.as_str();
+        td.stage(id, block_cap()).await;
+        let target = td.publish(id, block_cap(), false).await;
+        let data = pattern(5, 4096);
+        write_block(&target, 0, &data);
+        assert_eq!(block_size(&target), 32 * MIB as u64);
+
+        let resp = controller_expand(&td, id, 64 * MIB).await;
+        assert_eq!(resp.capacity_bytes, 64 * MIB);
+        let grown = td
+            .node()
+            .node_expand_volume(expand_req(&td, id, &target, 64 * MIB, block_cap()))
+            .await
+            .unwrap_or_else(|s| panic!("NodeExpandVolume block: {s:?}"))
+            .into_inner();
+        assert!(grown.capacity_bytes >= 64 * MIB);
+        assert_eq!(block_size(&target), 64 * MIB as u64);
+        assert_eq!(read_block(&target, 0, 4096), data);
+        // The new space is usable.
+        write_block(&target, 64 * MIB as u64 - 4096, &data);
+        assert_eq!(read_block(&target, 64 * MIB as u64 - 4096, 4096), data);
+
+        td.unpublish(id, true).await;
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expansion_while_unstaged_reaches_the_filesystem() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let vol = td.create("pvc-offline", 32 * MIB, mount_cap("ext4")).await;
+        let id = vol.volume_id.as_str();
+        let staging = td.stage(id, mount_cap("ext4")).await;
+        write_file(&staging.join("keep"), b"kept");
+        let before = fs_total_bytes(&staging);
+        td.unstage(id).await;
+
+        controller_expand(&td, id, 96 * MIB).await;
+        // As the kubelet does: stage, publish, then NodeExpandVolume, which
+        // must succeed whether or not the growth already happened.
+        td.stage(id, mount_cap("ext4")).await;
+        let target = td.publish(id, mount_cap("ext4"), false).await;
+        node_expand(&td, id, &target, 96 * MIB, mount_cap("ext4")).await;
+        node_expand(&td, id, &target, 96 * MIB, mount_cap("ext4")).await;
+        let after = fs_total_bytes(&target);
+        assert!(after >= before + 48 * MIB as u64, "{before} -> {after}");
+        assert_eq!(read_file(&target.join("keep")), b"kept");
+        td.unpublish(id, false).await;
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+// ------------------------------------------------------------------ stats
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_get_volume_stats_filesystem_and_block() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let fs_vol = td.create("pvc-stats-fs", 32 * MIB, mount_cap("ext4")).await;
+        let block_vol = td.create("pvc-stats-block", 16 * MIB, block_cap()).await;
+        let fid = fs_vol.volume_id.as_str();
+        let bid = block_vol.volume_id.as_str();
+        td.stage(fid, mount_cap("ext4")).await;
+        let fs_target = td.publish(fid, mount_cap("ext4"), false).await;
+        td.stage(bid, block_cap()).await;
+        let block_target = td.publish(bid, block_cap(), false).await;
+
+        let stats = td
+            .node()
+            .node_get_volume_stats(stats_req(fid, &fs_target))
+            .await
+            .expect("stats fs")
+            .into_inner();
+        let units: Vec<i32> = stats.usage.iter().map(|u| u.unit).collect();
+        assert_eq!(units.len(), 2, "{stats:?}");
+        assert!(units.contains(&(Unit::Bytes as i32)) && units.contains(&(Unit::Inodes as i32)));
+        for u in &stats.usage {
+            assert!(u.total > 0, "{u:?}");
+            assert!(u.used >= 0 && u.available >= 0, "{u:?}");
+            assert!(u.used <= u.total && u.available <= u.total, "{u:?}");
+        }
+        let bytes = stats
+            .usage
+            .iter()
+            .find(|u| u.unit == Unit::Bytes as i32)
+            .unwrap();
+        assert_eq!(bytes.total as u64, fs_total_bytes(&fs_target));
+        let condition = stats.volume_condition.expect("volume condition");
+        assert!(!condition.abnormal, "{condition:?}");
+
+        // Usage follows writes.
+        write_file(&fs_target.join("four-mib"), &vec![1u8; 4 * MIB as usize]);
+        let later = td
+            .node()
+            .node_get_volume_stats(stats_req(fid, &fs_target))
+            .await
+            .expect("stats fs")
+            .into_inner();
+        let bytes_later = later
+            .usage
+            .iter()
+            .find(|u| u.unit == Unit::Bytes as i32)
+            .unwrap();
+        assert!(
+            bytes_later.used >= bytes.used + 4 * MIB - MIB,
+            "{bytes:?} -> {bytes_later:?}"
+        );
+
+        // The staging path answers too.
+        td.node()
+            .node_get_volume_stats(stats_req(fid, &td.staging_path(fid)))
+            .await
+            .expect("stats on the staging path");
+
+        let stats = td
+            .node()
+            .node_get_volume_stats(stats_req(bid, &block_target))
+            .await
+            .expect("stats block")
+            .into_inner();
+        assert_eq!(stats.usage.len(), 1, "{stats:?}");
+        assert_eq!(stats.usage[0].unit, Unit::Bytes as i32);
+        assert_eq!(stats.usage[0].total, 16 * MIB);
+        assert!(!stats.volume_condition.expect("volume condition").abnormal);
+
+        assert_code(
+            td.node()
+                .node_get_volume_stats(stats_req(UNKNOWN_ID, &fs_target))
+                .await,
+            Code::NotFound,
+            "stats of an unknown volume",
+        );
+        assert_code(
+            td.node()
+                .node_get_volume_stats(stats_req(fid, &td.root.join("no/such/path")))
+                .await,
+            Code::NotFound,
+            "stats on a path that does not exist",
+        );
+        // The other volume's path is not this volume.
+        assert_code(
+            td.node()
+                .node_get_volume_stats(stats_req(fid, &block_target))
+                .await,
+            Code::NotFound,
+            "stats on another volume's path",
+        );
+
+        td.unpublish(fid, false).await;
+        td.unpublish(bid, true).await;
+        td.unstage(fid).await;
+        td.unstage(bid).await;
+        td.delete(fid).await;
+        td.delete(bid).await;
+        td.assert_no_leaks();
+    })
+    .await
+}

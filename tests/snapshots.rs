@@ -1,0 +1,326 @@
+//! Snapshots and clones on the loop backend, over gRPC: data copied at the
+//! moment of the snapshot (even while mounted), idempotency, listing and the
+//! spec's codes for unknown or incompatible sources.
+
+mod common;
+
+use common::*;
+use kennel::csi::pb;
+use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
+use tonic::Code;
+
+fn snapshot_req(name: &str, source: &str) -> pb::CreateSnapshotRequest {
+    pb::CreateSnapshotRequest {
+        name: name.to_owned(),
+        source_volume_id: source.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn from_snapshot(name: &str, bytes: i64, snapshot_id: &str) -> pb::CreateVolumeRequest {
+    let mut req = create_req(name, bytes, vec![mount_cap("ext4")]);
+    req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: snapshot_id.to_owned(),
+        })),
+    });
+    req
+}
+
+fn from_volume(name: &str, bytes: i64, volume_id: &str) -> pb::CreateVolumeRequest {
+    let mut req = create_req(name, bytes, vec![mount_cap("ext4")]);
+    req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(Type::Volume(VolumeSource {
+            volume_id: volume_id.to_owned(),
+        })),
+    });
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_of_a_mounted_volume_restores_its_data() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(60, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("1GiB")).await;
+        let mut controller = td.controller();
+        let origin = td.create("origin", 32 * MIB, mount_cap("ext4")).await;
+        td.stage(&origin.volume_id, mount_cap("ext4")).await;
+        let target = td
+            .publish(&origin.volume_id, mount_cap("ext4"), false)
+            .await;
+        write_file(&target.join("hello.txt"), b"before the snapshot");
+
+        // Taken while mounted: the filesystem is frozen for the copy.
+        let snap = controller
+            .create_snapshot(snapshot_req("snap-1", &origin.volume_id))
+            .await
+            .expect("CreateSnapshot")
+            .into_inner()
+            .snapshot
+            .expect("snapshot");
+        assert!(snap.ready_to_use);
+        assert_eq!(snap.source_volume_id, origin.volume_id);
+        assert_eq!(snap.size_bytes, 32 * MIB);
+        assert!(snap.snapshot_id.starts_with("ks-"));
+        write_file(&target.join("hello.txt"), b"after the snapshot");
+
+        // Idempotent by name; the same name for another volume is ALREADY_EXISTS.
+        let again = controller
+            .create_snapshot(snapshot_req("snap-1", &origin.volume_id))
+            .await
+            .expect("repeat CreateSnapshot")
+            .into_inner()
+            .snapshot
+            .expect("snapshot");
+        assert_eq!(again.snapshot_id, snap.snapshot_id);
+        let other = td.create("other", 16 * MIB, mount_cap("ext4")).await;
+        assert_code(
+            controller
+                .create_snapshot(snapshot_req("snap-1", &other.volume_id))
+                .await,
+            Code::AlreadyExists,
+            "snapshot name reused for another volume",
+        );
+
+        // Restore into a bigger volume and find the data as it was.
+        let restored = controller
+            .create_volume(from_snapshot("restored", 64 * MIB, &snap.snapshot_id))
+            .await
+            .expect("CreateVolume from snapshot")
+            .into_inner()
+            .volume
+            .expect("volume");
+        assert_eq!(restored.capacity_bytes, 64 * MIB);
+        match restored.content_source.and_then(|s| s.r#type) {
+            Some(Type::Snapshot(s)) => assert_eq!(s.snapshot_id, snap.snapshot_id),
+            other => panic!("content source {other:?}"),
+        }
+        td.stage(&restored.volume_id, mount_cap("ext4")).await;
+        let restored_target = td
+            .publish(&restored.volume_id, mount_cap("ext4"), false)
+            .await;
+        assert_eq!(
+            read_file(&restored_target.join("hello.txt")),
+            b"before the snapshot"
+        );
+        // The restored filesystem grew to the new size on stage.
+        assert!(fs_total_bytes(&restored_target) > 40 * MIB as u64);
+
+        for id in [&restored.volume_id, &origin.volume_id] {
+            td.unpublish(id, false).await;
+            td.unstage(id).await;
+        }
+        td.assert_no_leaks();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_copies_the_source_volume() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(60, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("1GiB")).await;
+        let mut controller = td.controller();
+        let origin = td.create("origin", 16 * MIB, block_cap()).await;
+        td.stage(&origin.volume_id, block_cap()).await;
+        let dev = td.publish(&origin.volume_id, block_cap(), false).await;
+        write_block(&dev, 4096, &pattern(7, 8192));
+        td.unpublish(&origin.volume_id, true).await;
+        td.unstage(&origin.volume_id).await;
+
+        let mut req = from_volume("clone", 16 * MIB, &origin.volume_id);
+        req.volume_capabilities = vec![block_cap()];
+        let clone = controller
+            .create_volume(req)
+            .await
+            .expect("clone")
+            .into_inner()
+            .volume
+            .expect("volume");
+        assert_ne!(clone.volume_id, origin.volume_id);
+        td.stage(&clone.volume_id, block_cap()).await;
+        let clone_dev = td.publish(&clone.volume_id, block_cap(), false).await;
+        assert_eq!(read_block(&clone_dev, 4096, 8192), pattern(7, 8192));
+        td.unpublish(&clone.volume_id, true).await;
+        td.unstage(&clone.volume_id).await;
+
+        // A clone smaller than its source cannot hold it.
+        let mut small = from_volume("small", 0, &origin.volume_id);
+        small.capacity_range = Some(pb::CapacityRange {
+            required_bytes: 8 * MIB,
+            limit_bytes: 8 * MIB,
+        });
+        assert_code(
+            controller.create_volume(small).await,
+            Code::OutOfRange,
+            "clone below source size",
+        );
+        td.assert_no_leaks();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_sources_and_ids_get_the_spec_codes() {
+    with_timeout(30, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let mut controller = td.controller();
+        assert_code(
+            controller
+                .create_volume(from_snapshot("x", MIB, "ks-000000000000000000000000"))
+                .await,
+            Code::NotFound,
+            "restore from unknown snapshot",
+        );
+        assert_code(
+            controller
+                .create_volume(from_snapshot("y", MIB, "../../etc/passwd"))
+                .await,
+            Code::NotFound,
+            "restore from a hostile snapshot id",
+        );
+        assert_code(
+            controller
+                .create_volume(from_volume("z", MIB, UNKNOWN_ID))
+                .await,
+            Code::NotFound,
+            "clone of unknown volume",
+        );
+        assert_code(
+            controller
+                .create_snapshot(snapshot_req("", UNKNOWN_ID))
+                .await,
+            Code::InvalidArgument,
+            "snapshot without name",
+        );
+        assert_code(
+            controller.create_snapshot(snapshot_req("s", "")).await,
+            Code::InvalidArgument,
+            "snapshot without source",
+        );
+        assert_code(
+            controller
+                .create_snapshot(snapshot_req("s", UNKNOWN_ID))
+                .await,
+            Code::NotFound,
+            "snapshot of unknown volume",
+        );
+        let mut params = snapshot_req("s", UNKNOWN_ID);
+        params.parameters.insert("bogus".into(), "1".into());
+        assert_code(
+            controller.create_snapshot(params).await,
+            Code::InvalidArgument,
+            "unknown snapshot class parameter",
+        );
+        assert_code(
+            controller
+                .delete_snapshot(pb::DeleteSnapshotRequest::default())
+                .await,
+            Code::InvalidArgument,
+            "delete snapshot without id",
+        );
+        for id in ["ks-000000000000000000000000", "../etc", "not-a-snapshot"] {
+            controller
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    snapshot_id: id.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|s| panic!("delete unknown snapshot {id}: {s:?}"));
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_snapshots_filters_and_pages() {
+    with_timeout(30, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("1GiB")).await;
+        let mut controller = td.controller();
+        let a = td.create("a", 4 * MIB, block_cap()).await;
+        let b = td.create("b", 4 * MIB, block_cap()).await;
+        let mut ids = Vec::new();
+        for (i, source) in [&a, &a, &b, &b, &b].iter().enumerate() {
+            let snap = controller
+                .create_snapshot(snapshot_req(&format!("s{i}"), &source.volume_id))
+                .await
+                .expect("snapshot")
+                .into_inner()
+                .snapshot
+                .expect("snapshot");
+            ids.push(snap.snapshot_id);
+        }
+        let list =
+            |snapshot_id: &str, source: &str, token: &str, max: i32| pb::ListSnapshotsRequest {
+                max_entries: max,
+                starting_token: token.to_owned(),
+                source_volume_id: source.to_owned(),
+                snapshot_id: snapshot_id.to_owned(),
+                ..Default::default()
+            };
+        let of_b = controller
+            .list_snapshots(list("", &b.volume_id, "", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(of_b.entries.len(), 3);
+        let one = controller
+            .list_snapshots(list(&ids[0], "", "", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(one.entries.len(), 1);
+        let none = controller
+            .list_snapshots(list("ks-000000000000000000000000", "", "", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(none.entries.is_empty());
+
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = controller
+                .list_snapshots(list("", "", &token, 2))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.entries.len() <= 2);
+            seen.extend(
+                page.entries
+                    .into_iter()
+                    .filter_map(|e| e.snapshot)
+                    .map(|s| s.snapshot_id),
+            );
+            if page.next_token.is_empty() {
+                break;
+            }
+            token = page.next_token;
+        }
+        seen.sort();
+        ids.sort();
+        assert_eq!(seen, ids);
+        assert_code(
+            controller
+                .list_snapshots(list("", "", "bogus-token", 0))
+                .await,
+            Code::Aborted,
+            "bad snapshot token",
+        );
+        // Snapshots survive a restart: they live beside the images.
+        let mut td = td;
+        td.restart().await;
+        let after = td
+            .controller()
+            .list_snapshots(list("", "", "", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(after.entries.len(), 5);
+    })
+    .await;
+}

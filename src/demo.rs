@@ -104,6 +104,7 @@ async fn walk_through(dir: &Path) -> anyhow::Result<()> {
         reserve: Some(0),
         provisioning: Provisioning::Preallocated,
         max_volumes_per_node: 0,
+        metrics_addr: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let server = steps

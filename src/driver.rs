@@ -1,10 +1,12 @@
 //! `kennel driver`: build the backend and serve CSI until told to stop.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
 use crate::backend::Backend;
+use crate::csi::metrics::DriverExporter;
 use crate::csi::server::{self, Driver};
 use crate::error::{Error, Result};
 use crate::volume::capacity::parse_size;
@@ -51,6 +53,9 @@ pub struct DriverArgs {
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
+    /// Serve Prometheus metrics (/metrics), /healthz and /readyz on this address, e.g. 0.0.0.0:9808.
+    #[arg(long, env = "KENNEL_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 pub fn machine_id() -> String {
@@ -100,6 +105,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         controller: Controller::new(backend.clone(), locks.clone(), identity),
         node: NodeOps::new(backend, locks),
         max_volumes_per_node: args.max_volumes_per_node,
+        rpc_metrics: Arc::default(),
     }))
 }
 
@@ -108,6 +114,21 @@ pub async fn run(args: DriverArgs) -> Result<()> {
     let driver = build(&args)?;
     let socket = server::socket_path(&args.endpoint)?;
     let listener = server::bind_private(&socket)?;
+    if let Some(addr) = args.metrics_addr {
+        let http = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io("bind metrics address", addr.to_string(), e))?;
+        let exporter = Arc::new(DriverExporter {
+            rpc: driver.rpc_metrics.clone(),
+            backend: driver.controller.backend(),
+        });
+        tracing::info!(addr = %http.local_addr().unwrap_or(addr), "metrics, /healthz and /readyz served");
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_listener(http, exporter).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     tracing::info!(
         endpoint = %args.endpoint,
         node_id = %driver.controller.identity().node_id,

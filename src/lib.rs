@@ -7,6 +7,7 @@ pub mod ctl;
 pub mod demo;
 pub mod driver;
 pub mod error;
+pub mod metrics;
 pub mod node;
 pub mod retention;
 pub mod volume;

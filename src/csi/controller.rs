@@ -44,7 +44,7 @@ fn unimplemented(rpc: &str) -> Status {
 
 #[tonic::async_trait]
 impl ControllerRpc for ControllerService {
-    #[instrument(skip_all, fields(rpc = "CreateVolume", name = %request.get_ref().name))]
+    #[instrument(skip_all, fields(rpc = "CreateVolume", name = %request.get_ref().name, volume_id = tracing::field::Empty))]
     async fn create_volume(
         &self,
         request: Request<pb::CreateVolumeRequest>,
@@ -75,6 +75,7 @@ impl ControllerRpc for ControllerService {
                 source,
             })
             .await?;
+        tracing::Span::current().record("volume_id", tracing::field::display(&record.id));
         Ok(Response::new(pb::CreateVolumeResponse {
             volume: Some(self.volume(&record)),
         }))
@@ -246,7 +247,7 @@ impl ControllerRpc for ControllerService {
         }))
     }
 
-    #[instrument(skip_all, fields(rpc = "CreateSnapshot", name = %request.get_ref().name))]
+    #[instrument(skip_all, fields(rpc = "CreateSnapshot", name = %request.get_ref().name, volume_id = %request.get_ref().source_volume_id))]
     async fn create_snapshot(
         &self,
         request: Request<pb::CreateSnapshotRequest>,

@@ -4,6 +4,7 @@ pub mod client;
 pub mod controller;
 pub mod convert;
 pub mod identity;
+pub mod metrics;
 pub mod node;
 pub mod server;
 pub mod status;

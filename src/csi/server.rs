@@ -12,6 +12,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::backend::VolumeRecord;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
+use crate::csi::metrics::{RpcMetrics, RpcMetricsLayer};
 use crate::csi::node::NodeService;
 use crate::csi::pb::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
@@ -32,6 +33,8 @@ pub struct Driver {
     pub node: NodeOps,
     pub max_volumes_per_node: i64,
     pub granularity: u64,
+    /// Counted by the layer `serve` puts around every call.
+    pub rpc_metrics: Arc<RpcMetrics>,
 }
 
 impl Driver {
@@ -95,13 +98,15 @@ pub fn bind_private(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serve Identity, Controller and Node until `shutdown` resolves.
+/// Serve Identity, Controller and Node until `shutdown` resolves. Every call is counted and
+/// timed in `driver.rpc_metrics` and runs in a span naming its RPC.
 pub async fn serve(
     driver: Arc<Driver>,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer::new(driver.rpc_metrics.clone()))
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_service(ControllerServer::new(ControllerService::new(
             driver.clone(),

@@ -1,13 +1,11 @@
-//! Counters and gauges in the Prometheus text format, served on `--metrics-addr`.
+//! The retention controller's counters and gauges, served on `--metrics-addr` through the
+//! shared endpoint in `crate::metrics`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use crate::metrics::{header, sample, Exporter};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -50,51 +48,63 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# TYPE kennel_retention_reconciles_total counter");
-        let _ = writeln!(
-            out,
-            "kennel_retention_reconciles_total {}",
-            self.reconciles.load(Ordering::Relaxed)
+        header(
+            &mut out,
+            "kennel_retention_reconciles_total",
+            "counter",
+            "StatefulSets planned.",
         );
-        for (name, map, label) in [
-            ("kennel_retention_actions_total", &self.actions, "kind"),
-            ("kennel_retention_failures_total", &self.failures, "error"),
+        sample(
+            &mut out,
+            "kennel_retention_reconciles_total",
+            &[],
+            self.reconciles.load(Ordering::Relaxed),
+        );
+        for (name, help, map, label) in [
+            (
+                "kennel_retention_actions_total",
+                "Writes done, by kind.",
+                &self.actions,
+                "kind",
+            ),
+            (
+                "kennel_retention_failures_total",
+                "Reconcile failures, by error.",
+                &self.failures,
+                "error",
+            ),
         ] {
-            let _ = writeln!(out, "# TYPE {name} counter");
+            header(&mut out, name, "counter", help);
             if let Ok(m) = map.lock() {
                 for (k, v) in m.iter() {
-                    let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {v}");
+                    sample(&mut out, name, &[(label, k)], v);
                 }
             }
         }
-        for (name, value) in [
-            ("kennel_retention_orphan_volumes", &self.orphan_volumes),
-            ("kennel_retention_missing_volumes", &self.missing_volumes),
+        for (name, help, value) in [
+            (
+                "kennel_retention_orphan_volumes",
+                "Volumes in a node's backend with no PV.",
+                &self.orphan_volumes,
+            ),
+            (
+                "kennel_retention_missing_volumes",
+                "Kennel PVs whose volume is not in their node's backend.",
+                &self.missing_volumes,
+            ),
         ] {
-            let _ = writeln!(out, "# TYPE {name} gauge");
-            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+            header(&mut out, name, "gauge", help);
+            sample(&mut out, name, &[], value.load(Ordering::Relaxed));
         }
         out
     }
 }
 
-/// Answers every HTTP request on `addr` with the metrics text. Enough for a scraper; no routing.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    loop {
-        let (mut stream, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            // The request itself does not matter; read what is there so the client sees a reply.
-            let _ = stream.read(&mut buf).await;
-            let body = metrics.render();
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(reply.as_bytes()).await;
-        });
+/// `/metrics`, `/healthz` and `/readyz` of `kennel retention` (see [`crate::metrics::serve`]).
+/// A standby replica waiting for the Lease is ready too: it is doing its job.
+impl Exporter for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
     }
 }
 

@@ -135,7 +135,7 @@ pub async fn run(args: RetentionArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m).await {
+            if let Err(e) = crate::metrics::serve(addr, m).await {
                 warn!(%addr, error = %e, "metrics endpoint stopped");
             }
         });

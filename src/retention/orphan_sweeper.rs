@@ -17,7 +17,7 @@ use kube::{Api, Client};
 use tracing::{info, warn};
 
 use super::duration::parse_duration;
-use super::metrics::{self, Metrics};
+use super::metrics::Metrics;
 use super::orphans::{self, BackendVolume, OrphanClock};
 use crate::csi::client::CsiClient;
 use crate::csi::pb;
@@ -52,7 +52,7 @@ pub async fn run(args: OrphanArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m).await {
+            if let Err(e) = crate::metrics::serve(addr, m).await {
                 warn!(%addr, error = %e, "metrics endpoint stopped");
             }
         });
@@ -274,6 +274,7 @@ mod tests {
             reserve: Some(0),
             provisioning: Provisioning::Sparse,
             max_volumes_per_node: 0,
+            metrics_addr: None,
         };
         let drv = crate::driver::build(&args).expect("driver");
         let socket = crate::csi::server::socket_path(&endpoint).expect("socket path");

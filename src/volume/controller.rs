@@ -45,6 +45,11 @@ impl Controller {
         &self.identity
     }
 
+    /// The backend itself, for metrics and readiness checks.
+    pub fn backend(&self) -> Arc<dyn Backend> {
+        self.backend.clone()
+    }
+
     pub fn backend_kind(&self) -> &'static str {
         self.backend.kind()
     }

@@ -1,0 +1,228 @@
+//! The Dockerfile cannot be built here (no container engine), so check it as text: every host
+//! program the code runs, found by reading src/, is installed by the runtime stage.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Which Debian package ships each program Kennel may run.
+const PROVIDERS: &[(&str, &str)] = &[
+    ("blkid", "util-linux"),
+    ("losetup", "util-linux"),
+    ("fsfreeze", "util-linux"),
+    ("fallocate", "util-linux"),
+    ("wipefs", "util-linux"),
+    ("findmnt", "util-linux"),
+    ("lsblk", "util-linux"),
+    ("blockdev", "util-linux"),
+    ("mount", "mount"),
+    ("umount", "mount"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("e2fsck", "e2fsprogs"),
+    ("resize2fs", "e2fsprogs"),
+    ("tune2fs", "e2fsprogs"),
+    ("dumpe2fs", "e2fsprogs"),
+    ("mkfs.xfs", "xfsprogs"),
+    ("xfs_growfs", "xfsprogs"),
+    ("xfs_admin", "xfsprogs"),
+    ("xfs_repair", "xfsprogs"),
+    ("xfs_io", "xfsprogs"),
+    ("lvm", "lvm2"),
+    ("lvs", "lvm2"),
+    ("vgs", "lvm2"),
+    ("pvs", "lvm2"),
+    ("lvcreate", "lvm2"),
+    ("lvremove", "lvm2"),
+    ("lvextend", "lvm2"),
+    ("lvresize", "lvm2"),
+    ("lvchange", "lvm2"),
+    ("lvconvert", "lvm2"),
+    ("lvrename", "lvm2"),
+    ("vgcreate", "lvm2"),
+    ("vgchange", "lvm2"),
+    ("rm", "coreutils"),
+    ("cp", "coreutils"),
+    ("dd", "coreutils"),
+    ("truncate", "coreutils"),
+    ("sync", "coreutils"),
+];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The string literal right after `call` (skipping whitespace and `&[`), if any.
+fn literal_after(text: &str, call: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (at, _) in text.match_indices(call) {
+        let rest = text[at + call.len()..].trim_start();
+        let rest = rest.strip_prefix("&[").unwrap_or(rest).trim_start();
+        if let Some(body) = rest.strip_prefix('"') {
+            if let Some(end) = body.find('"') {
+                found.push(body[..end].to_owned());
+            }
+        }
+    }
+    found
+}
+
+/// Every program named by a literal passed to the ways the code starts processes:
+/// `cmd::run`, `cmd::output` (and `cmd::failure`, which names the program that failed),
+/// `Command::new`, and the benchmark's `tool(&[...])`.
+fn programs_in_source() -> BTreeMap<String, Vec<String>> {
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let rel = file.strip_prefix(root()).unwrap().display().to_string();
+        for call in [
+            "cmd::run(",
+            "cmd::output(",
+            "cmd::failure(",
+            "Command::new(",
+            "tool(&[",
+        ] {
+            for program in literal_after(&text, call) {
+                out.entry(program).or_default().push(rel.clone());
+            }
+        }
+    }
+    out
+}
+
+/// (image, stage name) of each FROM.
+type Stages = Vec<(String, Option<String>)>;
+
+/// The stages, the packages apt-get installs in the last stage, and the last stage's text.
+fn dockerfile() -> (Stages, BTreeSet<String>, String) {
+    let text = std::fs::read_to_string(root().join("Dockerfile")).expect("Dockerfile");
+    // Join continuation lines.
+    let joined = text.replace("\\\n", " ");
+    let mut stages = Vec::new();
+    let mut packages = BTreeSet::new();
+    let mut last_stage = String::new();
+    for line in joined.lines().map(str::trim) {
+        if line.starts_with('#') {
+            continue;
+        }
+        if let Some(from) = line.strip_prefix("FROM ") {
+            let mut words = from.split_whitespace();
+            let image = words.next().unwrap().to_owned();
+            let name = match (words.next(), words.next()) {
+                (Some(a), Some(n)) if a.eq_ignore_ascii_case("as") => Some(n.to_owned()),
+                _ => None,
+            };
+            stages.push((image, name));
+            packages.clear();
+            last_stage.clear();
+        }
+        last_stage.push_str(line);
+        last_stage.push('\n');
+        for command in line.split("&&") {
+            let words: Vec<&str> = command.split_whitespace().collect();
+            if let Some(i) = words.iter().position(|w| *w == "install") {
+                if words[..i].contains(&"apt-get") {
+                    packages.extend(
+                        words[i + 1..]
+                            .iter()
+                            .filter(|w| !w.starts_with('-'))
+                            .map(|w| w.to_string()),
+                    );
+                }
+            }
+        }
+    }
+    (stages, packages, last_stage)
+}
+
+#[test]
+fn source_scan_finds_the_known_programs() {
+    let found = programs_in_source();
+    for program in [
+        "blkid",
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "resize2fs",
+        "xfs_growfs",
+        "e2fsck",
+    ] {
+        assert!(
+            found.contains_key(program),
+            "{program} not found in src/: {found:?}"
+        );
+    }
+}
+
+#[test]
+fn runtime_image_installs_every_program_the_code_runs() {
+    let providers: BTreeMap<&str, &str> = PROVIDERS.iter().copied().collect();
+    let (_, installed, _) = dockerfile();
+    for base in ["e2fsprogs", "xfsprogs", "lvm2", "util-linux", "mount"] {
+        assert!(
+            installed.contains(base),
+            "runtime stage must install {base}"
+        );
+    }
+    for (program, files) in programs_in_source() {
+        let package = providers.get(program.as_str()).unwrap_or_else(|| {
+            panic!("{program} (run in {files:?}) has no package in tests/dockerfile.rs PROVIDERS")
+        });
+        assert!(
+            installed.contains(*package),
+            "{program} (run in {files:?}) needs {package}, which the Dockerfile does not install"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_is_multi_stage_with_pinned_bases() {
+    let (stages, _, last) = dockerfile();
+    assert!(stages.len() >= 2, "multi-stage build expected: {stages:?}");
+    for (image, _) in &stages {
+        let (_, tag) = image
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("{image}: no tag"));
+        assert!(
+            tag != "latest" && !tag.is_empty(),
+            "{image}: pin the base image"
+        );
+    }
+    let build = stages[..stages.len() - 1]
+        .iter()
+        .find(|(image, _)| image.starts_with("rust:"))
+        .expect("a rust build stage");
+    // The toolchain is at least the crate's rust-version.
+    let cargo = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let wanted = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("rust-version");
+    let version = |s: &str| -> Vec<u32> { s.split('.').filter_map(|p| p.parse().ok()).collect() };
+    let tag = build.0.split_once(':').unwrap().1;
+    let toolchain = version(tag.split('-').next().unwrap());
+    assert!(
+        toolchain >= version(&wanted),
+        "{tag} is older than rust-version {wanted}"
+    );
+    assert!(
+        last.contains("COPY --from="),
+        "runtime stage copies the binary from the build"
+    );
+    assert!(last.contains("ENTRYPOINT [\"/usr/local/bin/kennel\"]"));
+    assert!(
+        !stages.last().unwrap().0.starts_with("rust:"),
+        "runtime is not the build image"
+    );
+}

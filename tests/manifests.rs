@@ -490,12 +490,13 @@ fn node_daemonset_is_consistent() {
         };
         let socket_volume = mount_of(kennel, socket_dir).expect("socket dir mounted in kennel");
         for c in &pod.containers[1..] {
-            assert_eq!(
-                flag(c, "csi-address").as_deref(),
-                Some(socket),
-                "{}: --csi-address",
-                c.name
-            );
+            // Kennel's own clients name the socket as the driver does (--endpoint).
+            let address = if c.name == "orphans" {
+                flag(c, "endpoint").map(|e| e.trim_start_matches("unix://").to_owned())
+            } else {
+                flag(c, "csi-address")
+            };
+            assert_eq!(address.as_deref(), Some(socket), "{}: CSI socket", c.name);
             assert_eq!(
                 mount_of(c, socket_dir).as_ref(),
                 Some(&socket_volume),
@@ -1111,6 +1112,11 @@ fn rbac_node_sidecars_get_exactly_their_documented_needs() {
         ("Role", "kennel-provisioner-capacity", PROVISIONER_CAPACITY),
         ("ClusterRole", "kennel-resizer", RESIZER),
         ("ClusterRole", "kennel-snapshotter", SNAPSHOTTER),
+        (
+            "ClusterRole",
+            "kennel-orphans",
+            kennel::retention::rbac::ORPHAN_RULES,
+        ),
     ]
     .into_iter()
     .map(|(k, n, rules)| ((k.to_owned(), n.to_owned()), expected(rules)))

@@ -216,12 +216,12 @@ mod tests {
 
     #[test]
     fn debris_of_interrupted_calls_is_removed() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let orphan = VolumeId::generate();
-        fs::write(dir.path().join(format!("{orphan}.img")), b"x").unwrap();
-        fs::write(dir.path().join(format!("{orphan}.json.tmp")), b"{").unwrap();
-        fs::write(dir.path().join("unrelated.txt"), b"keep").unwrap();
-        let store = ImageStore::<VolumeRecord>::open(dir.path()).unwrap();
+        fs::write(dir.path().join(format!("{orphan}.img")), b"x").expect("test setup");
+        fs::write(dir.path().join(format!("{orphan}.json.tmp")), b"{").expect("test setup");
+        fs::write(dir.path().join("unrelated.txt"), b"keep").expect("test setup");
+        let store = ImageStore::<VolumeRecord>::open(dir.path()).expect("test setup");
         assert!(store.list().is_empty());
         assert!(!dir.path().join(format!("{orphan}.img")).exists());
         assert!(!dir.path().join(format!("{orphan}.json.tmp")).exists());
@@ -230,9 +230,9 @@ mod tests {
 
     #[test]
     fn corrupt_records_stop_the_store_instead_of_losing_volumes() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let id = VolumeId::generate();
-        fs::write(dir.path().join(format!("{id}.json")), b"{not json").unwrap();
+        fs::write(dir.path().join(format!("{id}.json")), b"{not json").expect("test setup");
         assert!(ImageStore::<VolumeRecord>::open(dir.path()).is_err());
     }
 }

@@ -461,37 +461,43 @@ mod tests {
             reserve: Some(0),
             provisioning,
         })
-        .unwrap()
+        .expect("test setup")
     }
 
     #[test]
     fn create_persists_and_reopen_recovers() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let rec = record("a", 4 * MIB);
         {
             let backend = open(dir.path(), 64 * MIB, Provisioning::Preallocated);
-            backend.create(&rec).unwrap();
-            let meta = fs::metadata(backend.volumes.image_path(&rec.id)).unwrap();
+            backend.create(&rec).expect("test setup");
+            let meta = fs::metadata(backend.volumes.image_path(&rec.id)).expect("test setup");
             assert_eq!(meta.len(), 4 * MIB);
             // Preallocated: the blocks are really there.
             use std::os::unix::fs::MetadataExt;
             assert!(meta.blocks() * 512 >= 4 * MIB);
         }
         let backend = open(dir.path(), 64 * MIB, Provisioning::Preallocated);
-        assert_eq!(backend.find_by_name("a").unwrap(), Some(rec.clone()));
         assert_eq!(
-            backend.capacity(&BTreeMap::new()).unwrap().available_bytes,
+            backend.find_by_name("a").expect("test setup"),
+            Some(rec.clone())
+        );
+        assert_eq!(
+            backend
+                .capacity(&BTreeMap::new())
+                .expect("test setup")
+                .available_bytes,
             60 * MIB
         );
-        backend.delete(&rec.id).unwrap();
-        backend.delete(&rec.id).unwrap();
+        backend.delete(&rec.id).expect("test setup");
+        backend.delete(&rec.id).expect("test setup");
         assert!(!backend.volumes.image_path(&rec.id).exists());
-        assert_eq!(backend.list().unwrap(), vec![]);
+        assert_eq!(backend.list().expect("test setup"), vec![]);
     }
 
     #[test]
     fn only_one_driver_per_directory() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let _first = open(dir.path(), 64 * MIB, Provisioning::Sparse);
         let second = LoopBackend::open(LoopConfig {
             dir: dir.path().to_owned(),
@@ -504,10 +510,10 @@ mod tests {
 
     #[test]
     fn pool_limits_creation_and_expansion() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let backend = open(dir.path(), 10 * MIB, Provisioning::Sparse);
         let a = record("a", 8 * MIB);
-        backend.create(&a).unwrap();
+        backend.create(&a).expect("test setup");
         assert!(matches!(
             backend.create(&record("b", 4 * MIB)),
             Err(Error::Exhausted(_))
@@ -516,34 +522,41 @@ mod tests {
             backend.expand(&a.id, 12 * MIB),
             Err(Error::Exhausted(_))
         ));
-        let grown = backend.expand(&a.id, 10 * MIB).unwrap();
+        let grown = backend.expand(&a.id, 10 * MIB).expect("test setup");
         assert_eq!(grown.capacity_bytes, 10 * MIB);
         assert_eq!(
             fs::metadata(backend.volumes.image_path(&a.id))
-                .unwrap()
+                .expect("test setup")
                 .len(),
             10 * MIB
         );
         drop(backend);
         let backend = open(dir.path(), 10 * MIB, Provisioning::Sparse);
         assert_eq!(
-            backend.get(&a.id).unwrap().unwrap().capacity_bytes,
+            backend
+                .get(&a.id)
+                .expect("test setup")
+                .expect("test setup")
+                .capacity_bytes,
             10 * MIB
         );
         assert_eq!(
-            backend.capacity(&BTreeMap::new()).unwrap().available_bytes,
+            backend
+                .capacity(&BTreeMap::new())
+                .expect("test setup")
+                .available_bytes,
             0
         );
     }
 
     #[test]
     fn snapshots_and_clones_copy_data() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let backend = open(dir.path(), 64 * MIB, Provisioning::Sparse);
         let origin = record("origin", 4 * MIB);
-        backend.create(&origin).unwrap();
+        backend.create(&origin).expect("test setup");
         let origin_image = backend.volumes.image_path(&origin.id);
-        fs::write(&origin_image, b"precious data").unwrap();
+        fs::write(&origin_image, b"precious data").expect("test setup");
         let snap = SnapshotRecord {
             id: SnapshotId::generate(),
             name: "snap".into(),
@@ -551,37 +564,40 @@ mod tests {
             size_bytes: 4 * MIB,
             created_unix: 0,
         };
-        backend.create_snapshot(&snap).unwrap();
-        backend.create_snapshot(&snap).unwrap();
-        fs::write(&origin_image, b"overwritten!!").unwrap();
+        backend.create_snapshot(&snap).expect("test setup");
+        backend.create_snapshot(&snap).expect("test setup");
+        fs::write(&origin_image, b"overwritten!!").expect("test setup");
 
         let mut restored = record("restored", 8 * MIB);
         restored.source = Some(ContentSource::Snapshot(snap.id.clone()));
-        backend.create(&restored).unwrap();
-        let data = fs::read(backend.volumes.image_path(&restored.id)).unwrap();
+        backend.create(&restored).expect("test setup");
+        let data = fs::read(backend.volumes.image_path(&restored.id)).expect("test setup");
         assert_eq!(&data[..13], b"precious data");
         assert_eq!(data.len() as u64, 8 * MIB);
 
         let mut clone = record("clone", 4 * MIB);
         clone.source = Some(ContentSource::Volume(origin.id.clone()));
-        backend.create(&clone).unwrap();
+        backend.create(&clone).expect("test setup");
         assert_eq!(
-            &fs::read(backend.volumes.image_path(&clone.id)).unwrap()[..13],
+            &fs::read(backend.volumes.image_path(&clone.id)).expect("test setup")[..13],
             b"overwritten!!"
         );
 
         let mut missing = record("missing", 4 * MIB);
         missing.source = Some(ContentSource::Snapshot(SnapshotId::generate()));
         assert!(matches!(backend.create(&missing), Err(Error::NotFound(_))));
-        assert_eq!(backend.list_snapshots().unwrap(), vec![snap.clone()]);
-        backend.delete_snapshot(&snap.id).unwrap();
-        backend.delete_snapshot(&snap.id).unwrap();
-        assert!(backend.list_snapshots().unwrap().is_empty());
+        assert_eq!(
+            backend.list_snapshots().expect("test setup"),
+            vec![snap.clone()]
+        );
+        backend.delete_snapshot(&snap.id).expect("test setup");
+        backend.delete_snapshot(&snap.id).expect("test setup");
+        assert!(backend.list_snapshots().expect("test setup").is_empty());
     }
 
     #[test]
     fn unknown_parameters_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let backend = open(dir.path(), 64 * MIB, Provisioning::Sparse);
         let params = BTreeMap::from([("thinPool".to_owned(), "x".to_owned())]);
         assert!(matches!(

@@ -205,14 +205,14 @@ mod tests {
             Some(PbType::Block(BlockVolume {})),
             Mode::SingleNodeWriter,
         ))
-        .unwrap();
+        .expect("test setup");
         assert!(c.is_block());
         let mount = PbType::Mount(MountVolume {
             fs_type: "xfs".into(),
             mount_flags: vec!["noatime".into()],
             volume_mount_group: String::new(),
         });
-        let c = capability(&cap(Some(mount), Mode::SingleNodeReaderOnly)).unwrap();
+        let c = capability(&cap(Some(mount), Mode::SingleNodeReaderOnly)).expect("test setup");
         assert_eq!(c.fs_type(), Some(FsType::Xfs));
         assert!(c.access_mode.read_only());
     }

@@ -124,11 +124,11 @@ mod tests {
     #[test]
     fn endpoints_parse() {
         assert_eq!(
-            socket_path("unix:///run/kennel/csi.sock").unwrap(),
+            socket_path("unix:///run/kennel/csi.sock").expect("test setup"),
             PathBuf::from("/run/kennel/csi.sock")
         );
         assert_eq!(
-            socket_path("/tmp/x.sock").unwrap(),
+            socket_path("/tmp/x.sock").expect("test setup"),
             PathBuf::from("/tmp/x.sock")
         );
         assert!(socket_path("tcp://1.2.3.4:5").is_err());
@@ -137,15 +137,19 @@ mod tests {
 
     #[tokio::test]
     async fn socket_is_private_and_stale_socket_replaced() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let path = dir.path().join("csi.sock");
-        drop(bind_private(&path).unwrap());
+        drop(bind_private(&path).expect("test setup"));
         // The old socket file is still there: a stale socket.
-        let _listener = bind_private(&path).unwrap();
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let _listener = bind_private(&path).expect("test setup");
+        let mode = fs::metadata(&path)
+            .expect("test setup")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let other = dir.path().join("file");
-        fs::write(&other, b"x").unwrap();
+        fs::write(&other, b"x").expect("test setup");
         assert!(bind_private(&other).is_err());
         assert!(other.exists());
     }

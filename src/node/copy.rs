@@ -81,13 +81,13 @@ mod tests {
 
     #[test]
     fn copies_data_and_keeps_holes() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let src_path = dir.path().join("src.img");
-        let mut src = File::create(&src_path).unwrap();
-        src.write_all(b"head").unwrap();
-        src.seek(SeekFrom::Start(8 << 20)).unwrap();
-        src.write_all(b"tail").unwrap();
-        src.set_len(16 << 20).unwrap();
+        let mut src = File::create(&src_path).expect("test setup");
+        src.write_all(b"head").expect("test setup");
+        src.seek(SeekFrom::Start(8 << 20)).expect("test setup");
+        src.write_all(b"tail").expect("test setup");
+        src.set_len(16 << 20).expect("test setup");
         drop(src);
         let dst_path = dir.path().join("dst.img");
         let mut dst = File::options()
@@ -95,15 +95,15 @@ mod tests {
             .write(true)
             .create_new(true)
             .open(&dst_path)
-            .unwrap();
-        clone_or_copy(&src_path, &mut dst, &dst_path).unwrap();
-        let copied = std::fs::read(&dst_path).unwrap();
+            .expect("test setup");
+        clone_or_copy(&src_path, &mut dst, &dst_path).expect("test setup");
+        let copied = std::fs::read(&dst_path).expect("test setup");
         assert_eq!(copied.len(), 16 << 20);
         assert_eq!(&copied[..4], b"head");
         assert_eq!(&copied[8 << 20..(8 << 20) + 4], b"tail");
         assert!(copied[4..8 << 20].iter().all(|b| *b == 0));
         use std::os::unix::fs::MetadataExt;
         // The hole in the middle was not written out.
-        assert!(std::fs::metadata(&dst_path).unwrap().blocks() * 512 < 8 << 20);
+        assert!(std::fs::metadata(&dst_path).expect("test setup").blocks() * 512 < 8 << 20);
     }
 }

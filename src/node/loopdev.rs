@@ -308,20 +308,20 @@ mod tests {
 
     #[test]
     fn sysfs_attachments_are_parsed() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let sys = dir.path();
-        fs::create_dir_all(sys.join("loop3/loop")).unwrap();
+        fs::create_dir_all(sys.join("loop3/loop")).expect("test setup");
         fs::write(
             sys.join("loop3/loop/backing_file"),
             "/var/lib/kennel/a b.img\n",
         )
-        .unwrap();
-        fs::write(sys.join("loop3/loop/offset"), "4096\n").unwrap();
-        fs::write(sys.join("loop3/loop/sizelimit"), "0\n").unwrap();
-        fs::write(sys.join("loop3/loop/dio"), "1\n").unwrap();
-        fs::create_dir_all(sys.join("loop4")).unwrap(); // detached: no loop/ dir
-        fs::create_dir_all(sys.join("vda")).unwrap();
-        let found = attachments_in(sys).unwrap();
+        .expect("test setup");
+        fs::write(sys.join("loop3/loop/offset"), "4096\n").expect("test setup");
+        fs::write(sys.join("loop3/loop/sizelimit"), "0\n").expect("test setup");
+        fs::write(sys.join("loop3/loop/dio"), "1\n").expect("test setup");
+        fs::create_dir_all(sys.join("loop4")).expect("test setup"); // detached: no loop/ dir
+        fs::create_dir_all(sys.join("vda")).expect("test setup");
+        let found = attachments_in(sys).expect("test setup");
         assert_eq!(
             found,
             vec![Attachment {

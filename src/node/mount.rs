@@ -263,8 +263,8 @@ garbage line
 
     #[test]
     fn options_split_into_flags_and_data() {
-        let opts =
-            parse_options(&["noatime".into(), "data=ordered,ro".into(), "discard".into()]).unwrap();
+        let opts = parse_options(&["noatime".into(), "data=ordered,ro".into(), "discard".into()])
+            .expect("test setup");
         assert_eq!(opts.flags, MsFlags::MS_NOATIME | MsFlags::MS_RDONLY);
         assert_eq!(
             opts.data,

@@ -238,6 +238,7 @@ mod tests {
     use crate::backend::loop_files::Provisioning;
     use crate::driver::{BackendKind, DriverArgs};
     use crate::retention::mock_api::{expect, serve, Exchange};
+    use crate::retention::rbac;
     use http::{Request, Response, StatusCode};
     use kube::client::Body;
     use serde_json::json;
@@ -252,13 +253,10 @@ mod tests {
         }
     }
 
-    /// What the node DaemonSet's service account may do for the sweeper.
+    /// Every request must be granted by the `kennel-orphans` ClusterRole.
     fn node_rbac(method: &str, path: &str) -> bool {
-        matches!(
-            (method, path),
-            ("GET", "/api/v1/persistentvolumes")
-                | ("POST", "/apis/events.k8s.io/v1/namespaces/default/events")
-        )
+        let (group, resource, verb) = rbac::classify(method, path).expect("API request");
+        rbac::grants(rbac::ORPHAN_RULES, &group, &resource, &verb)
     }
 
     /// A real driver (sparse images: no root needed) on a temporary socket.
@@ -277,8 +275,8 @@ mod tests {
             lvm_activation: crate::backend::lvm::Activation::Auto,
             thin_overprovision_ratio: 1.0,
             lock_dir: dir.join("locks"),
-            metrics_addr: None,
             max_volumes_per_node: 0,
+            metrics_addr: None,
         };
         let drv = crate::driver::build(&args).expect("driver");
         let socket = crate::csi::server::socket_path(&endpoint).expect("socket path");

@@ -33,6 +33,20 @@ pub const NAMESPACE_RULES: &[(&str, &str, &[&str])] = &[(
     &["get", "create", "update"],
 )];
 
+/// (API group, resource, verbs) of the `kennel-orphans` ClusterRole: the node
+/// DaemonSet's `kennel orphans` container.
+pub const ORPHAN_RULES: &[(&str, &str, &[&str])] = &[
+    ("", "persistentvolumes", &["list"]),
+    ("events.k8s.io", "events", &["create", "patch"]),
+];
+
+/// Whether `rules` grant `verb` on `group`/`resource`.
+pub fn grants(rules: &[(&str, &str, &[&str])], group: &str, resource: &str, verb: &str) -> bool {
+    rules
+        .iter()
+        .any(|(g, r, verbs)| *g == group && *r == resource && verbs.contains(&verb))
+}
+
 /// Whether `verb` on `group`/`resource` is in one of the rule lists.
 pub fn allows(group: &str, resource: &str, verb: &str) -> bool {
     CLUSTER_RULES

@@ -103,6 +103,10 @@ async fn walk_through(dir: &Path) -> anyhow::Result<()> {
         capacity: Some(REPLICAS as u64 * VOLUME_BYTES * 2),
         reserve: Some(0),
         provisioning: Provisioning::Preallocated,
+        volume_groups: Vec::new(),
+        lvm_activation: crate::backend::lvm::Activation::Auto,
+        thin_overprovision_ratio: 1.0,
+        lock_dir: dir.join("locks"),
         max_volumes_per_node: 0,
         metrics_addr: None,
     };

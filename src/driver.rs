@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
+use crate::backend::lvm::params::DeviceClass;
+use crate::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use crate::backend::Backend;
 use crate::csi::metrics::DriverExporter;
 use crate::csi::server::{self, Driver};
@@ -20,6 +22,7 @@ pub const DEFAULT_DRIVER_NAME: &str = "kennel.csi.dev";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
     Loop,
+    Lvm,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -50,12 +53,30 @@ pub struct DriverArgs {
     /// preallocated: images fully allocated at creation; sparse: overcommit allowed.
     #[arg(long, value_enum, default_value = "preallocated")]
     pub provisioning: Provisioning,
+    /// LVM device class: `VG` or `CLASS=VG`; repeat for several classes (the
+    /// first is the default; StorageClass parameter `deviceClass` picks one).
+    #[arg(long = "volume-group", value_name = "[CLASS=]VG", value_parser = parse_device_class)]
+    pub volume_groups: Vec<DeviceClass>,
+    /// How LVs are made usable on this node: dm (device-mapper), loop (no
+    /// device-mapper: contiguous linear LVs through loop devices) or auto.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub lvm_activation: Activation,
+    /// Thin volumes of a pool may promise at most this multiple of its size.
+    #[arg(long, default_value_t = 1.0)]
+    pub thin_overprovision_ratio: f64,
+    /// Directory of the per-VG lock files (one driver per VG on a host).
+    #[arg(long, default_value = "/run/kennel")]
+    pub lock_dir: PathBuf,
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz on this address, e.g. 0.0.0.0:9808.
     #[arg(long, env = "KENNEL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+}
+
+fn parse_device_class(raw: &str) -> std::result::Result<DeviceClass, String> {
+    DeviceClass::parse(raw).map_err(|e| e.to_string())
 }
 
 pub fn machine_id() -> String {
@@ -85,12 +106,21 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         Some(id) if !id.is_empty() => id.clone(),
         _ => hostname()?,
     };
+    if args.backend != BackendKind::Lvm && !args.volume_groups.is_empty() {
+        return Err(Error::invalid("--volume-group needs --backend lvm"));
+    }
     let backend: Arc<dyn Backend> = match args.backend {
         BackendKind::Loop => Arc::new(LoopBackend::open(LoopConfig {
             dir: args.loop_dir.clone(),
             capacity: args.capacity,
             reserve: args.reserve,
             provisioning: args.provisioning,
+        })?),
+        BackendKind::Lvm => Arc::new(LvmBackend::open(LvmConfig {
+            classes: args.volume_groups.clone(),
+            activation: args.lvm_activation,
+            thin_overprovision_ratio: args.thin_overprovision_ratio,
+            lock_dir: args.lock_dir.clone(),
         })?),
     };
     let identity = NodeIdentity {

@@ -8,12 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::volume::capacity::CapacityRange;
-use crate::volume::spec::{Capability, VolumeParams};
+use crate::volume::spec::{Capability, FsType, VolumeParams};
 use crate::volume::{SnapshotId, VolumeId};
 
 pub mod image_store;
 #[path = "loop.rs"]
 pub mod loop_files;
+pub mod lvm;
 
 /// Everything Kennel knows about one volume; persisted by the backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,4 +111,10 @@ pub trait Backend: Send + Sync + 'static {
     fn refresh_device(&self, id: &VolumeId) -> Result<()>;
     /// Why the volume's storage is unhealthy, if it is.
     fn health(&self, record: &VolumeRecord) -> Option<String>;
+
+    /// The filesystem a volume gets when neither the stage request nor its
+    /// creation named one (a backend parameter such as `fsType`).
+    fn default_fs_type(&self, _record: &VolumeRecord) -> Option<FsType> {
+        None
+    }
 }

@@ -51,6 +51,7 @@ mod ioctl {
     nix::ioctl_write_ptr_bad!(configure, 0x4C0A, LoopConfig);
     nix::ioctl_write_int_bad!(set_fd, 0x4C00);
     nix::ioctl_write_ptr_bad!(set_status64, 0x4C04, LoopInfo64);
+    nix::ioctl_read_bad!(get_status64, 0x4C05, LoopInfo64);
     nix::ioctl_none_bad!(clr_fd, 0x4C01);
     nix::ioctl_none_bad!(set_capacity, 0x4C07);
     nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
@@ -218,6 +219,22 @@ pub fn refresh_capacity(device: &Path) -> Result<()> {
     let dev = File::open(device).ctx("open", device)?;
     // SAFETY: LOOP_SET_CAPACITY takes no argument.
     unsafe { ioctl::set_capacity(dev.as_raw_fd()) }.ctx("LOOP_SET_CAPACITY", device)?;
+    Ok(())
+}
+
+/// Move an attached device's window (e.g. after the LV under it grew).
+pub fn set_window(device: &Path, window: Window) -> Result<()> {
+    let dev = File::open(device).ctx("open", device)?;
+    let mut info = std::mem::MaybeUninit::<LoopInfo64>::zeroed();
+    // SAFETY: LOOP_GET_STATUS64 fills one loop_info64; zeroed is a valid start.
+    unsafe { ioctl::get_status64(dev.as_raw_fd(), info.as_mut_ptr()) }
+        .ctx("LOOP_GET_STATUS64", device)?;
+    // SAFETY: initialized above (zeroed, then filled by the kernel).
+    let mut info = unsafe { info.assume_init() };
+    info.lo_offset = window.offset;
+    info.lo_sizelimit = window.size_limit;
+    // SAFETY: `info` is a valid loop_info64.
+    unsafe { ioctl::set_status64(dev.as_raw_fd(), &info) }.ctx("LOOP_SET_STATUS64", device)?;
     Ok(())
 }
 

@@ -271,6 +271,10 @@ mod tests {
             capacity: Some(1 << 30),
             reserve: Some(0),
             provisioning: Provisioning::Sparse,
+            volume_groups: Vec::new(),
+            lvm_activation: crate::backend::lvm::Activation::Auto,
+            thin_overprovision_ratio: 1.0,
+            lock_dir: dir.join("locks"),
             max_volumes_per_node: 0,
             metrics_addr: None,
         };

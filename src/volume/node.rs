@@ -210,7 +210,9 @@ fn stage(b: &dyn Backend, record: &VolumeRecord, staging: &Path, cap: &Capabilit
             fs_type,
             mount_flags,
         } => {
-            let fs = fs_type.or_else(|| record.capabilities.iter().find_map(Capability::fs_type));
+            let fs = fs_type
+                .or_else(|| record.capabilities.iter().find_map(Capability::fs_type))
+                .or_else(|| b.default_fs_type(record));
             stage_filesystem(
                 &device,
                 staging,

@@ -1,0 +1,468 @@
+//! lvm2's command-line tools as typed calls: argument lists (never a shell),
+//! JSON reports decoded with serde, failures turned into domain errors that
+//! keep lvm2's own message.
+
+use std::ffi::OsString;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Error, Result};
+
+/// Environment variable naming the mutating step after which the process
+/// aborts (fault injection for crash-safety tests; unset in production).
+pub const ABORT_AFTER_STEP_ENV: &str = "KENNEL_LVM_ABORT_AFTER_STEP";
+
+/// How lvm2 is invoked on this host.
+#[derive(Debug)]
+pub struct Lvm {
+    /// `--driverloaded n`: lvm2 edits metadata only and never talks to
+    /// device-mapper (kernels without it).
+    no_device_mapper: bool,
+    /// A `--config` string, if any.
+    config: Option<String>,
+    /// Mutating steps taken so far and the step to abort after (tests).
+    steps: AtomicUsize,
+    abort_after: Option<usize>,
+}
+
+impl Lvm {
+    pub fn new(no_device_mapper: bool, no_udev: bool) -> Self {
+        let mut config = Vec::new();
+        if no_device_mapper || no_udev {
+            // Nobody would answer udev cookies: lvm2 manages /dev itself.
+            config.push("activation{udev_sync=0 udev_rules=0 monitoring=0}");
+            config.push("devices{obtain_device_list_from_udev=0}");
+        }
+        Lvm {
+            no_device_mapper,
+            config: (!config.is_empty()).then(|| config.join(" ")),
+            steps: AtomicUsize::new(0),
+            abort_after: std::env::var(ABORT_AFTER_STEP_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+
+    pub fn device_mapper(&self) -> bool {
+        !self.no_device_mapper
+    }
+
+    /// Start a command line for one of lvm2's tools.
+    pub fn cmd(&self, tool: &'static str) -> LvmCmd {
+        let mut args: Vec<OsString> = Vec::new();
+        if self.no_device_mapper {
+            args.extend(["--driverloaded".into(), "n".into()]);
+        }
+        if let Some(config) = &self.config {
+            args.push(format!("--config={config}").into());
+        }
+        LvmCmd { tool, args }
+    }
+
+    /// Run a command that changes the system, then count it as a step.
+    pub fn change(&self, cmd: LvmCmd) -> Result<Output> {
+        let output = cmd.run()?;
+        self.step();
+        Ok(output)
+    }
+
+    /// A mutating step finished (an lvm2 change, or a data write). Tests can
+    /// make the process die right here to prove the next start recovers.
+    pub fn step(&self) {
+        let done = self.steps.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.abort_after == Some(done) {
+            tracing::error!(step = done, "aborting on request ({ABORT_AFTER_STEP_ENV})");
+            std::process::abort();
+        }
+    }
+
+    /// Logical volumes of these VGs (one row per LV).
+    pub fn lvs(&self, vgs: &[String]) -> Result<Vec<LvRow>> {
+        let report: Vec<LvReport> = self
+            .cmd("lvs")
+            .report()
+            .arg("-o")
+            .arg(LV_FIELDS)
+            .args(vgs)
+            .json()?;
+        Ok(report.into_iter().flat_map(|r| r.lv).collect())
+    }
+
+    /// The segments of one LV (one row per segment).
+    pub fn segments(&self, vg: &str, lv: &str) -> Result<Vec<SegRow>> {
+        let report: Vec<SegReport> = self
+            .cmd("lvs")
+            .report()
+            .arg("--segments")
+            .arg("-o")
+            .arg(SEG_FIELDS)
+            .arg(format!("{vg}/{lv}"))
+            .json()?;
+        Ok(report.into_iter().flat_map(|r| r.seg).collect())
+    }
+
+    pub fn vgs(&self, vgs: &[String]) -> Result<Vec<VgRow>> {
+        let report: Vec<VgReport> = self
+            .cmd("vgs")
+            .report()
+            .arg("-o")
+            .arg(VG_FIELDS)
+            .args(vgs)
+            .json()?;
+        Ok(report.into_iter().flat_map(|r| r.vg).collect())
+    }
+
+    pub fn pvs(&self, vg: &str) -> Result<Vec<PvRow>> {
+        let report: Vec<PvReport> = self
+            .cmd("pvs")
+            .report()
+            .arg("-o")
+            .arg(PV_FIELDS)
+            .arg("-S")
+            .arg(format!("vg_name={vg}"))
+            .json()?;
+        Ok(report.into_iter().flat_map(|r| r.pv).collect())
+    }
+}
+
+const LV_FIELDS: &str =
+    "lv_name,vg_name,lv_size,lv_tags,lv_attr,segtype,pool_lv,origin,lv_active,lv_path,data_percent,lv_health_status";
+const SEG_FIELDS: &str = "lv_name,segtype,stripes,seg_start_pe,seg_size_pe,seg_pe_ranges";
+const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,pv_count";
+const PV_FIELDS: &str = "pv_name,vg_name,pe_start";
+
+/// One command line being built.
+#[derive(Debug)]
+pub struct LvmCmd {
+    tool: &'static str,
+    args: Vec<OsString>,
+}
+
+impl LvmCmd {
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Machine-readable report options.
+    fn report(self) -> Self {
+        self.args([
+            "--reportformat",
+            "json",
+            "--units",
+            "b",
+            "--nosuffix",
+            "--noheadings",
+        ])
+    }
+
+    pub fn display(&self) -> String {
+        let mut line = self.tool.to_owned();
+        for arg in &self.args {
+            line.push(' ');
+            line.push_str(&arg.to_string_lossy());
+        }
+        line
+    }
+
+    pub fn run(self) -> Result<Output> {
+        tracing::debug!(command = %self.display(), "lvm2");
+        let output = Command::new(self.tool)
+            .args(&self.args)
+            .env("LC_ALL", "C")
+            // lvm2 warns about every inherited descriptor; they are harmless.
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .output()
+            .map_err(|e| Error::Command {
+                command: self.tool.to_owned(),
+                status: "not started".to_owned(),
+                stderr: e.to_string(),
+            })?;
+        if output.status.success() {
+            Ok(output)
+        } else {
+            Err(classify(
+                &self.display(),
+                &output.status.to_string(),
+                &String::from_utf8_lossy(&output.stderr),
+            ))
+        }
+    }
+
+    /// Run and decode `{"report": [T, ...]}`.
+    fn json<T: DeserializeOwned>(self) -> Result<Vec<T>> {
+        let line = self.display();
+        let output = self.run()?;
+        let doc: Report<T> = serde_json::from_slice(&output.stdout)
+            .map_err(|e| Error::Internal(format!("cannot decode the report of `{line}`: {e}")))?;
+        Ok(doc.report)
+    }
+}
+
+/// Turn an lvm2 failure into the domain error its message describes,
+/// keeping the message (minus lvm2's routine warnings).
+pub fn classify(command: &str, status: &str, stderr: &str) -> Error {
+    let message = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("WARNING: Activation disabled"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let lower = message.to_ascii_lowercase();
+    let has = |needle: &str| lower.contains(needle);
+    if has("insufficient free space")
+        || has("insufficient suitable")
+        || has("not enough free space")
+        || has("free space in thin pool")
+    {
+        Error::Exhausted(message)
+    } else if has("already exists in volume group") {
+        Error::AlreadyExists(message)
+    } else if has("number of stripes") || has("stripe size") || has("invalid stripe") {
+        Error::InvalidArgument(message)
+    } else if has("volume group") && has("not found") {
+        Error::Precondition(message)
+    } else if has("failed to find logical volume") {
+        Error::NotFound(message)
+    } else if has("can't get lock") || has("failed to lock") || has("lock") && has("held") {
+        Error::Busy(message)
+    } else if has("device-mapper") || has("in use") || has("is open") || has("activation disabled")
+    {
+        Error::Precondition(message)
+    } else {
+        Error::Command {
+            command: command.to_owned(),
+            status: status.to_owned(),
+            stderr: message,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Report<T> {
+    report: Vec<T>,
+}
+
+#[derive(Deserialize)]
+struct LvReport {
+    #[serde(default)]
+    lv: Vec<LvRow>,
+}
+
+#[derive(Deserialize)]
+struct SegReport {
+    #[serde(default)]
+    seg: Vec<SegRow>,
+}
+
+#[derive(Deserialize)]
+struct VgReport {
+    #[serde(default)]
+    vg: Vec<VgRow>,
+}
+
+#[derive(Deserialize)]
+struct PvReport {
+    #[serde(default)]
+    pv: Vec<PvRow>,
+}
+
+/// One LV as `lvs` reports it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct LvRow {
+    pub lv_name: String,
+    pub vg_name: String,
+    #[serde(deserialize_with = "number")]
+    pub lv_size: u64,
+    #[serde(deserialize_with = "comma_list")]
+    pub lv_tags: Vec<String>,
+    pub lv_attr: String,
+    pub segtype: String,
+    #[serde(default)]
+    pub pool_lv: String,
+    #[serde(default)]
+    pub origin: String,
+    #[serde(default)]
+    pub lv_active: String,
+    #[serde(default)]
+    pub lv_path: String,
+    /// Percent of a thin pool's data space in use ("" for other LVs).
+    #[serde(default, deserialize_with = "optional_float")]
+    pub data_percent: Option<f64>,
+    #[serde(default)]
+    pub lv_health_status: String,
+}
+
+impl LvRow {
+    pub fn is_thin_pool(&self) -> bool {
+        self.segtype == "thin-pool"
+    }
+
+    pub fn is_thin(&self) -> bool {
+        self.segtype == "thin"
+    }
+}
+
+/// One segment of an LV.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SegRow {
+    pub lv_name: String,
+    pub segtype: String,
+    #[serde(deserialize_with = "number")]
+    pub stripes: u64,
+    #[serde(deserialize_with = "number")]
+    pub seg_start_pe: u64,
+    #[serde(deserialize_with = "number")]
+    pub seg_size_pe: u64,
+    pub seg_pe_ranges: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct VgRow {
+    pub vg_name: String,
+    #[serde(deserialize_with = "number")]
+    pub vg_size: u64,
+    #[serde(deserialize_with = "number")]
+    pub vg_free: u64,
+    #[serde(deserialize_with = "number")]
+    pub vg_extent_size: u64,
+    #[serde(deserialize_with = "number")]
+    pub pv_count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PvRow {
+    pub pv_name: String,
+    pub vg_name: String,
+    #[serde(deserialize_with = "number")]
+    pub pe_start: u64,
+}
+
+fn number<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    let raw = String::deserialize(d)?;
+    raw.trim().parse().map_err(serde::de::Error::custom)
+}
+
+fn optional_float<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<f64>, D::Error> {
+    let raw = String::deserialize(d)?;
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+fn comma_list<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    let raw = String::deserialize(d)?;
+    Ok(raw
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_decode_into_typed_rows() {
+        let json = r#"{"report": [{"lv": [
+            {"lv_name":"kv-a", "vg_name":"vg0", "lv_size":"104857600", "lv_tags":"kennel.csi.dev,x+y=z",
+             "lv_attr":"-wi-XX----", "segtype":"linear", "pool_lv":"", "origin":"", "lv_active":"unknown",
+             "lv_path":"/dev/vg0/kv-a", "data_percent":"", "lv_health_status":""},
+            {"lv_name":"pool", "vg_name":"vg0", "lv_size":"1073741824", "lv_tags":"",
+             "lv_attr":"twi-a-tz--", "segtype":"thin-pool", "pool_lv":"", "origin":"", "lv_active":"active",
+             "lv_path":"", "data_percent":"12.50", "lv_health_status":""}
+        ]}]}"#;
+        let doc: Report<LvReport> = serde_json::from_str(json).unwrap();
+        let rows: Vec<LvRow> = doc.report.into_iter().flat_map(|r| r.lv).collect();
+        assert_eq!(rows[0].lv_size, 100 << 20);
+        assert_eq!(rows[0].lv_tags, vec!["kennel.csi.dev", "x+y=z"]);
+        assert_eq!(rows[0].data_percent, None);
+        assert!(rows[1].is_thin_pool());
+        assert_eq!(rows[1].data_percent, Some(12.5));
+        assert!(rows[1].lv_tags.is_empty());
+    }
+
+    #[test]
+    fn failures_map_to_domain_errors_and_keep_the_message() {
+        let err = classify(
+            "lvcreate",
+            "exit status: 5",
+            "  WARNING: Activation disabled. No device-mapper interaction will be attempted.\n  Volume group \"vg\" has insufficient free space (483 extents): 10240 required.\n",
+        );
+        match err {
+            Error::Exhausted(msg) => {
+                assert!(msg.contains("10240 required"), "{msg}");
+                assert!(!msg.contains("Activation disabled"), "{msg}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            classify(
+                "lvcreate",
+                "5",
+                "Logical Volume \"x\" already exists in volume group \"vg\""
+            ),
+            Error::AlreadyExists(_)
+        ));
+        assert!(matches!(
+            classify(
+                "lvs",
+                "5",
+                "Volume group \"nosuch\" not found\nCannot process volume group nosuch"
+            ),
+            Error::Precondition(_)
+        ));
+        assert!(matches!(
+            classify("lvremove", "5", "Failed to find logical volume \"vg/x\""),
+            Error::NotFound(_)
+        ));
+        assert!(matches!(
+            classify(
+                "lvcreate",
+                "5",
+                "Number of stripes (99) must not exceed number of physical volumes (1)"
+            ),
+            Error::InvalidArgument(_)
+        ));
+        assert!(matches!(
+            classify(
+                "lvcreate",
+                "5",
+                "Can't create thin-pool without using device-mapper kernel driver."
+            ),
+            Error::Precondition(_)
+        ));
+        assert!(matches!(
+            classify("lvcreate", "5", "something else"),
+            Error::Command { .. }
+        ));
+    }
+
+    #[test]
+    fn commands_carry_the_host_options() {
+        let lvm = Lvm::new(true, true);
+        let line = lvm.cmd("lvcreate").arg("-n").arg("kv-x").display();
+        assert!(
+            line.starts_with("lvcreate --driverloaded n --config=activation{"),
+            "{line}"
+        );
+        assert!(line.ends_with("-n kv-x"));
+        let plain = Lvm::new(false, false).cmd("lvs").display();
+        assert_eq!(plain, "lvs");
+    }
+}

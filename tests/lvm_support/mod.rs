@@ -1,0 +1,662 @@
+//! Test harness for the LVM backend: a throwaway volume group on a loop
+//! device (removed on drop, also when the test panics) and the real
+//! `kennel driver --backend lvm` on a temporary socket.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use kennel::csi::client::CsiClient;
+use kennel::csi::pb::{
+    self, controller_client::ControllerClient, node_client::NodeClient,
+    volume_capability::access_mode::Mode, volume_capability::AccessMode,
+    volume_capability::AccessType, volume_capability::BlockVolume, volume_capability::MountVolume,
+};
+use tonic::transport::Channel;
+use tonic::{Code, Response, Status};
+
+pub const MIB: i64 = 1 << 20;
+pub const GIB: i64 = 1 << 30;
+pub const OWNER_TAG: &str = "kennel.csi.dev";
+pub const PENDING_TAG: &str = "kennel.csi.dev/pending";
+const VG_PREFIX: &str = "kennel-t";
+
+/// LVM tests need root, lvm2 and loop devices. Says why when they cannot run.
+pub fn can_run() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: LVM tests need root");
+        return false;
+    }
+    if Command::new("lvm").arg("version").output().is_err() {
+        eprintln!("skipping: lvm2 is not installed (hack/setup.sh installs it)");
+        return false;
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        eprintln!("skipping: /dev/loop-control is missing");
+        return false;
+    }
+    true
+}
+
+pub fn device_mapper() -> bool {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+        .is_ok()
+}
+
+/// Run an lvm2 tool the way the driver does on this host.
+pub fn lvm(tool: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(tool);
+    if !device_mapper() {
+        cmd.args(["--driverloaded", "n"]);
+    }
+    if !device_mapper() || !Path::new("/run/udev/control").exists() {
+        cmd.arg("--config=activation{udev_sync=0 udev_rules=0 monitoring=0} devices{obtain_device_list_from_udev=0}");
+    }
+    cmd.args(args)
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap_or_else(|e| panic!("run {tool}: {e}"))
+}
+
+#[track_caller]
+pub fn lvm_ok(tool: &str, args: &[&str]) -> String {
+    let out = lvm(tool, args);
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One LV as the test sees it, straight from `lvs`.
+#[derive(Debug, Clone)]
+pub struct Lv {
+    pub name: String,
+    pub size: u64,
+    pub tags: Vec<String>,
+}
+
+/// A volume group on a sparse file behind a loop device.
+pub struct TestVg {
+    pub name: String,
+    pub pv: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+static VG_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl TestVg {
+    pub fn new(size: &str) -> TestVg {
+        remove_stale_vgs();
+        let dir = tempfile::Builder::new()
+            .prefix("kennel-vg-")
+            .tempdir()
+            .expect("temp dir");
+        let image = dir.path().join("pv.img");
+        let out = Command::new("truncate")
+            .args(["-s", size])
+            .arg(&image)
+            .output()
+            .expect("truncate");
+        assert!(out.status.success());
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)
+            .output()
+            .expect("losetup");
+        assert!(out.status.success(), "losetup: {out:?}");
+        let pv = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let name = format!(
+            "{VG_PREFIX}-{}-{}",
+            std::process::id(),
+            VG_COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let vg = TestVg {
+            name,
+            pv,
+            _dir: dir,
+        };
+        let pv = vg.pv.to_string_lossy().into_owned();
+        lvm_ok("pvcreate", &["-y", &pv]);
+        lvm_ok("vgcreate", &[&vg.name, &pv]);
+        vg
+    }
+
+    /// Every LV of the VG.
+    pub fn lvs(&self) -> Vec<Lv> {
+        let json = lvm_ok(
+            "lvs",
+            &[
+                "--reportformat",
+                "json",
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                "lv_name,lv_size,lv_tags",
+                &self.name,
+            ],
+        );
+        let doc: serde_json::Value = serde_json::from_str(&json).expect("lvs json");
+        doc["report"][0]["lv"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|lv| Lv {
+                name: lv["lv_name"].as_str().unwrap_or_default().to_owned(),
+                size: lv["lv_size"].as_str().unwrap_or("0").parse().unwrap_or(0),
+                tags: lv["lv_tags"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            })
+            .collect()
+    }
+
+    pub fn lv(&self, name: &str) -> Option<Lv> {
+        self.lvs().into_iter().find(|lv| lv.name == name)
+    }
+
+    /// Free bytes in the VG.
+    pub fn free(&self) -> u64 {
+        let out = lvm_ok(
+            "vgs",
+            &[
+                "--noheadings",
+                "--units",
+                "b",
+                "--nosuffix",
+                "-o",
+                "vg_free",
+                &self.name,
+            ],
+        );
+        out.trim().parse().expect("vg_free")
+    }
+}
+
+impl Drop for TestVg {
+    fn drop(&mut self) {
+        detach_windows(&self.pv);
+        if device_mapper() {
+            let _ = lvm("vgchange", &["-an", &self.name]);
+        }
+        let _ = lvm("vgremove", &["-ff", "-y", &self.name]);
+        let pv = self.pv.to_string_lossy().into_owned();
+        let _ = lvm("pvremove", &["-ff", "-y", &pv]);
+        let _ = Command::new("losetup").arg("-d").arg(&self.pv).output();
+    }
+}
+
+/// Remove VGs left by test processes that no longer exist (killed runs).
+fn remove_stale_vgs() {
+    let out = lvm("vgs", &["--noheadings", "-o", "vg_name,pv_name"]);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(vg), Some(pv)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some(rest) = vg.strip_prefix(&format!("{VG_PREFIX}-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        detach_windows(Path::new(pv));
+        let _ = lvm("vgremove", &["-ff", "-y", vg]);
+        let _ = lvm("pvremove", &["-ff", "-y", pv]);
+        let _ = Command::new("losetup").arg("-d").arg(pv).output();
+    }
+}
+
+nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
+
+/// Loop devices over ranges of `pv` (the driver's no-device-mapper attach).
+pub fn windows_of(pv: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) {
+            if Path::new(backing.trim_end()) == pv {
+                found.push(PathBuf::from(format!("/dev/{name}")));
+            }
+        }
+    }
+    found
+}
+
+fn detach_windows(pv: &Path) {
+    for device in windows_of(pv) {
+        for m in mounts_of_device(&device) {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if let Ok(dev) = File::open(&device) {
+            // SAFETY: LOOP_CLR_FD takes no argument.
+            let _ = unsafe { loop_clr_fd(dev.as_raw_fd()) };
+        }
+    }
+}
+
+/// Mount points whose source is `device`.
+pub fn mounts_of_device(device: &Path) -> Vec<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let source = right.split(' ').nth(1)?;
+            let point = left.split(' ').nth(4)?;
+            (Path::new(source) == device).then(|| PathBuf::from(point))
+        })
+        .collect()
+}
+
+/// Mounts at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| line.split(' ').nth(4).map(PathBuf::from))
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// The driver binary on a temporary socket, backed by LVM.
+pub struct LvmDriver {
+    pub root: PathBuf,
+    pub endpoint: String,
+    pub volume_groups: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub client: CsiClient,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LvmDriver {
+    pub async fn start(vg: &TestVg) -> LvmDriver {
+        LvmDriver::start_with(vec![vg.name.clone()], vec![]).await
+    }
+
+    pub async fn start_with(volume_groups: Vec<String>, env: Vec<(String, String)>) -> LvmDriver {
+        let dir = tempfile::Builder::new()
+            .prefix("kennel-lvm-test-")
+            .tempdir()
+            .expect("temp dir");
+        let root = fs::canonicalize(dir.path()).expect("resolve");
+        let endpoint = format!("unix://{}", root.join("csi.sock").display());
+        let log = root.join("driver.log");
+        let mut child = spawn(&root, &endpoint, &volume_groups, &env, &log);
+        let client = wait_ready(&mut child, &endpoint, &log).await;
+        LvmDriver {
+            root,
+            endpoint,
+            volume_groups,
+            env,
+            client,
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn controller(&self) -> ControllerClient<Channel> {
+        self.client.controller.clone()
+    }
+
+    pub fn node(&self) -> NodeClient<Channel> {
+        self.client.node.clone()
+    }
+
+    /// SIGKILL the driver and start it again with `env`.
+    pub async fn restart_with(&mut self, env: Vec<(String, String)>) {
+        self.kill();
+        self.env = env;
+        let mut child = spawn(
+            &self.root,
+            &self.endpoint,
+            &self.volume_groups,
+            &self.env,
+            &self.log,
+        );
+        self.client = wait_ready(&mut child, &self.endpoint, &self.log).await;
+        self.child = Some(child);
+    }
+
+    pub async fn restart(&mut self) {
+        self.restart_with(vec![]).await;
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Wait (bounded) for the driver to exit on its own.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log, lines)
+    }
+
+    pub fn staging_path(&self, id: &str) -> PathBuf {
+        self.root.join("staging").join(id)
+    }
+
+    pub fn target_path(&self, id: &str, block: bool) -> PathBuf {
+        self.root
+            .join("pods")
+            .join(id)
+            .join(if block { "dev" } else { "mount" })
+    }
+
+    pub async fn create(&self, req: pb::CreateVolumeRequest) -> pb::Volume {
+        let name = req.name.clone();
+        self.controller()
+            .create_volume(req)
+            .await
+            .unwrap_or_else(|s| panic!("CreateVolume {name}: {s:?}\n{}", self.log_tail(30)))
+            .into_inner()
+            .volume
+            .expect("volume")
+    }
+
+    pub async fn delete(&self, id: &str) {
+        self.controller()
+            .delete_volume(pb::DeleteVolumeRequest {
+                volume_id: id.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("DeleteVolume {id}: {s:?}"));
+    }
+
+    pub async fn list_all(&self) -> Vec<pb::Volume> {
+        self.controller()
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .expect("ListVolumes")
+            .into_inner()
+            .entries
+            .into_iter()
+            .filter_map(|e| e.volume)
+            .collect()
+    }
+
+    pub async fn capacity(&self, params: BTreeMap<String, String>) -> Result<i64, Status> {
+        Ok(self
+            .controller()
+            .get_capacity(pb::GetCapacityRequest {
+                parameters: params.into_iter().collect(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .available_capacity)
+    }
+
+    pub async fn snapshot(&self, name: &str, source: &str) -> pb::Snapshot {
+        self.controller()
+            .create_snapshot(pb::CreateSnapshotRequest {
+                name: name.to_owned(),
+                source_volume_id: source.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("CreateSnapshot {name}: {s:?}\n{}", self.log_tail(30)))
+            .into_inner()
+            .snapshot
+            .expect("snapshot")
+    }
+
+    pub async fn stage(&self, id: &str, cap: pb::VolumeCapability) -> PathBuf {
+        let staging = self.staging_path(id);
+        fs::create_dir_all(&staging).expect("staging dir");
+        self.node()
+            .node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: id.to_owned(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("NodeStageVolume {id}: {s:?}\n{}", self.log_tail(30)));
+        staging
+    }
+
+    pub async fn unstage(&self, id: &str) {
+        self.node()
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: id.to_owned(),
+                staging_target_path: self.staging_path(id).display().to_string(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("NodeUnstageVolume {id}: {s:?}"));
+    }
+
+    pub async fn publish(&self, id: &str, cap: pb::VolumeCapability) -> PathBuf {
+        let block = matches!(cap.access_type, Some(AccessType::Block(_)));
+        let target = self.target_path(id, block);
+        self.node()
+            .node_publish_volume(pb::NodePublishVolumeRequest {
+                volume_id: id.to_owned(),
+                staging_target_path: self.staging_path(id).display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("NodePublishVolume {id}: {s:?}\n{}", self.log_tail(30)));
+        target
+    }
+
+    pub async fn unpublish(&self, id: &str, block: bool) {
+        self.node()
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: id.to_owned(),
+                target_path: self.target_path(id, block).display().to_string(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("NodeUnpublishVolume {id}: {s:?}"));
+    }
+}
+
+impl Drop for LvmDriver {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tail(60));
+        }
+        self.kill();
+        let mut mounts = mounts_under(&self.root);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in mounts {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn spawn(
+    root: &Path,
+    endpoint: &str,
+    volume_groups: &[String],
+    env: &[(String, String)],
+    log: &Path,
+) -> Child {
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kennel"));
+    cmd.args(["driver", "--backend", "lvm", "--node-id", "lvm-test-node"])
+        .arg("--endpoint")
+        .arg(endpoint)
+        .arg("--lock-dir")
+        .arg(root.join("locks"));
+    for vg in volume_groups {
+        cmd.arg("--volume-group").arg(vg);
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("RUST_LOG", "kennel=debug,info")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("dup"))
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn kennel driver")
+}
+
+async fn wait_ready(child: &mut Child, endpoint: &str, log: &Path) -> CsiClient {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("poll driver") {
+            panic!(
+                "driver exited with {status:?} before serving\n{}",
+                log_tail(log, 40)
+            );
+        }
+        if let Ok(client) = CsiClient::connect(endpoint).await {
+            let mut identity = client.identity.clone();
+            if identity.probe(pb::ProbeRequest {}).await.is_ok() {
+                return client;
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("driver did not answer within 30s\n{}", log_tail(log, 40));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn log_tail(log: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    format!(
+        "--- driver log (last {lines} lines) ---\n{}",
+        all[start..].join("\n")
+    )
+}
+
+// ---- requests ----
+
+pub fn mount_cap(fs_type: &str) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs_type.to_owned(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+pub fn block_cap() -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+pub fn create_req(name: &str, bytes: i64, params: &[(&str, &str)]) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap("")],
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub fn from_snapshot(
+    mut req: pb::CreateVolumeRequest,
+    snapshot_id: &str,
+) -> pb::CreateVolumeRequest {
+    use pb::volume_content_source::{SnapshotSource, Type};
+    req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: snapshot_id.to_owned(),
+        })),
+    });
+    req
+}
+
+pub fn from_volume(mut req: pb::CreateVolumeRequest, volume_id: &str) -> pb::CreateVolumeRequest {
+    use pb::volume_content_source::{Type, VolumeSource};
+    req.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(Type::Volume(VolumeSource {
+            volume_id: volume_id.to_owned(),
+        })),
+    });
+    req
+}
+
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(
+    result: Result<Response<T>, Status>,
+    code: Code,
+    what: &str,
+) -> String {
+    match result {
+        Ok(resp) => panic!("{what}: expected {code:?}, got OK: {:?}", resp.into_inner()),
+        Err(status) => {
+            assert_eq!(
+                status.code(),
+                code,
+                "{what}: expected {code:?}, got {:?}: {}",
+                status.code(),
+                status.message()
+            );
+            status.message().to_owned()
+        }
+    }
+}
+
+pub async fn with_timeout<F: std::future::Future>(secs: u64, body: F) -> F::Output {
+    match tokio::time::timeout(Duration::from_secs(secs), body).await {
+        Ok(out) => out,
+        Err(_) => panic!("test did not finish within {secs}s"),
+    }
+}

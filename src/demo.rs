@@ -11,12 +11,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
-use tokio::sync::oneshot;
 
 use crate::backend::loop_files::Provisioning;
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
-use crate::driver::{self, BackendKind, DriverArgs};
+use crate::driver::{DriverArgs, LocalDriver};
 use crate::node::cleanup;
 use crate::volume::capacity::MIB;
 use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
@@ -93,41 +92,20 @@ async fn walk_through(dir: &Path) -> anyhow::Result<()> {
     let steps = Steps {
         started: Instant::now(),
     };
-    let endpoint = format!("unix://{}", dir.join("csi.sock").display());
-    let args = DriverArgs {
-        endpoint: endpoint.clone(),
-        node_id: Some("demo-node".to_owned()),
-        driver_name: driver::DEFAULT_DRIVER_NAME.to_owned(),
-        backend: BackendKind::Loop,
-        loop_dir: dir.join("loop"),
-        capacity: Some(REPLICAS as u64 * VOLUME_BYTES * 2),
-        reserve: Some(0),
-        provisioning: Provisioning::Preallocated,
-        volume_groups: Vec::new(),
-        lvm_activation: crate::backend::lvm::Activation::Auto,
-        thin_overprovision_ratio: 1.0,
-        lock_dir: dir.join("locks"),
-        max_volumes_per_node: 0,
-        metrics_addr: None,
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
+    let args = DriverArgs::in_dir(
+        dir,
+        "demo-node",
+        REPLICAS as u64 * VOLUME_BYTES * 2,
+        Provisioning::Preallocated,
+    );
+    let endpoint = args.endpoint.clone();
     let server = steps
         .run("start kennel driver on a temporary socket", async {
-            let drv = driver::build(&args)?;
-            let listener =
-                crate::csi::server::bind_private(&crate::csi::server::socket_path(&endpoint)?)?;
-            Ok(tokio::spawn(crate::csi::server::serve(
-                drv,
-                listener,
-                async {
-                    let _ = stopped.await;
-                },
-            )))
+            Ok(LocalDriver::start(&args).await?)
         })
         .await?;
     let result = scenario(&steps, dir, &endpoint).await;
-    let _ = stop.send(());
-    let _ = server.await;
+    server.stop().await?;
     match &result {
         Ok(()) => println!(
             "PASS: webserver-2 found its hello.txt after scaling 3 -> 2 -> 3 ({:.0} ms in all)",

@@ -1,7 +1,7 @@
 //! `kennel driver`: build the backend and serve CSI until told to stop.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
@@ -137,6 +137,54 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         max_volumes_per_node: args.max_volumes_per_node,
         rpc_metrics: Arc::default(),
     }))
+}
+
+impl DriverArgs {
+    /// A loop-backed driver confined to `dir` (socket, images, locks), for the
+    /// demo and tests that run the real driver in-process.
+    pub fn in_dir(dir: &Path, node_id: &str, capacity: u64, provisioning: Provisioning) -> Self {
+        DriverArgs {
+            endpoint: format!("unix://{}", dir.join("csi.sock").display()),
+            node_id: Some(node_id.to_owned()),
+            driver_name: DEFAULT_DRIVER_NAME.to_owned(),
+            backend: BackendKind::Loop,
+            loop_dir: dir.join("loop"),
+            capacity: Some(capacity),
+            reserve: Some(0),
+            provisioning,
+            volume_groups: Vec::new(),
+            lvm_activation: Activation::Auto,
+            thin_overprovision_ratio: 1.0,
+            lock_dir: dir.join("locks"),
+            max_volumes_per_node: 0,
+            metrics_addr: None,
+        }
+    }
+}
+
+/// A driver served by this process on its socket until stopped.
+pub struct LocalDriver {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl LocalDriver {
+    pub async fn start(args: &DriverArgs) -> Result<Self> {
+        let driver = build(args)?;
+        let listener = server::bind_private(&server::socket_path(&args.endpoint)?)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(driver, listener, async {
+            let _ = stopped.await;
+        }));
+        Ok(LocalDriver { stop, task })
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .map_err(|e| Error::Internal(format!("driver task: {e}")))?
+    }
 }
 
 /// Serve until SIGTERM or SIGINT, then stop accepting and return.

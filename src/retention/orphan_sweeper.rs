@@ -236,12 +236,13 @@ async fn list_volumes(csi: &mut CsiClient) -> anyhow::Result<Vec<BackendVolume>>
 mod tests {
     use super::*;
     use crate::backend::loop_files::Provisioning;
-    use crate::driver::{BackendKind, DriverArgs};
+    use crate::driver::{DriverArgs, LocalDriver};
     use crate::retention::mock_api::{expect, serve, Exchange};
     use crate::retention::rbac;
     use http::{Request, Response, StatusCode};
     use kube::client::Body;
     use serde_json::json;
+    use std::collections::BTreeMap;
 
     fn orphan_event(reason: &str) -> Exchange {
         Exchange {
@@ -260,65 +261,54 @@ mod tests {
     }
 
     /// A real driver (sparse images: no root needed) on a temporary socket.
-    async fn driver(dir: &std::path::Path) -> (String, tokio::sync::oneshot::Sender<()>) {
-        let endpoint = format!("unix://{}", dir.join("csi.sock").display());
-        let args = DriverArgs {
-            endpoint: endpoint.clone(),
-            node_id: Some("node-1".into()),
-            driver_name: "kennel.csi.dev".into(),
-            backend: BackendKind::Loop,
-            loop_dir: dir.join("loop"),
-            capacity: Some(1 << 30),
-            reserve: Some(0),
-            provisioning: Provisioning::Sparse,
-            volume_groups: Vec::new(),
-            lvm_activation: crate::backend::lvm::Activation::Auto,
-            thin_overprovision_ratio: 1.0,
-            lock_dir: dir.join("locks"),
-            max_volumes_per_node: 0,
-            metrics_addr: None,
+    async fn driver(dir: &std::path::Path) -> (String, LocalDriver) {
+        let args = DriverArgs::in_dir(dir, "node-1", 1 << 30, Provisioning::Sparse);
+        let local = LocalDriver::start(&args).await.expect("driver");
+        (args.endpoint, local)
+    }
+
+    /// Create a 1 MiB Block volume named `name` with `parameters`.
+    async fn create(
+        csi: &mut CsiClient,
+        name: &str,
+        parameters: BTreeMap<String, String>,
+    ) -> pb::Volume {
+        let block = pb::VolumeCapability {
+            access_type: Some(pb::volume_capability::AccessType::Block(
+                pb::volume_capability::BlockVolume {},
+            )),
+            access_mode: Some(pb::volume_capability::AccessMode {
+                mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
         };
-        let drv = crate::driver::build(&args).expect("driver");
-        let socket = crate::csi::server::socket_path(&endpoint).expect("socket path");
-        let listener = crate::csi::server::bind_private(&socket).expect("bind");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(crate::csi::server::serve(drv, listener, async {
-            let _ = stopped.await;
-        }));
-        (endpoint, stop)
+        csi.controller
+            .create_volume(pb::CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: 1 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![block],
+                parameters,
+                ..Default::default()
+            })
+            .await
+            .expect("CreateVolume")
+            .into_inner()
+            .volume
+            .expect("volume")
     }
 
     #[tokio::test]
     async fn orphan_is_reported_once_then_deleted_after_grace() {
         let dir = tempfile::tempdir().unwrap();
-        let (endpoint, _stop) = driver(dir.path()).await;
+        let (endpoint, _driver) = driver(dir.path()).await;
         let mut csi = CsiClient::connect(&endpoint).await.unwrap();
-        let volume = csi
-            .controller
-            .create_volume(pb::CreateVolumeRequest {
-                name: "pvc-1234".into(),
-                capacity_range: Some(pb::CapacityRange {
-                    required_bytes: 1 << 20,
-                    limit_bytes: 0,
-                }),
-                volume_capabilities: vec![crate::ctl::capability(&crate::ctl::UsageArgs {
-                    block: true,
-                    fs_type: String::new(),
-                    mount_flags: vec![],
-                    read_only_mode: false,
-                })],
-                parameters: [
-                    (PARAM_PVC_NAME.to_owned(), "www-web-0".to_owned()),
-                    (PARAM_PVC_NAMESPACE.to_owned(), "shop".to_owned()),
-                ]
-                .into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let claim = [
+            (PARAM_PVC_NAME.to_owned(), "www-web-0".to_owned()),
+            (PARAM_PVC_NAMESPACE.to_owned(), "shop".to_owned()),
+        ];
+        let volume = create(&mut csi, "pvc-1234", claim.into()).await;
 
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
@@ -365,29 +355,9 @@ mod tests {
     #[tokio::test]
     async fn a_volume_with_its_pv_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let (endpoint, _stop) = driver(dir.path()).await;
+        let (endpoint, _driver) = driver(dir.path()).await;
         let mut csi = CsiClient::connect(&endpoint).await.unwrap();
-        let volume = csi
-            .controller
-            .create_volume(pb::CreateVolumeRequest {
-                name: "pvc-5678".into(),
-                volume_capabilities: vec![crate::ctl::capability(&crate::ctl::UsageArgs {
-                    block: true,
-                    fs_type: String::new(),
-                    mount_flags: vec![],
-                    read_only_mode: false,
-                })],
-                capacity_range: Some(pb::CapacityRange {
-                    required_bytes: 1 << 20,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let volume = create(&mut csi, "pvc-5678", BTreeMap::new()).await;
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let args = OrphanArgs {
             endpoint,

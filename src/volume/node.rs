@@ -124,12 +124,7 @@ impl NodeOps {
         let id = parse_known(raw_id)?;
         run_blocking(self.backend.clone(), move |b| {
             let record = known(b, &id)?;
-            if !volume_path.exists() {
-                return Err(Error::NotFound(format!(
-                    "volume path {} does not exist",
-                    volume_path.display()
-                )));
-            }
+            require_existing(&volume_path)?;
             let device = b.attached_device(&id)?.ok_or_else(|| {
                 Error::NotFound(format!("volume {id} is not staged on this node"))
             })?;
@@ -165,12 +160,7 @@ impl NodeOps {
         let _guard = self.locks.lock(id.as_str()).await;
         run_blocking(self.backend.clone(), move |b| {
             let record = known(b, &id)?;
-            if !volume_path.exists() {
-                return Err(Error::NotFound(format!(
-                    "volume path {} does not exist",
-                    volume_path.display()
-                )));
-            }
+            require_existing(&volume_path)?;
             let device = b.attached_device(&id)?.ok_or_else(|| {
                 Error::Precondition(format!("volume {id} is not staged on this node"))
             })?;
@@ -193,6 +183,16 @@ impl NodeOps {
         })
         .await
     }
+}
+
+fn require_existing(volume_path: &Path) -> Result<()> {
+    if volume_path.exists() {
+        return Ok(());
+    }
+    Err(Error::NotFound(format!(
+        "volume path {} does not exist",
+        volume_path.display()
+    )))
 }
 
 fn known(b: &dyn Backend, id: &VolumeId) -> Result<VolumeRecord> {

@@ -893,16 +893,10 @@ impl Backend for LvmBackend {
             return Ok(device);
         }
         let (pv, window) = self.window(&row)?;
-        if let Some(found) = loopdev::find_attached(&pv)?
-            .into_iter()
-            .find(|a| a.offset == window.offset)
-        {
-            if found.size_limit != window.size_limit {
-                loopdev::set_window(&found.device, window)?;
-            }
-            return Ok(found.device);
+        match current_window(&pv, window)? {
+            Some(device) => Ok(device),
+            None => loopdev::attach(&pv, window),
         }
-        loopdev::attach(&pv, window)
     }
 
     fn detach(&self, id: &VolumeId) -> Result<()> {
@@ -934,15 +928,7 @@ impl Backend for LvmBackend {
             return Ok(());
         };
         let (pv, window) = self.window(&row)?;
-        if let Some(found) = loopdev::find_attached(&pv)?
-            .into_iter()
-            .find(|a| a.offset == window.offset)
-        {
-            if found.size_limit != window.size_limit {
-                loopdev::set_window(&found.device, window)?;
-            }
-        }
-        Ok(())
+        current_window(&pv, window).map(drop)
     }
 
     fn health(&self, record: &VolumeRecord) -> Option<String> {
@@ -977,4 +963,19 @@ impl Backend for LvmBackend {
             .ok()
             .and_then(|p| p.fs_type)
     }
+}
+
+/// The loop device already exposing the LV at `window.offset` of `pv`, its
+/// size limit brought up to date (the LV may have grown since it was attached).
+fn current_window(pv: &Path, window: Window) -> Result<Option<PathBuf>> {
+    let Some(found) = loopdev::find_attached(pv)?
+        .into_iter()
+        .find(|a| a.offset == window.offset)
+    else {
+        return Ok(None);
+    };
+    if found.size_limit != window.size_limit {
+        loopdev::set_window(&found.device, window)?;
+    }
+    Ok(Some(found.device))
 }

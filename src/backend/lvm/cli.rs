@@ -387,7 +387,7 @@ mod tests {
              "lv_attr":"twi-a-tz--", "segtype":"thin-pool", "pool_lv":"", "origin":"", "lv_active":"active",
              "lv_path":"", "data_percent":"12.50", "lv_health_status":""}
         ]}]}"#;
-        let doc: Report<LvReport> = serde_json::from_str(json).unwrap();
+        let doc: Report<LvReport> = serde_json::from_str(json).expect("test setup");
         let rows: Vec<LvRow> = doc.report.into_iter().flat_map(|r| r.lv).collect();
         assert_eq!(rows[0].lv_size, 100 << 20);
         assert_eq!(rows[0].lv_tags, vec!["kennel.csi.dev", "x+y=z"]);

@@ -153,7 +153,7 @@ mod tests {
             seg(25, 5, "/dev/loop0:25-29"),
             seg(0, 25, "/dev/loop0:0-24"),
         ])
-        .unwrap();
+        .expect("test setup");
         assert_eq!(
             range,
             PeRange {
@@ -184,9 +184,9 @@ mod tests {
 
     #[test]
     fn copies_and_wipes_stay_inside_their_ranges() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let dev = dir.path().join("pv");
-        std::fs::write(&dev, vec![0xaau8; 8 << 20]).unwrap();
+        std::fs::write(&dev, vec![0xaau8; 8 << 20]).expect("test setup");
         let src = ByteRange {
             device: dev.clone(),
             offset: 1 << 20,
@@ -200,12 +200,12 @@ mod tests {
         std::fs::File::options()
             .write(true)
             .open(&dev)
-            .unwrap()
+            .expect("test setup")
             .write_all_at(b"hello", 1 << 20)
-            .unwrap();
-        copy(&src, &dst).unwrap();
-        wipe_signatures(&dst, src.len).unwrap();
-        let data = std::fs::read(&dev).unwrap();
+            .expect("test setup");
+        copy(&src, &dst).expect("test setup");
+        wipe_signatures(&dst, src.len).expect("test setup");
+        let data = std::fs::read(&dev).expect("test setup");
         assert_eq!(&data[4 << 20..(4 << 20) + 5], b"hello");
         assert!(data[(6 << 20)..(7 << 20)].iter().all(|&b| b == 0));
         assert!(

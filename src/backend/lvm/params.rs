@@ -186,10 +186,11 @@ mod tests {
 
     #[test]
     fn defaults_and_layouts() {
-        let p = parse(&[]).unwrap();
+        let p = parse(&[]).expect("test setup");
         assert_eq!(p.layout, Layout::Linear);
         assert_eq!(p.device_class, None);
-        let p = parse(&[("type", "thin"), ("thinPool", "pool0"), ("fsType", "xfs")]).unwrap();
+        let p = parse(&[("type", "thin"), ("thinPool", "pool0"), ("fsType", "xfs")])
+            .expect("test setup");
         assert_eq!(
             p.layout,
             Layout::Thin {
@@ -202,7 +203,7 @@ mod tests {
             ("stripeSize", "64KiB"),
             ("deviceClass", "fast"),
         ])
-        .unwrap();
+        .expect("test setup");
         assert_eq!(p.stripes, Some(2));
         assert_eq!(p.stripe_size, Some(64 << 10));
         assert_eq!(p.device_class.as_deref(), Some("fast"));
@@ -237,14 +238,14 @@ mod tests {
     #[test]
     fn device_class_flags() {
         assert_eq!(
-            DeviceClass::parse("vg0").unwrap(),
+            DeviceClass::parse("vg0").expect("test setup"),
             DeviceClass {
                 name: "vg0".into(),
                 vg: "vg0".into()
             }
         );
         assert_eq!(
-            DeviceClass::parse("fast=nvme-vg").unwrap(),
+            DeviceClass::parse("fast=nvme-vg").expect("test setup"),
             DeviceClass {
                 name: "fast".into(),
                 vg: "nvme-vg".into()

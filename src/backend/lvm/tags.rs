@@ -149,26 +149,32 @@ mod tests {
     fn records_round_trip_through_valid_tags_in_any_order() {
         let hostile = "pvc-$(rm -rf /); `x` \"q\" 'a' ,=/\u{e9}\u{1f600}".repeat(6);
         let rec = record(&hostile);
-        let mut tags = encode(&rec).unwrap();
+        let mut tags = encode(&rec).expect("test setup");
         assert!(tags.len() > 4, "long names span several chunks");
         for tag in &tags {
             assert!(is_valid_tag(tag), "{tag:?}");
         }
         tags.reverse();
         tags.push("someone-elses-tag".into());
-        assert_eq!(decode::<VolumeRecord>(&tags).unwrap(), Decoded::Record(rec));
+        assert_eq!(
+            decode::<VolumeRecord>(&tags).expect("test setup"),
+            Decoded::Record(rec)
+        );
     }
 
     #[test]
     fn foreign_pending_and_damaged_lvs_are_told_apart() {
         assert_eq!(
-            decode::<VolumeRecord>(&["other".to_owned()]).unwrap(),
+            decode::<VolumeRecord>(&["other".to_owned()]).expect("test setup"),
             Decoded::Foreign
         );
-        let mut tags = encode(&record("a")).unwrap();
+        let mut tags = encode(&record("a")).expect("test setup");
         tags.push(PENDING.to_owned());
-        assert_eq!(decode::<VolumeRecord>(&tags).unwrap(), Decoded::Pending);
-        let mut tags = encode(&record("a")).unwrap();
+        assert_eq!(
+            decode::<VolumeRecord>(&tags).expect("test setup"),
+            Decoded::Pending
+        );
+        let mut tags = encode(&record("a")).expect("test setup");
         tags.pop();
         assert!(decode::<VolumeRecord>(&tags).is_err());
     }

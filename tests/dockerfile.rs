@@ -78,7 +78,7 @@ fn literal_after(text: &str, call: &str) -> Vec<String> {
 
 /// Every program named by a literal passed to the ways the code starts processes:
 /// `cmd::run`, `cmd::output` (and `cmd::failure`, which names the program that failed),
-/// `Command::new`, and the benchmark's `tool(&[...])`.
+/// `Command::new`, the benchmark's `tool(&[...])`, and the lvm2 command builder's `.cmd("...")`.
 fn programs_in_source() -> BTreeMap<String, Vec<String>> {
     let mut files = Vec::new();
     rust_files(&root().join("src"), &mut files);
@@ -92,6 +92,7 @@ fn programs_in_source() -> BTreeMap<String, Vec<String>> {
             "cmd::failure(",
             "Command::new(",
             "tool(&[",
+            ".cmd(",
         ] {
             for program in literal_after(&text, call) {
                 out.entry(program).or_default().push(rel.clone());
@@ -156,6 +157,9 @@ fn source_scan_finds_the_known_programs() {
         "resize2fs",
         "xfs_growfs",
         "e2fsck",
+        "lvcreate",
+        "lvs",
+        "lvchange",
     ] {
         assert!(
             found.contains_key(program),

@@ -75,11 +75,15 @@ impl NodeOps {
         let _guard = self.locks.lock(id.as_str()).await;
         run_blocking(self.backend.clone(), move |b| {
             known(b, &id)?;
-            mount::unmount_all(&staging_path.join(BLOCK_STAGING_FILE))?;
-            remove_path(&staging_path.join(BLOCK_STAGING_FILE))?;
+            let device = b.attached_device(&id)?;
+            let block_file = staging_path.join(BLOCK_STAGING_FILE);
+            ensure_ours_or_unmounted(&block_file, device.as_deref())?;
+            ensure_ours_or_unmounted(&staging_path, device.as_deref())?;
+            mount::unmount_all(&block_file)?;
+            remove_path(&block_file)?;
             mount::unmount_all(&staging_path)?;
             // Read-only devices of Block publications that were never unpublished.
-            if let Some(device) = b.attached_device(&id)? {
+            if let Some(device) = device {
                 for stacked in loopdev::find_attached(&device)? {
                     loopdev::detach(&stacked.device)?;
                 }
@@ -104,10 +108,9 @@ impl NodeOps {
         let _guard = self.locks.lock(id.as_str()).await;
         run_blocking(self.backend.clone(), move |b| {
             known(b, &id)?;
-            let stacked = match (
-                b.attached_device(&id)?,
-                mount::mounts_at(&target_path)?.pop(),
-            ) {
+            let device = b.attached_device(&id)?;
+            ensure_ours_or_unmounted(&target_path, device.as_deref())?;
+            let stacked = match (device, mount::mounts_at(&target_path)?.pop()) {
                 (Some(device), Some(entry)) => stacked_read_only_device(&entry, &device)?,
                 _ => None,
             };
@@ -183,6 +186,39 @@ impl NodeOps {
         })
         .await
     }
+}
+
+/// Refuse to tear down a mount that belongs to another volume: a request
+/// naming the wrong volume must not take another workload's data away.
+fn ensure_ours_or_unmounted(path: &Path, device: Option<&Path>) -> Result<()> {
+    let Some(entry) = mount::mounts_at(path)?.pop() else {
+        return Ok(());
+    };
+    let ours = match device {
+        Some(device) => {
+            entry.dev == mount::device_number(device)?
+                || is_block_bind(&entry, device)?
+                || stacked_read_only_device(&entry, device)?.is_some()
+        }
+        // Not attached: only a stale bind of a device node that nothing backs
+        // any more can be left of it.
+        None => {
+            entry.fs_type == "devtmpfs" && {
+                let bound =
+                    Path::new("/dev").join(entry.root.strip_prefix("/").unwrap_or(&entry.root));
+                !loopdev::attachments()?.iter().any(|a| a.device == bound)
+            }
+        }
+    };
+    if ours {
+        return Ok(());
+    }
+    Err(Error::Precondition(format!(
+        "{} is a mount of {} ({}), not of this volume; refusing to unmount it",
+        path.display(),
+        entry.source,
+        entry.fs_type
+    )))
 }
 
 fn require_existing(volume_path: &Path) -> Result<()> {

@@ -50,12 +50,12 @@ fn init_logging(format: LogFormat, default_level: &str) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // Commands that talk to people keep the log quiet unless asked.
-    let default_level = match cli.command {
-        Command::Driver(_) | Command::Retention(_) | Command::Orphans(_) => "info",
-        _ => "warn",
-    };
-    init_logging(cli.log_format, default_level);
+    // Daemons log; commands for people print and keep the log quiet unless asked.
+    let daemon = matches!(
+        cli.command,
+        Command::Driver(_) | Command::Retention(_) | Command::Orphans(_)
+    );
+    init_logging(cli.log_format, if daemon { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -80,8 +80,11 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("kennel: {e:#}");
+            if daemon {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("kennel: {e:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -112,6 +112,7 @@ pub const PARAM_MKFS_DISCARD: &str = "mkfsDiscard";
 pub const PARAM_PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
 pub const PARAM_PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 pub const PARAM_PV_NAME: &str = "csi.storage.k8s.io/pv/name";
+const RESERVED_PREFIX: &str = "csi.storage.k8s.io/";
 
 impl VolumeParams {
     pub fn parse(raw: &BTreeMap<String, String>) -> Result<Self> {
@@ -124,6 +125,9 @@ impl VolumeParams {
                 PARAM_PVC_NAME => params.pvc_name = Some(value.clone()),
                 PARAM_PVC_NAMESPACE => params.pvc_namespace = Some(value.clone()),
                 PARAM_PV_NAME => params.pv_name = Some(value.clone()),
+                // Reserved for Kubernetes and its sidecars (fstype, secret names...):
+                // they may reach GetCapacity unfiltered and are not ours to judge.
+                reserved if reserved.starts_with(RESERVED_PREFIX) => {}
                 other => {
                     params.backend.insert(other.to_owned(), value.clone());
                 }
@@ -236,6 +240,21 @@ mod tests {
         assert_eq!(params.pvc_name.as_deref(), Some("www-webserver-0"));
         let bad = BTreeMap::from([(PARAM_MKFS_DISCARD.to_owned(), "yes".to_owned())]);
         assert!(VolumeParams::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn reserved_kubernetes_keys_are_not_backend_parameters() {
+        let raw = BTreeMap::from([
+            ("csi.storage.k8s.io/fstype".to_owned(), "xfs".to_owned()),
+            (
+                "csi.storage.k8s.io/provisioner-secret-name".to_owned(),
+                "s".to_owned(),
+            ),
+            (PARAM_PV_NAME.to_owned(), "pvc-1".to_owned()),
+        ]);
+        let params = VolumeParams::parse(&raw).expect("parse");
+        assert!(params.backend.is_empty());
+        assert_eq!(params.pv_name.as_deref(), Some("pvc-1"));
     }
 
     #[test]

@@ -1,0 +1,8 @@
+//! The CSI conformance suite, written once and run by one test target per
+//! backend (`conformance_loop`, `conformance_lvm`).
+
+mod concurrency;
+mod controller;
+mod node;
+mod restart;
+mod snapshots;

@@ -143,6 +143,14 @@ impl DriverOpts {
         }
     }
 
+    /// The backend and, for loop, the provisioning mode, for messages.
+    pub fn label(&self) -> String {
+        match self.backend {
+            Backend::Loop => format!("loop {:?}", self.provisioning),
+            Backend::Lvm => "lvm".to_owned(),
+        }
+    }
+
     /// One driver per provisioning mode the backend has: sparse and
     /// preallocated loop images; LVM has only one.
     pub fn each_provisioning(capacity: &str) -> Vec<Self> {

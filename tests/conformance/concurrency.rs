@@ -58,7 +58,7 @@ async fn concurrent_creates_with_one_name_make_one_volume() {
 async fn concurrent_creates_never_overcommit_the_pool() {
     with_timeout(T, async {
         for opts in DriverOpts::each_provisioning("64MiB") {
-            let what = format!("{:?}", opts.provisioning);
+            let what = opts.label();
             let td = TestDriver::start_with(opts).await;
             let calls = (0..8).map(|i| {
                 let mut c = td.controller();

@@ -359,7 +359,7 @@ async fn create_volume_pool_full_is_resource_exhausted() {
                     .create_volume(create_req("pvc-huge", 128 * MIB, vec![block_cap()]))
                     .await,
                 Code::ResourceExhausted,
-                &format!("{:?}: volume larger than the pool", opts.provisioning),
+                &format!("{}: volume larger than the pool", opts.label()),
             );
             td.create("pvc-1", 48 * MIB, block_cap()).await;
             assert_code(
@@ -367,7 +367,7 @@ async fn create_volume_pool_full_is_resource_exhausted() {
                     .create_volume(create_req("pvc-2", 32 * MIB, vec![block_cap()]))
                     .await,
                 Code::ResourceExhausted,
-                &format!("{:?}: pool full", opts.provisioning),
+                &format!("{}: pool full", opts.label()),
             );
             // What is left still fits exactly.
             td.create("pvc-3", 16 * MIB, block_cap()).await;
@@ -842,7 +842,7 @@ async fn get_capacity_tracks_volumes_and_topology() {
     with_timeout(T, async {
         for opts in DriverOpts::each_provisioning("256MiB") {
             let td = TestDriver::start_with(opts.clone()).await;
-            let what = format!("{:?}", opts.provisioning);
+            let what = opts.label();
             let empty = td.available_capacity(None).await;
             assert_eq!(empty, 256 * MIB, "{what}: empty pool");
             assert_eq!(td.available_capacity(Some(td.own_segment())).await, empty);

@@ -1,10 +1,15 @@
-//! Test harness: the real `kennel driver` binary on a temporary socket and
-//! loop directory, driven over gRPC, with host state (mounts, loop devices)
-//! inspected and cleaned up independently of the driver.
+//! Test harness: the real `kennel driver` binary on a temporary socket,
+//! backed by a loop directory or a throwaway LVM volume group, driven over
+//! gRPC, with host state (mounts, loop devices, LVs) inspected and cleaned
+//! up independently of the driver.
+//!
+//! The backend comes from the including test target: its crate root
+//! defines `FIXED_BACKEND` (`Some` to pin one, `None` to read
+//! `KENNEL_TEST_BACKEND`, `loop` by default or `lvm`).
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -23,13 +28,22 @@ use kennel::csi::pb::{
 use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
+pub mod vg;
+
+use vg::TestVg;
+
 pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;
 pub const TOPOLOGY_KEY: &str = "topology.kennel.csi.dev/node";
 pub const DRIVER_NAME: &str = "kennel.csi.dev";
 
 /// Run a test body with a deadline, so a hung RPC fails the test instead of CI.
-pub async fn with_timeout<F: Future>(secs: u64, body: F) -> F::Output {
+/// Against LVM every test needs root, lvm2 and loop devices: without them
+/// the body is skipped, saying why.
+pub async fn with_timeout<F: Future<Output = ()>>(secs: u64, body: F) {
+    if Backend::current() == Backend::Lvm && !vg::can_run() {
+        return;
+    }
     match tokio::time::timeout(Duration::from_secs(secs), body).await {
         Ok(out) => out,
         Err(_) => panic!("test did not finish within {secs}s"),
@@ -39,6 +53,9 @@ pub async fn with_timeout<F: Future>(secs: u64, body: F) -> F::Output {
 /// Tests that touch loop devices and mounts need root and loop support.
 /// Returns false (after saying why) when the test must be skipped.
 pub fn can_use_loop_devices() -> bool {
+    if Backend::current() == Backend::Lvm {
+        return vg::can_run();
+    }
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipping: this test needs root (loop devices and mounts)");
         return false;
@@ -50,6 +67,42 @@ pub fn can_use_loop_devices() -> bool {
     true
 }
 
+/// Whether a test that only makes sense for the loop backend must be
+/// skipped (saying why) because this run is against LVM.
+pub fn skip_for_lvm(reason: &str) -> bool {
+    if Backend::current() == Backend::Lvm {
+        eprintln!("skipping for lvm: {reason}");
+        return true;
+    }
+    false
+}
+
+/// The storage behind the driver under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Image files in a loop directory (`--backend loop`).
+    Loop,
+    /// Linear LVs in a throwaway volume group (`--backend lvm`).
+    Lvm,
+}
+
+impl Backend {
+    /// The backend of this test run: pinned by the test target, else
+    /// `KENNEL_TEST_BACKEND`.
+    pub fn current() -> Backend {
+        crate::FIXED_BACKEND.unwrap_or_else(Backend::from_env)
+    }
+
+    /// `KENNEL_TEST_BACKEND`: `loop` (the default) or `lvm`.
+    pub fn from_env() -> Backend {
+        match std::env::var("KENNEL_TEST_BACKEND").as_deref() {
+            Err(_) | Ok("") | Ok("loop") => Backend::Loop,
+            Ok("lvm") => Backend::Lvm,
+            Ok(other) => panic!("KENNEL_TEST_BACKEND={other:?}: expected loop or lvm"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provisioning {
     Sparse,
@@ -59,8 +112,12 @@ pub enum Provisioning {
 /// Flags for one driver instance.
 #[derive(Debug, Clone)]
 pub struct DriverOpts {
+    pub backend: Backend,
     pub node_id: String,
+    /// The pool size: the loop backend's `--capacity`, the size of the
+    /// LVM test VG.
     pub capacity: String,
+    /// Loop backend only.
     pub provisioning: Provisioning,
     pub max_volumes_per_node: Option<i64>,
 }
@@ -68,6 +125,7 @@ pub struct DriverOpts {
 impl Default for DriverOpts {
     fn default() -> Self {
         DriverOpts {
+            backend: Backend::current(),
             node_id: "test-node-1".to_owned(),
             capacity: "512MiB".to_owned(),
             provisioning: Provisioning::Preallocated,
@@ -85,6 +143,26 @@ impl DriverOpts {
         }
     }
 
+    /// The backend and, for loop, the provisioning mode, for messages.
+    pub fn label(&self) -> String {
+        match self.backend {
+            Backend::Loop => format!("loop {:?}", self.provisioning),
+            Backend::Lvm => "lvm".to_owned(),
+        }
+    }
+
+    /// One driver per provisioning mode the backend has: sparse and
+    /// preallocated loop images; LVM has only one.
+    pub fn each_provisioning(capacity: &str) -> Vec<Self> {
+        match Backend::current() {
+            Backend::Loop => vec![
+                DriverOpts::sparse(capacity),
+                DriverOpts::preallocated(capacity),
+            ],
+            Backend::Lvm => vec![DriverOpts::preallocated(capacity)],
+        }
+    }
+
     pub fn preallocated(capacity: &str) -> Self {
         DriverOpts {
             capacity: capacity.to_owned(),
@@ -99,6 +177,8 @@ pub struct TestDriver {
     /// Canonical path of the temporary directory holding everything below.
     pub root: PathBuf,
     pub loop_dir: PathBuf,
+    /// The LVM backend's volume group, kept across restarts.
+    pub vg: Option<TestVg>,
     pub socket: PathBuf,
     pub endpoint: String,
     pub opts: DriverOpts,
@@ -126,11 +206,17 @@ impl TestDriver {
         }
         let endpoint = format!("unix://{}", socket.display());
         let log = root.join("driver.log");
-        let mut child = spawn_driver(&opts, &endpoint, &loop_dir, &log);
+        let vg = match opts.backend {
+            Backend::Loop => None,
+            Backend::Lvm => Some(TestVg::with_capacity(parse_size(&opts.capacity))),
+        };
+        let storage = Storage::of(&root, &loop_dir, vg.as_ref());
+        let mut child = spawn_driver(&opts, &endpoint, &storage, &log);
         let client = wait_ready(&mut child, &endpoint, &log).await;
         TestDriver {
             root,
             loop_dir,
+            vg,
             socket,
             endpoint,
             opts,
@@ -159,7 +245,7 @@ impl TestDriver {
 
     /// Start the binary again on the same directory and socket path.
     async fn spawn_again(&mut self) {
-        let mut child = spawn_driver(&self.opts, &self.endpoint, &self.loop_dir, &self.log);
+        let mut child = spawn_driver(&self.opts, &self.endpoint, &self.storage(), &self.log);
         let ready = wait_ready(&mut child, &self.endpoint, &self.log).await;
         self.child = Some(child);
         self.client = ready;
@@ -244,7 +330,16 @@ impl TestDriver {
     /// Start the driver binary with these options against this test's
     /// directories; the caller owns the process.
     pub fn spawn_other(&self, opts: &DriverOpts, endpoint: &str) -> Child {
-        spawn_driver(opts, endpoint, &self.loop_dir, &self.root.join("other.log"))
+        spawn_driver(
+            opts,
+            endpoint,
+            &self.storage(),
+            &self.root.join("other.log"),
+        )
+    }
+
+    fn storage(&self) -> Storage {
+        Storage::of(&self.root, &self.loop_dir, self.vg.as_ref())
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
@@ -265,8 +360,105 @@ impl TestDriver {
             .join(if block { "dev" } else { "mount" })
     }
 
+    /// The loop backend's image file of a volume.
     pub fn image_path(&self, volume_id: &str) -> PathBuf {
+        assert_eq!(
+            self.opts.backend,
+            Backend::Loop,
+            "image files are loop-only"
+        );
         self.loop_dir.join(format!("{volume_id}.img"))
+    }
+
+    // ---- the volume's storage on the host, for either backend ----
+
+    /// Whether the volume's storage (image file or LV) exists.
+    pub fn stored(&self, volume_id: &str) -> bool {
+        self.stored_size(volume_id).is_some()
+    }
+
+    /// Size of the volume's image file or LV.
+    pub fn stored_size(&self, volume_id: &str) -> Option<u64> {
+        match &self.vg {
+            None => fs::metadata(self.image_path(volume_id))
+                .ok()
+                .map(|m| m.len()),
+            Some(vg) => vg.lv(volume_id).map(|lv| lv.size),
+        }
+    }
+
+    /// Every object the backend keeps for volumes on the host: files in
+    /// the loop directory (not its lock file or subdirectories), LVs in the
+    /// volume group.
+    pub fn host_objects(&self) -> BTreeSet<String> {
+        match &self.vg {
+            None => fs::read_dir(&self.loop_dir)
+                .map(|dir| {
+                    dir.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|name| !name.starts_with('.'))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Some(vg) => vg.lvs().into_iter().map(|lv| lv.name).collect(),
+        }
+    }
+
+    /// How many host objects one volume has: an image and its record for
+    /// the loop backend, one tagged LV for LVM.
+    pub fn objects_per_volume(&self) -> usize {
+        match self.vg {
+            None => 2,
+            Some(_) => 1,
+        }
+    }
+
+    /// Volumes with storage on the host: image files, or volume LVs.
+    pub fn stored_volumes(&self) -> BTreeSet<String> {
+        self.host_objects()
+            .into_iter()
+            .filter_map(|name| match self.vg {
+                None => name.strip_suffix(".img").map(str::to_owned),
+                Some(_) => name.starts_with("kv-").then_some(name),
+            })
+            .collect()
+    }
+
+    /// Loop devices exposing the volume: over its image file, or the
+    /// window over the PV range of its LV.
+    pub fn attachments(&self, volume_id: &str) -> Vec<PathBuf> {
+        match &self.vg {
+            None => loops_of(&self.image_path(volume_id))
+                .into_iter()
+                .map(|l| l.device)
+                .collect(),
+            Some(vg) => vg.windows_of_lv(volume_id),
+        }
+    }
+
+    /// Attach the volume's loop device the way the driver does, as a
+    /// driver killed right after attaching leaves it.
+    pub fn attach_by_hand(&self, volume_id: &str) -> PathBuf {
+        let mut cmd = Command::new("losetup");
+        cmd.args(["--find", "--show"]);
+        match &self.vg {
+            None => {
+                cmd.arg(self.image_path(volume_id));
+            }
+            Some(vg) => {
+                let offset = vg.lv_offset(volume_id).expect("LV offset");
+                let size = vg.lv(volume_id).expect("LV").size;
+                cmd.arg("--offset")
+                    .arg(offset.to_string())
+                    .arg("--sizelimit")
+                    .arg(size.to_string())
+                    .arg(&vg.pv);
+            }
+        }
+        let out = cmd.output().expect("run losetup");
+        assert!(out.status.success(), "losetup: {out:?}");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     }
 
     // ---- RPC shorthands that must succeed ----
@@ -411,6 +603,10 @@ impl TestDriver {
         assert!(mounts.is_empty(), "leaked mounts: {mounts:#?}");
         let loops = leaked_loops(&self.root);
         assert!(loops.is_empty(), "leaked loop devices: {loops:#?}");
+        if let Some(vg) = &self.vg {
+            let windows = vg::windows_of(&vg.pv);
+            assert!(windows.is_empty(), "leaked loop windows: {windows:#?}");
+        }
     }
 
     /// Remove every trace from the host: driver, mounts, loop devices.
@@ -419,6 +615,9 @@ impl TestDriver {
         self.kill();
         unmount_everything_under(&self.root);
         detach_loops_under(&self.root);
+        if let Some(vg) = &self.vg {
+            vg::detach_windows(&vg.pv);
+        }
         leaked_mounts(&self.root).is_empty() && leaked_loops(&self.root).is_empty()
     }
 }
@@ -486,7 +685,42 @@ pub fn log_tail(log: &Path, lines: usize) -> String {
     )
 }
 
-fn spawn_driver(opts: &DriverOpts, endpoint: &str, loop_dir: &Path, log: &Path) -> Child {
+/// Where a driver keeps its volumes.
+enum Storage {
+    Loop { dir: PathBuf },
+    Lvm { vg: String, lock_dir: PathBuf },
+}
+
+impl Storage {
+    fn of(root: &Path, loop_dir: &Path, vg: Option<&TestVg>) -> Storage {
+        match vg {
+            None => Storage::Loop {
+                dir: loop_dir.to_owned(),
+            },
+            Some(vg) => Storage::Lvm {
+                vg: vg.name.clone(),
+                lock_dir: root.join("locks"),
+            },
+        }
+    }
+}
+
+/// A size as the driver's flags take it: bytes or a KiB/MiB/GiB suffix.
+pub fn parse_size(size: &str) -> u64 {
+    let (digits, unit) = size
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((size, ""), |i| size.split_at(i));
+    let n: u64 = digits.parse().unwrap_or_else(|_| panic!("size {size:?}"));
+    n * match unit {
+        "" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => panic!("size {size:?}: unknown unit"),
+    }
+}
+
+fn spawn_driver(opts: &DriverOpts, endpoint: &str, storage: &Storage, log: &Path) -> Child {
     let log_file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -497,18 +731,27 @@ fn spawn_driver(opts: &DriverOpts, endpoint: &str, loop_dir: &Path, log: &Path) 
         .arg("--endpoint")
         .arg(endpoint)
         .arg("--node-id")
-        .arg(&opts.node_id)
-        .arg("--loop-dir")
-        .arg(loop_dir)
-        .arg("--capacity")
-        .arg(&opts.capacity)
-        .arg("--reserve")
-        .arg("0")
-        .arg("--provisioning")
-        .arg(match opts.provisioning {
-            Provisioning::Sparse => "sparse",
-            Provisioning::Preallocated => "preallocated",
-        });
+        .arg(&opts.node_id);
+    match storage {
+        Storage::Loop { dir } => {
+            cmd.arg("--loop-dir")
+                .arg(dir)
+                .arg("--capacity")
+                .arg(&opts.capacity)
+                .arg("--reserve")
+                .arg("0")
+                .arg("--provisioning")
+                .arg(match opts.provisioning {
+                    Provisioning::Sparse => "sparse",
+                    Provisioning::Preallocated => "preallocated",
+                });
+        }
+        Storage::Lvm { vg, lock_dir } => {
+            cmd.args(["--backend", "lvm", "--volume-group", vg])
+                .arg("--lock-dir")
+                .arg(lock_dir);
+        }
+    }
     if let Some(max) = opts.max_volumes_per_node {
         cmd.arg("--max-volumes-per-node").arg(max.to_string());
     }
@@ -709,16 +952,26 @@ pub fn loop_devices() -> Vec<LoopDevice> {
     found
 }
 
-/// Loop devices whose backing file lies under `dir`.
+/// Loop devices whose backing file lies under `dir`, preceded by the devices
+/// stacked on them (read-only Block publications), so detaching in this
+/// order frees every one.
 pub fn leaked_loops(dir: &Path) -> Vec<LoopDevice> {
-    loop_devices()
-        .into_iter()
+    let all = loop_devices();
+    let direct: Vec<LoopDevice> = all
+        .iter()
         .filter(|l| {
             // A deleted backing file shows as "<path> (deleted)".
             let raw = l.backing_file.to_string_lossy();
             Path::new(raw.trim_end_matches(" (deleted)")).starts_with(dir)
         })
-        .collect()
+        .cloned()
+        .collect();
+    let mut ordered: Vec<LoopDevice> = all
+        .into_iter()
+        .filter(|l| direct.iter().any(|d| d.device == l.backing_file))
+        .collect();
+    ordered.extend(direct);
+    ordered
 }
 
 /// Loop devices backed by exactly this image.

@@ -1,12 +1,10 @@
 //! Concurrent calls: one name gives one volume, the pool is never
 //! overcommitted, and different volumes go through their lifecycles side by side.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::fs;
 
-use common::*;
+use crate::common::*;
 use futures::future::join_all;
 use kennel::csi::pb;
 use tonic::Code;
@@ -19,21 +17,14 @@ fn the_fs_type(path: &std::path::Path) -> String {
     at[0].fs_type.clone()
 }
 
-fn images_in(td: &TestDriver) -> usize {
-    fs::read_dir(&td.loop_dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".img"))
-        .count()
+fn volumes_in(td: &TestDriver) -> usize {
+    td.stored_volumes().len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_with_one_name_make_one_volume() {
     with_timeout(T, async {
-        for opts in [
-            DriverOpts::preallocated("512MiB"),
-            DriverOpts::sparse("512MiB"),
-        ] {
+        for opts in DriverOpts::each_provisioning("512MiB") {
             let td = TestDriver::start_with(opts).await;
             let req = create_req("pvc-race", 32 * MIB, vec![mount_cap("ext4")]);
             let calls = (0..8).map(|_| {
@@ -56,7 +47,7 @@ async fn concurrent_creates_with_one_name_make_one_volume() {
             let listed = td.list_all().await;
             assert_eq!(listed.len(), 1, "{listed:?}");
             assert_eq!(Some(&listed[0].volume_id), ids.iter().next());
-            assert_eq!(images_in(&td), 1);
+            assert_eq!(volumes_in(&td), 1);
             assert_eq!(td.available_capacity(None).await, 512 * MIB - 32 * MIB);
         }
     })
@@ -66,11 +57,8 @@ async fn concurrent_creates_with_one_name_make_one_volume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_never_overcommit_the_pool() {
     with_timeout(T, async {
-        for opts in [
-            DriverOpts::sparse("64MiB"),
-            DriverOpts::preallocated("64MiB"),
-        ] {
-            let what = format!("{:?}", opts.provisioning);
+        for opts in DriverOpts::each_provisioning("64MiB") {
+            let what = opts.label();
             let td = TestDriver::start_with(opts).await;
             let calls = (0..8).map(|i| {
                 let mut c = td.controller();
@@ -98,7 +86,7 @@ async fn concurrent_creates_never_overcommit_the_pool() {
                 "{what}: {total} bytes provisioned in a 64 MiB pool"
             );
             assert_eq!(listed.len(), 4);
-            assert_eq!(images_in(&td), 4);
+            assert_eq!(volumes_in(&td), 4);
             assert_eq!(td.available_capacity(None).await, 0);
         }
     })
@@ -136,10 +124,7 @@ async fn lifecycle(td: &TestDriver, i: usize) {
         .expect("stats");
     td.unpublish(id, block).await;
     td.unstage(id).await;
-    assert!(
-        loops_of(&td.image_path(id)).is_empty(),
-        "volume {i}: loop left"
-    );
+    assert!(td.attachments(id).is_empty(), "volume {i}: loop left");
     td.delete(id).await;
 }
 
@@ -191,11 +176,7 @@ async fn concurrent_node_calls_on_one_volume_stay_consistent() {
                 1,
                 "{name}: concurrent stages stacked mounts"
             );
-            assert_eq!(
-                loops_of(&td.image_path(id)).len(),
-                1,
-                "{name}: several loop devices"
-            );
+            assert_eq!(td.attachments(id).len(), 1, "{name}: several loop devices");
 
             let publishes = (0..4).map(|_| {
                 let mut n = td.node();

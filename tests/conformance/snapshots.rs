@@ -1,10 +1,8 @@
-//! Snapshots and clones on the loop backend, over gRPC: data copied at the
+//! Snapshots and clones over gRPC: data copied at the
 //! moment of the snapshot (even while mounted), idempotency, listing and the
 //! spec's codes for unknown or incompatible sources.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kennel::csi::pb;
 use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use tonic::Code;
@@ -311,7 +309,7 @@ async fn list_snapshots_filters_and_pages() {
             Code::Aborted,
             "bad snapshot token",
         );
-        // Snapshots survive a restart: they live beside the images.
+        // Snapshots survive a restart: they live beside the volumes.
         let mut td = td;
         td.restart().await;
         let after = td

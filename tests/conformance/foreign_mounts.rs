@@ -1,9 +1,7 @@
 //! A request naming the wrong volume must never unmount another volume's
 //! staging or publication.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kennel::csi::pb;
 use tonic::Code;
 

@@ -2,13 +2,11 @@
 //! mounts. Host state is checked through /proc/self/mountinfo and
 //! /sys/block/loop*/loop, not through the driver.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use kennel::csi::pb::{
     self, node_service_capability, volume_capability::access_mode::Mode, volume_usage::Unit,
 };
@@ -194,8 +192,11 @@ async fn filesystem_lifecycle(opts: DriverOpts, fs_type: &str, bytes: i64, expec
         staged.options.split(',').any(|o| o == "noatime"),
         "mount_flags not applied: {staged:?}"
     );
-    let image = td.image_path(id);
-    assert_eq!(loops_of(&image).len(), 1, "one loop device for the image");
+    assert_eq!(
+        td.attachments(id).len(),
+        1,
+        "one loop device for the volume"
+    );
 
     // Publish twice: one bind mount of the same filesystem.
     let target = td.publish(id, capability.clone(), false).await;
@@ -219,13 +220,13 @@ async fn filesystem_lifecycle(opts: DriverOpts, fs_type: &str, bytes: i64, expec
     td.unstage(id).await;
     assert!(mounts_at(&staging).is_empty());
     assert!(
-        loops_of(&image).is_empty(),
+        td.attachments(id).is_empty(),
         "loop device left after unstage"
     );
     td.delete(id).await;
     td.delete(id).await;
     td.assert_no_leaks();
-    assert!(!image.exists());
+    assert!(!td.stored(id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,15 +274,14 @@ async fn block_lifecycle_reads_back_written_bytes() {
         let td = TestDriver::start_with(DriverOpts::preallocated("256MiB")).await;
         let vol = td.create("pvc-block", 64 * MIB, block_cap()).await;
         let id = vol.volume_id.as_str();
-        let image = td.image_path(id);
 
         let staging = td.stage(id, block_cap()).await;
         td.stage(id, block_cap()).await;
         let staged_file = staging.join("device");
         let staged = the_mount(&staged_file);
-        assert_eq!(loops_of(&image).len(), 1);
+        assert_eq!(td.attachments(id).len(), 1);
         // The bind shows the loop device node as its root.
-        let device = &loops_of(&image)[0].device;
+        let device = &td.attachments(id)[0];
         assert_eq!(
             Path::new(&staged.root).file_name(),
             device.file_name(),
@@ -311,7 +311,7 @@ async fn block_lifecycle_reads_back_written_bytes() {
         td.unstage(id).await;
         td.unstage(id).await;
         assert!(
-            loops_of(&image).is_empty(),
+            td.attachments(id).is_empty(),
             "loop device left after unstage"
         );
         assert!(leaked_mounts(&td.root).is_empty());
@@ -351,7 +351,7 @@ async fn filesystem_data_survives_unpublish_unstage_stage_publish() {
         write_file(&target.join("big.bin"), &big);
         td.unpublish(id, false).await;
         td.unstage(id).await;
-        assert!(loops_of(&td.image_path(id)).is_empty());
+        assert!(td.attachments(id).is_empty());
 
         td.stage(id, mount_cap("ext4")).await;
         let target = td.publish(id, mount_cap("ext4"), false).await;
@@ -396,7 +396,7 @@ async fn stage_never_reformats_existing_data() {
         );
         assert!(mounts_at(&staging).is_empty(), "failed stage left a mount");
         assert!(
-            loops_of(&td.image_path(id)).is_empty(),
+            td.attachments(id).is_empty(),
             "failed stage left a loop device"
         );
 
@@ -874,7 +874,7 @@ async fn delete_staged_volume_is_refused_until_unstaged() {
             "delete a staged volume",
         );
         assert_eq!(read_file(&staging.join("f")), b"still here");
-        assert!(td.image_path(id).exists());
+        assert!(td.stored(id));
         td.unstage(id).await;
         td.delete(id).await;
         td.assert_no_leaks();

@@ -1,13 +1,11 @@
 //! Identity and Controller services against the real driver: every rule of
 //! the CSI spec Kennel promises, asserted by status code.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
-use common::*;
+use crate::common::*;
 use kennel::csi::pb::{
     self, controller_service_capability, plugin_capability, volume_capability::access_mode::Mode,
 };
@@ -171,13 +169,8 @@ async fn create_volume_is_idempotent_by_name() {
             .expect("CreateVolume without range")
             .into_inner();
         assert_eq!(again.volume.unwrap().volume_id, vol.volume_id);
-        // Exactly one image in the pool.
-        let images = fs::read_dir(&td.loop_dir)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".img"))
-            .count();
-        assert_eq!(images, 1);
+        // Exactly one volume in the pool.
+        assert_eq!(td.stored_volumes().len(), 1);
     })
     .await
 }
@@ -359,17 +352,14 @@ async fn create_volume_limit_below_required_is_out_of_range() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_volume_pool_full_is_resource_exhausted() {
     with_timeout(T, async {
-        for opts in [
-            DriverOpts::sparse("64MiB"),
-            DriverOpts::preallocated("64MiB"),
-        ] {
+        for opts in DriverOpts::each_provisioning("64MiB") {
             let td = TestDriver::start_with(opts.clone()).await;
             assert_code(
                 td.controller()
                     .create_volume(create_req("pvc-huge", 128 * MIB, vec![block_cap()]))
                     .await,
                 Code::ResourceExhausted,
-                &format!("{:?}: volume larger than the pool", opts.provisioning),
+                &format!("{}: volume larger than the pool", opts.label()),
             );
             td.create("pvc-1", 48 * MIB, block_cap()).await;
             assert_code(
@@ -377,19 +367,14 @@ async fn create_volume_pool_full_is_resource_exhausted() {
                     .create_volume(create_req("pvc-2", 32 * MIB, vec![block_cap()]))
                     .await,
                 Code::ResourceExhausted,
-                &format!("{:?}: pool full", opts.provisioning),
+                &format!("{}: pool full", opts.label()),
             );
             // What is left still fits exactly.
             td.create("pvc-3", 16 * MIB, block_cap()).await;
             assert_eq!(td.available_capacity(None).await, 0);
             // Failed creates left nothing behind.
-            let names: BTreeSet<String> = fs::read_dir(&td.loop_dir)
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".img") || n.ends_with(".json"))
-                .collect();
-            assert_eq!(names.len(), 4, "{names:?}");
+            let names = td.host_objects();
+            assert_eq!(names.len(), 2 * td.objects_per_volume(), "{names:?}");
             assert_eq!(td.list_all().await.len(), 2);
         }
     })
@@ -423,9 +408,9 @@ async fn create_volume_rounds_capacity_up_to_mib() {
                 "required {required} limit {limit}"
             );
             assert_eq!(
-                fs::metadata(td.image_path(&vol.volume_id)).unwrap().len(),
-                expected as u64,
-                "image size"
+                td.stored_size(&vol.volume_id),
+                Some(expected as u64),
+                "stored size"
             );
         }
         // Only a limit: some size within it.
@@ -550,6 +535,9 @@ async fn create_volume_unknown_parameter_is_invalid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_volume_preallocated_allocates_and_sparse_does_not() {
+    if skip_for_lvm("sparse and preallocated are loop image modes") {
+        return;
+    }
     with_timeout(T, async {
         let td = TestDriver::start_with(DriverOpts::preallocated("256MiB")).await;
         let vol = td.create("pvc-pre", 32 * MIB, block_cap()).await;
@@ -591,11 +579,7 @@ async fn delete_volume_unknown_or_malformed_is_ok_and_touches_nothing() {
             fs::write(d, b"do not delete").unwrap();
         }
         let kept = td.create("pvc-keep", 4 * MIB, mount_cap("")).await;
-        let before: BTreeSet<_> = fs::read_dir(&td.loop_dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
+        let before = td.host_objects();
 
         for id in [
             UNKNOWN_ID,
@@ -618,11 +602,7 @@ async fn delete_volume_unknown_or_malformed_is_ok_and_touches_nothing() {
             assert_eq!(fs::read(d).unwrap(), b"do not delete", "{}", d.display());
         }
         assert!(std::path::Path::new("/etc/passwd").exists());
-        let after: BTreeSet<_> = fs::read_dir(&td.loop_dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
+        let after = td.host_objects();
         assert_eq!(before, after);
         assert_eq!(td.list_all().await, vec![kept.clone()]);
 
@@ -638,11 +618,10 @@ async fn delete_volume_unknown_or_malformed_is_ok_and_touches_nothing() {
         td.delete(&kept.volume_id).await;
         td.delete(&kept.volume_id).await;
         assert!(td.list_all().await.is_empty());
-        assert!(!td.image_path(&kept.volume_id).exists());
-        let leftovers: Vec<_> = fs::read_dir(&td.loop_dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
+        assert!(!td.stored(&kept.volume_id));
+        let leftovers: Vec<_> = td
+            .host_objects()
+            .into_iter()
             .filter(|n| n.contains(&kept.volume_id))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
@@ -861,12 +840,9 @@ async fn list_volumes_token_survives_deleting_the_cursor_volume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_capacity_tracks_volumes_and_topology() {
     with_timeout(T, async {
-        for opts in [
-            DriverOpts::sparse("256MiB"),
-            DriverOpts::preallocated("256MiB"),
-        ] {
+        for opts in DriverOpts::each_provisioning("256MiB") {
             let td = TestDriver::start_with(opts.clone()).await;
-            let what = format!("{:?}", opts.provisioning);
+            let what = opts.label();
             let empty = td.available_capacity(None).await;
             assert_eq!(empty, 256 * MIB, "{what}: empty pool");
             assert_eq!(td.available_capacity(Some(td.own_segment())).await, empty);
@@ -953,10 +929,7 @@ async fn controller_expand_volume() {
             resp.node_expansion_required,
             "a filesystem volume grows on the node too"
         );
-        assert_eq!(
-            fs::metadata(td.image_path(&vol.volume_id)).unwrap().len(),
-            33 * MIB as u64
-        );
+        assert_eq!(td.stored_size(&vol.volume_id), Some(33 * MIB as u64));
         // Idempotent, and never shrinks.
         let again = td
             .controller()

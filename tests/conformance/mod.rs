@@ -1,0 +1,9 @@
+//! The CSI conformance suite, written once and run by one test target per
+//! backend (`conformance_loop`, `conformance_lvm`).
+
+mod concurrency;
+mod controller;
+mod foreign_mounts;
+mod node;
+mod restart;
+mod snapshots;

@@ -54,8 +54,27 @@ pub enum CtlCommand {
         /// StorageClass parameter key=value (repeatable).
         #[arg(long = "param", value_parser = parse_key_value)]
         params: Vec<(String, String)>,
+        /// Start from this snapshot's data.
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Start as a copy of this volume.
+        #[arg(long)]
+        from_volume: Option<String>,
         #[command(flatten)]
         usage: UsageArgs,
+    },
+    /// Snapshot a volume (idempotent by name).
+    Snapshot {
+        name: String,
+        volume_id: String,
+    },
+    /// List snapshots, optionally of one volume.
+    Snapshots {
+        #[arg(long, default_value = "")]
+        volume_id: String,
+    },
+    DeleteSnapshot {
+        snapshot_id: String,
     },
     /// List volumes.
     List {
@@ -142,6 +161,16 @@ pub fn capability(usage: &UsageArgs) -> pb::VolumeCapability {
     }
 }
 
+fn snapshot_json(s: &pb::Snapshot) -> Value {
+    json!({
+        "snapshot_id": s.snapshot_id,
+        "source_volume_id": s.source_volume_id,
+        "size_bytes": s.size_bytes,
+        "ready_to_use": s.ready_to_use,
+        "created_unix": s.creation_time.as_ref().map(|t| t.seconds),
+    })
+}
+
 fn volume_json(v: &pb::Volume) -> Value {
     json!({
         "volume_id": v.volume_id,
@@ -202,8 +231,16 @@ async fn execute(c: &mut CsiClient, command: CtlCommand) -> anyhow::Result<Value
             name,
             size,
             params,
+            from_snapshot,
+            from_volume,
             usage,
         } => {
+            use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
+            let source = match (from_snapshot, from_volume) {
+                (Some(snapshot_id), _) => Some(Type::Snapshot(SnapshotSource { snapshot_id })),
+                (None, Some(volume_id)) => Some(Type::Volume(VolumeSource { volume_id })),
+                (None, None) => None,
+            };
             let volume = c
                 .controller
                 .create_volume(pb::CreateVolumeRequest {
@@ -214,6 +251,8 @@ async fn execute(c: &mut CsiClient, command: CtlCommand) -> anyhow::Result<Value
                     }),
                     volume_capabilities: vec![capability(&usage)],
                     parameters: params.into_iter().collect::<BTreeMap<_, _>>(),
+                    volume_content_source: source
+                        .map(|t| pb::VolumeContentSource { r#type: Some(t) }),
                     ..Default::default()
                 })
                 .await?
@@ -221,6 +260,55 @@ async fn execute(c: &mut CsiClient, command: CtlCommand) -> anyhow::Result<Value
                 .volume
                 .unwrap_or_default();
             volume_json(&volume)
+        }
+        CtlCommand::Snapshot { name, volume_id } => {
+            let snapshot = c
+                .controller
+                .create_snapshot(pb::CreateSnapshotRequest {
+                    name,
+                    source_volume_id: volume_id,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            snapshot_json(&snapshot)
+        }
+        CtlCommand::Snapshots { volume_id } => {
+            let mut snapshots = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .controller
+                    .list_snapshots(pb::ListSnapshotsRequest {
+                        source_volume_id: volume_id.clone(),
+                        starting_token: token,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                snapshots.extend(
+                    page.entries
+                        .iter()
+                        .filter_map(|e| e.snapshot.as_ref())
+                        .map(snapshot_json),
+                );
+                if page.next_token.is_empty() {
+                    break;
+                }
+                token = page.next_token;
+            }
+            json!({ "snapshots": snapshots })
+        }
+        CtlCommand::DeleteSnapshot { snapshot_id } => {
+            c.controller
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    snapshot_id: snapshot_id.clone(),
+                    ..Default::default()
+                })
+                .await?;
+            json!({ "deleted_snapshot": snapshot_id })
         }
         CtlCommand::List {
             max_entries,

@@ -78,6 +78,7 @@ async fn measure(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     );
     let mut driver = DriverProcess::start(dir, args.size * args.concurrency as u64 * 2).await?;
     let idle_rss = driver.rss_kib()?;
+    let round_trip = probe_round_trip(&driver.client).await?;
 
     // Warm up once so that first-use costs (loop device creation) are not measured.
     run_lifecycles(args, 1, |i, s| {
@@ -133,7 +134,7 @@ async fn measure(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     let baseline_rate = args.lifecycles as f64 / baseline_wall.as_secs_f64();
     println!("\nratios (kennel vs baseline, same run):");
     println!(
-        "  lifecycle p50: {:.1} ms vs {:.1} ms  -> {:.2}x faster",
+        "  lifecycle p50: {:.1} ms vs {:.1} ms  -> speed-up {:.2}x",
         ms(p50(&kennel)),
         ms(p50(&baseline)),
         p50(&baseline).as_secs_f64() / p50(&kennel).as_secs_f64().max(1e-9)
@@ -143,11 +144,27 @@ async fn measure(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         kennel_rate / baseline_rate
     );
     println!(
+        "gRPC round trip (Probe over the socket, p50): {:.3} ms",
+        ms(round_trip)
+    );
+    println!(
         "driver RSS: {:.1} MiB idle, {:.1} MiB after the run",
         idle_rss as f64 / 1024.0,
         loaded_rss as f64 / 1024.0
     );
     Ok(())
+}
+
+/// The transport's share of every call: an RPC that does no work.
+async fn probe_round_trip(client: &CsiClient) -> anyhow::Result<Duration> {
+    let mut identity = client.identity.clone();
+    let mut samples = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let at = Instant::now();
+        identity.probe(pb::ProbeRequest {}).await?;
+        samples.push(at.elapsed());
+    }
+    Ok(percentile(&samples, 50.0))
 }
 
 async fn run_lifecycles<F, Fut>(

@@ -197,13 +197,16 @@ where
     Ok((samples.into_inner(), wall))
 }
 
-async fn timed<T>(
+async fn timed<T, E: Into<anyhow::Error>>(
     samples: &Samples,
     step: &'static str,
-    work: impl std::future::Future<Output = anyhow::Result<T>>,
+    work: impl std::future::Future<Output = Result<T, E>>,
 ) -> anyhow::Result<T> {
     let at = Instant::now();
-    let out = work.await.with_context(|| format!("{step} failed"))?;
+    let out = work
+        .await
+        .map_err(Into::into)
+        .with_context(|| format!("{step} failed"))?;
     samples
         .lock()
         .await
@@ -261,56 +264,55 @@ async fn kennel_lifecycle(
     let id = volume.volume_id;
     let staging_path = staging.display().to_string();
     let target_path = target.display().to_string();
-    timed(&samples, "stage", async {
+    timed(
+        &samples,
+        "stage",
         node.node_stage_volume(pb::NodeStageVolumeRequest {
             volume_id: id.clone(),
             staging_target_path: staging_path.clone(),
             volume_capability: Some(cap.clone()),
             ..Default::default()
-        })
-        .await?;
-        Ok(())
-    })
+        }),
+    )
     .await?;
-    timed(&samples, "publish", async {
+    timed(
+        &samples,
+        "publish",
         node.node_publish_volume(pb::NodePublishVolumeRequest {
             volume_id: id.clone(),
             staging_target_path: staging_path.clone(),
             target_path: target_path.clone(),
             volume_capability: Some(cap.clone()),
             ..Default::default()
-        })
-        .await?;
-        Ok(())
-    })
+        }),
+    )
     .await?;
-    timed(&samples, "unpublish", async {
+    timed(
+        &samples,
+        "unpublish",
         node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
             volume_id: id.clone(),
             target_path: target_path.clone(),
-        })
-        .await?;
-        Ok(())
-    })
+        }),
+    )
     .await?;
-    timed(&samples, "unstage", async {
+    timed(
+        &samples,
+        "unstage",
         node.node_unstage_volume(pb::NodeUnstageVolumeRequest {
             volume_id: id.clone(),
             staging_target_path: staging_path.clone(),
-        })
-        .await?;
-        Ok(())
-    })
+        }),
+    )
     .await?;
-    timed(&samples, "delete", async {
-        controller
-            .delete_volume(pb::DeleteVolumeRequest {
-                volume_id: id.clone(),
-                ..Default::default()
-            })
-            .await?;
-        Ok(())
-    })
+    timed(
+        &samples,
+        "delete",
+        controller.delete_volume(pb::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        }),
+    )
     .await?;
     samples
         .lock()

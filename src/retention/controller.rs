@@ -224,14 +224,14 @@ impl Context {
                 resource_version,
                 owner_references,
             } => {
-                // A merge patch replaces the whole list; the resourceVersion makes it conditional.
-                let patch = json!({"metadata": {
-                    "resourceVersion": resource_version,
-                    "ownerReferences": owner_references,
-                }});
-                let r = claims
-                    .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await;
+                let r = conditional_patch(
+                    &claims,
+                    claim,
+                    resource_version,
+                    "ownerReferences",
+                    json!(owner_references),
+                )
+                .await;
                 (
                     "claim_owners",
                     write_result(r, "patch", format!("claim {ns}/{claim}")),
@@ -261,13 +261,14 @@ impl Context {
                 resource_version,
                 finalizers,
             } => {
-                let patch = json!({"metadata": {
-                    "resourceVersion": resource_version,
-                    "finalizers": finalizers,
-                }});
-                let r = volumes
-                    .patch(volume, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await;
+                let r = conditional_patch(
+                    &volumes,
+                    volume,
+                    resource_version,
+                    "finalizers",
+                    json!(finalizers),
+                )
+                .await;
                 (
                     "volume_finalizers",
                     write_result(r, "patch", format!("volume {volume}")),
@@ -469,6 +470,23 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// Replace one metadata list of `name`, only if it is still at `resource_version`
+/// (a merge patch replaces the whole list; the resourceVersion makes it conditional).
+async fn conditional_patch<K>(
+    api: &Api<K>,
+    name: &str,
+    resource_version: &str,
+    field: &str,
+    value: serde_json::Value,
+) -> kube::Result<K>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({"metadata": {"resourceVersion": resource_version, field: value}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
 }
 
 #[cfg(test)]

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "common/skip.rs"]
+mod skip;
+
 use kennel::csi::client::CsiClient;
 use kennel::csi::pb;
 use kennel::metrics::http_get;
@@ -122,8 +125,9 @@ async fn scrape(addr: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_a_ctl_lifecycle() {
-    if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
-        eprintln!("skipping: needs root and loop devices");
+    if (!nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists())
+        && skip::cannot_run("needs root and loop devices")
+    {
         return;
     }
     let tmp = tempfile::Builder::new()

@@ -30,6 +30,7 @@ use tonic::{Code, Response, Status};
 
 pub mod vg;
 
+pub use vg::skip::cannot_run;
 use vg::TestVg;
 
 pub const MIB: i64 = 1 << 20;
@@ -39,7 +40,7 @@ pub const DRIVER_NAME: &str = "kennel.csi.dev";
 
 /// Run a test body with a deadline, so a hung RPC fails the test instead of CI.
 /// Against LVM every test needs root, lvm2 and loop devices: without them
-/// the body is skipped, saying why.
+/// the test fails, or is skipped loudly under `KENNEL_ALLOW_SKIP=1`.
 pub async fn with_timeout<F: Future<Output = ()>>(secs: u64, body: F) {
     if Backend::current() == Backend::Lvm && !vg::can_run() {
         return;
@@ -51,30 +52,19 @@ pub async fn with_timeout<F: Future<Output = ()>>(secs: u64, body: F) {
 }
 
 /// Tests that touch loop devices and mounts need root and loop support.
-/// Returns false (after saying why) when the test must be skipped.
+/// Without them the test fails, or returns false under `KENNEL_ALLOW_SKIP=1`
+/// after saying so on stdout.
 pub fn can_use_loop_devices() -> bool {
     if Backend::current() == Backend::Lvm {
         return vg::can_run();
     }
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: this test needs root (loop devices and mounts)");
-        return false;
+        return !cannot_run("this test needs root (loop devices and mounts)");
     }
     if !Path::new("/dev/loop-control").exists() {
-        eprintln!("skipping: /dev/loop-control is missing");
-        return false;
+        return !cannot_run("/dev/loop-control is missing");
     }
     true
-}
-
-/// Whether a test that only makes sense for the loop backend must be
-/// skipped (saying why) because this run is against LVM.
-pub fn skip_for_lvm(reason: &str) -> bool {
-    if Backend::current() == Backend::Lvm {
-        eprintln!("skipping for lvm: {reason}");
-        return true;
-    }
-    false
 }
 
 /// The storage behind the driver under test.

@@ -10,21 +10,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+#[path = "skip.rs"]
+pub mod skip;
+use skip::cannot_run;
+
 const VG_PREFIX: &str = "kennel-t";
 
-/// LVM tests need root, lvm2 and loop devices. Says why when they cannot run.
+/// LVM tests need root, lvm2 and loop devices. When they cannot run, the
+/// test fails (or, with `KENNEL_ALLOW_SKIP=1`, is skipped loudly).
 pub fn can_run() -> bool {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: LVM tests need root");
-        return false;
+        return !cannot_run("LVM tests need root");
     }
     if Command::new("lvm").arg("version").output().is_err() {
-        eprintln!("skipping: lvm2 is not installed (hack/setup.sh installs it)");
-        return false;
+        return !cannot_run("lvm2 is not installed (hack/setup.sh installs it)");
     }
     if !Path::new("/dev/loop-control").exists() {
-        eprintln!("skipping: /dev/loop-control is missing");
-        return false;
+        return !cannot_run("/dev/loop-control is missing");
     }
     true
 }

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 
 use crate::common::*;
 use kennel::csi::pb::{
@@ -529,36 +528,6 @@ async fn create_volume_unknown_parameter_is_invalid() {
             .create_volume(req)
             .await
             .expect("provisioner metadata parameters");
-    })
-    .await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_volume_preallocated_allocates_and_sparse_does_not() {
-    if skip_for_lvm("sparse and preallocated are loop image modes") {
-        return;
-    }
-    with_timeout(T, async {
-        let td = TestDriver::start_with(DriverOpts::preallocated("256MiB")).await;
-        let vol = td.create("pvc-pre", 32 * MIB, block_cap()).await;
-        let meta = fs::metadata(td.image_path(&vol.volume_id)).unwrap();
-        assert_eq!(meta.len(), 32 * MIB as u64);
-        assert!(
-            meta.blocks() * 512 >= 32 * MIB as u64,
-            "preallocated image has only {} bytes allocated",
-            meta.blocks() * 512
-        );
-        drop(td);
-
-        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
-        let vol = td.create("pvc-sparse", 32 * MIB, block_cap()).await;
-        let meta = fs::metadata(td.image_path(&vol.volume_id)).unwrap();
-        assert_eq!(meta.len(), 32 * MIB as u64);
-        assert!(
-            meta.blocks() * 512 < MIB as u64,
-            "sparse image has {} bytes allocated",
-            meta.blocks() * 512
-        );
     })
     .await
 }

@@ -75,6 +75,11 @@ pub struct DriverArgs {
     /// is killed and the call answers DEADLINE_EXCEEDED.
     #[arg(long, default_value = "2m", value_parser = crate::retention::duration::parse_duration)]
     pub command_timeout: std::time::Duration,
+    /// Longest time a snapshot or clone may keep a mounted source's filesystem frozen. An
+    /// instant copy (reflink, thin snapshot) fits; a full copy that does not is refused with
+    /// FAILED_PRECONDITION rather than stalling the workload.
+    #[arg(long, default_value = "5s", value_parser = crate::retention::duration::parse_duration)]
+    pub freeze_budget: std::time::Duration,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz on this address, e.g. 0.0.0.0:9808.
     #[arg(long, env = "KENNEL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -91,6 +96,36 @@ fn hostname() -> Result<String> {
         .map_err(|_| Error::Internal("hostname is not UTF-8".to_owned()))
 }
 
+/// A driver killed while a snapshot held a volume's filesystem frozen leaves the workload
+/// blocked: thaw every staged Kennel filesystem at start-up.
+fn thaw_left_frozen(backend: &dyn Backend) {
+    let volumes = match backend.list() {
+        Ok(volumes) => volumes,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list volumes to thaw frozen filesystems");
+            return;
+        }
+    };
+    for volume in volumes {
+        let point = backend
+            .attached_device(&volume.id)
+            .and_then(|device| match device {
+                Some(device) => crate::node::mount::mount_point_of(&device),
+                None => Ok(None),
+            });
+        let Ok(Some(point)) = point else {
+            continue;
+        };
+        match crate::node::freeze::thaw(&point) {
+            Ok(true) => {
+                tracing::warn!(volume_id = %volume.id, mount = %point.display(), "thawed a filesystem left frozen")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(volume_id = %volume.id, error = %e, "could not thaw"),
+        }
+    }
+}
+
 /// Build the driver from its flags (opening the backend, recovering state).
 pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
     if args.max_volumes_per_node < 0 {
@@ -99,6 +134,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         ));
     }
     crate::node::cmd::set_timeout(args.command_timeout);
+    crate::node::freeze::set_budget(args.freeze_budget);
     let node_id = match &args.node_id {
         Some(id) if !id.is_empty() => id.clone(),
         _ => hostname()?,
@@ -120,6 +156,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
             lock_dir: args.lock_dir.clone(),
         })?),
     };
+    thaw_left_frozen(backend.as_ref());
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
         node_id,
@@ -155,6 +192,7 @@ impl DriverArgs {
             lock_dir: dir.join("locks"),
             max_volumes_per_node: 0,
             command_timeout: crate::node::cmd::DEFAULT_TIMEOUT,
+            freeze_budget: crate::node::freeze::DEFAULT_BUDGET,
             metrics_addr: None,
         }
     }

@@ -180,10 +180,12 @@ fn seed(cluster: &mut Cluster, backend: Backend) {
             "driver log never names {id}"
         );
     }
+    // The provisioner may retry a DeleteVolume that already succeeded (CSI
+    // makes it idempotent), so at least one OK call per volume.
     let deletes = cluster.plugin().rpc_ok_count("DeleteVolume") - deletes_before;
-    assert_eq!(
-        deletes, 3,
-        "DeleteVolume calls answered OK for the three volumes"
+    assert!(
+        deletes >= 3,
+        "only {deletes} DeleteVolume calls answered OK for three volumes"
     );
     cluster
         .kubectl

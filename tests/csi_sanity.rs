@@ -97,7 +97,9 @@ fn sanity(backend: Backend, access: &str) {
         .expect("dirs");
     let socket = root.join("csi.sock");
     let endpoint = format!("unix://{}", socket.display());
-    let storage = run_state.storage.insert(Storage::create(backend, &root));
+    let storage = run_state
+        .storage
+        .insert(Storage::create(backend, &root, "sanity-node"));
     let logs = root.join("logs");
     let driver = run_state.driver.insert(Daemon::spawn(
         "kennel-driver",

@@ -199,6 +199,21 @@ fn walkdir(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// SIGKILL every process in the run's cgroup tree (the pods' containers).
+pub fn kill_containers(names: &RunNames) {
+    for _ in 0..20 {
+        let pids: Vec<i32> = cgroup_dirs(&names.cgroup)
+            .iter()
+            .flat_map(|d| pids_in_cgroup_tree(d))
+            .collect();
+        if pids.is_empty() {
+            return;
+        }
+        kill_all(&pids);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn kill_all(pids: &[i32]) {
     for &pid in pids {
         let _ = nix::sys::signal::kill(

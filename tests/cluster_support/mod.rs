@@ -21,6 +21,7 @@ pub mod kube;
 pub mod node_plugin;
 pub mod pki;
 pub mod procs;
+pub mod retention;
 pub mod workload;
 
 #[path = "../common/vg.rs"]
@@ -108,6 +109,8 @@ pub struct Cluster {
     pub plugin: Option<NodePlugin>,
     /// Other processes a scenario started (e.g. `kennel retention`).
     pub extra: Vec<Daemon>,
+    /// Node plugins of lost nodes: their storage stays until teardown.
+    retired: Vec<NodePlugin>,
     namespaces: usize,
 }
 
@@ -143,6 +146,7 @@ impl Cluster {
             kubelet: None,
             plugin: None,
             extra: Vec::new(),
+            retired: Vec::new(),
             namespaces: 0,
             names,
             root,
@@ -417,8 +421,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         }
     }
 
+    /// Each node gets its own kubelet root, so a replacement node does not
+    /// adopt the lost node's state.
     fn kubelet_dir(&self) -> PathBuf {
-        self.root.join("kubelet")
+        self.root.join(format!("kubelet-{}", self.node_name))
     }
 
     /// The kubelet's root directory (`--root-dir`), where it stages and
@@ -629,6 +635,45 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         );
     }
 
+    /// The node dies: its driver deregisters (when `deregister`; a
+    /// crashed machine leaves its CSINode entry behind), its kubelet stops
+    /// and its containers are killed. Its storage stays on the host.
+    pub fn lose_node(&mut self, deregister: bool) {
+        let name = self.node_name.clone();
+        if deregister {
+            if let Some(plugin) = self.stop_plugin() {
+                self.retired.push(plugin);
+            }
+            let kubectl = self.kubectl.clone();
+            wait_for(
+                &format!("{DRIVER_NAME} gone from CSINode {name}"),
+                60,
+                || {
+                    let csinode = kubectl.get(&["csinode", &name])?;
+                    (!csinode["spec"]["drivers"]
+                        .as_array()
+                        .is_some_and(|d| d.iter().any(|d| d["name"] == DRIVER_NAME)))
+                    .then_some(())
+                },
+                String::new,
+            );
+        }
+        self.stop_kubelet();
+        if let Some(plugin) = self.stop_plugin() {
+            self.retired.push(plugin);
+        }
+        host::kill_containers(&self.names);
+    }
+
+    /// A new node `name` joins (kubelet and Kennel's node plugin on fresh
+    /// storage) and becomes the cluster's node.
+    pub fn add_node(&mut self, name: &str, backend: Backend) {
+        self.node_name = name.to_owned();
+        self.start_kubelet();
+        self.start_plugin(backend);
+        self.wait_node_ready();
+    }
+
     /// A fresh namespace for one scenario, named after it.
     pub fn namespace(&mut self, scenario: &str) -> String {
         self.namespaces += 1;
@@ -697,11 +742,13 @@ impl Drop for Cluster {
         }
         self.stop_kubelet();
         let plugin = self.stop_plugin();
+        let retired = std::mem::take(&mut self.retired);
         // Containers and their mounts go before the volume group under them.
         self.containerd.take();
         self.control_plane.clear();
         let problems = host::teardown(&self.root, &self.names);
         drop(plugin);
+        drop(retired);
         if !problems.is_empty() && !std::thread::panicking() {
             panic!("cluster teardown left host state behind: {problems:?}");
         }

@@ -37,10 +37,10 @@ pub enum Storage {
 }
 
 impl Storage {
-    pub fn create(backend: Backend, root: &Path) -> Storage {
+    pub fn create(backend: Backend, root: &Path, node: &str) -> Storage {
         match backend {
             Backend::Loop => {
-                let dir = root.join("loop");
+                let dir = root.join(format!("loop-{node}"));
                 std::fs::create_dir_all(&dir).expect("create loop dir");
                 Storage::Loop { dir }
             }
@@ -141,7 +141,7 @@ impl NodePlugin {
         std::fs::create_dir_all(&registry).expect("create registry dir");
         let socket = plugin_dir.join("csi.sock");
         let endpoint = format!("unix://{}", socket.display());
-        let storage = Storage::create(backend, &cluster.root);
+        let storage = Storage::create(backend, &cluster.root, &cluster.node_name);
         let metrics_port = free_port();
         let node = cluster.node_name.clone();
         let logs = &cluster.logs;

@@ -21,7 +21,7 @@ fn retention_with_builtin_off() {
     run_scenarios(
         ClusterOpts {
             feature_gates: Some("StatefulSetAutoDeletePVC=false".to_owned()),
-            node_monitor_grace: Some(Duration::from_secs(8)),
+            node_monitor_grace: Some(Duration::from_secs(15)),
         },
         B,
         &[
@@ -127,7 +127,7 @@ fn when_scaled_delete(cluster: &mut Cluster) {
     cluster
         .kubectl
         .run(&["delete", "statefulset", "web", "-n", &ns, "--wait=true"]);
-    hold_claims(cluster, &ns, &["www-web-0"], 8);
+    hold_claims(cluster, &ns, &["www-web-0"], 5);
     assert_no_problems(cluster);
     finish(cluster, &ns);
 }
@@ -137,7 +137,7 @@ fn when_deleted_delete(cluster: &mut Cluster) {
     let ns = deploy(cluster, "deleted-delete", set, 2);
     scale(cluster, &ns, 1);
     wait_pod_gone(cluster, &ns, "web-1", 60);
-    hold_claims(cluster, &ns, &["www-web-0", "www-web-1"], 8);
+    hold_claims(cluster, &ns, &["www-web-0", "www-web-1"], 5);
     cluster
         .kubectl
         .run(&["delete", "statefulset", "web", "-n", &ns, "--wait=false"]);
@@ -159,7 +159,7 @@ fn retain_and_reattach(cluster: &mut Cluster) {
     );
     scale(cluster, &ns, 1);
     wait_pod_gone(cluster, &ns, "web-1", 60);
-    hold_claims(cluster, &ns, &["www-web-0", "www-web-1"], 8);
+    hold_claims(cluster, &ns, &["www-web-0", "www-web-1"], 5);
     scale(cluster, &ns, 2);
     wait_pods_ready(cluster, &ns, &ordinals("web", 2), 120);
     let back = claim_pv(cluster, &ns, "www-web-1").expect("bound");
@@ -180,7 +180,7 @@ fn retain_and_reattach(cluster: &mut Cluster) {
     cluster
         .kubectl
         .run(&["delete", "statefulset", "web", "-n", &ns, "--wait=true"]);
-    hold_claims(cluster, &ns, &["www-web-0", "www-web-1"], 8);
+    hold_claims(cluster, &ns, &["www-web-0", "www-web-1"], 5);
     assert_no_problems(cluster);
     finish(cluster, &ns);
 }

@@ -26,8 +26,8 @@ fn builtin_on_detected(cluster: &mut Cluster) {
     start_retention(cluster);
     let log = retention_log(cluster);
     assert!(
-        log.contains("builtin=true"),
-        "on v1.28 with StatefulSetAutoDeletePVC on, --builtin-retention auto must find the built-in on:\n{log}"
+        log.contains("rule=WhereFieldKept"),
+        "on v1.28 (gate beta, on by default) --builtin-retention auto must leave sets whose policy field the API server keeps to Kubernetes:\n{log}"
     );
 }
 

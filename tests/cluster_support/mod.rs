@@ -783,6 +783,19 @@ pub fn report(line: &str) {
     let _ = out.flush();
 }
 
+/// Keep the cluster up for a person (`hack/cluster.sh`) until stdin
+/// reaches a newline or its end.
+fn hold(cluster: &Cluster) {
+    report(&format!(
+        "holding the cluster: export KUBECONFIG={}  (node {}, logs in {}); press Enter to tear it down",
+        cluster.admin_kubeconfig.display(),
+        cluster.node_name,
+        cluster.logs.display()
+    ));
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
 /// One named scenario.
 pub type Scenario = (&'static str, fn(&mut Cluster));
 
@@ -795,6 +808,9 @@ pub fn run_scenarios(opts: ClusterOpts, backend: Backend, scenarios: &[Scenario]
     }
     let filter = std::env::var("KENNEL_CLUSTER_SCENARIOS").ok();
     let mut cluster = Cluster::boot(opts, backend);
+    if std::env::var_os("KENNEL_CLUSTER_HOLD").is_some() {
+        hold(&cluster);
+    }
     let mut failed = Vec::new();
     for (name, scenario) in scenarios {
         if filter

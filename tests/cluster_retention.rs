@@ -321,18 +321,24 @@ fn node_loss(cluster: &mut Cluster, new_node: &str, not_ready: bool) {
         !listing.contains("data"),
         "the new volume is not empty: {listing}"
     );
-    wait_for(
-        &format!("the lost node's PV {old_pv_name} removed"),
-        90,
-        || {
-            cluster
-                .kubectl
-                .get(&["pv", &old_pv_name])
-                .is_none()
-                .then_some(())
-        },
-        || describe(cluster, &ns) + &retention_tail(cluster),
-    );
+    if not_ready {
+        // The node may come back with its disk: its own provisioner then
+        // deletes the released volume. Kennel leaves the PV alone.
+        hold_pv_released(cluster, &ns, &old_pv_name);
+    } else {
+        wait_for(
+            &format!("the deleted node's released PV {old_pv_name} removed"),
+            90,
+            || {
+                cluster
+                    .kubectl
+                    .get(&["pv", &old_pv_name])
+                    .is_none()
+                    .then_some(())
+            },
+            || describe(cluster, &ns) + &retention_tail(cluster),
+        );
+    }
     let recreated = events(cluster, &ns, "ClaimRecreatedAfterNodeLoss");
     assert!(
         recreated.iter().any(|m| m.contains("www-web-0")),
@@ -340,6 +346,21 @@ fn node_loss(cluster: &mut Cluster, new_node: &str, not_ready: bool) {
         describe(cluster, &ns)
     );
     finish(cluster, &ns);
+}
+
+#[track_caller]
+fn hold_pv_released(cluster: &Cluster, ns: &str, pv: &str) {
+    for _ in 0..10 {
+        let found = cluster.kubectl.get(&["pv", pv]);
+        let phase = found.as_ref().map(|p| p["status"]["phase"].clone());
+        assert_eq!(
+            phase,
+            Some(json!("Released")),
+            "the NotReady node's PV {pv} must stay, Released\n{}",
+            describe(cluster, ns)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn assert_no_problems(cluster: &Cluster) {

@@ -306,6 +306,7 @@ pub fn teardown(root: &Path, names: &RunNames) -> Vec<String> {
         }
     }
     remove_pod_logs(&names.namespace_prefix());
+    remove_cni_results(|run| run == names.id);
     restore_sysctls(&root.join("sysctls.saved"));
     if let Err(e) = std::fs::remove_dir_all(root) {
         if root.exists() {
@@ -340,8 +341,40 @@ fn remove_pod_logs(namespace_prefix: &str) {
     }
 }
 
+/// containerd caches each sandbox's CNI results in /var/lib/cni/results
+/// (`<network>-<sandbox>-eth0`, `cni-loopback-<sandbox>-lo`); a sandbox
+/// killed with its node is never torn down through CNI, so remove the
+/// results of the runs `dead` names (the network is `kennel-<run id>`).
+fn remove_cni_results(dead: impl Fn(&str) -> bool) {
+    let dir = Path::new("/var/lib/cni/results");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("kennel-") else {
+            continue;
+        };
+        let mut parts = rest.splitn(2, '-');
+        let (Some(run), Some(sandbox)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if !dead(run) {
+            continue;
+        }
+        let sandbox = sandbox.trim_end_matches("-eth0");
+        let _ = std::fs::remove_file(dir.join(format!("cni-loopback-{sandbox}-lo")));
+        let _ = std::fs::remove_file(e.path());
+    }
+}
+
 /// Tear down runs whose test process is gone (killed before its cleanup).
 pub fn sweep_stale_runs() {
+    remove_cni_results(|run| {
+        !std::env::temp_dir()
+            .join(format!("{RUN_PREFIX}{run}"))
+            .exists()
+    });
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };

@@ -111,6 +111,8 @@ pub fn driver_command(
         .arg(format!("--endpoint={endpoint}"))
         .arg(format!("--node-id={node_id}"))
         .arg(format!("--driver-name={DRIVER_NAME}"));
+    // The driver takes no kubelet directory yet; staging and publish paths
+    // come under `kubelet_dir` either way.
     let _ = kubelet_dir;
     storage.driver_args(&mut cmd);
     if let Some(port) = metrics_port {

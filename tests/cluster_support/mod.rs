@@ -111,6 +111,8 @@ pub struct Cluster {
     pub extra: Vec<Daemon>,
     /// Node plugins of lost nodes: their storage stays until teardown.
     retired: Vec<NodePlugin>,
+    /// Keep the components' logs after teardown (a scenario failed).
+    pub keep_logs: bool,
     namespaces: usize,
 }
 
@@ -147,6 +149,7 @@ impl Cluster {
             plugin: None,
             extra: Vec::new(),
             retired: Vec::new(),
+            keep_logs: false,
             namespaces: 0,
             names,
             root,
@@ -727,7 +730,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() || std::env::var_os("KENNEL_CLUSTER_LOGS").is_some() {
+        if self.keep_logs
+            || std::thread::panicking()
+            || std::env::var_os("KENNEL_CLUSTER_LOGS").is_some()
+        {
             let saved = std::env::temp_dir().join(format!("kennel-cluster-logs-{}", self.names.id));
             let _ = std::fs::create_dir_all(&saved);
             if let Ok(dir) = std::fs::read_dir(&self.logs) {
@@ -834,6 +840,7 @@ pub fn run_scenarios(opts: ClusterOpts, backend: Backend, scenarios: &[Scenario]
                 report(&format!("scenario {name}: FAILED after {took:.1}s"));
                 eprintln!("---- {name} ----\n{msg}\n{}", cluster.diagnostics());
                 failed.push(*name);
+                cluster.keep_logs = true;
             }
         }
     }

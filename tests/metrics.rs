@@ -244,6 +244,13 @@ async fn metrics_move_with_a_ctl_lifecycle() {
             "ext4",
         ],
     );
+    // `kennel ctl list` sees the volume staged and published on this node.
+    let listed = ctl(&e, &["list"]);
+    assert_eq!(
+        listed["volumes"][0]["node_state"],
+        serde_json::json!({"attached": true, "staged": true, "published": 1, "fs_type": "ext4"}),
+        "{listed}"
+    );
     // Controller side only: growing a mounted ext4 needs CAP_SYS_RESOURCE, which CI may lack.
     ctl(&e, &["expand", &id, "--size", "80Mi"]);
     let snapshot = ctl(&e, &["snapshot", "metrics-snap", &id]);

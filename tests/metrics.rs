@@ -412,3 +412,153 @@ async fn text_log_in_a_file_has_no_colour_codes() {
     assert!(!log.contains('\x1b'), "colour codes in a file:\n{log:?}");
     drop(driver);
 }
+
+/// Metric names a text exposition defines: a counter `x` is sampled as `x_total`, a histogram
+/// as `x_bucket`, `x_sum` and `x_count`, an info metric `x` as `x_info`.
+fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            "info" => &["_info"],
+            _ => &[""],
+        };
+        names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+    }
+    names
+}
+
+/// `kennel_...` names in a PromQL expression.
+fn referenced_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("kennel_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Every metric the shipped dashboard and alerts use is one the driver or the retention
+/// controller exports: compared with a live scrape of the driver and of the controller's
+/// registry (the controller itself needs a cluster; its registry is the one it serves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alerts_use_exported_metrics() {
+    let tmp = tempfile::Builder::new()
+        .prefix("kennel-dash-")
+        .tempdir()
+        .unwrap();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let driver = start(&dir, "text").await;
+    // A family shows once it has a sample: one call that succeeds, one that fails.
+    ctl(
+        &driver.endpoint,
+        &["create", "dash", "--size", "8Mi", "--block"],
+    );
+    let mut client = CsiClient::connect(&driver.endpoint).await.unwrap();
+    let missing = client
+        .controller
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: "kv-000000000000000000000000".into(),
+        })
+        .await;
+    assert_eq!(missing.expect_err("no such volume").code(), Code::NotFound);
+    let driver_text = scrape_until(
+        driver.addr,
+        "kennel_volumes{backend=\"loop\",class=\"default\"}",
+        1.0,
+    )
+    .await;
+    let mut exported = exported_names(&driver_text);
+
+    let retention = std::sync::Arc::new(kennel::retention::metrics::Metrics::default());
+    retention.reconciled();
+    retention.action("claim_owners");
+    retention.failure("conflict");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let retention_addr = listener.local_addr().unwrap();
+    tokio::spawn(kennel::metrics::serve_listener(listener, retention));
+    let (status, retention_text) = http_get(retention_addr, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    exported.extend(exported_names(&retention_text));
+    for name in [
+        "kennel_csi_rpc_total",
+        "kennel_csi_rpc_errors_total",
+        "kennel_csi_rpc_duration_seconds_bucket",
+        "kennel_pool_free_bytes",
+        "kennel_build_info",
+        "kennel_retention_failures_total",
+    ] {
+        assert!(exported.contains(name), "{name} not exported: {exported:?}");
+    }
+
+    let monitoring = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/monitoring");
+    let read = |file: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(monitoring.join(file)).unwrap())
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+    };
+    let mut expressions: Vec<(String, String)> = Vec::new();
+    let dashboard = read("kennel-dashboard.json");
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("target expr");
+            expressions.push((format!("panel {}", panel["title"]), expr.to_owned()));
+        }
+    }
+    let rules = read("prometheusrule.json");
+    assert_eq!(rules["kind"], "PrometheusRule");
+    for group in rules["spec"]["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            let alert = rule["alert"].as_str().expect("alert name");
+            assert!(rule["labels"]["severity"].is_string(), "{alert}: severity");
+            assert!(
+                rule["annotations"]["summary"].is_string(),
+                "{alert}: summary"
+            );
+            let expr = rule["expr"].as_str().expect("alert expr");
+            expressions.push((format!("alert {alert}"), expr.to_owned()));
+        }
+    }
+    assert!(expressions.len() >= 20, "{expressions:?}");
+    for (origin, expr) in &expressions {
+        let names = referenced_names(expr);
+        assert!(!names.is_empty(), "{origin} uses no Kennel metric: {expr}");
+        for name in names {
+            assert!(
+                exported.contains(&name),
+                "{origin} uses {name}, which nothing exports\n{expr}"
+            );
+        }
+    }
+    // The alerts that matter for local storage are all there.
+    let alerts: Vec<&str> = expressions
+        .iter()
+        .filter_map(|(o, _)| o.strip_prefix("alert "))
+        .collect();
+    for alert in [
+        "KennelPoolNearlyFull",
+        "KennelCSIErrorRatioHigh",
+        "KennelSlowStage",
+        "KennelOrphanVolumes",
+        "KennelRetentionFailing",
+    ] {
+        assert!(alerts.contains(&alert), "{alert} missing: {alerts:?}");
+    }
+    assert_eq!(
+        referenced_names("rate(kennel_a_total[5m]) / kennel_b"),
+        ["kennel_a_total", "kennel_b"]
+    );
+    drop(driver);
+}

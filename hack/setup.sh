@@ -26,3 +26,5 @@ echo "kennel: host tools ready"
 
 # The one-node cluster tests' tools (etcd, containerd, runc, CNI plugins, busybox, zstd).
 "$(dirname "$0")/setup-cluster.sh"
+# grpcio for the Python client test, in a venv under target/.
+"$(dirname "$0")/setup-ops.sh"

@@ -8,7 +8,7 @@ use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
 use crate::backend::lvm::params::DeviceClass;
 use crate::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use crate::backend::Backend;
-use crate::csi::metrics::DriverExporter;
+use crate::csi::metrics::{DriverExporter, Telemetry};
 use crate::csi::server::{self, Driver};
 use crate::error::{Error, Result};
 use crate::volume::capacity::parse_size;
@@ -169,7 +169,9 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         controller: Controller::new(backend.clone(), locks.clone(), identity),
         node: NodeOps::new(backend, locks),
         max_volumes_per_node: args.max_volumes_per_node,
-        rpc_metrics: Arc::default(),
+        telemetry: Arc::new(Telemetry::for_classes(
+            args.volume_groups.iter().map(|c| c.name.clone()).collect(),
+        )),
     }))
 }
 
@@ -232,10 +234,10 @@ pub async fn run(args: DriverArgs) -> Result<()> {
         let http = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::io("bind metrics address", addr.to_string(), e))?;
-        let exporter = Arc::new(DriverExporter {
-            rpc: driver.rpc_metrics.clone(),
-            backend: driver.controller.backend(),
-        });
+        let exporter = Arc::new(DriverExporter::new(
+            driver.telemetry.clone(),
+            driver.controller.backend_kind(),
+        ));
         tracing::info!(addr = %http.local_addr().unwrap_or(addr), "metrics, /healthz and /readyz served");
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve_listener(http, exporter).await {

@@ -5,7 +5,6 @@
 //! orphaned for a grace period.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -114,12 +113,10 @@ impl Sweeper {
             Instant::now(),
             self.args.delete_after,
         );
-        self.metrics
-            .orphan_volumes
-            .store(report.orphans.len() as i64, Ordering::Relaxed);
+        self.metrics.orphan_volumes.set(report.orphans.len() as i64);
         self.metrics
             .missing_volumes
-            .store(report.missing.len() as i64, Ordering::Relaxed);
+            .set(report.missing.len() as i64);
         info!(
             volumes = volumes.len(),
             orphans = report.orphans.len(),
@@ -340,7 +337,7 @@ mod tests {
         assert_eq!(report.orphans[0].volume_id, volume.volume_id);
         assert_eq!(report.orphans[0].claim.as_deref(), Some("shop/www-web-0"));
         assert_eq!(report.delete, vec![volume.volume_id.clone()]);
-        assert_eq!(metrics.orphan_volumes.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.orphan_volumes.get(), 1);
         let left = csi
             .controller
             .list_volumes(pb::ListVolumesRequest::default())

@@ -191,6 +191,9 @@ impl Exporter for DriverExporter {
         let mut out = String::new();
         self.rpc.render(&mut out);
         let kind = self.backend.kind();
+        if kind == "lvm" {
+            crate::backend::lvm::metrics::render(&mut out);
+        }
 
         let volumes = self.backend.list();
         header(

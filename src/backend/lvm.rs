@@ -227,6 +227,16 @@ impl LvmBackend {
         Ok(backend)
     }
 
+    /// The index as it stands, in comparable form.
+    pub fn index_view(&self) -> index::View {
+        self.index().view(!self.lvm.device_mapper())
+    }
+
+    /// The index as a fresh load from lvm2 would build it now.
+    pub fn fresh_index_view(&self) -> Result<index::View> {
+        Ok(load(&self.lvm, &self.vgs)?.view(!self.lvm.device_mapper()))
+    }
+
     fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }

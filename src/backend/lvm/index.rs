@@ -344,6 +344,56 @@ impl Index {
     }
 }
 
+/// What an index knows that a restart must rebuild identically: free
+/// extents, and each LV's size, meaning and place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// VG name, free extents, and each PV's free runs.
+    pub vgs: Vec<(String, u64, Vec<PvFree>)>,
+    /// VG, LV, size, what it is, where it lies.
+    pub lvs: Vec<(String, String, u64, String, Option<PeRange>)>,
+}
+
+/// A PV's name and free runs.
+pub type PvFree = (String, Vec<Extents>);
+
+impl Index {
+    /// The comparable part; with `placement` false (device-mapper mode,
+    /// where lvm2 places LVs) the extent maps are left out.
+    pub fn view(&self, placement: bool) -> View {
+        View {
+            vgs: self
+                .vgs
+                .iter()
+                .map(|(name, vg)| {
+                    let pvs = if placement {
+                        vg.pvs
+                            .iter()
+                            .map(|p| (p.name.clone(), p.free.clone()))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    (name.clone(), vg.free_extents, pvs)
+                })
+                .collect(),
+            lvs: self
+                .lvs
+                .values()
+                .map(|lv| {
+                    (
+                        lv.row.vg_name.clone(),
+                        lv.row.lv_name.clone(),
+                        lv.row.lv_size,
+                        format!("{:?}", lv.kind),
+                        lv.place.clone().ok().filter(|_| placement),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Put a run back into a sorted free list, merging neighbours.
 fn release(free: &mut Vec<Extents>, run: Extents) {
     let at = free.partition_point(|r| r.first < run.first);
@@ -359,4 +409,135 @@ fn release(free: &mut Vec<Extents>, run: Extents) {
         }
     }
     *free = merged;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pvseg(start: u64, size: u64, lv: &str) -> PvSegRow {
+        PvSegRow {
+            pv_name: "/dev/loop7".into(),
+            vg_name: "vg".into(),
+            pe_start: 1 << 20,
+            pvseg_start: start,
+            pvseg_size: size,
+            lv_name: lv.into(),
+        }
+    }
+
+    fn vg_row(free_extents: u64) -> VgRow {
+        VgRow {
+            vg_name: "vg".into(),
+            vg_size: 100 << 22,
+            vg_free: free_extents << 22,
+            vg_extent_size: 4 << 20,
+            pv_count: 1,
+        }
+    }
+
+    fn lvseg(name: &str, tags: Vec<String>, first: u64, count: u64) -> LvSegRow {
+        LvSegRow {
+            lv_name: name.into(),
+            vg_name: "vg".into(),
+            lv_size: count << 22,
+            lv_tags: tags,
+            lv_attr: "-wi-------".into(),
+            segtype: "linear".into(),
+            pool_lv: String::new(),
+            origin: String::new(),
+            lv_active: String::new(),
+            lv_path: String::new(),
+            data_percent: None,
+            lv_health_status: String::new(),
+            stripes: 1,
+            seg_start_pe: 0,
+            seg_size_pe: count,
+            seg_pe_ranges: format!("/dev/loop7:{first}-{}", first + count - 1),
+        }
+    }
+
+    #[test]
+    fn free_runs_are_taken_first_fit_and_merged_back() {
+        let mut index = Index::build(
+            vec![vg_row(90)],
+            vec![pvseg(0, 10, ""), pvseg(10, 10, "other"), pvseg(20, 80, "")],
+            vec![lvseg("other", vec![], 10, 10)],
+        );
+        let before = index.view(true);
+        let small = index.take_contiguous("vg", 4).expect("room");
+        assert_eq!((small.first, small.count), (0, 4));
+        let big = index.take_contiguous("vg", 20).expect("room");
+        assert_eq!(big.first, 20, "the first run is too short now");
+        assert!(index.take_contiguous("vg", 61).is_none());
+        assert_eq!(index.vg("vg").map(|v| v.free_extents), Some(66));
+        index.give_back("vg", &big);
+        index.give_back("vg", &small);
+        assert_eq!(index.view(true), before);
+    }
+
+    #[test]
+    fn hostile_tags_are_reported_and_skipped_not_fatal() {
+        let id = VolumeId::generate();
+        let huge = vec![
+            tags::OWNER.to_owned(),
+            "kennel.csi.dev/n=18446744073709551615".to_owned(),
+            "kennel.csi.dev/r0=7b".to_owned(),
+        ];
+        let not_hex = vec![
+            tags::OWNER.to_owned(),
+            "kennel.csi.dev/n=1".to_owned(),
+            "kennel.csi.dev/r0=zz\u{e9}".to_owned(),
+        ];
+        let index = Index::build(
+            vec![vg_row(80)],
+            vec![pvseg(0, 20, "x"), pvseg(20, 80, "")],
+            vec![
+                lvseg(id.as_str(), huge, 0, 10),
+                lvseg(VolumeId::generate().as_str(), not_hex, 10, 5),
+                lvseg("owned-but-not-an-id", vec![tags::OWNER.to_owned()], 15, 5),
+            ],
+        );
+        let kinds: Vec<&Kind> = index.lvs().map(|lv| &lv.kind).collect();
+        assert_eq!(kinds.len(), 3);
+        assert!(
+            kinds.iter().all(|k| matches!(k, Kind::Corrupt(_))),
+            "{kinds:?}"
+        );
+        assert!(index.lvs().all(|lv| lv.volume().is_none()));
+    }
+
+    #[test]
+    fn a_refresh_keeps_vanished_kennel_lvs_as_missing() {
+        let id = VolumeId::generate();
+        let record = crate::backend::VolumeRecord {
+            id: id.clone(),
+            name: "pvc-a".into(),
+            capacity_bytes: 40 << 20,
+            requested: Default::default(),
+            capabilities: vec![],
+            params: Default::default(),
+            node_id: "n".into(),
+            machine_id: "m".into(),
+            created_unix: 1,
+            source: None,
+        };
+        let tag_list = tags::encode(&record).expect("test setup");
+        let mut index = Index::build(
+            vec![vg_row(90)],
+            vec![pvseg(0, 10, id.as_str()), pvseg(10, 90, "")],
+            vec![lvseg(id.as_str(), tag_list, 0, 10)],
+        );
+        assert!(index.find(id.as_str()).and_then(Lv::volume).is_some());
+        index.merge_fresh(Index::build(
+            vec![vg_row(100)],
+            vec![pvseg(0, 100, "")],
+            vec![],
+        ));
+        let lv = index.find(id.as_str()).expect("kept");
+        assert!(lv.missing);
+        // Forgetting a missing LV gives back nothing: lvm2 already has it.
+        index.remove("vg", id.as_str());
+        assert_eq!(index.vg("vg").map(|v| v.free_extents), Some(100));
+    }
 }

@@ -663,5 +663,32 @@ mod tests {
         assert!(line.ends_with("-n kv-x"));
         let plain = Lvm::new(false, false).cmd("lvs").display();
         assert_eq!(plain, "lvs");
+        let scoped = Lvm::new(false, false);
+        scoped.scope_to(vec!["/dev/loop9".into(), "/dev/sdb".into()]);
+        assert_eq!(
+            scoped.reader().cmd("lvs").display(),
+            "lvs --devices /dev/loop9 --devices /dev/sdb",
+            "every command, readers' too, scans only the VGs' PVs"
+        );
+    }
+
+    #[test]
+    fn a_command_past_its_deadline_is_killed_and_named() {
+        let cmd = LvmCmd {
+            tool: "sleep",
+            args: vec!["30".into()],
+            timeout: Duration::from_millis(200),
+        };
+        let started = Instant::now();
+        match cmd.run() {
+            Err(Error::Command {
+                command, status, ..
+            }) => {
+                assert_eq!(command, "sleep 30");
+                assert!(status.contains("deadline"), "{status}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "not killed");
     }
 }

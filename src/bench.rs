@@ -20,6 +20,8 @@ use crate::csi::pb::{self, volume_capability as vc};
 use crate::node::cleanup;
 use crate::volume::capacity::{parse_size, MIB};
 
+mod lvm;
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Lifecycles to run in each measurement.
@@ -34,6 +36,16 @@ pub struct BenchArgs {
     /// Filesystem volumes (ext4) instead of raw Block volumes.
     #[arg(long)]
     pub filesystem: bool,
+    /// loop: against the host-path style baseline; lvm: an LVM driver on a
+    /// throwaway volume group, beside the loop backend.
+    #[arg(long, value_enum, default_value = "loop")]
+    pub backend: BenchBackend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchBackend {
+    Loop,
+    Lvm,
 }
 
 type Samples = Arc<Mutex<BTreeMap<&'static str, Vec<Duration>>>>;
@@ -57,7 +69,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--lifecycles and --concurrency must be positive"
     );
     let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("kennel-bench-XXXXXX"))?;
-    let result = measure(&args, &dir).await;
+    let result = match args.backend {
+        BenchBackend::Loop => measure(&args, &dir).await,
+        BenchBackend::Lvm => lvm::measure(&args, &dir).await,
+    };
     let cleaned = cleanup::release_all_under(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     cleaned?;

@@ -67,6 +67,9 @@ pub struct DriverArgs {
     /// Directory of the per-VG lock files (one driver per VG on a host).
     #[arg(long, default_value = "/run/kennel")]
     pub lock_dir: PathBuf,
+    /// Seconds between reloads of the LVM index (to notice LVs changed by hand).
+    #[arg(long, default_value_t = crate::backend::lvm::DEFAULT_REFRESH.as_secs())]
+    pub lvm_refresh_seconds: u64,
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
@@ -154,6 +157,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
             activation: args.lvm_activation,
             thin_overprovision_ratio: args.thin_overprovision_ratio,
             lock_dir: args.lock_dir.clone(),
+            refresh_interval: std::time::Duration::from_secs(args.lvm_refresh_seconds.max(1)),
         })?),
     };
     thaw_left_frozen(backend.as_ref());
@@ -192,6 +196,7 @@ impl DriverArgs {
             lvm_activation: Activation::Auto,
             thin_overprovision_ratio: 1.0,
             lock_dir: dir.join("locks"),
+            lvm_refresh_seconds: crate::backend::lvm::DEFAULT_REFRESH.as_secs(),
             max_volumes_per_node: 0,
             command_timeout: crate::node::cmd::DEFAULT_TIMEOUT,
             freeze_budget: crate::node::freeze::DEFAULT_BUDGET,

@@ -322,6 +322,9 @@ impl DriverExporter {
     pub fn new(telemetry: Arc<Telemetry>, backend_kind: &'static str) -> Self {
         let mut registry = Registry::default();
         telemetry.rpc.register(&mut registry);
+        if backend_kind == "lvm" {
+            crate::backend::lvm::metrics::register(&mut registry);
+        }
         registry.register(
             "kennel_build",
             "Version of the running driver",

@@ -121,6 +121,25 @@ pub fn zero(dst: &ByteRange, from: u64, len: u64) -> Result<()> {
     output.sync_all().ctx("fsync", &dst.device)
 }
 
+nix::ioctl_write_ptr_bad!(blk_zero_out, nix::request_code_none!(0x12, 127), [u64; 2]);
+
+/// Zero the whole range, cheaply where the device can (`BLKZEROOUT`: write
+/// zeroes or unmap on disks, a hole in a loop device's backing file), by
+/// writing zeros otherwise.
+pub fn zero_out(dst: &ByteRange) -> Result<()> {
+    let file = open_rw(&dst.device)?;
+    let range = [dst.offset, dst.len];
+    // SAFETY: BLKZEROOUT reads two u64s (start, length) from the pointer.
+    let fast = unsafe { blk_zero_out(std::os::fd::AsRawFd::as_raw_fd(&file), &range) };
+    match fast {
+        Ok(_) => Ok(()),
+        Err(errno) => {
+            tracing::debug!(device = %dst.device.display(), %errno, "BLKZEROOUT unavailable; writing zeros");
+            zero(dst, 0, dst.len)
+        }
+    }
+}
+
 /// Zero both ends of a new LV (everything from `keep` on stays untouched at
 /// the start: the copied data).
 pub fn wipe_signatures(dst: &ByteRange, keep: u64) -> Result<()> {
@@ -138,7 +157,6 @@ mod tests {
 
     fn seg(start: u64, size: u64, ranges: &str) -> SegRow {
         SegRow {
-            lv_name: "kv-x".into(),
             segtype: "linear".into(),
             stripes: 1,
             seg_start_pe: start,

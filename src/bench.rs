@@ -17,8 +17,10 @@ use tokio::sync::Mutex;
 
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
-use crate::node::cleanup;
+use crate::node::{cleanup, mount};
 use crate::volume::capacity::{parse_size, MIB};
+
+pub mod crowd;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -34,6 +36,9 @@ pub struct BenchArgs {
     /// Filesystem volumes (ext4) instead of raw Block volumes.
     #[arg(long)]
     pub filesystem: bool,
+    /// Compare against a node crowded with N more loop devices and N more mounts.
+    #[arg(long, value_name = "N")]
+    pub crowd: Option<usize>,
 }
 
 type Samples = Arc<Mutex<BTreeMap<&'static str, Vec<Duration>>>>;
@@ -57,8 +62,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--lifecycles and --concurrency must be positive"
     );
     let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("kennel-bench-XXXXXX"))?;
-    let result = measure(&args, &dir).await;
+    // The driver serves only a kubelet directory on a shared mount: this one.
+    let (result, kubelet) = match mount::SharedMount::new(&dir) {
+        Ok(kubelet) => match args.crowd {
+            Some(n) => (crowd::run(&args, n, &dir).await, Some(kubelet)),
+            None => (measure(&args, &dir).await, Some(kubelet)),
+        },
+        Err(e) => (Err(e.into()), None),
+    };
     let cleaned = cleanup::release_all_under(&dir);
+    drop(kubelet);
     let _ = std::fs::remove_dir_all(&dir);
     cleaned?;
     result
@@ -458,6 +471,8 @@ impl DriverProcess {
             ])
             .arg("--loop-dir")
             .arg(dir.join("loop"))
+            .arg("--kubelet-dir")
+            .arg(dir)
             .args(["--capacity", &capacity.to_string()])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

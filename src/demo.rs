@@ -16,7 +16,7 @@ use crate::backend::loop_files::Provisioning;
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
 use crate::driver::{DriverArgs, LocalDriver};
-use crate::node::cleanup;
+use crate::node::{cleanup, mount};
 use crate::volume::capacity::MIB;
 use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
 
@@ -77,9 +77,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .context("create temp dir")?;
     println!("Kennel demo: a webserver StatefulSet with one local volume per pod");
     println!("  working directory {}", dir.display());
-    let outcome = walk_through(&dir).await;
+    // The kubelet directory below it must be a shared mount, as on a node.
+    let (outcome, kubelet) = match mount::SharedMount::new(&dir.join("kubelet")) {
+        Ok(kubelet) => (walk_through(&dir).await, Some(kubelet)),
+        Err(e) => (Err(e.into()), None),
+    };
     // Whatever happened, leave no mount or loop device behind.
     let cleaned = cleanup::release_all_under(&dir);
+    drop(kubelet);
     if !args.keep_dir {
         let _ = std::fs::remove_dir_all(&dir);
     }

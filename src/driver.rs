@@ -11,6 +11,7 @@ use crate::backend::Backend;
 use crate::csi::metrics::DriverExporter;
 use crate::csi::server::{self, Driver};
 use crate::error::{Error, Result};
+use crate::node::host_path::KubeletDir;
 use crate::volume::capacity::parse_size;
 use crate::volume::controller::{Controller, NodeIdentity};
 use crate::volume::locks::LockMap;
@@ -67,6 +68,10 @@ pub struct DriverArgs {
     /// Directory of the per-VG lock files (one driver per VG on a host).
     #[arg(long, default_value = "/run/kennel")]
     pub lock_dir: PathBuf,
+    /// The kubelet's root directory: every staging and target path must lie
+    /// below it, and it must be on a shared mount (mount propagation).
+    #[arg(long, env = "KENNEL_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
@@ -123,6 +128,9 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
             lock_dir: args.lock_dir.clone(),
         })?),
     };
+    // A node whose mounts would never reach the pods must not serve.
+    let kubelet = KubeletDir::open(&args.kubelet_dir)?;
+    kubelet.ensure_shared()?;
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
         node_id,
@@ -133,15 +141,16 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         name: args.driver_name.clone(),
         granularity: backend.granularity(),
         controller: Controller::new(backend.clone(), locks.clone(), identity),
-        node: NodeOps::new(backend, locks),
+        node: NodeOps::new(backend, locks, kubelet)?,
         max_volumes_per_node: args.max_volumes_per_node,
         rpc_metrics: Arc::default(),
     }))
 }
 
 impl DriverArgs {
-    /// A loop-backed driver confined to `dir` (socket, images, locks), for the
-    /// demo and tests that run the real driver in-process.
+    /// A loop-backed driver confined to `dir` (socket, images, locks; the
+    /// kubelet directory `dir/kubelet`, which the caller makes a shared
+    /// mount), for the demo and tests that run the real driver in-process.
     pub fn in_dir(dir: &Path, node_id: &str, capacity: u64, provisioning: Provisioning) -> Self {
         DriverArgs {
             endpoint: format!("unix://{}", dir.join("csi.sock").display()),
@@ -156,6 +165,7 @@ impl DriverArgs {
             lvm_activation: Activation::Auto,
             thin_overprovision_ratio: 1.0,
             lock_dir: dir.join("locks"),
+            kubelet_dir: dir.join("kubelet"),
             max_volumes_per_node: 0,
             metrics_addr: None,
         }

@@ -60,6 +60,8 @@ async fn start(dir: &Path) -> Driver {
         ])
         .arg("--loop-dir")
         .arg(dir.join("loop"))
+        .arg("--kubelet-dir")
+        .arg(dir)
         .args([
             "--capacity",
             "256MiB",
@@ -135,6 +137,7 @@ async fn metrics_move_with_a_ctl_lifecycle() {
         .tempdir()
         .unwrap();
     let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let _kubelet = kennel::node::mount::SharedMount::new(&dir).expect("shared kubelet dir");
     let driver = start(&dir).await;
     let (e, addr) = (driver.endpoint.clone(), driver.addr);
 

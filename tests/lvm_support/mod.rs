@@ -27,12 +27,12 @@ pub const PENDING_TAG: &str = "kennel.csi.dev/pending";
 mod vg;
 pub use vg::*;
 
-/// Mounts at or below `dir`.
+/// Mounts below `dir` (one at `dir` itself is the harness's shared kubelet mount).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|line| line.split(' ').nth(4).map(PathBuf::from))
-        .filter(|p| p.starts_with(dir))
+        .filter(|p| p.starts_with(dir) && p != dir)
         .collect()
 }
 
@@ -45,6 +45,8 @@ pub struct LvmDriver {
     pub client: CsiClient,
     child: Option<Child>,
     log: PathBuf,
+    /// `root` as the driver's `--kubelet-dir`, on a shared mount.
+    _kubelet: kennel::node::mount::SharedMount,
     _dir: tempfile::TempDir,
 }
 
@@ -61,6 +63,7 @@ impl LvmDriver {
         let root = fs::canonicalize(dir.path()).expect("resolve");
         let endpoint = format!("unix://{}", root.join("csi.sock").display());
         let log = root.join("driver.log");
+        let kubelet = kennel::node::mount::SharedMount::new(&root).expect("shared kubelet dir");
         let mut child = spawn(&root, &endpoint, &volume_groups, &env, &log);
         let client = wait_ready(&mut child, &endpoint, &log).await;
         LvmDriver {
@@ -71,6 +74,7 @@ impl LvmDriver {
             client,
             child: Some(child),
             log,
+            _kubelet: kubelet,
             _dir: dir,
         }
     }
@@ -280,7 +284,9 @@ fn spawn(
         .arg("--endpoint")
         .arg(endpoint)
         .arg("--lock-dir")
-        .arg(root.join("locks"));
+        .arg(root.join("locks"))
+        .arg("--kubelet-dir")
+        .arg(root);
     for vg in volume_groups {
         cmd.arg("--volume-group").arg(vg);
     }

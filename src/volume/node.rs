@@ -209,13 +209,15 @@ impl NodeOps {
                 Error::NotFound(format!("volume {id} is not staged on this node"))
             })?;
             let number = mount::device_number(&device)?;
-            if !holds_device(&state, number) {
+            // A read-only Block publication binds a loop device stacked on it.
+            let stacked = stacked_read_only_device(&state, &device)?.is_some();
+            if !holds_device(&state, number) && !stacked {
                 return Err(Error::NotFound(format!(
                     "{} is not a mount of volume {id}",
                     path.path().display()
                 )));
             }
-            let stats = if state.is_bind_of(number) {
+            let stats = if state.is_bind_of(number) || stacked {
                 VolumeStats::Block {
                     total_bytes: loopdev::device_size(&device)?,
                 }

@@ -84,15 +84,6 @@ fn parse_device_class(raw: &str) -> std::result::Result<DeviceClass, String> {
     DeviceClass::parse(raw).map_err(|e| e.to_string())
 }
 
-pub fn machine_id() -> String {
-    ["/etc/machine-id", "/var/lib/dbus/machine-id"]
-        .iter()
-        .find_map(|p| std::fs::read_to_string(p).ok())
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
 fn hostname() -> Result<String> {
     nix::unistd::gethostname()
         .map_err(|e| Error::Internal(format!("gethostname: {e}")))?
@@ -134,7 +125,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
         node_id,
-        machine_id: machine_id(),
+        machine_id: crate::node::identity::host_identity()?,
     };
     let locks = LockMap::default();
     Ok(Arc::new(Driver {

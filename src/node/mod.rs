@@ -6,5 +6,6 @@ pub mod copy;
 pub mod freeze;
 pub mod fs;
 pub mod host_path;
+pub mod identity;
 pub mod loopdev;
 pub mod mount;

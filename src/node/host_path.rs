@@ -114,6 +114,11 @@ impl KubeletDir {
     }
 }
 
+fn is_symlink(dir: &OwnedFd, name: &OsStr) -> bool {
+    nix::sys::stat::fstatat(dir.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+}
+
 /// One path below the kubelet directory.
 #[derive(Clone)]
 pub struct HostPath {
@@ -230,13 +235,19 @@ impl HostPath {
                     ))
                 }
             }
-            dir = openat(
+            dir = match openat(
                 dir.as_fd(),
                 name,
                 OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                 Mode::empty(),
-            )
-            .map_err(|e| self.resolve_error(e))?;
+            ) {
+                Ok(next) => next,
+                // O_NOFOLLOW with O_DIRECTORY answers ENOTDIR for a symlink: say which.
+                Err(Errno::ENOTDIR) if is_symlink(&dir, name) => {
+                    return Err(self.resolve_error(Errno::ELOOP))
+                }
+                Err(e) => return Err(self.resolve_error(e)),
+            };
         }
         Ok(dir)
     }

@@ -10,7 +10,7 @@ use crate::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use crate::backend::Backend;
 use crate::csi::metrics::DriverExporter;
 use crate::csi::server::{self, Driver};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::node::host_path::KubeletDir;
 use crate::volume::capacity::parse_size;
 use crate::volume::controller::{Controller, NodeIdentity};
@@ -72,6 +72,11 @@ pub struct DriverArgs {
     /// below it, and it must be on a shared mount (mount propagation).
     #[arg(long, env = "KENNEL_KUBELET_DIR", default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
+    /// Refuse to start unless the kubelet directory is on a shared mount.
+    /// Only in-process drivers that never stage a volume (controller tests
+    /// without root) turn this off; there is no flag for it.
+    #[arg(skip = true)]
+    pub require_shared_kubelet_dir: bool,
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
@@ -121,7 +126,9 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
     };
     // A node whose mounts would never reach the pods must not serve.
     let kubelet = KubeletDir::open(&args.kubelet_dir)?;
-    kubelet.ensure_shared()?;
+    if args.require_shared_kubelet_dir {
+        kubelet.ensure_shared()?;
+    }
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
         node_id,
@@ -157,6 +164,7 @@ impl DriverArgs {
             thin_overprovision_ratio: 1.0,
             lock_dir: dir.join("locks"),
             kubelet_dir: dir.join("kubelet"),
+            require_shared_kubelet_dir: true,
             max_volumes_per_node: 0,
             metrics_addr: None,
         }
@@ -171,6 +179,7 @@ pub struct LocalDriver {
 
 impl LocalDriver {
     pub async fn start(args: &DriverArgs) -> Result<Self> {
+        std::fs::create_dir_all(&args.kubelet_dir).ctx("create", &args.kubelet_dir)?;
         let driver = build(args)?;
         let listener = server::bind_private(&server::socket_path(&args.endpoint)?)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

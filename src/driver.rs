@@ -80,6 +80,16 @@ pub struct DriverArgs {
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
+    /// Deadline of every host tool the driver runs (mkfs, fsck, resize2fs, xfs_growfs, lvm2);
+    /// tools that work through a whole device get 1 s more per GiB. A tool past its deadline
+    /// is killed and the call answers DEADLINE_EXCEEDED.
+    #[arg(long, default_value = "2m", value_parser = crate::retention::duration::parse_duration)]
+    pub command_timeout: std::time::Duration,
+    /// Longest time a snapshot or clone may keep a mounted source's filesystem frozen. An
+    /// instant copy (reflink, thin snapshot) fits; a full copy that does not is refused with
+    /// FAILED_PRECONDITION rather than stalling the workload.
+    #[arg(long, default_value = "5s", value_parser = crate::retention::duration::parse_duration)]
+    pub freeze_budget: std::time::Duration,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz on this address, e.g. 0.0.0.0:9808.
     #[arg(long, env = "KENNEL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -96,6 +106,36 @@ fn hostname() -> Result<String> {
         .map_err(|_| Error::Internal("hostname is not UTF-8".to_owned()))
 }
 
+/// A driver killed while a snapshot held a volume's filesystem frozen leaves the workload
+/// blocked: thaw every staged Kennel filesystem at start-up.
+fn thaw_left_frozen(backend: &dyn Backend) {
+    let volumes = match backend.list() {
+        Ok(volumes) => volumes,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list volumes to thaw frozen filesystems");
+            return;
+        }
+    };
+    for volume in volumes {
+        let point = backend
+            .attached_device(&volume.id)
+            .and_then(|device| match device {
+                Some(device) => crate::node::mount::mount_point_of(&device),
+                None => Ok(None),
+            });
+        let Ok(Some(point)) = point else {
+            continue;
+        };
+        match crate::node::freeze::thaw(&point) {
+            Ok(true) => {
+                tracing::warn!(volume_id = %volume.id, mount = %point.display(), "thawed a filesystem left frozen")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(volume_id = %volume.id, error = %e, "could not thaw"),
+        }
+    }
+}
+
 /// Build the driver from its flags (opening the backend, recovering state).
 pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
     if args.max_volumes_per_node < 0 {
@@ -103,6 +143,8 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
             "--max-volumes-per-node must not be negative",
         ));
     }
+    crate::node::cmd::set_timeout(args.command_timeout);
+    crate::node::freeze::set_budget(args.freeze_budget);
     let node_id = match &args.node_id {
         Some(id) if !id.is_empty() => id.clone(),
         _ => hostname()?,
@@ -129,6 +171,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
     if args.require_shared_kubelet_dir {
         kubelet.ensure_shared()?;
     }
+    thaw_left_frozen(backend.as_ref());
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
         node_id,
@@ -166,6 +209,8 @@ impl DriverArgs {
             kubelet_dir: dir.join("kubelet"),
             require_shared_kubelet_dir: true,
             max_volumes_per_node: 0,
+            command_timeout: crate::node::cmd::DEFAULT_TIMEOUT,
+            freeze_budget: crate::node::freeze::DEFAULT_BUDGET,
             metrics_addr: None,
         }
     }

@@ -99,7 +99,7 @@ impl NodeOps {
             .kubelet
             .locate(&req.staging_path, "staging_target_path")?;
         let id = parse_known(&req.volume_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         run_blocking(self.backend.clone(), move |b| {
             let record = known(b, &id)?;
             stage(b, &record, &staging, &req.capability)
@@ -110,7 +110,7 @@ impl NodeOps {
     pub async fn unstage(&self, raw_id: &str, staging_path: PathBuf) -> Result<()> {
         let staging = self.kubelet.locate(&staging_path, "staging_target_path")?;
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         let stacked = self.stacked.clone();
         run_blocking(self.backend.clone(), move |b| {
             let device = b.attached_device(&id)?;
@@ -154,7 +154,7 @@ impl NodeOps {
             read_only: req.read_only,
         };
         let id = parse_known(&req.volume_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         let stacked = self.stacked.clone();
         run_blocking(self.backend.clone(), move |b| {
             known(b, &id)?;
@@ -166,7 +166,7 @@ impl NodeOps {
     pub async fn unpublish(&self, raw_id: &str, target_path: PathBuf) -> Result<()> {
         let target = self.kubelet.locate(&target_path, "target_path")?;
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         let stacked = self.stacked.clone();
         run_blocking(self.backend.clone(), move |b| {
             let device = b.attached_device(&id)?;
@@ -243,7 +243,7 @@ impl NodeOps {
     ) -> Result<u64> {
         let path = self.volume_path(&volume_path)?;
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         run_blocking(self.backend.clone(), move |b| {
             let record = known(b, &id)?;
             let state = require_existing(&path)?;

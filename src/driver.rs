@@ -10,7 +10,8 @@ use crate::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use crate::backend::Backend;
 use crate::csi::metrics::{DriverExporter, Telemetry};
 use crate::csi::server::{self, Driver};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
+use crate::node::host_path::KubeletDir;
 use crate::volume::capacity::parse_size;
 use crate::volume::controller::{Controller, NodeIdentity};
 use crate::volume::locks::LockMap;
@@ -70,6 +71,15 @@ pub struct DriverArgs {
     /// Seconds between reloads of the LVM index (to notice LVs changed by hand).
     #[arg(long, default_value_t = crate::backend::lvm::DEFAULT_REFRESH.as_secs())]
     pub lvm_refresh_seconds: u64,
+    /// The kubelet's root directory: every staging and target path must lie
+    /// below it, and it must be on a shared mount (mount propagation).
+    #[arg(long, env = "KENNEL_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+    /// Refuse to start unless the kubelet directory is on a shared mount.
+    /// Only in-process drivers that never stage a volume (controller tests
+    /// without root) turn this off; there is no flag for it.
+    #[arg(skip = true)]
+    pub require_shared_kubelet_dir: bool,
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
@@ -160,6 +170,11 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
             refresh_interval: std::time::Duration::from_secs(args.lvm_refresh_seconds.max(1)),
         })?),
     };
+    // A node whose mounts would never reach the pods must not serve.
+    let kubelet = KubeletDir::open(&args.kubelet_dir)?;
+    if args.require_shared_kubelet_dir {
+        kubelet.ensure_shared()?;
+    }
     thaw_left_frozen(backend.as_ref());
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
@@ -171,7 +186,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         name: args.driver_name.clone(),
         granularity: backend.granularity(),
         controller: Controller::new(backend.clone(), locks.clone(), identity),
-        node: NodeOps::new(backend, locks),
+        node: NodeOps::new(backend, locks, kubelet)?,
         max_volumes_per_node: args.max_volumes_per_node,
         telemetry: Arc::new(Telemetry::for_classes(
             args.volume_groups.iter().map(|c| c.name.clone()).collect(),
@@ -180,8 +195,9 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
 }
 
 impl DriverArgs {
-    /// A loop-backed driver confined to `dir` (socket, images, locks), for the
-    /// demo and tests that run the real driver in-process.
+    /// A loop-backed driver confined to `dir` (socket, images, locks; the
+    /// kubelet directory `dir/kubelet`, which the caller makes a shared
+    /// mount), for the demo and tests that run the real driver in-process.
     pub fn in_dir(dir: &Path, node_id: &str, capacity: u64, provisioning: Provisioning) -> Self {
         DriverArgs {
             endpoint: format!("unix://{}", dir.join("csi.sock").display()),
@@ -197,6 +213,8 @@ impl DriverArgs {
             thin_overprovision_ratio: 1.0,
             lock_dir: dir.join("locks"),
             lvm_refresh_seconds: crate::backend::lvm::DEFAULT_REFRESH.as_secs(),
+            kubelet_dir: dir.join("kubelet"),
+            require_shared_kubelet_dir: true,
             max_volumes_per_node: 0,
             command_timeout: crate::node::cmd::DEFAULT_TIMEOUT,
             freeze_budget: crate::node::freeze::DEFAULT_BUDGET,
@@ -213,6 +231,7 @@ pub struct LocalDriver {
 
 impl LocalDriver {
     pub async fn start(args: &DriverArgs) -> Result<Self> {
+        std::fs::create_dir_all(&args.kubelet_dir).ctx("create", &args.kubelet_dir)?;
         let driver = build(args)?;
         let listener = server::bind_private(&server::socket_path(&args.endpoint)?)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

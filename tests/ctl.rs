@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "common/skip.rs"]
+mod skip;
+
 const KENNEL: &str = env!("CARGO_BIN_EXE_kennel");
 
 struct Driver(Child);
@@ -33,6 +36,8 @@ fn start(dir: &Path) -> (Driver, String) {
         ])
         .arg("--loop-dir")
         .arg(dir.join("loop"))
+        .arg("--kubelet-dir")
+        .arg(dir)
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("start driver");
@@ -68,6 +73,15 @@ fn ctl_json(endpoint: &str, args: &[&str]) -> Value {
 #[test]
 fn snapshot_restore_and_errors_through_ctl() {
     let dir = tempfile::tempdir().expect("temp dir");
+    // The driver serves only a kubelet directory on a shared mount; making
+    // one takes root unless the temporary directory already is on one.
+    let _kubelet = match kennel::node::mount::SharedMount::new(dir.path()) {
+        Ok(kubelet) => kubelet,
+        Err(e) if skip::cannot_run(&format!("no shared mount for the kubelet directory: {e}")) => {
+            return
+        }
+        Err(e) => panic!("{e}"),
+    };
     let (_driver, endpoint) = start(dir.path());
 
     let volume = ctl_json(

@@ -61,6 +61,8 @@ async fn start(dir: &Path, log_format: &str) -> Driver {
         ])
         .arg("--loop-dir")
         .arg(dir.join("loop"))
+        .arg("--kubelet-dir")
+        .arg(dir)
         .args([
             "--capacity",
             "256MiB",
@@ -163,6 +165,7 @@ async fn metrics_move_with_a_ctl_lifecycle() {
         .tempdir()
         .unwrap();
     let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let _kubelet = kennel::node::mount::SharedMount::new(&dir).expect("shared kubelet dir");
     let driver = start(&dir, "json").await;
     let (e, addr) = (driver.endpoint.clone(), driver.addr);
 

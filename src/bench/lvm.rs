@@ -141,6 +141,8 @@ async fn start_lvm_driver(
         .arg(vg)
         .arg("--lock-dir")
         .arg(dir.join("locks"))
+        .arg("--kubelet-dir")
+        .arg(dir)
         .arg("--metrics-addr")
         .arg(metrics.to_string())
         .env("RUST_LOG", "warn")

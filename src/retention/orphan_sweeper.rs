@@ -260,7 +260,9 @@ mod tests {
 
     /// A real driver (sparse images: no root needed) on a temporary socket.
     async fn driver(dir: &std::path::Path) -> (String, LocalDriver) {
-        let args = DriverArgs::in_dir(dir, "node-1", 1 << 30, Provisioning::Sparse);
+        let mut args = DriverArgs::in_dir(dir, "node-1", 1 << 30, Provisioning::Sparse);
+        // Controller calls only: no mount, so no shared kubelet directory (and no root) needed.
+        args.require_shared_kubelet_dir = false;
         let local = LocalDriver::start(&args).await.expect("driver");
         (args.endpoint, local)
     }

@@ -27,12 +27,12 @@ pub const PENDING_TAG: &str = "kennel.csi.dev/pending";
 mod vg;
 pub use vg::*;
 
-/// Mounts at or below `dir`.
+/// Mounts below `dir` (one at `dir` itself is the harness's shared kubelet mount).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|line| line.split(' ').nth(4).map(PathBuf::from))
-        .filter(|p| p.starts_with(dir))
+        .filter(|p| p.starts_with(dir) && p != dir)
         .collect()
 }
 
@@ -47,6 +47,8 @@ pub struct LvmDriver {
     pub client: CsiClient,
     child: Option<Child>,
     log: PathBuf,
+    /// `root` as the driver's `--kubelet-dir`, on a shared mount.
+    _kubelet: kennel::node::mount::SharedMount,
     _dir: tempfile::TempDir,
 }
 
@@ -64,6 +66,7 @@ impl LvmDriver {
         let endpoint = format!("unix://{}", root.join("csi.sock").display());
         let log = root.join("driver.log");
         let metrics = free_local_port();
+        let kubelet = kennel::node::mount::SharedMount::new(&root).expect("shared kubelet dir");
         let mut child = spawn(&root, &endpoint, metrics, &volume_groups, &env, &log);
         let client = wait_ready(&mut child, &endpoint, &log).await;
         LvmDriver {
@@ -75,6 +78,7 @@ impl LvmDriver {
             client,
             child: Some(child),
             log,
+            _kubelet: kubelet,
             _dir: dir,
         }
     }
@@ -349,7 +353,9 @@ fn spawn(
         .arg("--lock-dir")
         .arg(root.join("locks"))
         .arg("--metrics-addr")
-        .arg(metrics.to_string());
+        .arg(metrics.to_string())
+        .arg("--kubelet-dir")
+        .arg(root);
     for vg in volume_groups {
         cmd.arg("--volume-group").arg(vg);
     }

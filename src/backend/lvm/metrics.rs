@@ -35,7 +35,10 @@ fn labels(tool: &str) -> CommandLabels {
 /// One lvm2 command ran (successfully or not) for `seconds`.
 pub fn observe(tool: &str, seconds: f64) {
     COMMANDS.calls.get_or_create(&labels(tool)).inc();
-    COMMANDS.seconds.get_or_create(&labels(tool)).observe(seconds);
+    COMMANDS
+        .seconds
+        .get_or_create(&labels(tool))
+        .observe(seconds);
 }
 
 /// Commands of `tool` run by this process so far.

@@ -140,6 +140,10 @@ pub struct LvmBackend {
     changes: Arc<Changes>,
     /// LVs this process is building right now (pending on purpose).
     in_flight: Mutex<HashSet<String>>,
+    /// Held across one LV creation: picking free extents, `lvcreate` and indexing it. Two
+    /// creations at once could pick from a map the other is changing, and a reload after a
+    /// failed one would forget the other's reservation. lvm2 serializes VG writes anyway.
+    creating: Mutex<()>,
     /// device-mapper mode: one marker file per staged LV (LVs stay active,
     /// so activation no longer tells a staged volume apart). Under /run:
     /// gone after a reboot, like the mounts they stand for.
@@ -212,6 +216,7 @@ impl LvmBackend {
             index: Arc::new(Mutex::new(index)),
             changes: Arc::default(),
             in_flight: Mutex::new(HashSet::new()),
+            creating: Mutex::new(()),
             staged_dir: config.lock_dir.join("lvm-staged"),
             _locks: locks,
         };
@@ -527,6 +532,7 @@ impl LvmBackend {
     /// lvm2; with it, the LV is created active and its size read from the
     /// device.
     fn lvcreate(&self, vg: &str, name: &str, size: u64, new: &New<'_>) -> Result<Lv> {
+        let _one_at_a_time = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         match self.try_lvcreate(vg, name, size, new) {
             // The extent map was stale (an LV made by hand): reload, retry once.
             Err(Error::Exhausted(_)) if !self.lvm.device_mapper() => {

@@ -320,10 +320,11 @@ impl LvmBackend {
         tags: &[String],
         pending: bool,
     ) -> Result<()> {
-        let mut cmd = self.lvm.cmd("lvcreate").args(["-an", "-Zn", "-Wn", "-y"]);
+        let mut cmd = self.lvm.cmd("lvcreate").args(["-an", "-Wn", "-y"]);
         match &params.layout {
             Layout::Linear => {
-                cmd = cmd.arg("-L").arg(format!("{size}b"));
+                // An inactive LV cannot be zeroed; lvm2 refuses -Z on thin volumes.
+                cmd = cmd.arg("-Zn").arg("-L").arg(format!("{size}b"));
                 if let Some(stripes) = params.stripes {
                     cmd = cmd.arg("-i").arg(stripes.to_string());
                 }

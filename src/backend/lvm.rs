@@ -466,7 +466,7 @@ impl LvmBackend {
             self.with_bytes(src, |from| {
                 self.with_bytes(dst, |to| {
                     data::copy(from, to)?;
-                    data::wipe_signatures(to, from.len)
+                    data::zero_from(to, from.len)
                 })
             })
         };
@@ -576,7 +576,7 @@ impl LvmBackend {
         self.finish(vg, name, |row| match source {
             Some(src) => self.copy_into(src, row),
             None => {
-                self.with_bytes(row, |bytes| data::wipe_signatures(bytes, 0))?;
+                self.with_bytes(row, |bytes| data::zero_from(bytes, 0))?;
                 self.lvm.step();
                 Ok(())
             }

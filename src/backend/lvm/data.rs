@@ -64,10 +64,6 @@ pub struct ByteRange {
 }
 
 const CHUNK: usize = 4 << 20;
-/// Bytes zeroed at each end of a new LV: where filesystem, partition and
-/// RAID signatures live, so old data on reused extents is never mistaken for
-/// a filesystem.
-pub const WIPE_BYTES: u64 = 1 << 20;
 
 fn open_rw(path: &Path) -> Result<File> {
     OpenOptions::new()
@@ -102,6 +98,10 @@ pub fn copy(src: &ByteRange, dst: &ByteRange) -> Result<()> {
     output.sync_all().ctx("fsync", &dst.device)
 }
 
+// BLKZEROOUT: zero a byte range of a block device, with the device's
+// write-zeroes offload where it has one (loop: a hole in the backing file).
+nix::ioctl_write_ptr_bad!(blk_zero_out, 0x127f, [u64; 2]);
+
 /// Zero `[from, from + len)` of the range (clipped to it).
 pub fn zero(dst: &ByteRange, from: u64, len: u64) -> Result<()> {
     let end = from.saturating_add(len).min(dst.len);
@@ -109,6 +109,20 @@ pub fn zero(dst: &ByteRange, from: u64, len: u64) -> Result<()> {
         return Ok(());
     }
     let output = open_rw(&dst.device)?;
+    let is_block = output
+        .metadata()
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .unwrap_or(false);
+    let (start, count) = (dst.offset + from, end - from);
+    if is_block && start % 512 == 0 && count % 512 == 0 {
+        let range = [start, count];
+        // SAFETY: BLKZEROOUT reads two u64s from the pointer, valid here.
+        match unsafe { blk_zero_out(std::os::fd::AsRawFd::as_raw_fd(&output), &range) } {
+            Ok(_) => return output.sync_all().ctx("fsync", &dst.device),
+            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOTTY) => {}
+            Err(e) => return Err(std::io::Error::from(e)).ctx("zero", &dst.device),
+        }
+    }
     let buf = vec![0u8; CHUNK];
     let mut at = from;
     while at < end {
@@ -121,15 +135,11 @@ pub fn zero(dst: &ByteRange, from: u64, len: u64) -> Result<()> {
     output.sync_all().ctx("fsync", &dst.device)
 }
 
-/// Zero both ends of a new LV (everything from `keep` on stays untouched at
-/// the start: the copied data).
-pub fn wipe_signatures(dst: &ByteRange, keep: u64) -> Result<()> {
-    zero(dst, keep, WIPE_BYTES)?;
-    zero(
-        dst,
-        dst.len.saturating_sub(WIPE_BYTES).max(keep),
-        WIPE_BYTES,
-    )
+/// Zero a new LV from `keep` to its end (everything before `keep` is the
+/// copied data): extents reused from a deleted volume never show its bytes
+/// to the new owner, and no old signature survives.
+pub fn zero_from(dst: &ByteRange, keep: u64) -> Result<()> {
+    zero(dst, keep, dst.len.saturating_sub(keep))
 }
 
 #[cfg(test)]
@@ -204,7 +214,7 @@ mod tests {
             .write_all_at(b"hello", 1 << 20)
             .expect("test setup");
         copy(&src, &dst).expect("test setup");
-        wipe_signatures(&dst, src.len).expect("test setup");
+        zero_from(&dst, src.len).expect("test setup");
         let data = std::fs::read(&dev).expect("test setup");
         assert_eq!(&data[4 << 20..(4 << 20) + 5], b"hello");
         assert!(data[(6 << 20)..(7 << 20)].iter().all(|&b| b == 0));

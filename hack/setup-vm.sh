@@ -56,7 +56,7 @@ fi
 for pkg in "$kernel_pkg" thin-provisioning-tools; do
   if ! ls "$debs/${pkg}"_*.deb >/dev/null 2>&1; then
     echo "downloading $pkg"
-    (cd "$debs" && apt-get download -qq "$pkg")
+    (cd "$debs" && apt-get download -qq -o APT::Sandbox::User=root "$pkg")
   fi
 done
 # The guest builder takes the kernel named here.

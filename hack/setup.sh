@@ -23,3 +23,6 @@ for tool in mkfs.ext4 mkfs.xfs blkid resize2fs e2fsck xfs_growfs lvm; do
   command -v "$tool" >/dev/null || { echo "error: $tool not found after install" >&2; exit 1; }
 done
 echo "kennel: host tools ready"
+
+# The VM lane (device-mapper tests in a QEMU guest) needs its own tools.
+"$(dirname "$0")/setup-vm.sh"

@@ -23,7 +23,7 @@ programs=(
   mke2fs mkfs.ext4 e2fsck fsck.ext4 resize2fs tune2fs dumpe2fs
   mkfs.xfs xfs_growfs xfs_repair xfs_admin xfs_db xfs_info
   losetup mount umount blkid findmnt wipefs lsblk blockdev fsfreeze
-  truncate dd sync stat
+  truncate dd sync stat dash
 )
 # lvm2 tools are symlinks to lvm.
 lvm_tools=(pvcreate pvremove pvs pvscan vgcreate vgremove vgs vgchange vgscan
@@ -83,6 +83,9 @@ for p in "${programs[@]}"; do
   copy_with_libs "$path" "usr/sbin/$p"
 done
 for t in "${lvm_tools[@]}"; do ln -sf lvm "$root/usr/sbin/$t"; done
+# busybox's shell prefers its own applets to PATH; scripts run by dash find
+# the host's tools (util-linux losetup, not busybox's).
+ln -sf dash "$root/usr/sbin/sh"
 copy_with_libs "$work/thin/usr/sbin/pdata_tools" usr/sbin/pdata_tools
 for t in thin_check thin_repair thin_dump thin_restore; do ln -sf pdata_tools "$root/usr/sbin/$t"; done
 # Test binaries use the same loader and libc; keep both reachable by their usual paths.

@@ -76,7 +76,7 @@ truncate -s 64M "$work/results.img"
 accel=${KENNEL_VM_ACCEL:-tcg}
 start=$(date +%s)
 timeout --kill-after=10 "$timeout_secs" qemu-system-x86_64 \
-  -accel "$accel" -cpu max -smp "${KENNEL_VM_CPUS:-2}" -m "${KENNEL_VM_MEMORY:-2048}" \
+  -accel "$accel" -cpu "${KENNEL_VM_CPU_MODEL:-qemu64}" -smp "${KENNEL_VM_CPUS:-2}" -m "${KENNEL_VM_MEMORY:-2048}" \
   -nodefaults -display none -no-reboot -serial stdio \
   -kernel "$guest/vmlinuz" -initrd "$guest/initrd.gz" \
   -append "console=ttyS0 quiet panic=-1 rdinit=/init mitigations=off" \

@@ -42,6 +42,8 @@ pub struct LvmDriver {
     pub endpoint: String,
     pub volume_groups: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Extra `kennel driver` flags.
+    pub args: Vec<String>,
     pub client: CsiClient,
     child: Option<Child>,
     log: PathBuf,
@@ -54,6 +56,14 @@ impl LvmDriver {
     }
 
     pub async fn start_with(volume_groups: Vec<String>, env: Vec<(String, String)>) -> LvmDriver {
+        LvmDriver::start_with_args(volume_groups, env, vec![]).await
+    }
+
+    pub async fn start_with_args(
+        volume_groups: Vec<String>,
+        env: Vec<(String, String)>,
+        args: Vec<String>,
+    ) -> LvmDriver {
         let dir = tempfile::Builder::new()
             .prefix("kennel-lvm-test-")
             .tempdir()
@@ -61,13 +71,14 @@ impl LvmDriver {
         let root = fs::canonicalize(dir.path()).expect("resolve");
         let endpoint = format!("unix://{}", root.join("csi.sock").display());
         let log = root.join("driver.log");
-        let mut child = spawn(&root, &endpoint, &volume_groups, &env, &log);
+        let mut child = spawn(&root, &endpoint, &volume_groups, &env, &args, &log);
         let client = wait_ready(&mut child, &endpoint, &log).await;
         LvmDriver {
             root,
             endpoint,
             volume_groups,
             env,
+            args,
             client,
             child: Some(child),
             log,
@@ -92,6 +103,7 @@ impl LvmDriver {
             &self.endpoint,
             &self.volume_groups,
             &self.env,
+            &self.args,
             &self.log,
         );
         self.client = wait_ready(&mut child, &self.endpoint, &self.log).await;
@@ -268,6 +280,7 @@ fn spawn(
     endpoint: &str,
     volume_groups: &[String],
     env: &[(String, String)],
+    args: &[String],
     log: &Path,
 ) -> Child {
     let log_file = OpenOptions::new()
@@ -284,6 +297,7 @@ fn spawn(
     for vg in volume_groups {
         cmd.arg("--volume-group").arg(vg);
     }
+    cmd.args(args);
     cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RUST_LOG", "kennel=debug,info")
         .stdin(Stdio::null())

@@ -53,7 +53,10 @@ const POOL: &str = "pool";
 
 /// A thin pool of `size` (an lvm2 size) in `vg`.
 fn thin_pool(vg: &TestVg, size: &str) {
-    lvm_ok("lvcreate", &["-y", "-L", size, "-T", &format!("{}/{POOL}", vg.name)]);
+    lvm_ok(
+        "lvcreate",
+        &["-y", "-L", size, "-T", &format!("{}/{POOL}", vg.name)],
+    );
 }
 
 fn thin_params() -> Vec<(&'static str, &'static str)> {
@@ -159,7 +162,12 @@ async fn expand(driver: &LvmDriver, id: &str, bytes: i64, path: &Path) {
             ..Default::default()
         })
         .await
-        .unwrap_or_else(|s| panic!("ControllerExpandVolume {id}: {s:?}\n{}", driver.log_tail(30)));
+        .unwrap_or_else(|s| {
+            panic!(
+                "ControllerExpandVolume {id}: {s:?}\n{}",
+                driver.log_tail(30)
+            )
+        });
     let resp = driver
         .node()
         .node_expand_volume(pb::NodeExpandVolumeRequest {
@@ -197,8 +205,12 @@ async fn thin_volumes_overprovision_within_the_ratio_and_capacity_is_honest() {
         assert_eq!(driver.capacity(thin_map()).await.unwrap() as u64, pool);
 
         // Two thin volumes promising more than the pool holds.
-        let a = driver.create(block_req("thin-a", 200 * MIB, &thin_params())).await;
-        let b = driver.create(create_req("thin-b", 200 * MIB, &thin_params())).await;
+        let a = driver
+            .create(block_req("thin-a", 200 * MIB, &thin_params()))
+            .await;
+        let b = driver
+            .create(create_req("thin-b", 200 * MIB, &thin_params()))
+            .await;
         for vol in [&a, &b] {
             assert_eq!(lv_field(&vg, &vol.volume_id, "segtype"), "thin");
             assert_eq!(lv_field(&vg, &vol.volume_id, "pool_lv"), POOL);
@@ -282,7 +294,9 @@ async fn thin_snapshots_restore_and_clone_old_content_and_outlive_their_origin()
             vec!["--thin-overprovision-ratio".into(), "4".into()],
         )
         .await;
-        let origin = driver.create(create_req("origin", 64 * MIB, &thin_params())).await;
+        let origin = driver
+            .create(create_req("origin", 64 * MIB, &thin_params()))
+            .await;
         let id = origin.volume_id.clone();
         driver.stage(&id, mount_cap("ext4")).await;
         let target = driver.publish(&id, mount_cap("ext4")).await;
@@ -386,7 +400,9 @@ async fn staged_volumes_are_active_and_come_back_after_a_reboot() {
         thin_pool(&vg, "256m");
         let mut driver = LvmDriver::start(&vg).await;
         let linear = driver.create(create_req("linear", 32 * MIB, &[])).await;
-        let thin = driver.create(create_req("thin", 32 * MIB, &thin_params())).await;
+        let thin = driver
+            .create(create_req("thin", 32 * MIB, &thin_params()))
+            .await;
         let vols = [linear.volume_id.clone(), thin.volume_id.clone()];
         let mut targets = Vec::new();
         for id in &vols {
@@ -525,7 +541,9 @@ async fn a_new_volume_never_shows_a_deleted_volumes_bytes() {
         let driver = LvmDriver::start(&vg).await;
         for (layout, params) in [("linear", vec![]), ("thin", thin_params())] {
             let size = 48 * MIB;
-            let old = driver.create(block_req(&format!("{layout}-old"), size, &params)).await;
+            let old = driver
+                .create(block_req(&format!("{layout}-old"), size, &params))
+                .await;
             let extents = lv_field(&vg, &old.volume_id, "seg_pe_ranges");
             driver.stage(&old.volume_id, block_cap()).await;
             let device = driver.publish(&old.volume_id, block_cap()).await;
@@ -534,7 +552,9 @@ async fn a_new_volume_never_shows_a_deleted_volumes_bytes() {
             driver.unstage(&old.volume_id).await;
             driver.delete(&old.volume_id).await;
 
-            let new = driver.create(block_req(&format!("{layout}-new"), size, &params)).await;
+            let new = driver
+                .create(block_req(&format!("{layout}-new"), size, &params))
+                .await;
             if layout == "linear" {
                 // Same extents, or the test would prove nothing.
                 assert_eq!(lv_field(&vg, &new.volume_id, "seg_pe_ranges"), extents);

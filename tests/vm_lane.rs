@@ -23,7 +23,7 @@ const SUITES: &[&str] = &[
     "conformance_lvm",
 ];
 /// QEMU is killed after this long (TCG: a slow machine).
-const LANE_TIMEOUT_SECS: u64 = 1800;
+const LANE_TIMEOUT_SECS: u64 = 3600;
 
 /// Progress on the real stdout (past cargo's capture): the lane is long.
 fn say(line: &str) {
@@ -32,45 +32,54 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-/// The suites' test executables, built (or found fresh) by cargo with the
-/// profile this test was built with.
+/// The suites' test executables: built by the same `cargo test` as this
+/// test, beside it in `deps/`. A missing or stale one (a source file newer
+/// than it, by its cargo dep-info) fails the lane rather than testing old
+/// code: build them with `cargo test --no-run`.
 fn test_binaries() -> BTreeMap<String, PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let exe = std::env::current_exe().expect("current exe");
-    let release = exe
-        .ancestors()
-        .any(|p| p.file_name().is_some_and(|n| n == "release"));
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(vm_lane::repo())
-        .args(["test", "--no-run", "--locked", "--message-format=json"]);
-    if release {
-        cmd.arg("--release");
-    }
-    for suite in SUITES {
-        cmd.args(["--test", suite]);
-    }
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run cargo test --no-run");
-    assert!(out.status.success(), "building the LVM suites failed");
+    let deps = exe.parent().expect("deps dir").to_owned();
     let mut found = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let (Some(name), Some(exe)) = (
-            msg["target"]["name"].as_str(),
-            msg["executable"].as_str(),
-        ) else {
-            continue;
-        };
-        if SUITES.contains(&name) && msg["profile"]["test"].as_bool() == Some(true) {
-            found.insert(name.to_owned(), PathBuf::from(exe));
-        }
-    }
     for suite in SUITES {
-        assert!(found.contains_key(*suite), "cargo built no {suite} test");
+        let newest = fs::read_dir(&deps)
+            .expect("read deps dir")
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(&format!("{suite}-")).is_some_and(|hash| {
+                    hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit())
+                })
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .max();
+        let Some((built, path)) = newest else {
+            panic!(
+                "no {suite} test executable in {} (run `cargo test --no-run`)",
+                deps.display()
+            );
+        };
+        let dep_info = fs::read_to_string(path.with_extension("d")).unwrap_or_default();
+        let sources = dep_info
+            .lines()
+            .next()
+            .and_then(|l| l.split_once(": "))
+            .map(|(_, deps)| {
+                deps.split_whitespace()
+                    .map(PathBuf::from)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        assert!(!sources.is_empty(), "no dep-info for {}", path.display());
+        for source in sources {
+            let changed = fs::metadata(&source).and_then(|m| m.modified());
+            assert!(
+                changed.is_ok_and(|t| t <= built),
+                "{} is older than {} (run `cargo test --no-run`, or the whole `cargo test`)",
+                path.display(),
+                source.display()
+            );
+        }
+        found.insert((*suite).to_owned(), path);
     }
     found
 }
@@ -201,7 +210,11 @@ fn lvm_suites_pass_inside_a_vm_with_device_mapper() {
         println!("{log}");
         panic!(
             "VM lane: {} failed (run.sh exit {status}); the guest's output is above and in {}",
-            if failed.is_empty() { "the run".to_owned() } else { failed.join(", ") },
+            if failed.is_empty() {
+                "the run".to_owned()
+            } else {
+                failed.join(", ")
+            },
             log_path.display()
         );
     }

@@ -70,6 +70,11 @@ pub struct DriverArgs {
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
+    /// Deadline of every host tool the driver runs (mkfs, fsck, resize2fs, xfs_growfs, lvm2);
+    /// tools that work through a whole device get 1 s more per GiB. A tool past its deadline
+    /// is killed and the call answers DEADLINE_EXCEEDED.
+    #[arg(long, default_value = "2m", value_parser = crate::retention::duration::parse_duration)]
+    pub command_timeout: std::time::Duration,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz on this address, e.g. 0.0.0.0:9808.
     #[arg(long, env = "KENNEL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -77,15 +82,6 @@ pub struct DriverArgs {
 
 fn parse_device_class(raw: &str) -> std::result::Result<DeviceClass, String> {
     DeviceClass::parse(raw).map_err(|e| e.to_string())
-}
-
-pub fn machine_id() -> String {
-    ["/etc/machine-id", "/var/lib/dbus/machine-id"]
-        .iter()
-        .find_map(|p| std::fs::read_to_string(p).ok())
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn hostname() -> Result<String> {
@@ -102,6 +98,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
             "--max-volumes-per-node must not be negative",
         ));
     }
+    crate::node::cmd::set_timeout(args.command_timeout);
     let node_id = match &args.node_id {
         Some(id) if !id.is_empty() => id.clone(),
         _ => hostname()?,
@@ -126,7 +123,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
         node_id,
-        machine_id: machine_id(),
+        machine_id: crate::node::identity::host_identity()?,
     };
     let locks = LockMap::default();
     Ok(Arc::new(Driver {
@@ -157,6 +154,7 @@ impl DriverArgs {
             thin_overprovision_ratio: 1.0,
             lock_dir: dir.join("locks"),
             max_volumes_per_node: 0,
+            command_timeout: crate::node::cmd::DEFAULT_TIMEOUT,
             metrics_addr: None,
         }
     }

@@ -61,6 +61,14 @@ pub enum Error {
         stderr: String,
     },
 
+    /// A host tool outlived its deadline and was killed.
+    #[error("{command} did not finish within {after:?} and was killed; stderr: {stderr}")]
+    DeadlineExceeded {
+        command: String,
+        after: std::time::Duration,
+        stderr: String,
+    },
+
     #[error("internal error: {0}")]
     Internal(String),
 }

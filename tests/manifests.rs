@@ -471,7 +471,7 @@ fn node_daemonset_is_consistent() {
             }
             Ok(Command::Retention(_)) => panic!("{overlay}: driver container runs retention"),
             Err(e) if !backend_known(overlay) => {
-                eprintln!("{overlay}: backend not in this build yet, flags not checked: {e}")
+                panic!("{overlay}: overlay names a backend this build does not know: {e}")
             }
             Err(e) => panic!("{overlay}: kennel driver flags do not parse: {e}"),
         }
@@ -541,6 +541,27 @@ fn node_daemonset_is_consistent() {
             Some(&Some("Bidirectional".to_owned()))
         );
         assert!(mounts.contains_key("/dev"));
+        // The host's machine ID, read-only: without it every volume would record the image's.
+        let machine_id = kennel
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == "/etc/machine-id")
+            .expect("/etc/machine-id mounted in kennel");
+        assert_eq!(
+            machine_id.read_only,
+            Some(true),
+            "{overlay}: machine-id read-only"
+        );
+        let machine_id_host = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == machine_id.name)
+            .and_then(|v| v.host_path.clone())
+            .expect("machine-id is a hostPath");
+        assert_eq!(machine_id_host.path, "/etc/machine-id");
+        assert_eq!(machine_id_host.type_.as_deref(), Some("File"));
         let backend_mounts: &[&str] = match overlay {
             "loop" => &["/var/lib/kennel/loop"],
             _ => &["/etc/lvm", "/run/lvm"],

@@ -70,14 +70,20 @@ pub fn ensure_filesystem(device: &Path, fs: FsType, discard: bool) -> Result<boo
     }
 }
 
+/// The deadline of a tool that works through all of `device` (mkfs, fsck, resize).
+fn deadline_for(device: &Path) -> std::time::Duration {
+    cmd::timeout_for_bytes(crate::node::loopdev::device_size(device).unwrap_or(0))
+}
+
 fn mkfs(device: &Path, fs: FsType, discard: bool) -> Result<()> {
+    let deadline = deadline_for(device);
     match fs {
         FsType::Ext4 => {
             // Lazy init: inode tables and journal are zeroed in the background
             // after mount, so formatting a big volume takes well under a second.
             let mut extended = String::from("lazy_itable_init=1,lazy_journal_init=1");
             extended.push_str(if discard { ",discard" } else { ",nodiscard" });
-            cmd::run(
+            cmd::run_within(
                 "mkfs.ext4",
                 [
                     Path::new("-q"),
@@ -86,6 +92,7 @@ fn mkfs(device: &Path, fs: FsType, discard: bool) -> Result<()> {
                     Path::new(&extended),
                     device,
                 ],
+                deadline,
             )?;
         }
         FsType::Xfs => {
@@ -94,7 +101,7 @@ fn mkfs(device: &Path, fs: FsType, discard: bool) -> Result<()> {
                 args.push(Path::new("-K"));
             }
             args.push(device);
-            cmd::run("mkfs.xfs", args)?;
+            cmd::run_within("mkfs.xfs", args, deadline)?;
         }
     }
     Ok(())
@@ -112,9 +119,9 @@ pub fn grow_online(device: &Path, mount_point: &Path, fs: &str) -> Result<()> {
                         .to_owned(),
                 ));
             }
-            cmd::run("resize2fs", [device]).map(drop)
+            cmd::run_within("resize2fs", [device], deadline_for(device)).map(drop)
         }
-        "xfs" => cmd::run("xfs_growfs", [mount_point]).map(drop),
+        "xfs" => cmd::run_within("xfs_growfs", [mount_point], deadline_for(device)).map(drop),
         other => Err(Error::Precondition(format!(
             "cannot grow a {other} filesystem"
         ))),
@@ -123,7 +130,12 @@ pub fn grow_online(device: &Path, mount_point: &Path, fs: &str) -> Result<()> {
 
 /// Grow an unmounted ext4 filesystem (resize2fs insists on a fresh check first).
 pub fn grow_offline_ext4(device: &Path) -> Result<()> {
-    let check = cmd::output("e2fsck", [Path::new("-f"), Path::new("-p"), device])?;
+    let deadline = deadline_for(device);
+    let check = cmd::output_within(
+        "e2fsck",
+        [Path::new("-f"), Path::new("-p"), device],
+        deadline,
+    )?;
     // 0: clean, 1: errors fixed. Anything else needs a human.
     if !matches!(check.status.code(), Some(0 | 1)) {
         return Err(Error::Precondition(format!(
@@ -132,7 +144,7 @@ pub fn grow_offline_ext4(device: &Path) -> Result<()> {
             cmd::failure("e2fsck", &check)
         )));
     }
-    cmd::run("resize2fs", [device]).map(drop)
+    cmd::run_within("resize2fs", [device], deadline).map(drop)
 }
 
 const CAP_SYS_RESOURCE: u32 = 24;

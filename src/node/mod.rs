@@ -5,5 +5,6 @@ pub mod cmd;
 pub mod copy;
 pub mod freeze;
 pub mod fs;
+pub mod identity;
 pub mod loopdev;
 pub mod mount;

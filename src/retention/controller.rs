@@ -13,6 +13,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
 };
+use k8s_openapi::api::storage::v1::CSINode;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{self, Controller};
@@ -23,6 +24,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use super::builtin::BuiltinRule;
 use super::metrics::Metrics;
 use super::names::claim_identity;
 use super::nodeloss::{pinned_node, pv_driver, NodeView};
@@ -35,7 +37,7 @@ pub const REPORTER: &str = "kennel-retention";
 
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub builtin: bool,
+    pub builtin: BuiltinRule,
     pub sweep_orphaned_claims: bool,
     pub node_loss_grace: Duration,
     pub driver_name: String,
@@ -109,9 +111,9 @@ fn write_result<T>(
 }
 
 impl Context {
-    fn options(&self) -> Options {
+    fn options(&self, set: &StatefulSet) -> Options {
         Options {
-            builtin: self.settings.builtin,
+            builtin: self.settings.builtin.enforces(set),
             sweep_orphaned_claims: self.settings.sweep_orphaned_claims,
             node_loss_grace: self.settings.node_loss_grace,
             driver_name: self.settings.driver_name.clone(),
@@ -139,7 +141,7 @@ impl Context {
         let claims: Vec<&PersistentVolumeClaim> = claims.iter().map(AsRef::as_ref).collect();
         let pods: Vec<&Pod> = pods.iter().map(AsRef::as_ref).collect();
         let volumes: Vec<&PersistentVolume> = volumes.iter().map(AsRef::as_ref).collect();
-        let opts = self.options();
+        let opts = self.options(set);
         let mut plan = policy::plan(
             Observed {
                 set,
@@ -150,21 +152,13 @@ impl Context {
             },
             &opts,
         );
-        if !plan.unconfirmed_nodes.is_empty() {
-            let api: Api<Node> = Api::all(self.client.clone());
-            for name in &plan.unconfirmed_nodes {
-                match api.get_opt(name).await {
-                    Ok(Some(node)) => nodes.insert(&node),
-                    Ok(None) => nodes.confirm_gone(name),
-                    Err(source) => {
-                        return Err(Error::Api {
-                            verb: "get",
-                            object: format!("node {name}"),
-                            source,
-                        })
-                    }
-                }
+        // Evidence of node loss is read uncached: a lagging watch must never delete a claim.
+        // Nodes are confirmed first; a node found NotReady may then need its CSINode read.
+        for _ in 0..2 {
+            if plan.unconfirmed_nodes.is_empty() && plan.unconfirmed_drivers.is_empty() {
+                break;
             }
+            self.confirm_nodes(&plan, nodes).await?;
             plan = policy::plan(
                 Observed {
                     set,
@@ -179,20 +173,86 @@ impl Context {
         Ok(plan)
     }
 
-    async fn publish(&self, set: &StatefulSet, note: &Note) {
-        let reference = match &note.regarding {
-            Regarding::StatefulSet => set.object_ref(&()),
-            Regarding::Volume(name) => ObjectReference {
+    /// Reads the nodes and CSINodes `plan` asks about, uncached, into `nodes`.
+    async fn confirm_nodes(&self, plan: &Plan, nodes: &mut NodeView) -> Result<(), Error> {
+        {
+            let api: Api<Node> = Api::all(self.client.clone());
+            for name in &plan.unconfirmed_nodes {
+                match api.get_opt(name).await {
+                    Ok(Some(node)) => nodes.insert(&node),
+                    Ok(None) => nodes.confirm_gone(name),
+                    Err(source) => {
+                        return Err(Error::Api {
+                            verb: "get",
+                            object: format!("node {name}"),
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+        let api: Api<CSINode> = Api::all(self.client.clone());
+        for name in &plan.unconfirmed_drivers {
+            let csinode = api.get_opt(name).await.map_err(|source| Error::Api {
+                verb: "get",
+                object: format!("csinode {name}"),
+                source,
+            })?;
+            nodes.record_csinode(name, csinode.as_ref(), &self.settings.driver_name);
+        }
+        Ok(())
+    }
+
+    /// The object an event is about; the set is the related object of every other event.
+    fn reference(&self, set: &StatefulSet, ns: &str, regarding: &Regarding) -> ObjectReference {
+        let core = |kind: &str, name: &str, namespace: Option<&str>, uid: Option<String>| {
+            ObjectReference {
                 api_version: Some("v1".into()),
-                kind: Some("PersistentVolume".into()),
-                name: Some(name.clone()),
-                uid: self
-                    .volumes
+                kind: Some(kind.into()),
+                name: Some(name.into()),
+                namespace: namespace.map(str::to_owned),
+                uid,
+                ..Default::default()
+            }
+        };
+        match regarding {
+            Regarding::StatefulSet => set.object_ref(&()),
+            Regarding::Claim(name) => core(
+                "PersistentVolumeClaim",
+                name,
+                Some(ns),
+                self.claims
+                    .get(&ObjectRef::new(name).within(ns))
+                    .and_then(|c| c.metadata.uid.clone()),
+            ),
+            Regarding::Pod(name) => core(
+                "Pod",
+                name,
+                Some(ns),
+                self.pods
+                    .get(&ObjectRef::new(name).within(ns))
+                    .and_then(|p| p.metadata.uid.clone()),
+            ),
+            Regarding::Volume(name) => core(
+                "PersistentVolume",
+                name,
+                None,
+                self.volumes
                     .get(&ObjectRef::new(name))
                     .and_then(|pv| pv.metadata.uid.clone()),
-                ..Default::default()
-            },
-        };
+            ),
+        }
+    }
+
+    /// Logs the note, then publishes it as an Event. Called before the writes it announces.
+    async fn publish(&self, set: &StatefulSet, ns: &str, note: &Note) {
+        let set_name = set.name_any();
+        if note.warning {
+            warn!(%ns, set = %set_name, reason = note.reason, action = note.action, "{}", note.message);
+        } else {
+            info!(%ns, set = %set_name, reason = note.reason, action = note.action, "{}", note.message);
+        }
+        let reference = self.reference(set, ns, &note.regarding);
         let event = Event {
             type_: if note.warning {
                 EventType::Warning
@@ -201,8 +261,8 @@ impl Context {
             },
             reason: note.reason.into(),
             note: Some(note.message.clone()),
-            action: "Reconcile".into(),
-            secondary: None,
+            action: note.action.into(),
+            secondary: (note.regarding != Regarding::StatefulSet).then(|| set.object_ref(&())),
         };
         // Events are reports, not state: a failed publish must not undo or block the writes.
         if let Err(e) = self.recorder.publish(&event, &reference).await {
@@ -216,7 +276,7 @@ impl Context {
         let volumes: Api<PersistentVolume> = Api::all(self.client.clone());
         let (kind, result) = match action {
             Action::Event(note) => {
-                self.publish(set, note).await;
+                self.publish(set, ns, note).await;
                 return Ok(());
             }
             Action::SetClaimOwners {

@@ -8,10 +8,11 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     CSIPersistentVolumeSource, Node, NodeCondition, NodeSelector, NodeSelectorRequirement,
-    NodeSelectorTerm, NodeStatus, NodeSystemInfo, ObjectReference, PersistentVolume,
+    NodeSelectorTerm, NodeSpec, NodeStatus, NodeSystemInfo, ObjectReference, PersistentVolume,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeSpec, PersistentVolumeStatus,
     Pod, PodCondition, PodSpec, PodStatus, VolumeNodeAffinity,
 };
+use k8s_openapi::api::storage::v1::{CSINode, CSINodeDriver, CSINodeSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 
@@ -292,5 +293,47 @@ pub fn node(name: &str, machine: &str, ready: bool) -> Node {
             }),
             ..Default::default()
         }),
+    }
+}
+
+/// `node` with its Ready condition False since `since`.
+pub fn not_ready_since(mut node: Node, since: Timestamp) -> Node {
+    let status = node.status.get_or_insert_with(Default::default);
+    status.conditions = Some(vec![NodeCondition {
+        type_: "Ready".into(),
+        status: "False".into(),
+        reason: Some("KubeletNotReady".into()),
+        last_transition_time: Some(Time(since)),
+        ..Default::default()
+    }]);
+    node
+}
+
+/// `node` cordoned (`kubectl cordon`).
+pub fn cordoned(mut node: Node) -> Node {
+    node.spec = Some(NodeSpec {
+        unschedulable: Some(true),
+        ..Default::default()
+    });
+    node
+}
+
+/// The CSINode of `node`, with these drivers registered.
+pub fn csinode(node: &str, drivers: &[&str]) -> CSINode {
+    CSINode {
+        metadata: ObjectMeta {
+            name: Some(node.into()),
+            ..Default::default()
+        },
+        spec: CSINodeSpec {
+            drivers: drivers
+                .iter()
+                .map(|d| CSINodeDriver {
+                    name: (*d).into(),
+                    node_id: node.into(),
+                    ..Default::default()
+                })
+                .collect(),
+        },
     }
 }

@@ -19,6 +19,8 @@ pub struct Exchange {
     pub status: StatusCode,
     /// `None`: echo the request body (what the API server does for events).
     pub reply: Option<Value>,
+    /// Text the body's `note` must contain.
+    pub note_names: Option<String>,
 }
 
 pub fn expect(method: &'static str, path: &str, body: Option<Value>, reply: Value) -> Exchange {
@@ -28,6 +30,7 @@ pub fn expect(method: &'static str, path: &str, body: Option<Value>, reply: Valu
         body,
         status: StatusCode::OK,
         reply: Some(reply),
+        note_names: None,
     }
 }
 
@@ -41,6 +44,7 @@ pub fn not_found(method: &'static str, path: &str, what: &str) -> Exchange {
             "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": format!("{what} not found"), "reason": "NotFound", "code": 404
         })),
+        note_names: None,
     }
 }
 
@@ -54,17 +58,35 @@ pub fn conflict(method: &'static str, path: &str) -> Exchange {
             "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": "the object has been modified", "reason": "Conflict", "code": 409
         })),
+        note_names: None,
     }
 }
 
-/// An event POST whose `reason` is `reason`.
-pub fn event(reason: &str) -> Exchange {
+/// An event POST (a new event, not a merge into an earlier one's series) whose `reason` is
+/// `reason`, about the `kind` object `name`, whose note names it.
+pub fn event_about(reason: &str, kind: &str, name: &str) -> Exchange {
     Exchange {
         method: "POST",
         path: "/apis/events.k8s.io/v1/namespaces/default/events".into(),
-        body: Some(json!({"reason": reason, "reportingController": REPORTER})),
+        body: Some(json!({
+            "reason": reason,
+            "reportingController": REPORTER,
+            "regarding": {"kind": kind, "name": name},
+        })),
         status: StatusCode::OK,
         reply: None,
+        note_names: Some(name.into()),
+    }
+}
+
+/// Whether `actual` has `expected`: equal, or for objects every expected key with a value that
+/// `contains` the expected one (objects nest; other values compare exactly).
+fn contains(actual: &Value, expected: &Value) -> bool {
+    match (actual, expected) {
+        (Value::Object(a), Value::Object(e)) => e
+            .iter()
+            .all(|(k, v)| a.get(k).is_some_and(|av| contains(av, v))),
+        _ => actual == expected,
     }
 }
 
@@ -100,12 +122,19 @@ pub async fn serve(
         };
         if let Some(expected) = &step.body {
             for (key, value) in expected.as_object().expect("object") {
-                assert_eq!(
-                    body.get(key),
-                    Some(value),
-                    "request {i} {path}: body field {key} in {body}"
+                let actual = body.get(key);
+                assert!(
+                    actual.is_some_and(|a| contains(a, value)),
+                    "request {i} {path}: body field {key}: want {value}, in {body}"
                 );
             }
+        }
+        if let Some(name) = &step.note_names {
+            let note = body.get("note").and_then(Value::as_str).unwrap_or_default();
+            assert!(
+                note.contains(name.as_str()),
+                "request {i}: note {note:?} does not name {name}"
+            );
         }
         let reply = step.reply.unwrap_or(body);
         send.send_response(

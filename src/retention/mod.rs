@@ -36,8 +36,9 @@ use duration::parse_duration;
 #[derive(clap::Args, Debug, Clone)]
 pub struct RetentionArgs {
     /// Whether Kubernetes' own StatefulSet controller enforces
-    /// spec.persistentVolumeClaimRetentionPolicy (auto: yes from server version 1.32). When it
-    /// does, Kennel leaves the basic owner references to it and only adds its guards.
+    /// spec.persistentVolumeClaimRetentionPolicy (auto: always from server version 1.32; on
+    /// 1.23-1.31 for exactly the sets whose spec the API server kept the field in). Where it
+    /// does, Kennel writes no owner references and only adds its guards.
     #[arg(long, value_enum, default_value = "auto")]
     pub builtin_retention: BuiltinMode,
 
@@ -127,9 +128,9 @@ pub async fn run(args: RetentionArgs) -> anyhow::Result<()> {
     info!(
         server = %version.git_version,
         mode = ?args.builtin_retention,
-        builtin,
-        "built-in StatefulSet retention {}",
-        if builtin { "assumed on: Kennel only adds its guards" } else { "off: Kennel writes owner references" }
+        rule = ?builtin,
+        "built-in StatefulSet retention: {}",
+        builtin.describe()
     );
     let metrics = Arc::new(metrics::Metrics::default());
     if let Some(addr) = args.metrics_addr {

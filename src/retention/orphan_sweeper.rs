@@ -251,6 +251,7 @@ mod tests {
             body: Some(json!({"reason": reason, "reportingController": "kennel-orphans"})),
             status: StatusCode::OK,
             reply: None,
+            note_names: None,
         }
     }
 

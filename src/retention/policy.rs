@@ -17,7 +17,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 
 use super::names::{claim_identity, claim_name, pod_name, pod_ordinal, templates, OrdinalRange};
-use super::nodeloss::{pinned_node, pv_driver, unscheduled_since, verdict, NodeVerdict, NodeView};
+use super::nodeloss::{
+    identity_change, pinned_node, pv_driver, unscheduled_since, verdict, NodeVerdict, NodeView,
+};
 use super::owners::{is_controller, Owner};
 
 /// Annotation carrying `whenDeleted` where the API server dropped the spec field.
@@ -144,18 +146,23 @@ pub struct Observed<'a> {
     pub nodes: &'a NodeView,
 }
 
-/// What an event is about.
+/// The object an event is about: the one acted on, so that two actions with the same reason
+/// (two claims deleted) stay two events instead of one merged series.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Regarding {
     StatefulSet,
+    Claim(String),
+    Pod(String),
     Volume(String),
 }
 
-/// One event to publish.
+/// One event to publish (and log) before the writes it announces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Note {
     pub warning: bool,
     pub reason: &'static str,
+    /// What was done to `regarding` (the event's `action`), e.g. `DeleteClaim`.
+    pub action: &'static str,
     pub message: String,
     pub regarding: Regarding,
 }
@@ -205,6 +212,9 @@ pub struct Plan {
     /// Nodes missing from the cache whose absence must be confirmed by an uncached GET before
     /// anything is decided about their volumes.
     pub unconfirmed_nodes: Vec<String>,
+    /// NotReady nodes past the grace period whose CSINode must be read (uncached) to learn
+    /// whether Kennel's driver is still registered there.
+    pub unconfirmed_drivers: Vec<String>,
 }
 
 impl Plan {
@@ -212,12 +222,20 @@ impl Plan {
         self.actions.iter().any(Action::is_write)
     }
 
-    fn event(&mut self, warning: bool, reason: &'static str, message: String) {
+    fn event(
+        &mut self,
+        warning: bool,
+        reason: &'static str,
+        action: &'static str,
+        regarding: Regarding,
+        message: String,
+    ) {
         self.actions.push(Action::Event(Note {
             warning,
             reason,
+            action,
             message,
-            regarding: Regarding::StatefulSet,
+            regarding,
         }));
     }
 
@@ -228,6 +246,12 @@ impl Plan {
     fn unconfirmed(&mut self, node: String) {
         if !self.unconfirmed_nodes.contains(&node) {
             self.unconfirmed_nodes.push(node);
+        }
+    }
+
+    fn unconfirmed_driver(&mut self, node: String) {
+        if !self.unconfirmed_drivers.contains(&node) {
+            self.unconfirmed_drivers.push(node);
         }
     }
 }
@@ -278,7 +302,13 @@ pub fn plan(obs: Observed<'_>, opts: &Options) -> Plan {
     };
 
     if let Some(message) = ignored_annotations(set, &policy) {
-        plan.event(true, "RetentionAnnotationsIgnored", message);
+        plan.event(
+            true,
+            "RetentionAnnotationsIgnored",
+            "Plan",
+            Regarding::StatefulSet,
+            message,
+        );
     }
     for claim in scope.claims.values() {
         plan_claim(&scope, claim, &mut plan);
@@ -385,7 +415,13 @@ fn plan_claim(scope: &Scope<'_>, claim: &PersistentVolumeClaim, plan: &mut Plan)
         }
     }
 
-    let new_refs = if scope.writes_refs {
+    // The built-in controller owns every owner reference of the claim: Kennel never writes
+    // what it writes (two writers of one list conflict and race each other). `hold_pod` still
+    // keeps pods off a claim the collector is deleting.
+    if !scope.writes_refs {
+        return;
+    }
+    let new_refs = {
         let (mut want_set, mut want_pod) =
             match (scope.policy.when_deleted, scope.policy.when_scaled) {
                 (PolicyType::Retain, PolicyType::Retain) => (false, false),
@@ -399,41 +435,19 @@ fn plan_claim(scope: &Scope<'_>, claim: &PersistentVolumeClaim, plan: &mut Plan)
             plan.event(
                 true,
                 "ConflictingController",
+                "Plan",
+                Regarding::Claim(claim_name.to_string()),
                 format!(
                     "PersistentVolumeClaim {claim_name} has a conflicting OwnerReference that acts as a managing controller, the retention policy is ignored for this claim"
                 ),
             );
         }
         desired_refs(&refs, set_owner, &pod_owner, want_set, want_pod)
-    } else {
-        // The built-in controller owns the basic references. Kennel only closes its races:
-        // pod references on in-range claims go, and with whenDeleted=Delete the set reference is
-        // stamped as soon as the claim exists, before any pod.
-        let mut kept: Vec<OwnerReference> = refs
-            .iter()
-            .filter(|r| !(in_range && pod_owner.named_by(r)))
-            .cloned()
-            .collect();
-        let stamp = in_range
-            && scope.policy.when_deleted == PolicyType::Delete
-            && !foreign_controller
-            && !kept
-                .iter()
-                .any(|r| set_owner.named_by(r) || pod_owner.named_by(r));
-        if stamp {
-            kept.extend(set_owner.controller_ref());
-        }
-        kept
     };
     if new_refs == refs {
         return;
     }
     messages.push(describe_change(&refs, &new_refs, set_owner, &pod_owner));
-    plan.actions.push(Action::SetClaimOwners {
-        claim: claim_name.to_string(),
-        resource_version,
-        owner_references: new_refs,
-    });
     let reason = if pod_refs_in_range && messages.len() > 1 {
         "StaleOwnerRemoved"
     } else {
@@ -442,6 +456,8 @@ fn plan_claim(scope: &Scope<'_>, claim: &PersistentVolumeClaim, plan: &mut Plan)
     plan.event(
         false,
         reason,
+        "UpdateOwnerReferences",
+        Regarding::Claim(claim_name.to_string()),
         format!(
             "PersistentVolumeClaim {claim_name} (ordinal {ordinal}, {}, {}): {}",
             if in_range { "in range" } else { "condemned" },
@@ -449,6 +465,11 @@ fn plan_claim(scope: &Scope<'_>, claim: &PersistentVolumeClaim, plan: &mut Plan)
             messages.join("; ")
         ),
     );
+    plan.actions.push(Action::SetClaimOwners {
+        claim: claim_name.to_string(),
+        resource_version,
+        owner_references: new_refs,
+    });
 }
 
 /// The claim's references with ours replaced by exactly the wanted controller references.
@@ -542,19 +563,21 @@ fn sweep_claim(
     if managed_elsewhere {
         return;
     }
-    plan.actions.push(Action::DeleteClaim {
-        claim: name.clone(),
-        uid,
-        resource_version: rv,
-    });
     plan.event(
         false,
         "OrphanedClaimDeleted",
+        "DeleteClaim",
+        Regarding::Claim(name.clone()),
         format!(
-            "deleted PersistentVolumeClaim {name}: its ordinal is out of range, its pod {} is gone and whenScaled=Delete (--sweep-orphaned-claims)",
+            "deleting PersistentVolumeClaim {name}: its ordinal is out of range, its pod {} is gone and whenScaled=Delete (--sweep-orphaned-claims)",
             pod_owner.name
         ),
     );
+    plan.actions.push(Action::DeleteClaim {
+        claim: name,
+        uid,
+        resource_version: rv,
+    });
 }
 
 /// Keeps an in-range pod off a Terminating claim. Returns true when the pod is being held.
@@ -590,21 +613,25 @@ fn hold_pod(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut Plan) -> bool
             .flatten()
             .any(|r| pod_owner.is_stale(r));
         if pending || collected_for_earlier_pod {
+            plan.event(
+                true,
+                "PodHeldForTerminatingClaim",
+                "DeletePod",
+                Regarding::Pod(pod_name_.clone()),
+                format!(
+                    "deleting pod {pod_name_}: its PersistentVolumeClaim {name} is terminating; the StatefulSet recreates the pod once the claim is gone and made again"
+                ),
+            );
             plan.actions.push(Action::DeletePod {
                 pod: pod_name_.clone(),
                 uid: pod_uid,
             });
-            plan.event(
-                true,
-                "PodHeldForTerminatingClaim",
-                format!(
-                    "deleted pod {pod_name_}: its PersistentVolumeClaim {name} is terminating; the StatefulSet recreates the pod once the claim is gone and made again"
-                ),
-            );
         } else {
             plan.event(
                 true,
                 "PodOnTerminatingClaim",
+                "Wait",
+                Regarding::Pod(pod_name_.clone()),
                 format!("pod {pod_name_} is running on PersistentVolumeClaim {name}, which is terminating"),
             );
         }
@@ -613,7 +640,9 @@ fn hold_pod(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut Plan) -> bool
     false
 }
 
-/// Recreates the claims of a pod stuck because its node-local volume's node is gone.
+/// Recreates the claims of a pod stuck because its node-local volume's node is gone (see
+/// `nodeloss` for what counts as evidence). Every claim it deletes is named in an event, and
+/// so in the log, before the delete.
 fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut Plan) {
     let Some(since) = unscheduled_since(pod) else {
         return;
@@ -622,6 +651,7 @@ fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut
     else {
         return;
     };
+    let (now, grace) = (scope.opts.now, scope.opts.node_loss_grace);
     let mut lost = Vec::new();
     for template in templates(scope.obs.set) {
         let name = claim_name(&template, scope.set_name, ordinal);
@@ -645,10 +675,24 @@ fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut
         let Some(node) = pinned_node(pv) else {
             continue;
         };
-        match verdict(pv, &node, scope.obs.nodes) {
-            NodeVerdict::Present => {}
+        match verdict(&node, scope.obs.nodes, now, grace) {
+            NodeVerdict::Present => {
+                if let Some((recorded, current)) = identity_change(pv, &node, scope.obs.nodes) {
+                    plan.event(
+                        true,
+                        "NodeIdentityChanged",
+                        "Wait",
+                        Regarding::Pod(pod_name_.clone()),
+                        format!(
+                            "pod {pod_name_} cannot be scheduled; PersistentVolumeClaim {name}'s volume was made on machine {recorded}, node {node} now reports machine {current}. Kennel does not act on this: node {node} is not lost. If its disk is really gone, delete the claim and the pod by hand"
+                        ),
+                    );
+                }
+            }
+            NodeVerdict::NotReady { remaining } => plan.requeue(remaining),
             NodeVerdict::Unconfirmed => plan.unconfirmed(node),
-            v @ (NodeVerdict::Deleted | NodeVerdict::Replaced { .. }) => {
+            NodeVerdict::DriverUnconfirmed => plan.unconfirmed_driver(node),
+            v @ (NodeVerdict::Deleted | NodeVerdict::Abandoned { .. }) => {
                 lost.push((*claim, node, v))
             }
         }
@@ -660,12 +704,7 @@ fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut
         .iter()
         .map(|(c, node, v)| {
             let claim = c.metadata.name.as_deref().unwrap_or_default();
-            match v {
-                NodeVerdict::Replaced { recorded, current } => format!(
-                    "{claim} on node {node} (now machine {current}, volume made on machine {recorded})"
-                ),
-                _ => format!("{claim} on node {node} (node deleted)"),
-            }
+            format!("{claim} on node {node} ({})", v.evidence())
         })
         .collect();
     let recreate = scope
@@ -680,6 +719,8 @@ fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut
         plan.event(
             true,
             "NodeLost",
+            "Wait",
+            Regarding::Pod(pod_name_.clone()),
             format!(
                 "pod {pod_name_} cannot be scheduled: its volume is lost with its node: {}; waiting (annotate the StatefulSet {ON_NODE_LOSS_ANNOTATION}=recreate to recreate the claim elsewhere)",
                 what.join(", ")
@@ -687,22 +728,28 @@ fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut
         );
         return;
     }
-    let waited = Duration::try_from(scope.opts.now.duration_since(since)).unwrap_or(Duration::ZERO);
-    if waited < scope.opts.node_loss_grace {
-        let remaining = scope.opts.node_loss_grace - waited;
-        plan.requeue(remaining);
+    let waited = Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO);
+    if waited < grace {
+        plan.requeue(grace - waited);
+        // An absolute deadline keeps the message the same on every pass, so a merged event
+        // series never shows a stale countdown.
+        let deadline = since.checked_add(grace).map_or_else(
+            |_| "the end of the grace period".to_owned(),
+            |t| t.to_string(),
+        );
         plan.event(
             true,
             "NodeLost",
+            "Wait",
+            Regarding::Pod(pod_name_.clone()),
             format!(
-                "pod {pod_name_} cannot be scheduled: its volume is lost with its node: {}; recreating the claim in {}s unless the node returns",
-                what.join(", "),
-                remaining.as_secs()
+                "pod {pod_name_} cannot be scheduled: its volume is lost with its node: {}; recreating the claim at {deadline} unless the node returns",
+                what.join(", ")
             ),
         );
         return;
     }
-    for (claim, node, _) in &lost {
+    for (claim, node, verdict) in &lost {
         let (Some(name), Some(uid), Some(rv)) = (
             claim.metadata.name.clone(),
             claim.metadata.uid.clone(),
@@ -710,28 +757,35 @@ fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut
         ) else {
             continue;
         };
-        plan.actions.push(Action::DeleteClaim {
-            claim: name.clone(),
-            uid,
-            resource_version: rv,
-        });
         plan.event(
             true,
             "ClaimRecreatedAfterNodeLoss",
-            format!("deleted PersistentVolumeClaim {name}: its volume was on node {node}, which is lost; the StatefulSet makes a new claim on a live node"),
+            "DeleteClaim",
+            Regarding::Claim(name.clone()),
+            format!(
+                "deleting PersistentVolumeClaim {name} of pod {pod_name_}: its volume was on node {node}, and {}; the StatefulSet makes a new claim on a live node",
+                verdict.evidence()
+            ),
         );
+        plan.actions.push(Action::DeleteClaim {
+            claim: name,
+            uid,
+            resource_version: rv,
+        });
     }
-    plan.actions.push(Action::DeletePod {
-        pod: pod_name_.clone(),
-        uid: pod_uid,
-    });
     plan.event(
         true,
         "PodRecreatedAfterNodeLoss",
+        "DeletePod",
+        Regarding::Pod(pod_name_.clone()),
         format!(
-            "deleted pending pod {pod_name_} so the StatefulSet recreates it with its new claim"
+            "deleting pending pod {pod_name_} so the StatefulSet recreates it with its new claim"
         ),
     );
+    plan.actions.push(Action::DeletePod {
+        pod: pod_name_,
+        uid: pod_uid,
+    });
 }
 
 fn find_volume<'a>(volumes: &[&'a PersistentVolume], name: &str) -> Option<&'a PersistentVolume> {
@@ -741,9 +795,10 @@ fn find_volume<'a>(volumes: &[&'a PersistentVolume], name: &str) -> Option<&'a P
         .copied()
 }
 
-/// A Released Kennel PV of one of the set's claims whose node is confirmed deleted can never be
-/// cleaned by its provisioner: drop the provisioner's finalizer and delete it (reclaimPolicy
-/// Delete only; Retain keeps it for the administrator).
+/// A Released Kennel PV of one of the set's claims whose Node object is confirmed deleted can
+/// never be cleaned by its provisioner: drop the provisioner's finalizer and delete it
+/// (reclaimPolicy Delete only; Retain keeps it for the administrator). A node that still exists,
+/// in any state, runs (or will run again) a provisioner that deletes the volume itself.
 fn clean_stale_volume(scope: &Scope<'_>, pv: &PersistentVolume, plan: &mut Plan) {
     if pv_driver(pv) != Some(scope.opts.driver_name.as_str()) {
         return;
@@ -771,20 +826,33 @@ fn clean_stale_volume(scope: &Scope<'_>, pv: &PersistentVolume, plan: &mut Plan)
     let Some(node) = pinned_node(pv) else {
         return;
     };
-    match verdict(pv, &node, scope.obs.nodes) {
+    match verdict(
+        &node,
+        scope.obs.nodes,
+        scope.opts.now,
+        scope.opts.node_loss_grace,
+    ) {
         NodeVerdict::Deleted => {}
         NodeVerdict::Unconfirmed => {
             plan.unconfirmed(node);
             return;
         }
-        // A live node (even a replaced one) runs a provisioner that deletes the volume itself.
-        NodeVerdict::Present | NodeVerdict::Replaced { .. } => return,
+        _ => return,
     }
     let finalizers = pv.metadata.finalizers.clone().unwrap_or_default();
     let has_finalizer = finalizers.iter().any(|f| f == PROVISIONER_FINALIZER);
     if !has_finalizer && pv.metadata.deletion_timestamp.is_some() {
         return; // already on its way out
     }
+    plan.event(
+        false,
+        "StaleVolumeCleaned",
+        "DeleteVolume",
+        Regarding::Volume(name.clone()),
+        format!(
+            "removing PersistentVolume {name}: it was released and its node {node} is deleted, so no provisioner can delete it"
+        ),
+    );
     if has_finalizer {
         plan.actions.push(Action::SetVolumeFinalizers {
             volume: name.clone(),
@@ -796,19 +864,9 @@ fn clean_stale_volume(scope: &Scope<'_>, pv: &PersistentVolume, plan: &mut Plan)
         });
     }
     if pv.metadata.deletion_timestamp.is_none() {
-        plan.actions.push(Action::DeleteVolume {
-            volume: name.clone(),
-            uid,
-        });
+        plan.actions
+            .push(Action::DeleteVolume { volume: name, uid });
     }
-    plan.actions.push(Action::Event(Note {
-        warning: false,
-        reason: "StaleVolumeCleaned",
-        message: format!(
-            "PersistentVolume {name} was released and its node {node} is deleted, so no provisioner can delete it; removed it"
-        ),
-        regarding: Regarding::Volume(name.clone()),
-    }));
 }
 
 #[cfg(test)]
@@ -816,6 +874,7 @@ mod tests {
     use super::*;
     use crate::retention::fixtures::*;
     use k8s_openapi::api::core::v1::Node;
+    use k8s_openapi::api::storage::v1::CSINode;
 
     const GRACE: Duration = Duration::from_secs(300);
 
@@ -836,6 +895,8 @@ mod tests {
         volumes: Vec<PersistentVolume>,
         nodes: Vec<Node>,
         gone: Vec<&'static str>,
+        /// CSINodes read uncached (`None`: the GET answered 404).
+        csinodes: Vec<(&'static str, Option<CSINode>)>,
     }
 
     fn world(set: StatefulSet, claims: Vec<PersistentVolumeClaim>, pods: Vec<Pod>) -> World {
@@ -846,6 +907,7 @@ mod tests {
             volumes: vec![],
             nodes: vec![],
             gone: vec![],
+            csinodes: vec![],
         }
     }
 
@@ -857,6 +919,9 @@ mod tests {
             let mut nodes = NodeView::from_nodes(&self.nodes);
             for name in &self.gone {
                 nodes.confirm_gone(name);
+            }
+            for (name, csinode) in &self.csinodes {
+                nodes.record_csinode(name, csinode.as_ref(), DRIVER);
             }
             plan(
                 Observed {
@@ -1062,9 +1127,9 @@ mod tests {
         let p = w.plan(&opts(false));
         assert_eq!(written(&p, 1), Some(vec![s(set_ref())]));
         assert!(reasons(&p).contains(&"StaleOwnerRemoved"));
-        // The built-in controller waits for the terminating pod; Kennel still removes the ref.
+        // With the built-in controller on, the references are its own: Kennel writes none.
         let p = w.plan(&opts(true));
-        assert_eq!(written(&p, 1), Some(vec![s(set_ref())]));
+        assert_eq!(writes(&p), Vec::<&Action>::new());
     }
 
     #[test]
@@ -1331,12 +1396,11 @@ mod tests {
             ],
             vec![pod(0), pod(1)],
         );
+        // Every owner reference is the built-in controller's job: two writers of one list
+        // conflict (409s on both sides) and race each other.
         let p = w.plan(&opts(true));
-        // whenDeleted=Delete race: the new in-range claim gets its set ref right away.
-        assert_eq!(written(&p, 0), Some(vec![s(set_ref())]));
-        // Condemned claims and pre-1.31 refs are the built-in controller's job.
-        assert_eq!(written(&p, 1), None);
-        assert_eq!(written(&p, 2), None);
+        assert_eq!(writes(&p), Vec::<&Action>::new());
+        assert_eq!(reasons(&p), Vec::<&str>::new());
         // Off: Kennel does all of it.
         let p = w.plan(&opts(false));
         assert_eq!(written(&p, 1), Some(vec![s(pod_ref(1))]));
@@ -1344,18 +1408,14 @@ mod tests {
 
     #[test]
     fn set_ref_is_stamped_before_the_pod_exists() {
-        for builtin in [false, true] {
-            let w = world(
-                set(3, Some(POLICIES[1])),
-                vec![claim(2, vec![])],
-                vec![pod(0), pod(1)],
-            );
-            assert_eq!(
-                written(&w.plan(&opts(builtin)), 2),
-                Some(vec![s(set_ref())]),
-                "builtin={builtin}"
-            );
-        }
+        let w = world(
+            set(3, Some(POLICIES[1])),
+            vec![claim(2, vec![])],
+            vec![pod(0), pod(1)],
+        );
+        assert_eq!(written(&w.plan(&opts(false)), 2), Some(vec![s(set_ref())]));
+        // The built-in controller stamps it itself; a second writer raced it.
+        assert_eq!(written(&w.plan(&opts(true)), 2), None);
     }
 
     #[test]
@@ -1499,12 +1559,154 @@ mod tests {
         }
     }
 
+    /// The events' messages, by reason.
+    fn messages(plan: &Plan, reason: &str) -> Vec<String> {
+        plan.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Event(n) if n.reason == reason => Some(n.message.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn not_ready_node_never_triggers() {
+    fn ready_node_is_never_lost_whatever_else_is_true() {
+        // The data-loss report: node Ready but cordoned, pod unschedulable far past the grace
+        // period, and the volume's recorded machine ID different from the node's.
+        // (case, node, machine ID recorded with the volume, whether the change is reported)
+        let cases = [
+            (
+                "cordoned, same machine",
+                cordoned(node("node-b", "m-b", true)),
+                "m-b",
+                false,
+            ),
+            (
+                "cordoned, other machine",
+                cordoned(node("node-b", "m-new", true)),
+                "m-b",
+                true,
+            ),
+            (
+                "driver recorded 'unknown'",
+                node("node-b", "m-b", true),
+                "unknown",
+                false,
+            ),
+            (
+                "node reports no machine ID",
+                node("node-b", "", true),
+                "m-b",
+                false,
+            ),
+            (
+                "readiness unknown, no time",
+                node("node-b", "m-b", false),
+                "m-b",
+                false,
+            ),
+        ];
+        for (case, n, recorded, reported) in cases {
+            let mut w = node_loss_world(Some("recreate"));
+            w.nodes.push(n);
+            w.volumes[1] = pv(1, "node-b", recorded);
+            // Even an old CSINode read saying the driver is gone changes nothing.
+            w.csinodes = vec![("node-b", None)];
+            let p = w.plan(&opts(false));
+            assert!(writes(&p).is_empty(), "{case}: {p:?}");
+            assert!(p.unconfirmed_nodes.is_empty() && p.unconfirmed_drivers.is_empty());
+            let expected: Vec<&str> = if reported {
+                vec!["NodeIdentityChanged"]
+            } else {
+                vec![]
+            };
+            assert_eq!(reasons(&p), expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn unknown_identity_on_either_side_is_cannot_tell() {
         let mut w = node_loss_world(Some("recreate"));
-        w.nodes.push(node("node-b", "m-b", false));
+        w.nodes.push(node("node-b", "m-now", true));
+        for recorded in ["unknown", "", " "] {
+            w.volumes[1] = pv(1, "node-b", recorded);
+            assert_eq!(w.plan(&opts(false)), Plan::default(), "{recorded:?}");
+        }
+        w.volumes[1] = pv(1, "node-b", "m-b");
+        for current in ["unknown", ""] {
+            w.nodes[1] = node("node-b", current, true);
+            assert_eq!(w.plan(&opts(false)), Plan::default(), "{current:?}");
+        }
+    }
+
+    #[test]
+    fn not_ready_node_is_lost_only_past_grace_with_its_driver_gone() {
+        let mut w = node_loss_world(Some("recreate"));
+        // NotReady for a minute: wait, and look again when the grace period ends.
+        w.nodes
+            .push(not_ready_since(node("node-b", "m-b", false), ts(-60)));
         let p = w.plan(&opts(false));
-        assert_eq!(p, Plan::default());
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert_eq!(p.requeue_after, Some(Duration::from_secs(240)));
+        // NotReady past the grace period: the CSINode must be read before anything happens.
+        w.nodes[1] = not_ready_since(node("node-b", "m-b", false), ts(-600));
+        let p = w.plan(&opts(false));
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert_eq!(p.unconfirmed_drivers, vec!["node-b".to_string()]);
+        // Kennel's driver still registered: the node may come back with its disk.
+        w.csinodes = vec![("node-b", Some(csinode("node-b", &[DRIVER])))];
+        assert_eq!(w.plan(&opts(false)), Plan::default());
+        // Driver gone from the CSINode (or the CSINode gone): lost.
+        for gone in [Some(csinode("node-b", &["other.csi"])), None] {
+            w.csinodes = vec![("node-b", gone)];
+            let p = w.plan(&opts(false));
+            assert!(recreated(&p), "{p:?}");
+            let m = messages(&p, "ClaimRecreatedAfterNodeLoss");
+            assert!(
+                m[0].contains("NotReady since") && m[0].contains("CSINode"),
+                "{m:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn deletions_are_announced_before_they_happen() {
+        let mut w = node_loss_world(Some("recreate"));
+        w.gone = vec!["node-b"];
+        let p = w.plan(&opts(false));
+        let position = |pred: &dyn Fn(&Action) -> bool| {
+            p.actions.iter().position(pred).expect("action present")
+        };
+        let claim_event = position(&|a| {
+            matches!(a, Action::Event(n) if n.reason == "ClaimRecreatedAfterNodeLoss"
+                && n.regarding == Regarding::Claim("data-web-1".into())
+                && n.message.contains("data-web-1"))
+        });
+        let claim_delete = position(&|a| matches!(a, Action::DeleteClaim { .. }));
+        let pod_event = position(&|a| {
+            matches!(a, Action::Event(n) if n.reason == "PodRecreatedAfterNodeLoss"
+                && n.regarding == Regarding::Pod("web-1".into()))
+        });
+        let pod_delete = position(&|a| matches!(a, Action::DeletePod { .. }));
+        assert!(
+            claim_event < claim_delete && pod_event < pod_delete,
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn node_lost_message_is_the_same_on_every_pass() {
+        let mut w = node_loss_world(Some("recreate"));
+        w.gone = vec!["node-b"];
+        w.pods[1] = unschedulable(pod(1), ts(-60));
+        let first = messages(&w.plan(&opts(false)), "NodeLost");
+        let mut later = opts(false);
+        later.now = ts(30);
+        let second = messages(&w.plan(&later), "NodeLost");
+        assert_eq!(first.len(), 1);
+        assert_eq!(first, second);
+        assert!(first[0].contains(&ts(240).to_string()), "{first:?}");
     }
 
     #[test]
@@ -1513,16 +1715,6 @@ mod tests {
         let p = w.plan(&opts(false));
         assert!(p.actions.is_empty());
         assert_eq!(p.unconfirmed_nodes, vec!["node-b".to_string()]);
-    }
-
-    #[test]
-    fn node_returning_with_new_identity_is_lost_for_old_volumes() {
-        let mut w = node_loss_world(Some("recreate"));
-        w.nodes.push(node("node-b", "m-new", true));
-        assert!(recreated(&w.plan(&opts(false))));
-        // Unknown machine ID on either side: cannot tell, keep waiting.
-        w.nodes[1] = node("node-b", "", true);
-        assert_eq!(w.plan(&opts(false)), Plan::default());
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub const CLUSTER_RULES: &[(&str, &str, &[&str])] = &[
     ),
     // Uncached GET confirms a node is gone.
     ("", "nodes", &["get", "list", "watch"]),
+    // Uncached GET tells whether a NotReady node still has Kennel's driver registered.
+    ("storage.k8s.io", "csinodes", &["get"]),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 

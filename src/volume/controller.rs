@@ -55,7 +55,14 @@ impl Controller {
     }
 
     pub async fn create(&self, req: CreateRequest) -> Result<VolumeRecord> {
-        let _guard = self.locks.lock(format!("name:{}", req.name)).await;
+        let _guard = self.locks.lock(format!("name:{}", req.name)).await?;
+        // The source stays whole for the copy: deleting it waits (or answers ABORTED). Lock
+        // order is fixed, name before source, so two creates never deadlock.
+        let _source_guard = match &req.source {
+            Some(ContentSource::Volume(id)) => Some(self.locks.lock(id.as_str()).await?),
+            Some(ContentSource::Snapshot(id)) => Some(self.locks.lock(id.as_str()).await?),
+            None => None,
+        };
         if !req.requisite.is_empty()
             && !req
                 .requisite
@@ -113,7 +120,7 @@ impl Controller {
         let Some(id) = VolumeId::parse(raw_id) else {
             return Ok(());
         };
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         self.blocking(move |b| b.delete(&id)).await
     }
 
@@ -206,7 +213,7 @@ impl Controller {
     /// Grow the volume's storage; returns the new size.
     pub async fn expand(&self, raw_id: &str, range: CapacityRange) -> Result<u64> {
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         let granularity = self.backend.granularity();
         self.blocking(move |b| {
             let record = b
@@ -234,8 +241,8 @@ impl Controller {
             return Err(Error::invalid("source_volume_id is required"));
         }
         let source = parse_known(raw_source)?;
-        let _name_guard = self.locks.lock(format!("snapshot:{name}")).await;
-        let _volume_guard = self.locks.lock(source.as_str()).await;
+        let _name_guard = self.locks.lock(format!("snapshot:{name}")).await?;
+        let _volume_guard = self.locks.lock(source.as_str()).await?;
         self.blocking(move |b| {
             if let Some(existing) = b.find_snapshot_by_name(&name)? {
                 if existing.source_volume != source {
@@ -269,7 +276,7 @@ impl Controller {
         let Some(id) = SnapshotId::parse(raw_id) else {
             return Ok(());
         };
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         self.blocking(move |b| b.delete_snapshot(&id)).await
     }
 
@@ -372,4 +379,226 @@ fn check_same_volume(existing: VolumeRecord, req: &CreateRequest) -> Result<Volu
         ));
     }
     Ok(existing)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Locking between calls, against the real loop backend (image files only, no root) with
+    //! a gate that holds a create or a snapshot copy open for as long as the test wants.
+
+    use std::path::PathBuf;
+    use std::sync::{Condvar, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
+    use crate::volume::capacity::MIB;
+    use crate::volume::spec::{AccessMode, AccessType};
+
+    /// Forwards to the loop backend; `create` and `create_snapshot` wait while the gate is shut.
+    struct Gated {
+        inner: LoopBackend,
+        /// (shut, creates and snapshots waiting at the gate)
+        gate: Mutex<(bool, usize)>,
+        changed: Condvar,
+    }
+
+    impl Gated {
+        fn pass(&self) {
+            let mut g = self.gate.lock().unwrap();
+            g.1 += 1;
+            self.changed.notify_all();
+            while g.0 {
+                g = self.changed.wait(g).unwrap();
+            }
+            g.1 -= 1;
+        }
+        fn shut(&self, shut: bool) {
+            self.gate.lock().unwrap().0 = shut;
+            self.changed.notify_all();
+        }
+        fn wait_for_one_held(&self) {
+            let mut g = self.gate.lock().unwrap();
+            while g.1 == 0 {
+                g = self.changed.wait(g).unwrap();
+            }
+        }
+    }
+
+    impl Backend for Gated {
+        fn kind(&self) -> &'static str {
+            self.inner.kind()
+        }
+        fn granularity(&self) -> u64 {
+            self.inner.granularity()
+        }
+        fn list(&self) -> Result<Vec<VolumeRecord>> {
+            self.inner.list()
+        }
+        fn get(&self, id: &VolumeId) -> Result<Option<VolumeRecord>> {
+            self.inner.get(id)
+        }
+        fn find_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
+            self.inner.find_by_name(name)
+        }
+        fn create(&self, record: &VolumeRecord) -> Result<()> {
+            self.pass();
+            self.inner.create(record)
+        }
+        fn delete(&self, id: &VolumeId) -> Result<()> {
+            self.inner.delete(id)
+        }
+        fn expand(&self, id: &VolumeId, new_size: u64) -> Result<VolumeRecord> {
+            self.inner.expand(id, new_size)
+        }
+        fn capacity(&self, params: &BTreeMap<String, String>) -> Result<PoolCapacity> {
+            self.inner.capacity(params)
+        }
+        fn check_params(&self, params: &BTreeMap<String, String>) -> Result<()> {
+            self.inner.check_params(params)
+        }
+        fn create_snapshot(&self, snapshot: &SnapshotRecord) -> Result<()> {
+            self.pass();
+            self.inner.create_snapshot(snapshot)
+        }
+        fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+            self.inner.delete_snapshot(id)
+        }
+        fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+            self.inner.list_snapshots()
+        }
+        fn attach(&self, id: &VolumeId) -> Result<PathBuf> {
+            self.inner.attach(id)
+        }
+        fn detach(&self, id: &VolumeId) -> Result<()> {
+            self.inner.detach(id)
+        }
+        fn attached_device(&self, id: &VolumeId) -> Result<Option<PathBuf>> {
+            self.inner.attached_device(id)
+        }
+        fn refresh_device(&self, id: &VolumeId) -> Result<()> {
+            self.inner.refresh_device(id)
+        }
+        fn health(&self, record: &VolumeRecord) -> Option<String> {
+            self.inner.health(record)
+        }
+    }
+
+    fn controller(dir: &std::path::Path) -> (Controller, Arc<Gated>) {
+        let inner = LoopBackend::open(LoopConfig {
+            dir: dir.to_owned(),
+            capacity: Some(256 * MIB),
+            reserve: Some(0),
+            provisioning: Provisioning::Sparse,
+        })
+        .expect("loop backend on a temp dir");
+        let gated = Arc::new(Gated {
+            inner,
+            gate: Mutex::new((false, 0)),
+            changed: Condvar::new(),
+        });
+        let identity = NodeIdentity {
+            node_id: "n1".into(),
+            machine_id: "0123456789abcdef".into(),
+            topology: Segment::new(),
+        };
+        let locks = LockMap::with_wait(Duration::from_millis(100));
+        (Controller::new(gated.clone(), locks, identity), gated)
+    }
+
+    fn request(name: &str, source: Option<ContentSource>) -> CreateRequest {
+        CreateRequest {
+            name: name.into(),
+            capacity: CapacityRange {
+                required: 8 * MIB,
+                limit: 0,
+            },
+            capabilities: vec![Capability {
+                access_type: AccessType::Block,
+                access_mode: AccessMode::SingleNodeWriter,
+            }],
+            params: VolumeParams::default(),
+            requisite: vec![],
+            source,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_on_a_busy_volume_answers_busy_instead_of_queueing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, gate) = controller(dir.path());
+        let controller = Arc::new(controller);
+        gate.shut(true);
+        let first = tokio::spawn({
+            let c = controller.clone();
+            async move { c.create(request("pvc-slow", None)).await }
+        });
+        tokio::task::spawn_blocking({
+            let gate = gate.clone();
+            move || gate.wait_for_one_held()
+        })
+        .await
+        .unwrap();
+        // The same name while the first create runs: ABORTED, not a second volume or a wait.
+        match controller.create(request("pvc-slow", None)).await {
+            Err(Error::Busy(key)) => assert!(key.contains("pvc-slow"), "{key}"),
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        gate.shut(false);
+        let made = first.await.unwrap().expect("the first create finishes");
+        // Once it is done, the retry is answered from the volume that exists.
+        let again = controller.create(request("pvc-slow", None)).await.unwrap();
+        assert_eq!(made.id, again.id);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_source_of_a_copy_cannot_be_deleted_mid_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, gate) = controller(dir.path());
+        let controller = Arc::new(controller);
+        let source = controller
+            .create(request("pvc-source", None))
+            .await
+            .unwrap();
+        let snapshot = controller
+            .create_snapshot("snap-1".into(), source.id.as_str())
+            .await
+            .unwrap();
+
+        // A clone of the volume and a restore of the snapshot, both held mid-copy.
+        gate.shut(true);
+        let clone = tokio::spawn({
+            let c = controller.clone();
+            let from = ContentSource::Volume(source.id.clone());
+            async move { c.create(request("pvc-clone", Some(from))).await }
+        });
+        let restore = tokio::spawn({
+            let c = controller.clone();
+            let from = ContentSource::Snapshot(snapshot.id.clone());
+            async move { c.create(request("pvc-restore", Some(from))).await }
+        });
+        let mut held = 0;
+        while held < 2 {
+            held = gate.gate.lock().unwrap().1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let deleted = controller.delete(source.id.as_str()).await;
+        assert!(matches!(deleted, Err(Error::Busy(_))), "{deleted:?}");
+        let deleted = controller.delete_snapshot(snapshot.id.as_str()).await;
+        assert!(matches!(deleted, Err(Error::Busy(_))), "{deleted:?}");
+        assert!(
+            gate.inner.get(&source.id).unwrap().is_some(),
+            "source deleted mid-copy"
+        );
+
+        gate.shut(false);
+        clone.await.unwrap().expect("clone finishes");
+        restore.await.unwrap().expect("restore finishes");
+        // Free again once the copies are done.
+        controller
+            .delete_snapshot(snapshot.id.as_str())
+            .await
+            .unwrap();
+        controller.delete(source.id.as_str()).await.unwrap();
+    }
 }

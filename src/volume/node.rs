@@ -62,7 +62,7 @@ impl NodeOps {
 
     pub async fn stage(&self, req: StageRequest) -> Result<()> {
         let id = parse_known(&req.volume_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         run_blocking(self.backend.clone(), move |b| {
             let record = known(b, &id)?;
             stage(b, &record, &req.staging_path, &req.capability)
@@ -72,7 +72,7 @@ impl NodeOps {
 
     pub async fn unstage(&self, raw_id: &str, staging_path: PathBuf) -> Result<()> {
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         run_blocking(self.backend.clone(), move |b| {
             known(b, &id)?;
             let device = b.attached_device(&id)?;
@@ -95,7 +95,7 @@ impl NodeOps {
 
     pub async fn publish(&self, req: PublishRequest) -> Result<()> {
         let id = parse_known(&req.volume_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         run_blocking(self.backend.clone(), move |b| {
             known(b, &id)?;
             publish(b, &id, &req)
@@ -105,7 +105,7 @@ impl NodeOps {
 
     pub async fn unpublish(&self, raw_id: &str, target_path: PathBuf) -> Result<()> {
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         run_blocking(self.backend.clone(), move |b| {
             known(b, &id)?;
             let device = b.attached_device(&id)?;
@@ -160,7 +160,7 @@ impl NodeOps {
         range: CapacityRange,
     ) -> Result<u64> {
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await;
+        let _guard = self.locks.lock(id.as_str()).await?;
         run_blocking(self.backend.clone(), move |b| {
             let record = known(b, &id)?;
             require_existing(&volume_path)?;

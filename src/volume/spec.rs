@@ -319,7 +319,8 @@ mod path_tests {
     #[test]
     fn segments_match_on_every_named_key() {
         let ours = Segment::from([("topology.kennel.csi.dev/node".into(), "n1".into())]);
-        assert!(segment_matches(&ours.clone(), &ours));
+        let same = Segment::from([("topology.kennel.csi.dev/node".into(), "n1".into())]);
+        assert!(segment_matches(&same, &ours));
         assert!(segment_matches(&Segment::new(), &ours));
         let other = Segment::from([("topology.kennel.csi.dev/node".into(), "n2".into())]);
         assert!(!segment_matches(&other, &ours));

@@ -110,6 +110,10 @@ pub struct DriverOpts {
     /// Loop backend only.
     pub provisioning: Provisioning,
     pub max_volumes_per_node: Option<i64>,
+    /// More flags for `kennel driver`.
+    pub extra_args: Vec<String>,
+    /// Environment of the driver process (e.g. a PATH with stand-in tools).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for DriverOpts {
@@ -120,6 +124,8 @@ impl Default for DriverOpts {
             capacity: "512MiB".to_owned(),
             provisioning: Provisioning::Preallocated,
             max_volumes_per_node: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -745,6 +751,8 @@ fn spawn_driver(opts: &DriverOpts, endpoint: &str, storage: &Storage, log: &Path
     if let Some(max) = opts.max_volumes_per_node {
         cmd.arg("--max-volumes-per-node").arg(max.to_string());
     }
+    cmd.args(&opts.extra_args);
+    cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
     cmd.env("RUST_LOG", "kennel=debug,info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -1063,4 +1071,23 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
+}
+
+/// Calls `call` again while the driver answers ABORTED (another operation on the same volume
+/// is running), with a short backoff, as the kubelet and the sidecars do.
+pub async fn retrying_aborted<T, F, Fut>(mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match call().await {
+            Err(s) if s.code() == Code::Aborted => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
 }

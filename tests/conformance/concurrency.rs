@@ -28,9 +28,15 @@ async fn concurrent_creates_with_one_name_make_one_volume() {
             let td = TestDriver::start_with(opts).await;
             let req = create_req("pvc-race", 32 * MIB, vec![mount_cap("ext4")]);
             let calls = (0..8).map(|_| {
-                let mut c = td.controller();
+                let c = td.controller();
                 let req = req.clone();
-                async move { c.create_volume(req).await }
+                async move {
+                    retrying_aborted(|| {
+                        let (mut c, req) = (c.clone(), req.clone());
+                        async move { c.create_volume(req).await }
+                    })
+                    .await
+                }
             });
             let results = join_all(calls).await;
             let ids: BTreeSet<String> = results
@@ -159,9 +165,15 @@ async fn concurrent_node_calls_on_one_volume_stay_consistent() {
             fs::create_dir_all(td.staging_path(id)).unwrap();
 
             let stages = (0..4).map(|_| {
-                let mut n = td.node();
+                let n = td.node();
                 let req = td.stage_req(id, capability.clone());
-                async move { n.node_stage_volume(req).await }
+                async move {
+                    retrying_aborted(|| {
+                        let (mut n, req) = (n.clone(), req.clone());
+                        async move { n.node_stage_volume(req).await }
+                    })
+                    .await
+                }
             });
             for r in join_all(stages).await {
                 r.expect("concurrent NodeStageVolume");
@@ -179,9 +191,15 @@ async fn concurrent_node_calls_on_one_volume_stay_consistent() {
             assert_eq!(td.attachments(id).len(), 1, "{name}: several loop devices");
 
             let publishes = (0..4).map(|_| {
-                let mut n = td.node();
+                let n = td.node();
                 let req = td.publish_req(id, capability.clone(), false);
-                async move { n.node_publish_volume(req).await }
+                async move {
+                    retrying_aborted(|| {
+                        let (mut n, req) = (n.clone(), req.clone());
+                        async move { n.node_publish_volume(req).await }
+                    })
+                    .await
+                }
             });
             for r in join_all(publishes).await {
                 r.expect("concurrent NodePublishVolume");
@@ -194,17 +212,29 @@ async fn concurrent_node_calls_on_one_volume_stay_consistent() {
             );
 
             let unpublishes = (0..4).map(|_| {
-                let mut n = td.node();
+                let n = td.node();
                 let req = td.unpublish_req(id, block);
-                async move { n.node_unpublish_volume(req).await }
+                async move {
+                    retrying_aborted(|| {
+                        let (mut n, req) = (n.clone(), req.clone());
+                        async move { n.node_unpublish_volume(req).await }
+                    })
+                    .await
+                }
             });
             for r in join_all(unpublishes).await {
                 r.expect("concurrent NodeUnpublishVolume");
             }
             let unstages = (0..4).map(|_| {
-                let mut n = td.node();
+                let n = td.node();
                 let req = td.unstage_req(id);
-                async move { n.node_unstage_volume(req).await }
+                async move {
+                    retrying_aborted(|| {
+                        let (mut n, req) = (n.clone(), req.clone());
+                        async move { n.node_unstage_volume(req).await }
+                    })
+                    .await
+                }
             });
             for r in join_all(unstages).await {
                 r.expect("concurrent NodeUnstageVolume");

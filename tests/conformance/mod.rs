@@ -3,6 +3,7 @@
 
 mod concurrency;
 mod controller;
+mod deadlines;
 mod foreign_mounts;
 mod node;
 mod restart;

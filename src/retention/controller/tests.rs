@@ -17,7 +17,7 @@ use tower_test::mock::{self, Handle};
 use super::{error_policy, reconcile, Context, Error, Settings, REPORTER};
 use crate::retention::fixtures::*;
 use crate::retention::metrics::Metrics;
-use crate::retention::mock_api::{conflict, event, expect, not_found, serve, Exchange};
+use crate::retention::mock_api::{conflict, event_about, expect, not_found, serve, Exchange};
 use crate::retention::policy::ON_NODE_LOSS_ANNOTATION;
 use crate::retention::rbac;
 
@@ -50,7 +50,7 @@ fn context(cluster: Cluster) -> (Arc<Context>, Handle<Request<Body>, Response<Bo
         volumes: store(cluster.volumes),
         nodes: store(cluster.nodes),
         settings: Settings {
-            builtin: false,
+            builtin: crate::retention::builtin::BuiltinRule::Never,
             sweep_orphaned_claims: false,
             node_loss_grace: Duration::from_secs(300),
             driver_name: DRIVER.into(),
@@ -110,6 +110,7 @@ async fn scale_down_writes_the_pod_ref_with_resource_version() {
     };
     let script = vec![
         expect("GET", SETS, None, to_json(&web)),
+        event_about("ClaimOwnersUpdated", "PersistentVolumeClaim", "data-web-1"),
         expect(
             "PATCH",
             &format!("{CLAIMS}/data-web-1"),
@@ -122,7 +123,6 @@ async fn scale_down_writes_the_pod_ref_with_resource_version() {
             }})),
             to_json(&claim(1, vec![pod_ref(1)])),
         ),
-        event("ClaimOwnersUpdated"),
     ];
     let (result, ctx) = run_scenario(web, cluster, script).await;
     let action = result.expect("reconciled");
@@ -166,13 +166,13 @@ async fn reattach_removes_the_stale_pod_ref() {
     };
     let script = vec![
         expect("GET", SETS, None, to_json(&web)),
+        event_about("StaleOwnerRemoved", "PersistentVolumeClaim", "data-web-2"),
         expect(
             "PATCH",
             &format!("{CLAIMS}/data-web-2"),
             Some(json!({"metadata": {"resourceVersion": "102", "ownerReferences": []}})),
             to_json(&claim(2, vec![])),
         ),
-        event("StaleOwnerRemoved"),
     ];
     let (result, ctx) = run_scenario(web, cluster, script).await;
     result.expect("reconciled");
@@ -195,20 +195,24 @@ async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
     let script = vec![
         not_found("GET", "/api/v1/nodes/node-b", "nodes \"node-b\""),
         expect("GET", SETS, None, to_json(&web)),
+        event_about(
+            "ClaimRecreatedAfterNodeLoss",
+            "PersistentVolumeClaim",
+            "data-web-1",
+        ),
         expect(
             "DELETE",
             &format!("{CLAIMS}/data-web-1"),
             Some(json!({"preconditions": {"uid": "uid-claim-1", "resourceVersion": "101"}})),
             to_json(&claim_terminating(claim(1, vec![]))),
         ),
-        event("ClaimRecreatedAfterNodeLoss"),
+        event_about("PodRecreatedAfterNodeLoss", "Pod", "web-1"),
         expect(
             "DELETE",
             &format!("{PODS}/web-1"),
             Some(json!({"preconditions": {"uid": "uid-pod-1"}})),
             to_json(&pod(1)),
         ),
-        event("PodRecreatedAfterNodeLoss"),
     ];
     let (result, _) = run_scenario(web.clone(), cluster, script).await;
     result.expect("reconciled");
@@ -223,6 +227,7 @@ async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
     let script = vec![
         not_found("GET", "/api/v1/nodes/node-b", "nodes \"node-b\""),
         expect("GET", SETS, None, to_json(&web)),
+        event_about("StaleVolumeCleaned", "PersistentVolume", "pv-1"),
         expect(
             "PATCH",
             "/api/v1/persistentvolumes/pv-1",
@@ -238,7 +243,6 @@ async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
             Some(json!({"preconditions": {"uid": "uid-pv-1"}})),
             to_json(&released(pv(1, "node-b", "m-b"))),
         ),
-        event("StaleVolumeCleaned"),
     ];
     let (result, ctx) = run_scenario(web, cluster, script).await;
     result.expect("reconciled");
@@ -279,6 +283,7 @@ async fn a_conflicting_write_requeues_soon() {
     };
     let script = vec![
         expect("GET", SETS, None, to_json(&web)),
+        event_about("ClaimOwnersUpdated", "PersistentVolumeClaim", "data-web-1"),
         conflict("PATCH", &format!("{CLAIMS}/data-web-1")),
     ];
     let (result, ctx) = run_scenario(web.clone(), cluster, script).await;
@@ -293,4 +298,86 @@ async fn a_conflicting_write_requeues_soon() {
         .metrics
         .render()
         .contains("failures_total{error=\"conflict\"} 1"));
+}
+
+#[tokio::test]
+async fn two_actions_with_one_reason_are_two_readable_events() {
+    // Scale 3 -> 1 with whenScaled=Delete: two claims get their pod reference. Each event is
+    // about its own claim, so neither is merged into the other's series.
+    let web = set(1, Some(("Retain", "Delete")));
+    let cluster = Cluster {
+        claims: vec![claim(0, vec![]), claim(1, vec![]), claim(2, vec![])],
+        pods: vec![pod(0), pod(1), pod(2)],
+        volumes: vec![],
+        nodes: vec![],
+    };
+    let mut script = vec![expect("GET", SETS, None, to_json(&web))];
+    for ordinal in [1, 2] {
+        let name = format!("data-web-{ordinal}");
+        let mut announced = event_about("ClaimOwnersUpdated", "PersistentVolumeClaim", &name);
+        announced.body.as_mut().expect("body").as_object_mut().expect("object").insert(
+            "related".into(),
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web", "namespace": "default", "uid": SET_UID}),
+        );
+        script.push(announced);
+        script.push(expect(
+            "PATCH",
+            &format!("{CLAIMS}/{name}"),
+            None,
+            to_json(&claim(ordinal, vec![pod_ref(ordinal)])),
+        ));
+    }
+    let (result, ctx) = run_scenario(web, cluster, script).await;
+    result.expect("reconciled");
+    assert_eq!(ctx.metrics.action_count("claim_owners"), 2);
+}
+
+#[tokio::test]
+async fn a_not_ready_node_is_lost_only_once_its_csinode_lacks_the_driver() {
+    let web = annotate(
+        set(2, Some(("Retain", "Retain"))),
+        ON_NODE_LOSS_ANNOTATION,
+        "recreate",
+    );
+    let cluster = || Cluster {
+        claims: vec![claim(0, vec![]), claim(1, vec![])],
+        pods: vec![pod(0), unschedulable(pod(1), ts(-600))],
+        volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
+        nodes: vec![
+            node("node-a", "m-a", true),
+            not_ready_since(node("node-b", "m-b", false), ts(-600)),
+        ],
+    };
+    const CSINODE: &str = "/apis/storage.k8s.io/v1/csinodes/node-b";
+    // The driver is still registered: the node may come back with its disk. Nothing is written.
+    let script = vec![expect(
+        "GET",
+        CSINODE,
+        None,
+        to_json(&csinode("node-b", &[DRIVER])),
+    )];
+    let (result, _) = run_scenario(web.clone(), cluster(), script).await;
+    result.expect("reconciled");
+
+    // The driver is gone from the node's CSINode: the claim is recreated, announced first.
+    let script = vec![
+        expect("GET", CSINODE, None, to_json(&csinode("node-b", &[]))),
+        expect("GET", SETS, None, to_json(&web)),
+        event_about(
+            "ClaimRecreatedAfterNodeLoss",
+            "PersistentVolumeClaim",
+            "data-web-1",
+        ),
+        expect(
+            "DELETE",
+            &format!("{CLAIMS}/data-web-1"),
+            None,
+            to_json(&claim_terminating(claim(1, vec![]))),
+        ),
+        event_about("PodRecreatedAfterNodeLoss", "Pod", "web-1"),
+        expect("DELETE", &format!("{PODS}/web-1"), None, to_json(&pod(1))),
+    ];
+    let (result, ctx) = run_scenario(web, cluster(), script).await;
+    result.expect("reconciled");
+    assert_eq!(ctx.metrics.action_count("claim_delete"), 1);
 }

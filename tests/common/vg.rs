@@ -238,6 +238,22 @@ impl TestVg {
             .collect()
     }
 
+    /// The device-mapper device of `lv`, if it is active.
+    pub fn active_device_of_lv(&self, lv: &str) -> Option<PathBuf> {
+        let out = lvm(
+            "lvs",
+            &[
+                "--noheadings",
+                "-o",
+                "lv_active",
+                &format!("{}/{lv}", self.name),
+            ],
+        );
+        let active = String::from_utf8_lossy(&out.stdout).trim() == "active";
+        let device = PathBuf::from(format!("/dev/{}/{lv}", self.name));
+        (active && device.exists()).then_some(device)
+    }
+
     /// Free bytes in the VG.
     pub fn free(&self) -> u64 {
         let out = lvm_ok(

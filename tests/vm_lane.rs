@@ -157,6 +157,9 @@ fn lvm_suites_pass_inside_a_vm_with_device_mapper() {
         .arg(format!("{}=1", vm_lane::LANE_ENV))
         .arg("-e")
         .arg("RUST_BACKTRACE=1")
+        // Software emulation: deadlines written for real hardware, times 4.
+        .arg("-e")
+        .arg("KENNEL_TEST_TIMEOUT_SCALE=4")
         .arg("-p")
         .arg(env!("CARGO_BIN_EXE_kennel"))
         .arg("-o")

@@ -45,6 +45,7 @@ pub async fn with_timeout<F: Future<Output = ()>>(secs: u64, body: F) {
     if Backend::current() == Backend::Lvm && !vg::can_run() {
         return;
     }
+    let secs = secs * vg::timeout_scale();
     match tokio::time::timeout(Duration::from_secs(secs), body).await {
         Ok(out) => out,
         Err(_) => panic!("test did not finish within {secs}s"),

@@ -31,6 +31,16 @@ pub fn can_run() -> bool {
     true
 }
 
+/// Test deadlines are multiplied by `KENNEL_TEST_TIMEOUT_SCALE` (default 1):
+/// the VM lane runs under software emulation, several times slower.
+pub fn timeout_scale() -> u64 {
+    std::env::var("KENNEL_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
 pub fn device_mapper() -> bool {
     OpenOptions::new()
         .read(true)

@@ -425,6 +425,7 @@ pub fn assert_code<T: std::fmt::Debug>(
 }
 
 pub async fn with_timeout<F: std::future::Future>(secs: u64, body: F) -> F::Output {
+    let secs = secs * vg::timeout_scale();
     match tokio::time::timeout(Duration::from_secs(secs), body).await {
         Ok(out) => out,
         Err(_) => panic!("test did not finish within {secs}s"),

@@ -24,5 +24,7 @@ for tool in mkfs.ext4 mkfs.xfs blkid resize2fs e2fsck xfs_growfs lvm; do
 done
 echo "kennel: host tools ready"
 
-# The VM lane (device-mapper tests in a QEMU guest) needs its own tools.
-"$(dirname "$0")/setup-vm.sh"
+# The one-node cluster tests' tools (etcd, containerd, runc, CNI plugins, busybox, zstd).
+"$(dirname "$0")/setup-cluster.sh"
+# grpcio for the Python client test, in a venv under target/.
+"$(dirname "$0")/setup-ops.sh"

@@ -17,8 +17,11 @@ use tokio::sync::Mutex;
 
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
-use crate::node::cleanup;
+use crate::node::{cleanup, mount};
 use crate::volume::capacity::{parse_size, MIB};
+
+pub mod crowd;
+mod lvm;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -34,6 +37,19 @@ pub struct BenchArgs {
     /// Filesystem volumes (ext4) instead of raw Block volumes.
     #[arg(long)]
     pub filesystem: bool,
+    /// Compare against a node crowded with N more loop devices and N more mounts.
+    #[arg(long, value_name = "N")]
+    pub crowd: Option<usize>,
+    /// loop: against the host-path style baseline; lvm: an LVM driver on a
+    /// throwaway volume group, beside the loop backend.
+    #[arg(long, value_enum, default_value = "loop")]
+    pub backend: BenchBackend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchBackend {
+    Loop,
+    Lvm,
 }
 
 type Samples = Arc<Mutex<BTreeMap<&'static str, Vec<Duration>>>>;
@@ -57,8 +73,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--lifecycles and --concurrency must be positive"
     );
     let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("kennel-bench-XXXXXX"))?;
-    let result = measure(&args, &dir).await;
+    // The driver serves only a kubelet directory on a shared mount: this one.
+    let (result, kubelet) = match mount::SharedMount::new(&dir) {
+        Ok(kubelet) => match args.crowd {
+            Some(n) => (crowd::run(&args, n, &dir).await, Some(kubelet)),
+            None => match args.backend {
+                BenchBackend::Loop => (measure(&args, &dir).await, Some(kubelet)),
+                BenchBackend::Lvm => (lvm::measure(&args, &dir).await, Some(kubelet)),
+            },
+        },
+        Err(e) => (Err(e.into()), None),
+    };
     let cleaned = cleanup::release_all_under(&dir);
+    drop(kubelet);
     let _ = std::fs::remove_dir_all(&dir);
     cleaned?;
     result
@@ -458,6 +485,8 @@ impl DriverProcess {
             ])
             .arg("--loop-dir")
             .arg(dir.join("loop"))
+            .arg("--kubelet-dir")
+            .arg(dir)
             .args(["--capacity", &capacity.to_string()])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

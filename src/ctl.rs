@@ -1,12 +1,24 @@
-//! `kennel ctl`: a CSI client for people, against any CSI socket.
+//! `kennel ctl`: a CSI client for people, against any CSI socket. Tables and readable fields by
+//! default, `--json` (stable field names, bytes as numbers) for scripts.
+
+mod local_state;
+mod render;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::IsTerminal as _;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
+use crate::csi::server::CONTEXT_NODE;
 use crate::volume::capacity::parse_size;
+use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
+
+pub use local_state::NodeState;
+pub use render::size as human_size;
 
 #[derive(Debug, clap::Args)]
 pub struct CtlArgs {
@@ -17,11 +29,21 @@ pub struct CtlArgs {
         default_value = "unix:///run/kennel/csi.sock"
     )]
     pub endpoint: String,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (same as `-o json`).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Output format: a table (default), a wider table, or JSON.
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    pub output: Output,
     #[command(subcommand)]
     pub command: CtlCommand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Wide,
+    Json,
 }
 
 /// How the volume is used: a filesystem (default) or a raw block device.
@@ -64,19 +86,15 @@ pub enum CtlCommand {
         usage: UsageArgs,
     },
     /// Snapshot a volume (idempotent by name).
-    Snapshot {
-        name: String,
-        volume_id: String,
-    },
+    Snapshot { name: String, volume_id: String },
     /// List snapshots, optionally of one volume.
     Snapshots {
         #[arg(long, default_value = "")]
         volume_id: String,
     },
-    DeleteSnapshot {
-        snapshot_id: String,
-    },
-    /// List volumes.
+    /// Delete a snapshot (OK if it is already gone).
+    DeleteSnapshot { snapshot_id: String },
+    /// List volumes: size, access type, claim, state on this node, condition.
     List {
         #[arg(long, default_value_t = 0)]
         max_entries: i32,
@@ -119,19 +137,20 @@ pub enum CtlCommand {
         #[arg(long)]
         path: Option<String>,
     },
+    /// Unmount a volume from a target path (OK if it is not mounted there).
     Unpublish {
         volume_id: String,
         #[arg(long)]
         target: String,
     },
+    /// Unmount a volume from its staging directory and detach it (OK if it is not staged).
     Unstage {
         volume_id: String,
         #[arg(long)]
         staging: String,
     },
-    Delete {
-        volume_id: String,
-    },
+    /// Delete a volume and its data (OK if it is already gone).
+    Delete { volume_id: String },
 }
 
 fn parse_key_value(raw: &str) -> Result<(String, String), String> {
@@ -172,16 +191,83 @@ fn snapshot_json(s: &pb::Snapshot) -> Value {
 }
 
 fn volume_json(v: &pb::Volume) -> Value {
+    let ctx = &v.volume_context;
+    let claim = match (ctx.get(PARAM_PVC_NAMESPACE), ctx.get(PARAM_PVC_NAME)) {
+        (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
+        _ => None,
+    };
     json!({
         "volume_id": v.volume_id,
         "capacity_bytes": v.capacity_bytes,
+        "claim": claim,
+        "pv": ctx.get(PARAM_PV_NAME),
+        "node": ctx.get(CONTEXT_NODE),
         "volume_context": v.volume_context,
         "accessible_topology": v.accessible_topology.iter().map(|t| &t.segments).collect::<Vec<_>>(),
     })
 }
 
+/// The stable name of a plugin capability (`CONTROLLER_SERVICE`, `VOLUME_EXPANSION_ONLINE`).
+fn plugin_capability_name(c: &pb::PluginCapability) -> String {
+    use pb::plugin_capability::{service, volume_expansion, Type};
+    match &c.r#type {
+        Some(Type::Service(s)) => service::Type::try_from(s.r#type)
+            .map_or("UNKNOWN", |t| t.as_str_name())
+            .to_owned(),
+        Some(Type::VolumeExpansion(e)) => format!(
+            "VOLUME_EXPANSION_{}",
+            volume_expansion::Type::try_from(e.r#type).map_or("UNKNOWN", |t| t.as_str_name())
+        ),
+        None => "UNKNOWN".to_owned(),
+    }
+}
+
+/// While `call` runs, a person at a terminal sees it is still going (long copies take minutes).
+async fn with_progress<T>(label: &str, call: impl Future<Output = T>) -> T {
+    if !std::io::stderr().is_terminal() {
+        return call.await;
+    }
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(call);
+    loop {
+        tokio::select! {
+            result = &mut call => {
+                eprint!("\r\x1b[2K");
+                return result;
+            }
+            _ = tick.tick() => {
+                eprint!("\r{label}... {}s", started.elapsed().as_secs());
+            }
+        }
+    }
+}
+
+/// Which shape of text a command's answer is printed in.
+#[derive(Clone, Copy)]
+enum View {
+    Info,
+    Volumes,
+    Snapshots,
+    Capacity,
+    Fields,
+}
+
+impl View {
+    fn of(command: &CtlCommand) -> View {
+        match command {
+            CtlCommand::Info => View::Info,
+            CtlCommand::List { .. } => View::Volumes,
+            CtlCommand::Snapshots { .. } => View::Snapshots,
+            CtlCommand::Capacity => View::Capacity,
+            _ => View::Fields,
+        }
+    }
+}
+
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let mut client = CsiClient::connect(&args.endpoint).await?;
+    let view = View::of(&args.command);
     let output = execute(&mut client, args.command).await.map_err(|e| {
         match e.downcast::<tonic::Status>() {
             // The gRPC code is what a person (or script) needs first.
@@ -189,10 +275,11 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             Err(other) => other,
         }
     })?;
-    if args.json {
+    let mode = if args.json { Output::Json } else { args.output };
+    if mode == Output::Json {
         println!("{}", serde_json::to_string_pretty(&output)?);
     } else {
-        print_text(&output, 0);
+        print!("{}", text(view, &output, mode == Output::Wide));
     }
     Ok(())
 }
@@ -221,7 +308,7 @@ async fn execute(c: &mut CsiClient, command: CtlCommand) -> anyhow::Result<Value
                 "vendor_version": info.vendor_version,
                 "manifest": info.manifest,
                 "ready": probe.ready.unwrap_or(true),
-                "plugin_capabilities": caps.capabilities.iter().map(|c| format!("{:?}", c.r#type)).collect::<Vec<_>>(),
+                "plugin_capabilities": caps.capabilities.iter().map(plugin_capability_name).collect::<Vec<_>>(),
                 "node_id": node.node_id,
                 "max_volumes_per_node": node.max_volumes_per_node,
                 "topology": node.accessible_topology.map(|t| t.segments).unwrap_or_default(),
@@ -241,9 +328,15 @@ async fn execute(c: &mut CsiClient, command: CtlCommand) -> anyhow::Result<Value
                 (None, Some(volume_id)) => Some(Type::Volume(VolumeSource { volume_id })),
                 (None, None) => None,
             };
-            let volume = c
-                .controller
-                .create_volume(pb::CreateVolumeRequest {
+            let label = match &source {
+                Some(Type::Snapshot(s)) => format!("copying snapshot {}", s.snapshot_id),
+                Some(Type::Volume(v)) => format!("copying volume {}", v.volume_id),
+                None => "creating".to_owned(),
+            };
+            let mut controller = c.controller.clone();
+            let volume = with_progress(
+                &label,
+                controller.create_volume(pb::CreateVolumeRequest {
                     name,
                     capacity_range: Some(pb::CapacityRange {
                         required_bytes: size as i64,
@@ -254,25 +347,29 @@ async fn execute(c: &mut CsiClient, command: CtlCommand) -> anyhow::Result<Value
                     volume_content_source: source
                         .map(|t| pb::VolumeContentSource { r#type: Some(t) }),
                     ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .volume
-                .unwrap_or_default();
+                }),
+            )
+            .await?
+            .into_inner()
+            .volume
+            .unwrap_or_default();
             volume_json(&volume)
         }
         CtlCommand::Snapshot { name, volume_id } => {
-            let snapshot = c
-                .controller
-                .create_snapshot(pb::CreateSnapshotRequest {
+            let label = format!("snapshotting {volume_id}");
+            let mut controller = c.controller.clone();
+            let snapshot = with_progress(
+                &label,
+                controller.create_snapshot(pb::CreateSnapshotRequest {
                     name,
                     source_volume_id: volume_id,
                     ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .snapshot
-                .unwrap_or_default();
+                }),
+            )
+            .await?
+            .into_inner()
+            .snapshot
+            .unwrap_or_default();
             snapshot_json(&snapshot)
         }
         CtlCommand::Snapshots { volume_id } => {
@@ -322,6 +419,12 @@ async fn execute(c: &mut CsiClient, command: CtlCommand) -> anyhow::Result<Value
                 })
                 .await?
                 .into_inner();
+            let ids: Vec<&str> = list
+                .entries
+                .iter()
+                .filter_map(|e| e.volume.as_ref().map(|v| v.volume_id.as_str()))
+                .collect();
+            let here = local_state::read(&ids);
             let volumes: Vec<Value> = list
                 .entries
                 .iter()
@@ -329,6 +432,9 @@ async fn execute(c: &mut CsiClient, command: CtlCommand) -> anyhow::Result<Value
                     let mut v = volume_json(e.volume.as_ref().unwrap_or(&pb::Volume::default()));
                     let condition = e.status.as_ref().and_then(|s| s.volume_condition.as_ref());
                     v["abnormal"] = json!(condition.is_some_and(|c| c.abnormal));
+                    v["condition"] = json!(condition.map(|c| c.message.as_str()));
+                    let state = v["volume_id"].as_str().and_then(|id| here.get(id));
+                    v["node_state"] = json!(state.cloned().unwrap_or_default());
                     v
                 })
                 .collect();
@@ -467,36 +573,224 @@ async fn execute(c: &mut CsiClient, command: CtlCommand) -> anyhow::Result<Value
     })
 }
 
-/// `key: value` lines, nested values indented.
-fn print_text(value: &Value, indent: usize) {
-    let pad = " ".repeat(indent);
-    match value {
-        Value::Object(map) => {
-            for (k, v) in map {
-                match v {
-                    Value::Object(m) if !m.is_empty() => {
-                        println!("{pad}{k}:");
-                        print_text(v, indent + 2);
-                    }
-                    Value::Array(items) if items.iter().any(|i| i.is_object()) => {
-                        println!("{pad}{k}:");
-                        for item in items {
-                            println!("{pad}  -");
-                            print_text(item, indent + 4);
-                        }
-                    }
-                    _ => println!("{pad}{k}: {}", scalar(v)),
-                }
-            }
-        }
-        other => println!("{pad}{}", scalar(other)),
+/// The text a person reads for a command's answer.
+fn text(view: View, value: &Value, wide: bool) -> String {
+    match view {
+        View::Volumes => volumes_table(value, wide),
+        View::Snapshots => snapshots_table(value),
+        View::Info | View::Capacity | View::Fields => fields_text(value),
     }
 }
 
 fn scalar(v: &Value) -> String {
     match v {
+        Value::String(s) if s.is_empty() => "-".to_owned(),
         Value::String(s) => s.clone(),
         Value::Null => "-".to_owned(),
+        Value::Bool(true) => "yes".to_owned(),
+        Value::Bool(false) => "no".to_owned(),
+        Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(scalar).collect();
+            if parts.is_empty() {
+                "-".to_owned()
+            } else {
+                parts.join(", ")
+            }
+        }
+        Value::Object(map) => {
+            let parts: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k}={}", scalar(v)))
+                .collect();
+            if parts.is_empty() {
+                "-".to_owned()
+            } else {
+                parts.join(", ")
+            }
+        }
         other => other.to_string(),
+    }
+}
+
+fn bytes(v: &Value) -> String {
+    v.as_u64().map_or_else(|| scalar(v), render::size)
+}
+
+/// `key: value` lines; sizes in binary units, keys without their `_bytes` suffix.
+fn fields_text(value: &Value) -> String {
+    let Value::Object(map) = value else {
+        return format!("{}\n", scalar(value));
+    };
+    let pairs: Vec<(&str, String)> = map
+        .iter()
+        .map(|(k, v)| match k.strip_suffix("_bytes") {
+            Some(short) => (short, bytes(v)),
+            None if k.ends_with("_size") => (k.as_str(), bytes(v)),
+            None => (k.as_str(), scalar(v)),
+        })
+        .collect();
+    render::fields(&pairs)
+}
+
+/// `ext4` / `xfs` / `block` when mounted here.
+fn access_type(state: &Value) -> String {
+    scalar(&state["fs_type"])
+}
+
+fn volumes_table(value: &Value, wide: bool) -> String {
+    let empty = Vec::new();
+    let volumes = value["volumes"].as_array().unwrap_or(&empty);
+    if volumes.is_empty() {
+        return "No volumes.\n".to_owned();
+    }
+    let mut header = vec!["ID", "SIZE", "TYPE", "CLAIM", "STATE", "CONDITION"];
+    if wide {
+        header.extend(["PV", "NODE", "PARAMETERS"]);
+    }
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|v| {
+            let state = &v["node_state"];
+            let summary = serde_json::from_value::<NodeState>(state.clone())
+                .map_or_else(|_| "-".to_owned(), |s| s.summary());
+            let condition = if v["abnormal"] == true {
+                scalar(&v["condition"])
+            } else {
+                "healthy".to_owned()
+            };
+            let mut row = vec![
+                scalar(&v["volume_id"]),
+                bytes(&v["capacity_bytes"]),
+                access_type(state),
+                scalar(&v["claim"]),
+                summary,
+                condition,
+            ];
+            if wide {
+                let params: BTreeMap<&str, &Value> = v["volume_context"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| !k.contains('/'))
+                    .map(|(k, v)| (k.as_str(), v))
+                    .collect();
+                row.extend([scalar(&v["pv"]), scalar(&v["node"]), scalar(&json!(params))]);
+            }
+            row
+        })
+        .collect();
+    let mut out = render::table(&header, &rows);
+    if let Some(token) = value["next_token"].as_str().filter(|t| !t.is_empty()) {
+        out.push_str(&format!("(more: --starting-token {token})\n"));
+    }
+    out
+}
+
+fn snapshots_table(value: &Value) -> String {
+    let empty = Vec::new();
+    let snapshots = value["snapshots"].as_array().unwrap_or(&empty);
+    if snapshots.is_empty() {
+        return "No snapshots.\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = snapshots
+        .iter()
+        .map(|s| {
+            let created = s["created_unix"]
+                .as_i64()
+                .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+                .map_or_else(
+                    || "-".to_owned(),
+                    |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+                );
+            vec![
+                scalar(&s["snapshot_id"]),
+                scalar(&s["source_volume_id"]),
+                bytes(&s["size_bytes"]),
+                scalar(&s["ready_to_use"]),
+                created,
+            ]
+        })
+        .collect();
+    render::table(&["ID", "SOURCE", "SIZE", "READY", "CREATED"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_print_as_a_table() {
+        let value = json!({
+            "volumes": [
+                {
+                    "volume_id": "kv-a", "capacity_bytes": 67108864, "claim": "shop/data-db-0",
+                    "pv": "pvc-1", "node": "n1", "abnormal": false, "condition": "volume is healthy",
+                    "volume_context": {"type": "thin", "kennel.csi.dev/node": "n1"},
+                    "node_state": {"attached": true, "staged": true, "published": 1, "fs_type": "ext4"},
+                },
+                {
+                    "volume_id": "kv-b", "capacity_bytes": 1073741824, "claim": null,
+                    "pv": null, "node": "n1", "abnormal": true, "condition": "image missing",
+                    "volume_context": {},
+                    "node_state": {"attached": false, "staged": false, "published": 0, "fs_type": null},
+                },
+            ],
+            "next_token": "",
+        });
+        assert_eq!(
+            volumes_table(&value, false),
+            "ID     SIZE     TYPE   CLAIM            STATE           CONDITION\n\
+             kv-a   64 MiB   ext4   shop/data-db-0   published (1)   healthy\n\
+             kv-b   1 GiB    -      -                -               image missing\n"
+        );
+        let wide = volumes_table(&value, true);
+        assert!(wide.starts_with("ID "), "{wide}");
+        assert!(
+            wide.lines()
+                .next()
+                .unwrap()
+                .ends_with("PV      NODE   PARAMETERS"),
+            "{wide}"
+        );
+        assert!(wide.contains("pvc-1   n1     type=thin"), "{wide}");
+        assert_eq!(
+            volumes_table(&json!({"volumes": []}), false),
+            "No volumes.\n"
+        );
+    }
+
+    #[test]
+    fn fields_are_readable() {
+        let out = fields_text(&json!({
+            "available_bytes": 201326592u64,
+            "maximum_volume_size": 201326592u64,
+            "ready": true,
+            "plugin_capabilities": ["CONTROLLER_SERVICE", "VOLUME_EXPANSION_ONLINE"],
+        }));
+        assert!(out.contains("available:           192 MiB\n"), "{out}");
+        assert!(out.contains("maximum_volume_size: 192 MiB\n"), "{out}");
+        assert!(out.contains("ready:               yes\n"), "{out}");
+        assert!(
+            out.contains("CONTROLLER_SERVICE, VOLUME_EXPANSION_ONLINE"),
+            "{out}"
+        );
+        assert!(!out.contains("Some("), "{out}");
+    }
+
+    #[test]
+    fn plugin_capabilities_have_stable_names() {
+        use pb::plugin_capability::{service, volume_expansion, Service, Type, VolumeExpansion};
+        let service = pb::PluginCapability {
+            r#type: Some(Type::Service(Service {
+                r#type: service::Type::ControllerService as i32,
+            })),
+        };
+        assert_eq!(plugin_capability_name(&service), "CONTROLLER_SERVICE");
+        let online = pb::PluginCapability {
+            r#type: Some(Type::VolumeExpansion(VolumeExpansion {
+                r#type: volume_expansion::Type::Online as i32,
+            })),
+        };
+        assert_eq!(plugin_capability_name(&online), "VOLUME_EXPANSION_ONLINE");
     }
 }

@@ -16,7 +16,7 @@ use crate::backend::loop_files::Provisioning;
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
 use crate::driver::{DriverArgs, LocalDriver};
-use crate::node::cleanup;
+use crate::node::{cleanup, mount};
 use crate::volume::capacity::MIB;
 use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
 
@@ -77,9 +77,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .context("create temp dir")?;
     println!("Kennel demo: a webserver StatefulSet with one local volume per pod");
     println!("  working directory {}", dir.display());
-    let outcome = walk_through(&dir).await;
+    // The kubelet directory below it must be a shared mount, as on a node.
+    let (outcome, kubelet) = match mount::SharedMount::new(&dir.join("kubelet")) {
+        Ok(kubelet) => (walk_through(&dir).await, Some(kubelet)),
+        Err(e) => (Err(e.into()), None),
+    };
     // Whatever happened, leave no mount or loop device behind.
     let cleaned = cleanup::release_all_under(&dir);
+    drop(kubelet);
     if !args.keep_dir {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -246,7 +251,12 @@ async fn scenario(steps: &Steps, dir: &Path, endpoint: &str) -> anyhow::Result<(
     }
     steps
         .run("nothing left behind: no mounts, no loop devices", async {
-            let mounts = cleanup::mounts_under(dir)?;
+            // The kubelet directory's own shared mount is the demo's, not a volume's.
+            let kubelet = dir.join("kubelet");
+            let mounts: Vec<_> = cleanup::mounts_under(dir)?
+                .into_iter()
+                .filter(|point| *point != kubelet)
+                .collect();
             let loops = cleanup::loops_under(dir)?;
             if !mounts.is_empty() || !loops.is_empty() {
                 bail!("leaked mounts {mounts:?}, loop devices {loops:?}");

@@ -8,9 +8,10 @@ use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
 use crate::backend::lvm::params::DeviceClass;
 use crate::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use crate::backend::Backend;
-use crate::csi::metrics::DriverExporter;
+use crate::csi::metrics::{DriverExporter, Telemetry};
 use crate::csi::server::{self, Driver};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
+use crate::node::host_path::KubeletDir;
 use crate::volume::capacity::parse_size;
 use crate::volume::controller::{Controller, NodeIdentity};
 use crate::volume::locks::LockMap;
@@ -67,6 +68,18 @@ pub struct DriverArgs {
     /// Directory of the per-VG lock files (one driver per VG on a host).
     #[arg(long, default_value = "/run/kennel")]
     pub lock_dir: PathBuf,
+    /// Seconds between reloads of the LVM index (to notice LVs changed by hand).
+    #[arg(long, default_value_t = crate::backend::lvm::DEFAULT_REFRESH.as_secs())]
+    pub lvm_refresh_seconds: u64,
+    /// The kubelet's root directory: every staging and target path must lie
+    /// below it, and it must be on a shared mount (mount propagation).
+    #[arg(long, env = "KENNEL_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+    /// Refuse to start unless the kubelet directory is on a shared mount.
+    /// Only in-process drivers that never stage a volume (controller tests
+    /// without root) turn this off; there is no flag for it.
+    #[arg(skip = true)]
+    pub require_shared_kubelet_dir: bool,
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
@@ -75,6 +88,11 @@ pub struct DriverArgs {
     /// is killed and the call answers DEADLINE_EXCEEDED.
     #[arg(long, default_value = "2m", value_parser = crate::retention::duration::parse_duration)]
     pub command_timeout: std::time::Duration,
+    /// Longest time a snapshot or clone may keep a mounted source's filesystem frozen. An
+    /// instant copy (reflink, thin snapshot) fits; a full copy that does not is refused with
+    /// FAILED_PRECONDITION rather than stalling the workload.
+    #[arg(long, default_value = "5s", value_parser = crate::retention::duration::parse_duration)]
+    pub freeze_budget: std::time::Duration,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz on this address, e.g. 0.0.0.0:9808.
     #[arg(long, env = "KENNEL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -91,6 +109,36 @@ fn hostname() -> Result<String> {
         .map_err(|_| Error::Internal("hostname is not UTF-8".to_owned()))
 }
 
+/// A driver killed while a snapshot held a volume's filesystem frozen leaves the workload
+/// blocked: thaw every staged Kennel filesystem at start-up.
+fn thaw_left_frozen(backend: &dyn Backend) {
+    let volumes = match backend.list() {
+        Ok(volumes) => volumes,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list volumes to thaw frozen filesystems");
+            return;
+        }
+    };
+    for volume in volumes {
+        let point = backend
+            .attached_device(&volume.id)
+            .and_then(|device| match device {
+                Some(device) => crate::node::mount::mount_point_of(&device),
+                None => Ok(None),
+            });
+        let Ok(Some(point)) = point else {
+            continue;
+        };
+        match crate::node::freeze::thaw(&point) {
+            Ok(true) => {
+                tracing::warn!(volume_id = %volume.id, mount = %point.display(), "thawed a filesystem left frozen")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(volume_id = %volume.id, error = %e, "could not thaw"),
+        }
+    }
+}
+
 /// Build the driver from its flags (opening the backend, recovering state).
 pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
     if args.max_volumes_per_node < 0 {
@@ -99,6 +147,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         ));
     }
     crate::node::cmd::set_timeout(args.command_timeout);
+    crate::node::freeze::set_budget(args.freeze_budget);
     let node_id = match &args.node_id {
         Some(id) if !id.is_empty() => id.clone(),
         _ => hostname()?,
@@ -118,8 +167,15 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
             activation: args.lvm_activation,
             thin_overprovision_ratio: args.thin_overprovision_ratio,
             lock_dir: args.lock_dir.clone(),
+            refresh_interval: std::time::Duration::from_secs(args.lvm_refresh_seconds.max(1)),
         })?),
     };
+    // A node whose mounts would never reach the pods must not serve.
+    let kubelet = KubeletDir::open(&args.kubelet_dir)?;
+    if args.require_shared_kubelet_dir {
+        kubelet.ensure_shared()?;
+    }
+    thaw_left_frozen(backend.as_ref());
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
         node_id,
@@ -130,15 +186,18 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         name: args.driver_name.clone(),
         granularity: backend.granularity(),
         controller: Controller::new(backend.clone(), locks.clone(), identity),
-        node: NodeOps::new(backend, locks),
+        node: NodeOps::new(backend, locks, kubelet)?,
         max_volumes_per_node: args.max_volumes_per_node,
-        rpc_metrics: Arc::default(),
+        telemetry: Arc::new(Telemetry::for_classes(
+            args.volume_groups.iter().map(|c| c.name.clone()).collect(),
+        )),
     }))
 }
 
 impl DriverArgs {
-    /// A loop-backed driver confined to `dir` (socket, images, locks), for the
-    /// demo and tests that run the real driver in-process.
+    /// A loop-backed driver confined to `dir` (socket, images, locks; the
+    /// kubelet directory `dir/kubelet`, which the caller makes a shared
+    /// mount), for the demo and tests that run the real driver in-process.
     pub fn in_dir(dir: &Path, node_id: &str, capacity: u64, provisioning: Provisioning) -> Self {
         DriverArgs {
             endpoint: format!("unix://{}", dir.join("csi.sock").display()),
@@ -153,8 +212,12 @@ impl DriverArgs {
             lvm_activation: Activation::Auto,
             thin_overprovision_ratio: 1.0,
             lock_dir: dir.join("locks"),
+            lvm_refresh_seconds: crate::backend::lvm::DEFAULT_REFRESH.as_secs(),
+            kubelet_dir: dir.join("kubelet"),
+            require_shared_kubelet_dir: true,
             max_volumes_per_node: 0,
             command_timeout: crate::node::cmd::DEFAULT_TIMEOUT,
+            freeze_budget: crate::node::freeze::DEFAULT_BUDGET,
             metrics_addr: None,
         }
     }
@@ -168,6 +231,7 @@ pub struct LocalDriver {
 
 impl LocalDriver {
     pub async fn start(args: &DriverArgs) -> Result<Self> {
+        std::fs::create_dir_all(&args.kubelet_dir).ctx("create", &args.kubelet_dir)?;
         let driver = build(args)?;
         let listener = server::bind_private(&server::socket_path(&args.endpoint)?)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -194,10 +258,10 @@ pub async fn run(args: DriverArgs) -> Result<()> {
         let http = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::io("bind metrics address", addr.to_string(), e))?;
-        let exporter = Arc::new(DriverExporter {
-            rpc: driver.rpc_metrics.clone(),
-            backend: driver.controller.backend(),
-        });
+        let exporter = Arc::new(DriverExporter::new(
+            driver.telemetry.clone(),
+            driver.controller.backend_kind(),
+        ));
         tracing::info!(addr = %http.local_addr().unwrap_or(addr), "metrics, /healthz and /readyz served");
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve_listener(http, exporter).await {

@@ -1,114 +1,27 @@
-//! Prometheus text exposition and the small HTTP endpoint that serves it.
+//! The HTTP endpoint `kennel driver` and `kennel retention` serve on `--metrics-addr`.
 //!
-//! Both `kennel driver` and `kennel retention` use this: each implements [`Exporter`] and calls
-//! [`serve`] on its `--metrics-addr`. Routes: `/metrics` (text format 0.0.4), `/healthz` (the
-//! process answers), `/readyz` (the exporter's own readiness check).
+//! Routes: `/metrics` (OpenMetrics text of a `prometheus-client` registry), `/healthz` (the
+//! process answers) and `/readyz` (the exporter's own readiness). Handlers only read memory:
+//! gauges come from state the daemon keeps up to date on its own schedule, so a scrape never
+//! runs backend work and a slow or abandoned scrape leaves nothing behind.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
-/// Something with metrics to show and a notion of being ready.
-///
-/// Both methods may block (a backend scrape reads files or runs lvm2); the server calls them on
-/// the blocking thread pool.
+/// Something with metrics to show and a notion of being ready. Both answers come from memory.
 pub trait Exporter: Send + Sync + 'static {
-    /// The metrics in the Prometheus text format.
-    fn render(&self) -> String;
+    fn registry(&self) -> &Registry;
     /// `Err(why)` while the component cannot do its job.
     fn ready(&self) -> Result<(), String> {
         Ok(())
-    }
-}
-
-/// How long a scrape or readiness check may take before the endpoint answers 503.
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `# HELP` and `# TYPE` lines of one metric family.
-pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// One sample line: `name{k="v",...} value`.
-pub fn sample(
-    out: &mut String,
-    name: &str,
-    labels: &[(&str, &str)],
-    value: impl std::fmt::Display,
-) {
-    out.push_str(name);
-    if !labels.is_empty() {
-        out.push('{');
-        for (i, (k, v)) in labels.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{k}=\"{}\"", escape(v));
-        }
-        out.push('}');
-    }
-    let _ = writeln!(out, " {value}");
-}
-
-/// A label value escaped for the text format.
-pub fn escape(value: &str) -> String {
-    let mut s = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => s.push_str("\\\\"),
-            '"' => s.push_str("\\\""),
-            '\n' => s.push_str("\\n"),
-            c => s.push(c),
-        }
-    }
-    s
-}
-
-/// A counter family keyed by its label values.
-#[derive(Debug, Default)]
-pub struct CounterVec {
-    values: Mutex<BTreeMap<Vec<String>, u64>>,
-}
-
-impl CounterVec {
-    pub fn inc(&self, labels: &[&str]) {
-        self.add(labels, 1);
-    }
-
-    pub fn add(&self, labels: &[&str], n: u64) {
-        if let Ok(mut m) = self.values.lock() {
-            let key = labels.iter().map(|s| (*s).to_owned()).collect();
-            *m.entry(key).or_default() += n;
-        }
-    }
-
-    pub fn get(&self, labels: &[&str]) -> u64 {
-        let key: Vec<String> = labels.iter().map(|s| (*s).to_owned()).collect();
-        self.values
-            .lock()
-            .map(|m| m.get(&key).copied().unwrap_or(0))
-            .unwrap_or(0)
-    }
-
-    /// Write the family; `names` are the label names, in the order values were given.
-    pub fn render(&self, out: &mut String, name: &str, help: &str, names: &[&str]) {
-        header(out, name, "counter", help);
-        if let Ok(m) = self.values.lock() {
-            for (values, count) in m.iter() {
-                let labels: Vec<(&str, &str)> = names
-                    .iter()
-                    .copied()
-                    .zip(values.iter().map(String::as_str))
-                    .collect();
-                sample(out, name, &labels, count);
-            }
-        }
     }
 }
 
@@ -117,65 +30,33 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-#[derive(Debug, Clone, Default)]
-struct Buckets {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The routes, for [`serve`] and for tests that drive the router directly.
+pub fn router(exporter: Arc<dyn Exporter>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(exporter)
 }
 
-/// A histogram family with one label.
-#[derive(Debug)]
-pub struct HistogramVec {
-    bounds: &'static [f64],
-    values: Mutex<BTreeMap<String, Buckets>>,
-}
-
-impl HistogramVec {
-    pub fn new(bounds: &'static [f64]) -> Self {
-        HistogramVec {
-            bounds,
-            values: Mutex::default(),
-        }
-    }
-
-    pub fn observe(&self, label: &str, seconds: f64) {
-        if let Ok(mut m) = self.values.lock() {
-            let b = m.entry(label.to_owned()).or_insert_with(|| Buckets {
-                counts: vec![0; self.bounds.len()],
-                ..Buckets::default()
-            });
-            for (i, bound) in self.bounds.iter().enumerate() {
-                if seconds <= *bound {
-                    b.counts[i] += 1;
-                }
-            }
-            b.sum += seconds;
-            b.count += 1;
-        }
-    }
-
-    pub fn render(&self, out: &mut String, name: &str, help: &str, label: &str) {
-        header(out, name, "histogram", help);
-        let Ok(m) = self.values.lock() else { return };
-        let bucket = format!("{name}_bucket");
-        for (value, b) in m.iter() {
-            for (bound, count) in self.bounds.iter().zip(&b.counts) {
-                sample(
-                    out,
-                    &bucket,
-                    &[(label, value), ("le", &bound.to_string())],
-                    count,
-                );
-            }
-            sample(out, &bucket, &[(label, value), ("le", "+Inf")], b.count);
-            sample(out, &format!("{name}_sum"), &[(label, value)], b.sum);
-            sample(out, &format!("{name}_count"), &[(label, value)], b.count);
-        }
+async fn metrics(State(exporter): State<Arc<dyn Exporter>>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, exporter.registry()) {
+        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response(),
     }
 }
 
-/// Serve `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
+async fn readyz(State(exporter): State<Arc<dyn Exporter>>) -> Response {
+    match exporter.ready() {
+        Ok(()) => "ok\n".into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
+}
+
+/// Serve the routes on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, exporter: Arc<dyn Exporter>) -> std::io::Result<()> {
     serve_listener(TcpListener::bind(addr).await?, exporter).await
 }
@@ -185,173 +66,116 @@ pub async fn serve_listener(
     listener: TcpListener,
     exporter: Arc<dyn Exporter>,
 ) -> std::io::Result<()> {
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let exporter = exporter.clone();
-        tokio::spawn(async move {
-            if let Err(e) = answer(stream, exporter).await {
-                tracing::debug!(error = %e, "metrics request failed");
-            }
-        });
-    }
+    axum::serve(listener, router(exporter)).await
 }
 
-/// Run a possibly blocking check off the runtime, bounded by [`CHECK_TIMEOUT`].
-async fn blocking<T: Send + 'static>(
-    exporter: Arc<dyn Exporter>,
-    f: fn(&dyn Exporter) -> Result<T, String>,
-) -> Result<T, String> {
-    let task = tokio::task::spawn_blocking(move || f(exporter.as_ref()));
-    match tokio::time::timeout(CHECK_TIMEOUT, task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(e)) => Err(format!("check panicked: {e}")),
-        Err(_) => Err(format!("no answer within {}s", CHECK_TIMEOUT.as_secs())),
-    }
-}
-
-async fn answer(mut stream: TcpStream, exporter: Arc<dyn Exporter>) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    // The request head is all we need; bodies are not expected.
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head"))??;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let method = parts.next().unwrap_or_default();
-    let path = parts
-        .next()
-        .unwrap_or_default()
-        .split('?')
-        .next()
-        .unwrap_or_default();
-    let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => match blocking(exporter, |e| Ok(e.render())).await {
-            Ok(text) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
-            Err(e) => ("503 Service Unavailable", "text/plain", format!("{e}\n")),
-        },
-        ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET" | "HEAD", "/readyz") => match blocking(exporter, |e| e.ready()).await {
-            Ok(()) => ("200 OK", "text/plain", "ok\n".to_owned()),
-            Err(e) => ("503 Service Unavailable", "text/plain", format!("{e}\n")),
-        },
-        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".to_owned(),
-        ),
-    };
-    let mut reply = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    if method != "HEAD" {
-        reply.push_str(&body);
-    }
-    stream.write_all(reply.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-/// A minimal HTTP GET for tests and probes: `(status code, body)`.
+/// A plain HTTP GET for tests and probes: `(status code, body)`.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
+    use http_body_util::{BodyExt, Empty};
+    let io_error = |e: hyper::Error| std::io::Error::other(e);
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(io_error)?;
+    tokio::spawn(connection);
+    let request = axum::http::Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .body(Empty::<axum::body::Bytes>::new())
+        .map_err(std::io::Error::other)?;
+    let response = sender.send_request(request).await.map_err(io_error)?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(io_error)?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::encoding::EncodeLabelSet;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
 
-    struct Fixed(Result<(), String>);
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct Labels {
+        a: String,
+    }
+
+    struct Fixed {
+        registry: Registry,
+        ready: Result<(), String>,
+    }
 
     impl Exporter for Fixed {
-        fn render(&self) -> String {
-            let mut out = String::new();
-            header(&mut out, "x_total", "counter", "An example.");
-            sample(&mut out, "x_total", &[("a", "q\"uote")], 3);
-            out
+        fn registry(&self) -> &Registry {
+            &self.registry
         }
         fn ready(&self) -> Result<(), String> {
-            self.0.clone()
+            self.ready.clone()
         }
     }
 
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = HistogramVec::new(&[0.1, 1.0]);
-        h.observe("A", 0.05);
-        h.observe("A", 0.5);
-        h.observe("A", 5.0);
-        let mut out = String::new();
-        h.render(&mut out, "d_seconds", "Latency.", "rpc");
-        assert!(
-            out.contains("d_seconds_bucket{rpc=\"A\",le=\"0.1\"} 1\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("d_seconds_bucket{rpc=\"A\",le=\"1\"} 2\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("d_seconds_bucket{rpc=\"A\",le=\"+Inf\"} 3\n"),
-            "{out}"
-        );
-        assert!(out.contains("d_seconds_count{rpc=\"A\"} 3\n"), "{out}");
-        assert!(out.contains("# TYPE d_seconds histogram\n"));
+    fn fixed(ready: Result<(), String>) -> Arc<dyn Exporter> {
+        let family = Family::<Labels, Counter>::default();
+        family
+            .get_or_create(&Labels {
+                a: "q\"uote".into(),
+            })
+            .inc_by(3);
+        let mut registry = Registry::default();
+        registry.register("x", "An example", family);
+        Arc::new(Fixed { registry, ready })
     }
 
-    #[test]
-    fn counters_render_with_labels() {
-        let c = CounterVec::default();
-        c.inc(&["CreateVolume", "NotFound"]);
-        c.add(&["CreateVolume", "NotFound"], 2);
-        assert_eq!(c.get(&["CreateVolume", "NotFound"]), 3);
-        let mut out = String::new();
-        c.render(&mut out, "e_total", "Errors.", &["rpc", "code"]);
-        assert!(out.contains("e_total{rpc=\"CreateVolume\",code=\"NotFound\"} 3\n"));
+    async fn spawn(exporter: Arc<dyn Exporter>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_listener(listener, exporter));
+        addr
     }
 
     #[tokio::test]
     async fn endpoint_routes() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve_listener(listener, Arc::new(Fixed(Ok(())))));
+        let addr = spawn(fixed(Ok(()))).await;
         let (status, body) = http_get(addr, "/metrics").await.unwrap();
         assert_eq!(status, 200);
         assert!(body.contains("x_total{a=\"q\\\"uote\"} 3\n"), "{body}");
+        assert!(body.contains("# HELP x An example.\n"), "{body}");
         assert_eq!(http_get(addr, "/healthz").await.unwrap().0, 200);
         assert_eq!(http_get(addr, "/readyz").await.unwrap().0, 200);
         assert_eq!(http_get(addr, "/nothing").await.unwrap().0, 404);
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve_listener(
-            listener,
-            Arc::new(Fixed(Err("pool gone".into()))),
-        ));
+        let addr = spawn(fixed(Err("pool gone".into()))).await;
         let (status, body) = http_get(addr, "/readyz").await.unwrap();
         assert_eq!(status, 503);
         assert!(body.contains("pool gone"));
         assert_eq!(http_get(addr, "/healthz").await.unwrap().0, 200);
+    }
+
+    /// A client that connects and never finishes its request holds no task that blocks others:
+    /// the next scrape is answered at once.
+    #[tokio::test]
+    async fn a_stalled_client_does_not_hold_up_scrapes() {
+        let addr = spawn(fixed(Ok(()))).await;
+        let mut stalled = Vec::new();
+        for _ in 0..50 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /metrics HTTP/1.1\r\n")
+                .await
+                .unwrap();
+            stalled.push(s);
+        }
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            http_get(addr, "/metrics"),
+        )
+        .await
+        .expect("answered while 50 requests stall");
+        assert_eq!(answer.unwrap().0, 200);
     }
 }

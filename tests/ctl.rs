@@ -1,11 +1,14 @@
-//! `kennel ctl` against a real driver: JSON output, snapshots and clones, and
-//! the gRPC code of a failed call on stderr with a non-zero exit.
+//! `kennel ctl` against a real driver: JSON output, snapshots and clones, tables and readable
+//! text, and the gRPC code of a failed call on stderr with a non-zero exit.
 
 use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+#[path = "common/skip.rs"]
+mod skip;
 
 const KENNEL: &str = env!("CARGO_BIN_EXE_kennel");
 
@@ -33,6 +36,8 @@ fn start(dir: &Path) -> (Driver, String) {
         ])
         .arg("--loop-dir")
         .arg(dir.join("loop"))
+        .arg("--kubelet-dir")
+        .arg(dir)
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("start driver");
@@ -68,6 +73,15 @@ fn ctl_json(endpoint: &str, args: &[&str]) -> Value {
 #[test]
 fn snapshot_restore_and_errors_through_ctl() {
     let dir = tempfile::tempdir().expect("temp dir");
+    // The driver serves only a kubelet directory on a shared mount; making
+    // one takes root unless the temporary directory already is on one.
+    let _kubelet = match kennel::node::mount::SharedMount::new(dir.path()) {
+        Ok(kubelet) => kubelet,
+        Err(e) if skip::cannot_run(&format!("no shared mount for the kubelet directory: {e}")) => {
+            return
+        }
+        Err(e) => panic!("{e}"),
+    };
     let (_driver, endpoint) = start(dir.path());
 
     let volume = ctl_json(
@@ -119,4 +133,138 @@ fn snapshot_restore_and_errors_through_ctl() {
     assert!(!missing.status.success());
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(stderr.contains("NotFound"), "{stderr}");
+}
+
+fn ctl_text(endpoint: &str, args: &[&str]) -> String {
+    let out = Command::new(KENNEL)
+        .args(["ctl", "--endpoint", endpoint])
+        .args(args)
+        .output()
+        .expect("run kennel ctl");
+    assert!(
+        out.status.success(),
+        "kennel ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+#[test]
+fn tables_and_readable_text_by_default() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_driver, endpoint) = start(dir.path());
+    let volume = ctl_json(
+        &endpoint,
+        &[
+            "create",
+            "data-db-0",
+            "--size",
+            "64Mi",
+            "--block",
+            "--param",
+            "csi.storage.k8s.io/pvc/name=data-db-0",
+            "--param",
+            "csi.storage.k8s.io/pvc/namespace=shop",
+            "--param",
+            "csi.storage.k8s.io/pv/name=pvc-123",
+        ],
+    );
+    let id = volume["volume_id"].as_str().expect("volume id").to_owned();
+
+    // JSON for machines: stable names, bytes as numbers, the claim and this node's view.
+    let listed = ctl_json(&endpoint, &["list"]);
+    let entry = &listed["volumes"][0];
+    assert_eq!(entry["volume_id"], id.as_str());
+    assert_eq!(entry["capacity_bytes"], 64 << 20);
+    assert_eq!(entry["claim"], "shop/data-db-0");
+    assert_eq!(entry["pv"], "pvc-123");
+    assert_eq!(entry["node"], "ctl-node");
+    assert_eq!(entry["abnormal"], false);
+    // Not attached anywhere: a sparse image no one staged.
+    assert_eq!(
+        entry["node_state"],
+        serde_json::json!({"attached": false, "staged": false, "published": 0, "fs_type": null})
+    );
+
+    let table = ctl_text(&endpoint, &["list"]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["ID", "SIZE", "TYPE", "CLAIM", "STATE", "CONDITION"]
+    );
+    let row: Vec<&str> = lines.next().expect("one row").split_whitespace().collect();
+    assert_eq!(
+        row,
+        [
+            id.as_str(),
+            "64",
+            "MiB",
+            "-",
+            "shop/data-db-0",
+            "-",
+            "healthy"
+        ]
+    );
+    assert_eq!(lines.next(), None, "{table}");
+    let wide = ctl_text(&endpoint, &["list", "-o", "wide"]);
+    assert!(
+        wide.lines()
+            .next()
+            .unwrap()
+            .ends_with("PV        NODE       PARAMETERS"),
+        "{wide}"
+    );
+    assert!(wide.contains("pvc-123"), "{wide}");
+    // `-o json` is `--json`.
+    let json: Value = serde_json::from_str(&ctl_text(&endpoint, &["list", "-o", "json"]))
+        .expect("JSON from -o json");
+    assert_eq!(json["volumes"][0]["volume_id"], id.as_str());
+
+    let info = ctl_text(&endpoint, &["info"]);
+    assert!(!info.contains("Some("), "{info}");
+    assert!(info.contains("CONTROLLER_SERVICE"), "{info}");
+    assert!(info.contains("node_id:"), "{info}");
+    let info_json = ctl_json(&endpoint, &["info"]);
+    assert!(info_json["plugin_capabilities"]
+        .as_array()
+        .expect("capability list")
+        .iter()
+        .any(|c| c == "VOLUME_ACCESSIBILITY_CONSTRAINTS"));
+
+    // 1 GiB pool with 64 MiB promised: sizes in binary units.
+    let capacity = ctl_text(&endpoint, &["capacity"]);
+    assert!(capacity.contains("available:"), "{capacity}");
+    assert!(capacity.contains("960 MiB"), "{capacity}");
+    assert!(!capacity.contains("_bytes"), "{capacity}");
+
+    let snapshots = ctl_text(&endpoint, &["snapshots"]);
+    assert_eq!(snapshots, "No snapshots.\n");
+    ctl_json(&endpoint, &["snapshot", "s1", &id]);
+    let snapshots = ctl_text(&endpoint, &["snapshots"]);
+    let header: Vec<&str> = snapshots
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(header, ["ID", "SOURCE", "SIZE", "READY", "CREATED"]);
+    assert!(snapshots.contains(&id), "{snapshots}");
+
+    // Every command explains itself.
+    let help = Command::new(KENNEL)
+        .args(["ctl", "--help"])
+        .output()
+        .expect("ctl --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for command in ["delete ", "unpublish ", "unstage ", "delete-snapshot "] {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(command))
+            .unwrap_or_else(|| panic!("{command} missing from\n{help}"));
+        assert!(
+            line.trim_start().len() > command.len() + 5,
+            "no help text: {line}"
+        );
+    }
 }

@@ -15,7 +15,7 @@ use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
 use super::image_store::ImageStore;
 use super::{Backend, ContentSource, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
-use crate::node::loopdev::{self, Window};
+use crate::node::loopdev::{self, LoopIndex, Window};
 use crate::node::{copy, freeze, mount};
 use crate::volume::capacity::MIB;
 use crate::volume::spec::unknown_param;
@@ -53,6 +53,8 @@ pub struct LoopBackend {
     /// Bytes promised to allocations in flight, so concurrent creates of
     /// different volumes cannot overcommit the pool.
     reserved: Mutex<u64>,
+    /// Which loop device holds which image: no call lists every loop device.
+    attachments: LoopIndex,
     _lock: Flock<File>,
 }
 
@@ -106,7 +108,10 @@ impl LoopBackend {
         let pool_bytes = config
             .capacity
             .unwrap_or_else(|| (free + allocated).saturating_sub(reserve_bytes));
+        // After the lock: no other driver attaches our images meanwhile.
+        let attachments = LoopIndex::scan(|backing| backing.starts_with(&dir))?;
         Ok(LoopBackend {
+            attachments,
             dir,
             pool_bytes,
             reserve_bytes,
@@ -295,10 +300,10 @@ impl Backend for LoopBackend {
     }
 
     fn delete(&self, id: &VolumeId) -> Result<()> {
-        if let Some(attached) = loopdev::find_attached(&self.volumes.image_path(id))?.first() {
+        if let Some(device) = self.attached_device(id)? {
             return Err(Error::Precondition(format!(
                 "volume {id} is staged on this node ({}); unstage it first",
-                attached.device.display()
+                device.display()
             )));
         }
         self.volumes.remove(id)
@@ -380,21 +385,19 @@ impl Backend for LoopBackend {
         if !image.exists() {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
-        loopdev::attach(&image, Window::default())
+        self.attachments.attach(&image, Window::default())
     }
 
     fn detach(&self, id: &VolumeId) -> Result<()> {
-        for attachment in loopdev::find_attached(&self.volumes.image_path(id))? {
-            loopdev::detach(&attachment.device)?;
-        }
-        Ok(())
+        self.attachments.detach_all(&self.volumes.image_path(id))
     }
 
     fn attached_device(&self, id: &VolumeId) -> Result<Option<PathBuf>> {
-        Ok(loopdev::find_attached(&self.volumes.image_path(id))?
+        Ok(self
+            .attachments
+            .find(&self.volumes.image_path(id))
             .into_iter()
-            .next()
-            .map(|a| a.device))
+            .next())
     }
 
     fn refresh_device(&self, id: &VolumeId) -> Result<()> {

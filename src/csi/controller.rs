@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::csi::change_log::{claim_in, Change};
 use crate::csi::convert::{self, CapabilityError};
 use crate::csi::pb::{
     self, controller_server::Controller as ControllerRpc, controller_service_capability,
@@ -44,12 +45,13 @@ fn unimplemented(rpc: &str) -> Status {
 
 #[tonic::async_trait]
 impl ControllerRpc for ControllerService {
-    #[instrument(skip_all, fields(rpc = "CreateVolume", name = %request.get_ref().name, volume_id = tracing::field::Empty))]
+    #[instrument(skip_all, fields(rpc = "CreateVolume", volume_name = %request.get_ref().name, volume_id = tracing::field::Empty))]
     async fn create_volume(
         &self,
         request: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let req = request.into_inner();
+        let change = Change::begin("volume created").claim(claim_in(&req.parameters));
         spec::validate_name(&req.name)?;
         let capabilities = convert::capabilities(&req.volume_capabilities)?;
         let capacity = convert::capacity_range(req.capacity_range.as_ref())?;
@@ -76,6 +78,10 @@ impl ControllerRpc for ControllerService {
             })
             .await?;
         tracing::Span::current().record("volume_id", tracing::field::display(&record.id));
+        change
+            .volume(&record.id)
+            .bytes(record.capacity_bytes)
+            .done();
         Ok(Response::new(pb::CreateVolumeResponse {
             volume: Some(self.volume(&record)),
         }))
@@ -90,7 +96,11 @@ impl ControllerRpc for ControllerService {
         if req.volume_id.is_empty() {
             return Err(Error::invalid("volume_id is required").into());
         }
+        let change = Change::begin("volume deleted")
+            .volume(&req.volume_id)
+            .claim(self.driver.telemetry.claim(&req.volume_id));
         self.driver.controller.delete(&req.volume_id).await?;
+        change.done();
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
@@ -247,18 +257,25 @@ impl ControllerRpc for ControllerService {
         }))
     }
 
-    #[instrument(skip_all, fields(rpc = "CreateSnapshot", name = %request.get_ref().name, volume_id = %request.get_ref().source_volume_id))]
+    #[instrument(skip_all, fields(rpc = "CreateSnapshot", snapshot_name = %request.get_ref().name, volume_id = %request.get_ref().source_volume_id))]
     async fn create_snapshot(
         &self,
         request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let req = request.into_inner();
+        let change = Change::begin("snapshot created")
+            .volume(&req.source_volume_id)
+            .claim(self.driver.telemetry.claim(&req.source_volume_id));
         convert::snapshot_params(&req.parameters)?;
         let snapshot = self
             .driver
             .controller
             .create_snapshot(req.name, &req.source_volume_id)
             .await?;
+        change
+            .snapshot(&snapshot.id)
+            .bytes(snapshot.size_bytes)
+            .done();
         Ok(Response::new(pb::CreateSnapshotResponse {
             snapshot: Some(convert::snapshot(&snapshot)),
         }))
@@ -270,10 +287,12 @@ impl ControllerRpc for ControllerService {
         request: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let req = request.into_inner();
+        let change = Change::begin("snapshot deleted").snapshot(&req.snapshot_id);
         self.driver
             .controller
             .delete_snapshot(&req.snapshot_id)
             .await?;
+        change.done();
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
@@ -329,7 +348,11 @@ impl ControllerRpc for ControllerService {
         if let Some(cap) = req.volume_capability.as_ref() {
             convert::capability(cap).map_err(Error::from)?;
         }
+        let change = Change::begin("volume expanded")
+            .volume(&req.volume_id)
+            .claim(self.driver.telemetry.claim(&req.volume_id));
         let size = self.driver.controller.expand(&req.volume_id, range).await?;
+        change.bytes(size).done();
         Ok(Response::new(pb::ControllerExpandVolumeResponse {
             capacity_bytes: convert::bytes(size),
             // The loop device and the filesystem grow on the node.

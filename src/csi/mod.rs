@@ -1,5 +1,6 @@
 //! gRPC glue: protobuf in, domain calls, protobuf out. Nothing below knows protobuf.
 
+pub mod change_log;
 pub mod client;
 pub mod controller;
 pub mod convert;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::csi::change_log::{claim_in, Change};
 use crate::csi::convert;
 use crate::csi::pb::{self, node_server::Node, node_service_capability};
 use crate::csi::server::Driver;
@@ -59,6 +60,11 @@ impl Node for NodeService {
         require_id(&req.volume_id)?;
         let staging_path = host_path(&req.staging_target_path, "staging_target_path")?;
         let capability = convert::required_capability(req.volume_capability.as_ref())?;
+        let change = Change::begin("volume staged")
+            .volume(&req.volume_id)
+            .claim(claim_in(&req.volume_context))
+            .claim(self.driver.telemetry.claim(&req.volume_id))
+            .staging(&staging_path);
         self.driver
             .node
             .stage(StageRequest {
@@ -67,6 +73,7 @@ impl Node for NodeService {
                 capability,
             })
             .await?;
+        change.done();
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
 
@@ -78,10 +85,15 @@ impl Node for NodeService {
         let req = request.into_inner();
         require_id(&req.volume_id)?;
         let staging_path = host_path(&req.staging_target_path, "staging_target_path")?;
+        let change = Change::begin("volume unstaged")
+            .volume(&req.volume_id)
+            .claim(self.driver.telemetry.claim(&req.volume_id))
+            .staging(&staging_path);
         self.driver
             .node
             .unstage(&req.volume_id, staging_path)
             .await?;
+        change.done();
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
     }
 
@@ -95,6 +107,12 @@ impl Node for NodeService {
         let staging_path = host_path(&req.staging_target_path, "staging_target_path")?;
         let target_path = host_path(&req.target_path, "target_path")?;
         let capability = convert::required_capability(req.volume_capability.as_ref())?;
+        let change = Change::begin("volume published")
+            .volume(&req.volume_id)
+            .claim(claim_in(&req.volume_context))
+            .claim(self.driver.telemetry.claim(&req.volume_id))
+            .staging(&staging_path)
+            .target(&target_path);
         self.driver
             .node
             .publish(PublishRequest {
@@ -105,6 +123,7 @@ impl Node for NodeService {
                 read_only: req.readonly,
             })
             .await?;
+        change.done();
         Ok(Response::new(pb::NodePublishVolumeResponse {}))
     }
 
@@ -116,10 +135,15 @@ impl Node for NodeService {
         let req = request.into_inner();
         require_id(&req.volume_id)?;
         let target_path = host_path(&req.target_path, "target_path")?;
+        let change = Change::begin("volume unpublished")
+            .volume(&req.volume_id)
+            .claim(self.driver.telemetry.claim(&req.volume_id))
+            .target(&target_path);
         self.driver
             .node
             .unpublish(&req.volume_id, target_path)
             .await?;
+        change.done();
         Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
     }
 
@@ -167,11 +191,16 @@ impl Node for NodeService {
         if let Some(cap) = req.volume_capability.as_ref() {
             convert::capability(cap).map_err(Error::from)?;
         }
+        let change = Change::begin("volume filesystem expanded")
+            .volume(&req.volume_id)
+            .claim(self.driver.telemetry.claim(&req.volume_id))
+            .target(&volume_path);
         let size = self
             .driver
             .node
             .expand(&req.volume_id, volume_path, range)
             .await?;
+        change.bytes(size).done();
         Ok(Response::new(pb::NodeExpandVolumeResponse {
             capacity_bytes: convert::bytes(size),
         }))

@@ -12,7 +12,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::backend::VolumeRecord;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
-use crate::csi::metrics::{RpcMetrics, RpcMetricsLayer};
+use crate::csi::metrics::{RpcMetricsLayer, Telemetry, OBSERVE_PERIOD};
 use crate::csi::node::NodeService;
 use crate::csi::pb::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
@@ -33,8 +33,9 @@ pub struct Driver {
     pub node: NodeOps,
     pub max_volumes_per_node: i64,
     pub granularity: u64,
-    /// Counted by the layer `serve` puts around every call.
-    pub rpc_metrics: Arc<RpcMetrics>,
+    /// Calls counted by the layer `serve` puts around every call, and the backend as last
+    /// observed by the task `serve` runs.
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl Driver {
@@ -99,14 +100,21 @@ pub fn bind_private(path: &Path) -> Result<UnixListener> {
 }
 
 /// Serve Identity, Controller and Node until `shutdown` resolves. Every call is counted and
-/// timed in `driver.rpc_metrics` and runs in a span naming its RPC.
+/// timed in `driver.telemetry` and runs in a span naming its RPC; the backend is observed in the
+/// background meanwhile.
 pub async fn serve(
     driver: Arc<Driver>,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    tonic::transport::Server::builder()
-        .layer(RpcMetricsLayer::new(driver.rpc_metrics.clone()))
+    let observer = tokio::spawn(
+        driver
+            .telemetry
+            .clone()
+            .keep_fresh(driver.controller.backend(), OBSERVE_PERIOD),
+    );
+    let served = tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer::new(driver.telemetry.clone()))
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_service(ControllerServer::new(ControllerService::new(
             driver.clone(),
@@ -114,7 +122,9 @@ pub async fn serve(
         .add_service(NodeServer::new(NodeService::new(driver)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
-        .map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+        .map_err(|e| Error::Internal(format!("gRPC server: {e}")));
+    observer.abort();
+    served
 }
 
 #[cfg(test)]

@@ -176,19 +176,19 @@ mod tests {
     fn output_and_exit_status_come_back() {
         let out = run("printf", ["%s", "hello"]).expect("printf runs");
         assert_eq!(out.stdout, b"hello");
-        let err = run("ls", ["/nonexistent-kennel-path"]).unwrap_err();
+        let err = run("ls", ["/nonexistent-kennel-path"]).expect_err("an error");
         assert!(
             matches!(&err, Error::Command { command, stderr, .. } if command == "ls" && stderr.contains("nonexistent")),
             "{err:?}"
         );
-        let err = run("kennel-no-such-tool", ["x"]).unwrap_err();
+        let err = run("kennel-no-such-tool", ["x"]).expect_err("an error");
         assert!(matches!(&err, Error::Command { status, .. } if status == "not started"));
     }
 
     #[test]
     fn a_child_past_its_deadline_is_killed_with_its_children() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let marker_path = dir.path().join("marker");
         // A tool that says something on stderr, forks a grandchild that would write the
         // marker after 2 s, and hangs.
@@ -200,11 +200,13 @@ mod tests {
                 marker_path.display()
             ),
         )
-        .unwrap();
-        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let tool = tool.to_str().unwrap();
+        .expect("test setup");
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755))
+            .expect("test setup");
+        let tool = tool.to_str().expect("test setup");
         let started = Instant::now();
-        let err = output_within(tool, Vec::<&str>::new(), Duration::from_millis(300)).unwrap_err();
+        let err = output_within(tool, Vec::<&str>::new(), Duration::from_millis(300))
+            .expect_err("an error");
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "{:?}",

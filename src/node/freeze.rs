@@ -1,27 +1,89 @@
 //! Quiescing a mounted filesystem so a copy of its device is consistent.
+//!
+//! A frozen filesystem blocks every writer of the workload, so a freeze is bounded: a watchdog
+//! thaws it when the freeze budget (`--freeze-budget`) runs out, and the copy made under it is
+//! then refused. An instant step (a reflink, a thin snapshot) fits in any budget; a full copy of
+//! a large volume does not, and fails with FAILED_PRECONDITION instead of stalling the workload
+//! for minutes. A driver killed mid-freeze leaves the filesystem frozen: start-up thaws every
+//! Kennel filesystem ([`thaw`]).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use crate::error::{Error, IoContext, Result};
 
 nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
 nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
 
-/// Run `work` while the filesystem mounted at `mount_point` is frozen: all
-/// dirty data is on the device and new writes wait. Thawed even if `work` fails.
+/// Default of `--freeze-budget`.
+pub const DEFAULT_BUDGET: Duration = Duration::from_secs(5);
+
+static BUDGET_MS: AtomicU64 = AtomicU64::new(DEFAULT_BUDGET.as_millis() as u64);
+
+/// Sets the longest time a workload's filesystem may stay frozen (`--freeze-budget`).
+pub fn set_budget(budget: Duration) {
+    BUDGET_MS.store(budget.as_millis() as u64, Ordering::Relaxed);
+}
+
+fn budget() -> Duration {
+    Duration::from_millis(BUDGET_MS.load(Ordering::Relaxed))
+}
+
+/// Run `work` while the filesystem mounted at `mount_point` is frozen: all dirty data is on the
+/// device and new writes wait. Thawed when `work` ends, fails, or outlives the freeze budget;
+/// in the last case the result of `work` is discarded and the call fails.
 pub fn while_frozen<T>(mount_point: &Path, work: impl FnOnce() -> Result<T>) -> Result<T> {
     let dir = File::open(mount_point).ctx("open", mount_point)?;
     let mut arg: libc::c_int = 0;
     // SAFETY: FIFREEZE ignores its argument beyond reading an int.
     unsafe { fifreeze(dir.as_raw_fd(), &mut arg) }.ctx("FIFREEZE", mount_point)?;
-    let result = work();
+    let budget = budget();
+    let (done, finished) = mpsc::channel::<()>();
+    let watchdog = std::thread::scope(|scope| {
+        let dir = &dir;
+        let watchdog = scope.spawn(move || match finished.recv_timeout(budget) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => false,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let mut arg: libc::c_int = 0;
+                // SAFETY: as above. Thawing early unblocks the workload; the copy is refused.
+                let _ = unsafe { fithaw(dir.as_raw_fd(), &mut arg) };
+                true
+            }
+        });
+        let result = work();
+        let _ = done.send(());
+        (result, watchdog.join().unwrap_or(true))
+    });
+    let (result, thawed_early) = watchdog;
+    if thawed_early {
+        return Err(Error::Precondition(format!(
+            "the copy of the volume mounted at {} did not finish within the freeze budget of {budget:?}, so the filesystem was thawed and the copy discarded; copy it while it is not staged, keep its storage on a filesystem with reflinks (xfs, btrfs) or thin LVM, or raise --freeze-budget",
+            mount_point.display()
+        )));
+    }
     // SAFETY: as above.
     let thawed = unsafe { fithaw(dir.as_raw_fd(), &mut arg) };
     match (result, thawed) {
         (Ok(value), Ok(_)) => Ok(value),
         (Err(e), _) => Err(e),
         (Ok(_), Err(e)) => Err(Error::io("FITHAW", mount_point, e.into())),
+    }
+}
+
+/// Thaws the filesystem at `mount_point` if it is frozen (a driver killed mid-freeze leaves it
+/// so). Returns whether it was frozen.
+pub fn thaw(mount_point: &Path) -> Result<bool> {
+    let dir = File::open(mount_point).ctx("open", mount_point)?;
+    let mut arg: libc::c_int = 0;
+    // SAFETY: FITHAW ignores its argument beyond reading an int.
+    match unsafe { fithaw(dir.as_raw_fd(), &mut arg) } {
+        Ok(_) => Ok(true),
+        // Not frozen.
+        Err(nix::errno::Errno::EINVAL) => Ok(false),
+        Err(e) => Err(Error::io("FITHAW", mount_point, e.into())),
     }
 }

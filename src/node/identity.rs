@@ -65,10 +65,10 @@ mod tests {
 
     #[test]
     fn machine_id_first_then_boot_id_then_refusal() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let file = |name: &str, text: &str| {
             let p = dir.path().join(name);
-            fs::write(&p, text).unwrap();
+            fs::write(&p, text).expect("test setup");
             p
         };
         let empty = file("empty", "\n");
@@ -78,11 +78,12 @@ mod tests {
         let machine = file("machine", "0123456789abcdef0123456789abcdef\n");
         let boot = file("boot", "6a1f2c3d-1111-4e2a-9bcd-0123456789ab\n");
 
-        let ok = identity_from(&[&empty, &machine], &boot).unwrap();
+        let ok = identity_from(&[&empty, &machine], &boot).expect("test setup");
         assert_eq!(ok, "0123456789abcdef0123456789abcdef");
-        let fallback = identity_from(&[&missing, &empty, &placeholder, &zeros], &boot).unwrap();
+        let fallback =
+            identity_from(&[&missing, &empty, &placeholder, &zeros], &boot).expect("test setup");
         assert_eq!(fallback, "6a1f2c3d-1111-4e2a-9bcd-0123456789ab");
-        let err = identity_from(&[&empty], &missing).unwrap_err();
+        let err = identity_from(&[&empty], &missing).expect_err("an error");
         assert!(
             matches!(&err, Error::Precondition(m) if m.contains("/etc/machine-id")),
             "{err:?}"

@@ -1,15 +1,33 @@
 //! Loop devices through the kernel's ioctl interface (no `losetup`).
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use nix::errno::Errno;
 
 use crate::error::{Error, IoContext, Result};
 
 const LOOP_CONTROL: &str = "/dev/loop-control";
+/// The kernel's block major for loop devices.
+pub const LOOP_MAJOR: u32 = 7;
+
+/// Files and directories read under `/sys` by this process: a scan of every
+/// loop device costs as many reads as the host has devices.
+static SYSFS_READS: AtomicU64 = AtomicU64::new(0);
+
+pub fn sysfs_reads() -> u64 {
+    SYSFS_READS.load(Ordering::Relaxed)
+}
+
+fn sysfs_read(path: &Path) -> std::io::Result<String> {
+    SYSFS_READS.fetch_add(1, Ordering::Relaxed);
+    fs::read_to_string(path)
+}
 const LO_NAME_SIZE: usize = 64;
 const LO_KEY_SIZE: usize = 32;
 const LO_FLAGS_READ_ONLY: u32 = 1;
@@ -48,6 +66,8 @@ struct LoopConfig {
 mod ioctl {
     use super::{LoopConfig, LoopInfo64};
     nix::ioctl_none_bad!(ctl_get_free, 0x4C82);
+    nix::ioctl_write_int_bad!(ctl_add, 0x4C80);
+    nix::ioctl_write_int_bad!(ctl_remove, 0x4C81);
     nix::ioctl_write_ptr_bad!(configure, 0x4C0A, LoopConfig);
     nix::ioctl_write_int_bad!(set_fd, 0x4C00);
     nix::ioctl_write_ptr_bad!(set_status64, 0x4C04, LoopInfo64);
@@ -264,6 +284,7 @@ pub fn attachments() -> Result<Vec<Attachment>> {
 
 fn attachments_in(sys_block: &Path) -> Result<Vec<Attachment>> {
     let mut found = Vec::new();
+    SYSFS_READS.fetch_add(1, Ordering::Relaxed);
     let entries = fs::read_dir(sys_block).ctx("read", sys_block)?;
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -273,18 +294,18 @@ fn attachments_in(sys_block: &Path) -> Result<Vec<Attachment>> {
         let loop_dir = entry.path().join("loop");
         // Detached devices have no `loop` directory; a device detaching
         // under us may lose it between reads.
-        let Ok(backing) = fs::read_to_string(loop_dir.join("backing_file")) else {
+        let Ok(backing) = sysfs_read(&loop_dir.join("backing_file")) else {
             continue;
         };
         let read_u64 = |file: &str| {
-            fs::read_to_string(loop_dir.join(file))
+            sysfs_read(&loop_dir.join(file))
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(0)
         };
         found.push(Attachment {
             device: PathBuf::from(format!("/dev/{name}")),
-            backing_file: PathBuf::from(backing.trim_end_matches('\n')),
+            backing_file: backing_path(&backing),
             offset: read_u64("offset"),
             size_limit: read_u64("sizelimit"),
             direct_io: read_u64("dio") == 1,
@@ -292,6 +313,157 @@ fn attachments_in(sys_block: &Path) -> Result<Vec<Attachment>> {
     }
     found.sort_by(|a, b| a.device.cmp(&b.device));
     Ok(found)
+}
+
+/// sysfs shows a removed backing file with a suffix.
+fn backing_path(raw: &str) -> PathBuf {
+    let raw = raw.trim_end_matches('\n');
+    PathBuf::from(raw.strip_suffix(" (deleted)").unwrap_or(raw))
+}
+
+/// The loop device with this device number and its backing file, in one
+/// read of that device's sysfs entry: `None` if it is not a loop device or
+/// not attached.
+pub fn backing_of(device: (u32, u32)) -> Option<(PathBuf, PathBuf)> {
+    if device.0 != LOOP_MAJOR {
+        return None;
+    }
+    let entry = PathBuf::from(format!("/sys/dev/block/{}:{}", device.0, device.1));
+    let backing = sysfs_read(&entry.join("loop/backing_file")).ok()?;
+    let name = fs::read_link(&entry).ok()?;
+    let node = Path::new("/dev").join(name.file_name()?);
+    Some((node, backing_path(&backing)))
+}
+
+/// The backing file of an attached loop device node, from its sysfs entry.
+fn backing_of_node(device: &Path) -> Option<PathBuf> {
+    let name = device.file_name()?;
+    sysfs_read(&Path::new("/sys/block").join(name).join("loop/backing_file"))
+        .ok()
+        .map(|raw| backing_path(&raw))
+}
+
+/// Which loop device holds which backing file, for the files one owner
+/// cares about: built with one scan of sysfs at start-up, kept up to date by
+/// attaching and detaching through it, and checked on every use with one
+/// read of that device's sysfs entry (a device detached and reused by someone
+/// else is dropped, never trusted).
+pub struct LoopIndex {
+    devices: Mutex<BTreeMap<PathBuf, Vec<PathBuf>>>,
+}
+
+impl LoopIndex {
+    /// Index the attached devices whose backing file `wanted` accepts.
+    pub fn scan(wanted: impl Fn(&Path) -> bool) -> Result<Self> {
+        let mut devices: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
+        for attachment in attachments()? {
+            if wanted(&attachment.backing_file) {
+                devices
+                    .entry(attachment.backing_file)
+                    .or_default()
+                    .push(attachment.device);
+            }
+        }
+        Ok(LoopIndex {
+            devices: Mutex::new(devices),
+        })
+    }
+
+    fn devices(&self) -> MutexGuard<'_, BTreeMap<PathBuf, Vec<PathBuf>>> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The devices over `backing`, each verified against sysfs.
+    pub fn find(&self, backing: &Path) -> Vec<PathBuf> {
+        let listed = self.devices().get(backing).cloned().unwrap_or_default();
+        let verified: Vec<PathBuf> = listed
+            .iter()
+            .filter(|device| backing_of_node(device).as_deref() == Some(backing))
+            .cloned()
+            .collect();
+        if verified.len() != listed.len() {
+            let mut devices = self.devices();
+            match verified.is_empty() {
+                true => devices.remove(backing),
+                false => devices.insert(backing.to_owned(), verified.clone()),
+            };
+        }
+        verified
+    }
+
+    /// Attach `backing` (see [`attach`]) and remember the device.
+    pub fn attach(&self, backing: &Path, window: Window) -> Result<PathBuf> {
+        self.remember(backing, attach(backing, window)?)
+    }
+
+    /// Attach `backing` read-only (see [`attach_read_only`]) and remember the device.
+    pub fn attach_read_only(&self, backing: &Path) -> Result<PathBuf> {
+        self.remember(backing, attach_read_only(backing)?)
+    }
+
+    fn remember(&self, backing: &Path, device: PathBuf) -> Result<PathBuf> {
+        self.devices()
+            .entry(backing.to_owned())
+            .or_default()
+            .push(device.clone());
+        Ok(device)
+    }
+
+    /// Detach one device over `backing` and forget it.
+    pub fn detach(&self, backing: &Path, device: &Path) -> Result<()> {
+        detach(device)?;
+        let mut devices = self.devices();
+        if let Some(list) = devices.get_mut(backing) {
+            list.retain(|d| d != device);
+            if list.is_empty() {
+                devices.remove(backing);
+            }
+        }
+        Ok(())
+    }
+
+    /// Detach every device over `backing`.
+    pub fn detach_all(&self, backing: &Path) -> Result<()> {
+        for device in self.find(backing) {
+            self.detach(backing, &device)?;
+        }
+        Ok(())
+    }
+}
+
+/// A loop device created with LOOP_CTL_ADD under a chosen number (for
+/// crowding a node in benchmarks and tests).
+pub fn add_device(number: u32) -> Result<PathBuf> {
+    let control = File::open(LOOP_CONTROL).ctx("open", LOOP_CONTROL)?;
+    // SAFETY: LOOP_CTL_ADD takes the device number by value.
+    unsafe { ioctl::ctl_add(control.as_raw_fd(), number as libc::c_int) }
+        .ctx("LOOP_CTL_ADD", format!("/dev/loop{number}"))?;
+    Ok(PathBuf::from(format!("/dev/loop{number}")))
+}
+
+/// Remove a detached loop device made with [`add_device`].
+pub fn remove_device(number: u32) -> Result<()> {
+    let control = File::open(LOOP_CONTROL).ctx("open", LOOP_CONTROL)?;
+    // SAFETY: LOOP_CTL_REMOVE takes the device number by value.
+    match unsafe { ioctl::ctl_remove(control.as_raw_fd(), number as libc::c_int) } {
+        Ok(_) | Err(Errno::ENODEV) => Ok(()),
+        Err(e) => Err(Error::io(
+            "LOOP_CTL_REMOVE",
+            format!("/dev/loop{number}"),
+            e.into(),
+        )),
+    }
+}
+
+/// Attach `backing` to one given, unbound loop device.
+pub fn attach_to(device: &Path, backing: &Path) -> Result<()> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(backing)
+        .ctx("open backing file", backing)?;
+    configure(device, &file, backing, Window::default(), false)
+        .map_err(|errno| Error::io("attach loop device", device, errno.into()))
 }
 
 /// Loop devices currently backed by `backing` (normally zero or one).

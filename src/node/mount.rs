@@ -1,6 +1,9 @@
-//! Mount state from `/proc/self/mountinfo`, and mount/umount through `nix`.
+//! Mount state: of one path through `statx` on its descriptor, of the whole
+//! node from `/proc/self/mountinfo`; mount/umount through `nix`.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -9,15 +12,29 @@ use crate::error::{Error, IoContext, Result};
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 
+/// Reads of the whole mount table by this process: its cost grows with the
+/// node's mounts, so request paths must not depend on it per question.
+static MOUNTINFO_READS: AtomicU64 = AtomicU64::new(0);
+
+pub fn mountinfo_reads() -> u64 {
+    MOUNTINFO_READS.load(Ordering::Relaxed)
+}
+
 /// One line of mountinfo: the fields Kennel needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The ID `statx(STATX_MNT_ID)` reports for paths on this mount.
+    pub mount_id: u64,
+    /// In a peer group: mounts below it propagate (`shared:N`).
+    pub shared: bool,
     /// major:minor of the mounted device.
     pub dev: (u32, u32),
     /// Path inside the source filesystem that is mounted (`/` unless a bind of a subtree).
     pub root: PathBuf,
     pub mount_point: PathBuf,
     pub options: Vec<String>,
+    /// Options of the filesystem itself (`ro` after errors=remount-ro).
+    pub super_options: Vec<String>,
     pub fs_type: String,
     pub source: String,
 }
@@ -29,6 +46,7 @@ impl MountEntry {
 }
 
 pub fn mounts() -> Result<Vec<MountEntry>> {
+    MOUNTINFO_READS.fetch_add(1, Ordering::Relaxed);
     let text = std::fs::read_to_string(MOUNTINFO).ctx("read", MOUNTINFO)?;
     Ok(parse_mountinfo(&text))
 }
@@ -68,24 +86,28 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     // 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
     let (left, right) = line.split_once(" - ")?;
     let mut left = left.split(' ');
-    let _mount_id = left.next()?;
+    let mount_id = left.next()?.parse().ok()?;
     let _parent_id = left.next()?;
     let (major, minor) = left.next()?.split_once(':')?;
     let root = unescape(left.next()?);
     let mount_point = unescape(left.next()?);
     let mount_options = left.next()?;
+    let shared = left.any(|tag| tag.starts_with("shared:"));
     let mut right = right.split(' ');
     let fs_type = unescape(right.next()?);
     let source = unescape(right.next().unwrap_or(""));
     let super_options = right.next().unwrap_or("");
+    let super_options: Vec<String> = super_options
+        .split(',')
+        .filter(|o| !o.is_empty())
+        .map(str::to_owned)
+        .collect();
     let mut options: Vec<String> = mount_options.split(',').map(str::to_owned).collect();
-    options.extend(
-        super_options
-            .split(',')
-            .filter(|o| !o.is_empty())
-            .map(str::to_owned),
-    );
+    options.extend(super_options.iter().cloned());
     Some(MountEntry {
+        mount_id,
+        shared,
+        super_options,
         dev: (major.parse().ok()?, minor.parse().ok()?),
         root: PathBuf::from(root),
         mount_point: PathBuf::from(mount_point),
@@ -117,6 +139,139 @@ fn unescape(field: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What one path is, from its own descriptor: no mount table involved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathState {
+    /// The mount the path lies on (the top one if the path is a mount point).
+    pub mount_id: u64,
+    /// The path is the root of its mount: something is mounted there.
+    pub mount_root: bool,
+    /// major:minor of the filesystem holding the path.
+    pub dev: (u32, u32),
+    /// major:minor of the device if the path is a block device node.
+    pub block_device: Option<(u32, u32)>,
+    /// Writes are refused (mount or filesystem read-only).
+    pub read_only: bool,
+    /// The filesystem's name where Kennel makes it (ext4, xfs), else its magic number.
+    pub fs_type: String,
+}
+
+impl PathState {
+    /// The path is a mount of the filesystem on `device`.
+    pub fn is_filesystem_of(&self, device: (u32, u32)) -> bool {
+        self.mount_root && self.dev == device
+    }
+
+    /// The path is a bind of the device node `device` (a Block volume).
+    pub fn is_bind_of(&self, device: (u32, u32)) -> bool {
+        self.mount_root && self.block_device == Some(device)
+    }
+}
+
+/// Describe the object `fd` refers to (`display` names it in errors).
+pub fn path_state(fd: BorrowedFd<'_>, display: &Path) -> Result<PathState> {
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: an empty path with AT_EMPTY_PATH describes `fd` itself; `stx`
+    // is a valid buffer for one statx record.
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_TYPE | libc::STATX_MNT_ID,
+            stx.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io("statx", display, std::io::Error::last_os_error()));
+    }
+    // SAFETY: statx succeeded and filled the record.
+    let stx = unsafe { stx.assume_init() };
+    let root_flag = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 || stx.stx_attributes_mask & root_flag == 0 {
+        return Err(Error::Internal(
+            "this kernel's statx reports no mount IDs (Linux 5.8 or later is needed)".to_owned(),
+        ));
+    }
+    let is_block = u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFBLK;
+    let vfs = nix::sys::statvfs::fstatvfs(fd).ctx("statvfs", display)?;
+    let magic = nix::sys::statfs::fstatfs(fd)
+        .ctx("statfs", display)?
+        .filesystem_type()
+        .0 as i64;
+    let fs_type = match magic {
+        0xEF53 => "ext4".to_owned(),
+        0x5846_5342 => "xfs".to_owned(),
+        other => format!("{other:#x}"),
+    };
+    Ok(PathState {
+        mount_id: stx.stx_mnt_id,
+        mount_root: stx.stx_attributes & root_flag != 0,
+        dev: (stx.stx_dev_major, stx.stx_dev_minor),
+        block_device: is_block.then_some((stx.stx_rdev_major, stx.stx_rdev_minor)),
+        read_only: vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY),
+        fs_type,
+    })
+}
+
+/// A directory on a shared mount, so that it passes the driver's
+/// mount-propagation check wherever it lies (demo, benchmark, tests): if the
+/// mount holding it is not shared already, it is bind-mounted onto itself
+/// and made shared, and unmounted again on drop.
+pub struct SharedMount {
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl SharedMount {
+    pub fn new(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path).ctx("create", path)?;
+        let already = crate::node::host_path::KubeletDir::open(path)
+            .and_then(|dir| dir.ensure_shared())
+            .is_ok();
+        if already {
+            return Ok(SharedMount {
+                path: path.to_owned(),
+                mounted: false,
+            });
+        }
+        mount(
+            Some(path),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .ctx("bind mount", path)?;
+        let shared = SharedMount {
+            path: path.to_owned(),
+            mounted: true,
+        };
+        mount(
+            None::<&str>,
+            path,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .ctx("make shared", path)?;
+        Ok(shared)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SharedMount {
+    fn drop(&mut self) {
+        // Not lazily: mounts still below it stay visible rather than hidden.
+        if self.mounted {
+            let _ = umount2(&self.path, MntFlags::UMOUNT_NOFOLLOW);
+        }
+    }
 }
 
 /// Mount options split into kernel flags and filesystem data.

@@ -3,6 +3,11 @@
 //! A replica holds the lease while it renews it within `leaseDurationSeconds`; another may take
 //! it over once a renewal is overdue. Every write is a create or a resourceVersion-checked
 //! replace, so two replicas can never both believe they took the same lease.
+//!
+//! Every lease call is bounded: a renewal that has not landed by the renew deadline (two thirds
+//! of the lease duration after the last one) means this replica stops acting, before another
+//! replica can take the lease over. An unbounded call (kube's read timeout is minutes) would
+//! keep a stale leader writing beside the new one.
 
 use std::time::Duration;
 
@@ -41,6 +46,11 @@ impl LeaseLock {
 
     pub fn duration(&self) -> Duration {
         self.duration
+    }
+
+    /// How long after its last renewal this replica may keep acting as leader.
+    pub fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
     }
 
     /// Takes or renews the lease. `Ok(true)` when this replica holds it afterwards.
@@ -101,27 +111,35 @@ impl LeaseLock {
 
     /// Waits until this replica holds the lease.
     pub async fn acquire(&self) {
+        let retry = self.duration / 3;
         loop {
-            match self.try_acquire(Timestamp::now()).await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election"),
+            match tokio::time::timeout(retry, self.try_acquire(Timestamp::now())).await {
+                Ok(Ok(true)) => return,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "leader election"),
+                Err(_) => {
+                    tracing::warn!(after = ?retry, "leader election: the API server did not answer")
+                }
             }
-            tokio::time::sleep(self.duration / 3).await;
+            tokio::time::sleep(retry).await;
         }
     }
 
-    /// Renews the lease until a renewal fails to land within the lease duration; then returns.
+    /// Renews the lease until a renewal has not landed by the renew deadline, or another
+    /// replica holds it; then returns, and the caller must stop acting.
     pub async fn keep(&self) {
+        let deadline = self.renew_deadline();
         let mut last_renewal = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.duration / 3).await;
-            match self.try_acquire(Timestamp::now()).await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => return, // another replica took over
-                Err(e) => tracing::warn!(error = %e, "renewing leader lease"),
+            let left = deadline.saturating_sub(last_renewal.elapsed());
+            match tokio::time::timeout(left, self.try_acquire(Timestamp::now())).await {
+                Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+                Ok(Ok(false)) => return, // another replica took over
+                Ok(Err(e)) => tracing::warn!(error = %e, "renewing leader lease"),
+                Err(_) => tracing::warn!("renewing leader lease: no answer by the renew deadline"),
             }
-            if last_renewal.elapsed() >= self.duration {
+            if last_renewal.elapsed() >= deadline {
                 return;
             }
         }
@@ -191,6 +209,32 @@ mod tests {
 
     fn not_found() -> Value {
         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_never_answers_stops_the_leader_by_the_renew_deadline() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let lock = LeaseLock::new(
+            Client::new(service, "default"),
+            "kennel-system",
+            "kennel-retention",
+            "me",
+            Duration::from_secs(15),
+        );
+        // The API server accepts the renewal and never answers it.
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(pending) = handle.next_request().await {
+                held.push(pending);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(60), lock.keep())
+            .await
+            .expect("a stuck renewal must end the leadership");
+        assert!(started.elapsed() <= lock.renew_deadline() + Duration::from_secs(1));
+        assert!(lock.renew_deadline() < lock.duration());
+        server.abort();
     }
 
     #[tokio::test]

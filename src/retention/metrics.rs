@@ -1,101 +1,104 @@
 //! The retention controller's counters and gauges, served on `--metrics-addr` through the
 //! shared endpoint in `crate::metrics`.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
-use crate::metrics::{header, sample, Exporter};
+use crate::metrics::Exporter;
 
-#[derive(Debug, Default)]
-pub struct Metrics {
-    reconciles: AtomicU64,
-    /// Writes done, by kind (`claim_owners`, `claim_delete`, ...).
-    actions: Mutex<BTreeMap<&'static str, u64>>,
-    /// Reconcile failures, by error label.
-    failures: Mutex<BTreeMap<&'static str, u64>>,
-    /// Volumes in a node's backend with no PV.
-    pub orphan_volumes: AtomicI64,
-    /// Kennel PVs whose volume is not in their node's backend.
-    pub missing_volumes: AtomicI64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
 }
 
-fn bump(map: &Mutex<BTreeMap<&'static str, u64>>, key: &'static str) {
-    if let Ok(mut m) = map.lock() {
-        *m.entry(key).or_default() += 1;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabel {
+    error: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Counter,
+    /// Writes done, by kind (`claim_owners`, `claim_delete`, ...).
+    actions: Family<KindLabel, Counter>,
+    /// Reconcile failures, by error label.
+    failures: Family<ErrorLabel, Counter>,
+    /// Volumes in a node's backend with no PV.
+    pub orphan_volumes: Gauge,
+    /// Kennel PVs whose volume is not in their node's backend.
+    pub missing_volumes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let reconciles = Counter::default();
+        let actions = Family::<KindLabel, Counter>::default();
+        let failures = Family::<ErrorLabel, Counter>::default();
+        let orphan_volumes = Gauge::default();
+        let missing_volumes = Gauge::default();
+        let mut registry = Registry::default();
+        registry.register(
+            "kennel_retention_reconciles",
+            "StatefulSets planned",
+            reconciles.clone(),
+        );
+        registry.register(
+            "kennel_retention_actions",
+            "Writes done, by kind",
+            actions.clone(),
+        );
+        registry.register(
+            "kennel_retention_failures",
+            "Reconcile failures, by error",
+            failures.clone(),
+        );
+        registry.register(
+            "kennel_retention_orphan_volumes",
+            "Volumes in a node's backend with no PV",
+            orphan_volumes.clone(),
+        );
+        registry.register(
+            "kennel_retention_missing_volumes",
+            "Kennel PVs whose volume is not in their node's backend",
+            missing_volumes.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            actions,
+            failures,
+            orphan_volumes,
+            missing_volumes,
+        }
     }
 }
 
 impl Metrics {
     pub fn reconciled(&self) {
-        self.reconciles.fetch_add(1, Ordering::Relaxed);
+        self.reconciles.inc();
     }
 
     pub fn action(&self, kind: &'static str) {
-        bump(&self.actions, kind);
+        self.actions.get_or_create(&KindLabel { kind }).inc();
     }
 
-    pub fn failure(&self, label: &'static str) {
-        bump(&self.failures, label);
+    pub fn failure(&self, error: &'static str) {
+        self.failures.get_or_create(&ErrorLabel { error }).inc();
     }
 
-    pub fn action_count(&self, kind: &str) -> u64 {
-        self.actions
-            .lock()
-            .map(|m| m.get(kind).copied().unwrap_or(0))
-            .unwrap_or(0)
+    pub fn action_count(&self, kind: &'static str) -> u64 {
+        self.actions.get_or_create(&KindLabel { kind }).get()
     }
 
+    /// The OpenMetrics text `/metrics` serves.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        header(
-            &mut out,
-            "kennel_retention_reconciles_total",
-            "counter",
-            "StatefulSets planned.",
-        );
-        sample(
-            &mut out,
-            "kennel_retention_reconciles_total",
-            &[],
-            self.reconciles.load(Ordering::Relaxed),
-        );
-        for (name, help, map, label) in [
-            (
-                "kennel_retention_actions_total",
-                "Writes done, by kind.",
-                &self.actions,
-                "kind",
-            ),
-            (
-                "kennel_retention_failures_total",
-                "Reconcile failures, by error.",
-                &self.failures,
-                "error",
-            ),
-        ] {
-            header(&mut out, name, "counter", help);
-            if let Ok(m) = map.lock() {
-                for (k, v) in m.iter() {
-                    sample(&mut out, name, &[(label, k)], v);
-                }
-            }
-        }
-        for (name, help, value) in [
-            (
-                "kennel_retention_orphan_volumes",
-                "Volumes in a node's backend with no PV.",
-                &self.orphan_volumes,
-            ),
-            (
-                "kennel_retention_missing_volumes",
-                "Kennel PVs whose volume is not in their node's backend.",
-                &self.missing_volumes,
-            ),
-        ] {
-            header(&mut out, name, "gauge", help);
-            sample(&mut out, name, &[], value.load(Ordering::Relaxed));
-        }
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -103,8 +106,8 @@ impl Metrics {
 /// `/metrics`, `/healthz` and `/readyz` of `kennel retention` (see [`crate::metrics::serve`]).
 /// A standby replica waiting for the Lease is ready too: it is doing its job.
 impl Exporter for Metrics {
-    fn render(&self) -> String {
-        Metrics::render(self)
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 
@@ -119,11 +122,15 @@ mod tests {
         m.action("claim_owners");
         m.action("claim_owners");
         m.failure("conflict");
-        m.orphan_volumes.store(3, Ordering::Relaxed);
+        m.orphan_volumes.set(3);
         let text = m.render();
-        assert!(text.contains("kennel_retention_reconciles_total 1\n"));
+        assert!(
+            text.contains("kennel_retention_reconciles_total 1\n"),
+            "{text}"
+        );
         assert!(text.contains("kennel_retention_actions_total{kind=\"claim_owners\"} 2\n"));
         assert!(text.contains("kennel_retention_failures_total{error=\"conflict\"} 1\n"));
         assert!(text.contains("kennel_retention_orphan_volumes 3\n"));
+        assert!(text.contains("kennel_retention_missing_volumes 0\n"));
     }
 }

@@ -5,7 +5,6 @@
 //! orphaned for a grace period.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -114,12 +113,10 @@ impl Sweeper {
             Instant::now(),
             self.args.delete_after,
         );
-        self.metrics
-            .orphan_volumes
-            .store(report.orphans.len() as i64, Ordering::Relaxed);
+        self.metrics.orphan_volumes.set(report.orphans.len() as i64);
         self.metrics
             .missing_volumes
-            .store(report.missing.len() as i64, Ordering::Relaxed);
+            .set(report.missing.len() as i64);
         info!(
             volumes = volumes.len(),
             orphans = report.orphans.len(),
@@ -263,7 +260,9 @@ mod tests {
 
     /// A real driver (sparse images: no root needed) on a temporary socket.
     async fn driver(dir: &std::path::Path) -> (String, LocalDriver) {
-        let args = DriverArgs::in_dir(dir, "node-1", 1 << 30, Provisioning::Sparse);
+        let mut args = DriverArgs::in_dir(dir, "node-1", 1 << 30, Provisioning::Sparse);
+        // Controller calls only: no mount, so no shared kubelet directory (and no root) needed.
+        args.require_shared_kubelet_dir = false;
         let local = LocalDriver::start(&args).await.expect("driver");
         (args.endpoint, local)
     }
@@ -340,7 +339,7 @@ mod tests {
         assert_eq!(report.orphans[0].volume_id, volume.volume_id);
         assert_eq!(report.orphans[0].claim.as_deref(), Some("shop/www-web-0"));
         assert_eq!(report.delete, vec![volume.volume_id.clone()]);
-        assert_eq!(metrics.orphan_volumes.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.orphan_volumes.get(), 1);
         let left = csi
             .controller
             .list_volumes(pb::ListVolumesRequest::default())

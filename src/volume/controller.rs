@@ -111,7 +111,7 @@ impl Controller {
         };
         let stored = record.clone();
         self.blocking(move |b| b.create(&stored)).await?;
-        tracing::info!(volume_id = %record.id, name = %record.name, bytes = size, "volume created");
+        tracing::debug!(volume_id = %record.id, volume_name = %record.name, bytes = size, "volume created");
         Ok(record)
     }
 
@@ -262,7 +262,7 @@ impl Controller {
                 created_unix: now_unix(),
             };
             b.create_snapshot(&snapshot)?;
-            tracing::info!(snapshot_id = %snapshot.id, volume_id = %snapshot.source_volume, "snapshot created");
+            tracing::debug!(snapshot_id = %snapshot.id, volume_id = %snapshot.source_volume, "snapshot created");
             Ok(snapshot)
         })
         .await

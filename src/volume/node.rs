@@ -12,8 +12,10 @@ use nix::mount::MsFlags;
 
 use crate::backend::{Backend, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
-use crate::node::mount::{self, MountEntry};
-use crate::node::{fs as filesystem, loopdev};
+use crate::node::fs as filesystem;
+use crate::node::host_path::{HostPath, KubeletDir};
+use crate::node::loopdev::{self, LoopIndex};
+use crate::node::mount::{self, MountEntry, PathState};
 use crate::volume::capacity::CapacityRange;
 use crate::volume::controller::{parse_known, run_blocking};
 use crate::volume::locks::LockMap;
@@ -26,6 +28,10 @@ pub const BLOCK_STAGING_FILE: &str = "device";
 pub struct NodeOps {
     backend: Arc<dyn Backend>,
     locks: LockMap,
+    kubelet: KubeletDir,
+    /// Read-only loop devices stacked on staged devices for read-only Block
+    /// publications, by the device they sit on.
+    stacked: Arc<LoopIndex>,
 }
 
 pub struct StageRequest {
@@ -55,38 +61,83 @@ pub struct StatsReport {
     pub abnormal: Option<String>,
 }
 
+/// The paths of a publish request, confined to the kubelet directory.
+struct Publication {
+    staging: HostPath,
+    target: HostPath,
+    capability: Capability,
+    read_only: bool,
+}
+
 impl NodeOps {
-    pub fn new(backend: Arc<dyn Backend>, locks: LockMap) -> Self {
-        NodeOps { backend, locks }
+    /// Node operations on paths below `kubelet`; indexes the read-only loop
+    /// devices earlier runs left stacked on block devices.
+    pub fn new(backend: Arc<dyn Backend>, locks: LockMap, kubelet: KubeletDir) -> Result<Self> {
+        let stacked = LoopIndex::scan(|backing| backing.starts_with("/dev/"))?;
+        Ok(NodeOps {
+            backend,
+            locks,
+            kubelet,
+            stacked: Arc::new(stacked),
+        })
+    }
+
+    pub fn kubelet_dir(&self) -> &KubeletDir {
+        &self.kubelet
+    }
+
+    /// A path to inspect (stats, expand): one outside the kubelet directory
+    /// cannot hold the volume.
+    fn volume_path(&self, path: &Path) -> Result<HostPath> {
+        self.kubelet
+            .locate(path, "volume_path")
+            .map_err(|_| Error::NotFound(format!("volume path {} does not exist", path.display())))
     }
 
     pub async fn stage(&self, req: StageRequest) -> Result<()> {
+        let staging = self
+            .kubelet
+            .locate(&req.staging_path, "staging_target_path")?;
         let id = parse_known(&req.volume_id)?;
         let _guard = self.locks.lock(id.as_str()).await?;
         run_blocking(self.backend.clone(), move |b| {
             let record = known(b, &id)?;
-            stage(b, &record, &req.staging_path, &req.capability)
+            stage(b, &record, &staging, &req.capability)
         })
         .await
     }
 
     pub async fn unstage(&self, raw_id: &str, staging_path: PathBuf) -> Result<()> {
+        let staging = self.kubelet.locate(&staging_path, "staging_target_path")?;
         let id = parse_known(raw_id)?;
         let _guard = self.locks.lock(id.as_str()).await?;
+        let stacked = self.stacked.clone();
         run_blocking(self.backend.clone(), move |b| {
-            known(b, &id)?;
             let device = b.attached_device(&id)?;
-            let block_file = staging_path.join(BLOCK_STAGING_FILE);
+            let block_file = staging.join(BLOCK_STAGING_FILE);
+            if b.get(&id)?.is_none() {
+                // The record is gone: still take down what is this volume's here.
+                let holds = |path: &HostPath| -> Result<bool> {
+                    Ok(match (path.mount_state()?, device.as_deref()) {
+                        (Some(state), Some(device)) => {
+                            holds_device(&state, mount::device_number(device)?)
+                        }
+                        _ => false,
+                    })
+                };
+                if !holds(&staging)? && !holds(&block_file)? {
+                    return Err(Error::VolumeNotFound(id.to_string()));
+                }
+                tracing::warn!(volume_id = %id, "volume has no record; unstaging what is left of it");
+            }
             ensure_ours_or_unmounted(&block_file, device.as_deref())?;
-            ensure_ours_or_unmounted(&staging_path, device.as_deref())?;
-            mount::unmount_all(&block_file)?;
-            remove_path(&block_file)?;
-            mount::unmount_all(&staging_path)?;
+            ensure_ours_or_unmounted(&staging, device.as_deref())?;
+            block_file.unmount_all()?;
+            block_file.remove()?;
+            staging.unmount_all()?;
             // Read-only devices of Block publications that were never unpublished.
             if let Some(device) = device {
-                for stacked in loopdev::find_attached(&device)? {
-                    loopdev::detach(&stacked.device)?;
-                }
+                stacked.detach_all(&canonical(&device)?)?;
             }
             b.detach(&id)
         })
@@ -94,59 +145,90 @@ impl NodeOps {
     }
 
     pub async fn publish(&self, req: PublishRequest) -> Result<()> {
+        let publication = Publication {
+            staging: self
+                .kubelet
+                .locate(&req.staging_path, "staging_target_path")?,
+            target: self.kubelet.locate(&req.target_path, "target_path")?,
+            capability: req.capability,
+            read_only: req.read_only,
+        };
         let id = parse_known(&req.volume_id)?;
         let _guard = self.locks.lock(id.as_str()).await?;
+        let stacked = self.stacked.clone();
         run_blocking(self.backend.clone(), move |b| {
             known(b, &id)?;
-            publish(b, &id, &req)
+            publish(b, &stacked, &id, &publication)
         })
         .await
     }
 
     pub async fn unpublish(&self, raw_id: &str, target_path: PathBuf) -> Result<()> {
+        let target = self.kubelet.locate(&target_path, "target_path")?;
         let id = parse_known(raw_id)?;
         let _guard = self.locks.lock(id.as_str()).await?;
+        let stacked = self.stacked.clone();
         run_blocking(self.backend.clone(), move |b| {
-            known(b, &id)?;
             let device = b.attached_device(&id)?;
-            ensure_ours_or_unmounted(&target_path, device.as_deref())?;
-            let stacked = match (device, mount::mounts_at(&target_path)?.pop()) {
-                (Some(device), Some(entry)) => stacked_read_only_device(&entry, &device)?,
+            let state = target.mount_state()?;
+            let stacked_device = match (&device, &state) {
+                (Some(device), Some(state)) => stacked_read_only_device(state, device)?,
                 _ => None,
             };
-            mount::unmount_all(&target_path)?;
-            if let Some(ro_device) = stacked {
-                loopdev::detach(&ro_device)?;
+            if b.get(&id)?.is_none() {
+                // The record is gone: still take down what is this volume's here.
+                let holds = match (&device, &state) {
+                    (Some(device), Some(state)) => {
+                        holds_device(state, mount::device_number(device)?)
+                            || stacked_device.is_some()
+                    }
+                    _ => false,
+                };
+                if !holds {
+                    return Err(Error::VolumeNotFound(id.to_string()));
+                }
+                tracing::warn!(volume_id = %id, "volume has no record; unpublishing what is left of it");
             }
-            remove_path(&target_path)
+            ensure_ours_or_unmounted(&target, device.as_deref())?;
+            target.unmount_all()?;
+            if let (Some(device), Some(ro_device)) = (device, stacked_device) {
+                stacked.detach(&canonical(&device)?, &ro_device)?;
+            }
+            target.remove()
         })
         .await
     }
 
     pub async fn stats(&self, raw_id: &str, volume_path: PathBuf) -> Result<StatsReport> {
+        let path = self.volume_path(&volume_path)?;
         let id = parse_known(raw_id)?;
         run_blocking(self.backend.clone(), move |b| {
             let record = known(b, &id)?;
-            require_existing(&volume_path)?;
+            let state = require_existing(&path)?;
             let device = b.attached_device(&id)?.ok_or_else(|| {
                 Error::NotFound(format!("volume {id} is not staged on this node"))
             })?;
-            let entry = mount_of(&volume_path, &device)?.ok_or_else(|| {
-                Error::NotFound(format!(
+            let number = mount::device_number(&device)?;
+            // A read-only Block publication binds a loop device stacked on it.
+            let stacked = stacked_read_only_device(&state, &device)?.is_some();
+            if !holds_device(&state, number) && !stacked {
+                return Err(Error::NotFound(format!(
                     "{} is not a mount of volume {id}",
-                    volume_path.display()
-                ))
-            })?;
-            let stats = if is_block_bind(&entry, &device)? {
+                    path.path().display()
+                )));
+            }
+            let stats = if state.is_bind_of(number) || stacked {
                 VolumeStats::Block {
                     total_bytes: loopdev::device_size(&device)?,
                 }
             } else {
-                VolumeStats::Filesystem(filesystem::usage(&volume_path)?)
+                VolumeStats::Filesystem(filesystem::usage(path.path())?)
             };
-            let abnormal = b
-                .health(&record)
-                .or_else(|| went_read_only(&record, &entry));
+            let abnormal = match b.health(&record) {
+                Some(problem) => Some(problem),
+                None if state.is_filesystem_of(number) => went_read_only(&record, &state)?,
+                None => None,
+            };
             Ok(StatsReport { stats, abnormal })
         })
         .await
@@ -159,11 +241,12 @@ impl NodeOps {
         volume_path: PathBuf,
         range: CapacityRange,
     ) -> Result<u64> {
+        let path = self.volume_path(&volume_path)?;
         let id = parse_known(raw_id)?;
         let _guard = self.locks.lock(id.as_str()).await?;
         run_blocking(self.backend.clone(), move |b| {
             let record = known(b, &id)?;
-            require_existing(&volume_path)?;
+            let state = require_existing(&path)?;
             let device = b.attached_device(&id)?.ok_or_else(|| {
                 Error::Precondition(format!("volume {id} is not staged on this node"))
             })?;
@@ -174,12 +257,11 @@ impl NodeOps {
                     "volume is {size} bytes; expand it in the controller first"
                 )));
             }
-            if let Some(entry) = mount_of(&volume_path, &device)? {
-                // Already grown (e.g. offline, on the last stage): nothing to ask the kernel.
+            // Already grown (e.g. offline, on the last stage): nothing to ask the kernel.
+            if state.is_filesystem_of(mount::device_number(&device)?) {
                 let fs_bytes = filesystem::filesystem_bytes(&device)?;
-                let needs_growth = fs_bytes.is_none_or(|bytes| bytes < size);
-                if needs_growth && !is_block_bind(&entry, &device)? {
-                    filesystem::grow_online(&device, &volume_path, &entry.fs_type)?;
+                if fs_bytes.is_none_or(|bytes| bytes < size) {
+                    filesystem::grow_online(&device, path.path(), &state.fs_type)?;
                 }
             }
             Ok(size)
@@ -188,47 +270,51 @@ impl NodeOps {
     }
 }
 
+/// The path is a mount of the volume's device: its filesystem or a bind of its node.
+fn holds_device(state: &PathState, device: (u32, u32)) -> bool {
+    state.is_filesystem_of(device) || state.is_bind_of(device)
+}
+
+/// The device's real node path (`/dev/loop3`), as sysfs names backing files.
+fn canonical(device: &Path) -> Result<PathBuf> {
+    fs::canonicalize(device).ctx("resolve", device)
+}
+
 /// Refuse to tear down a mount that belongs to another volume: a request
 /// naming the wrong volume must not take another workload's data away.
-fn ensure_ours_or_unmounted(path: &Path, device: Option<&Path>) -> Result<()> {
-    let Some(entry) = mount::mounts_at(path)?.pop() else {
+fn ensure_ours_or_unmounted(path: &HostPath, device: Option<&Path>) -> Result<()> {
+    let Some(state) = path.mount_state()? else {
         return Ok(());
     };
     let ours = match device {
         Some(device) => {
-            entry.dev == mount::device_number(device)?
-                || is_block_bind(&entry, device)?
-                || stacked_read_only_device(&entry, device)?.is_some()
+            holds_device(&state, mount::device_number(device)?)
+                || stacked_read_only_device(&state, device)?.is_some()
         }
-        // Not attached: only a stale bind of a device node that nothing backs
-        // any more can be left of it.
-        None => {
-            entry.fs_type == "devtmpfs" && {
-                let bound =
-                    Path::new("/dev").join(entry.root.strip_prefix("/").unwrap_or(&entry.root));
-                !loopdev::attachments()?.iter().any(|a| a.device == bound)
-            }
-        }
+        // Not attached: only a stale bind of a loop device node that nothing
+        // backs any more can be left of it.
+        None => state.block_device.is_some_and(|rdev| {
+            rdev.0 == loopdev::LOOP_MAJOR && loopdev::backing_of(rdev).is_none()
+        }),
     };
     if ours {
         return Ok(());
     }
+    let (major, minor) = state.block_device.unwrap_or(state.dev);
     Err(Error::Precondition(format!(
-        "{} is a mount of {} ({}), not of this volume; refusing to unmount it",
-        path.display(),
-        entry.source,
-        entry.fs_type
+        "{} is a mount of device {major}:{minor} ({}), not of this volume; refusing to unmount it",
+        path.path().display(),
+        state.fs_type
     )))
 }
 
-fn require_existing(volume_path: &Path) -> Result<()> {
-    if volume_path.exists() {
-        return Ok(());
-    }
-    Err(Error::NotFound(format!(
-        "volume path {} does not exist",
-        volume_path.display()
-    )))
+fn require_existing(volume_path: &HostPath) -> Result<PathState> {
+    volume_path.state()?.ok_or_else(|| {
+        Error::NotFound(format!(
+            "volume path {} does not exist",
+            volume_path.path().display()
+        ))
+    })
 }
 
 fn known(b: &dyn Backend, id: &VolumeId) -> Result<VolumeRecord> {
@@ -236,8 +322,13 @@ fn known(b: &dyn Backend, id: &VolumeId) -> Result<VolumeRecord> {
         .ok_or_else(|| Error::VolumeNotFound(id.to_string()))
 }
 
-fn stage(b: &dyn Backend, record: &VolumeRecord, staging: &Path, cap: &Capability) -> Result<()> {
-    ensure_dir(staging)?;
+fn stage(
+    b: &dyn Backend,
+    record: &VolumeRecord,
+    staging: &HostPath,
+    cap: &Capability,
+) -> Result<()> {
+    staging.ensure_dir()?;
     let attached_before = b.attached_device(&record.id)?;
     let device = b.attach(&record.id)?;
     let result = match &cap.access_type {
@@ -266,32 +357,33 @@ fn stage(b: &dyn Backend, record: &VolumeRecord, staging: &Path, cap: &Capabilit
     result
 }
 
-fn stage_block(device: &Path, staging: &Path) -> Result<()> {
+fn stage_block(device: &Path, staging: &HostPath) -> Result<()> {
     let file = staging.join(BLOCK_STAGING_FILE);
-    if let Some(entry) = mount::mounts_at(&file)?.pop() {
-        return if is_block_bind(&entry, device)? {
+    let number = mount::device_number(device)?;
+    if let Some(state) = file.mount_state()? {
+        return if state.is_bind_of(number) {
             Ok(())
         } else {
             Err(Error::AlreadyExists(format!(
                 "{} is staged from another device",
-                file.display()
+                file.path().display()
             )))
         };
     }
-    if let Some(entry) = mount::mounts_at(staging)?.pop() {
+    if let Some(state) = staging.mount_state()? {
         return Err(Error::AlreadyExists(format!(
             "{} already holds a {} filesystem mount",
-            staging.display(),
-            entry.fs_type
+            staging.path().display(),
+            state.fs_type
         )));
     }
-    ensure_file(&file)?;
-    mount::bind(device, &file, false, MsFlags::empty())
+    file.ensure_file()?;
+    file.bind_from(device, false, MsFlags::empty())
 }
 
 fn stage_filesystem(
     device: &Path,
-    staging: &Path,
+    staging: &HostPath,
     fs: Option<FsType>,
     mount_flags: &[String],
     cap: &Capability,
@@ -301,30 +393,27 @@ fn stage_filesystem(
     if cap.access_mode.read_only() {
         options.flags |= MsFlags::MS_RDONLY;
     }
-    if let Some(entry) = mount::mounts_at(staging)?.pop() {
-        if entry.dev != mount::device_number(device)? {
+    if let Some(state) = staging.mount_state()? {
+        if !state.is_filesystem_of(mount::device_number(device)?) {
+            let (major, minor) = state.dev;
             return Err(Error::AlreadyExists(format!(
-                "{} is already a mount of {}",
-                staging.display(),
-                entry.source
+                "{} is already a mount of device {major}:{minor}",
+                staging.path().display(),
             )));
         }
-        if fs.is_some_and(|fs| fs.name() != entry.fs_type) {
+        if fs.is_some_and(|fs| fs.name() != state.fs_type) {
             return Err(Error::AlreadyExists(format!(
                 "volume is staged with {}, not {}",
-                entry.fs_type,
+                state.fs_type,
                 fs.map_or("", FsType::name)
             )));
         }
         return Ok(());
     }
-    if mount::mounts_at(&staging.join(BLOCK_STAGING_FILE))?
-        .pop()
-        .is_some()
-    {
+    if staging.join(BLOCK_STAGING_FILE).mount_state()?.is_some() {
         return Err(Error::AlreadyExists(format!(
             "{} is staged as a block volume",
-            staging.display()
+            staging.path().display()
         )));
     }
     let fs_name = match filesystem::probe(device)? {
@@ -352,60 +441,59 @@ fn stage_filesystem(
     if needs_growth && fs_name == "ext4" && !cap.access_mode.read_only() {
         filesystem::grow_offline_ext4(device)?;
     }
-    mount::mount_device(device, staging, &fs_name, &options)?;
+    staging.mount_device(device, &fs_name, &options)?;
     if needs_growth && fs_name == "xfs" && !cap.access_mode.read_only() {
-        if let Err(e) = filesystem::grow_online(device, staging, &fs_name) {
-            let _ = mount::unmount_all(staging);
+        if let Err(e) = filesystem::grow_online(device, staging.path(), &fs_name) {
+            let _ = staging.unmount_all();
             return Err(e);
         }
     }
     Ok(())
 }
 
-fn publish(b: &dyn Backend, id: &VolumeId, req: &PublishRequest) -> Result<()> {
+fn publish(b: &dyn Backend, stacked: &LoopIndex, id: &VolumeId, req: &Publication) -> Result<()> {
     let not_staged = || {
         Error::Precondition(format!(
             "volume {id} is not staged at {}",
-            req.staging_path.display()
+            req.staging.path().display()
         ))
     };
     let device = b.attached_device(id)?.ok_or_else(not_staged)?;
+    let number = mount::device_number(&device)?;
     let source = if req.capability.is_block() {
-        let file = req.staging_path.join(BLOCK_STAGING_FILE);
-        let staged = mount::mounts_at(&file)?.pop().ok_or_else(not_staged)?;
-        if !is_block_bind(&staged, &device)? {
+        let file = req.staging.join(BLOCK_STAGING_FILE);
+        let staged = file.mount_state()?.ok_or_else(not_staged)?;
+        if !staged.is_bind_of(number) {
             return Err(not_staged());
         }
         file
     } else {
-        let staged = mount::mounts_at(&req.staging_path)?
-            .pop()
-            .ok_or_else(not_staged)?;
-        if staged.dev != mount::device_number(&device)? {
+        let staged = req.staging.mount_state()?.ok_or_else(not_staged)?;
+        if !staged.is_filesystem_of(number) {
             return Err(not_staged());
         }
-        req.staging_path.clone()
+        req.staging.clone()
     };
     if req.capability.access_mode == AccessMode::SingleNodeSingleWriter {
-        ensure_single_publication(&device, req, &source)?;
+        ensure_single_publication(&device, req, source.path())?;
     }
     let read_only = req.read_only || req.capability.access_mode.read_only();
-    if let Some(entry) = mount::mounts_at(&req.target_path)?.pop() {
+    if let Some(state) = req.target.mount_state()? {
         let published = if req.capability.is_block() {
-            block_publication(&entry, &device)?
-        } else if entry.dev == mount::device_number(&device)? {
-            Some(entry.read_only())
+            block_publication(&state, &device)?
+        } else if state.is_filesystem_of(number) {
+            Some(state.read_only)
         } else {
             None
         };
         return match published {
             None => Err(Error::AlreadyExists(format!(
                 "{} is already a mount of another volume",
-                req.target_path.display()
+                req.target.path().display()
             ))),
             Some(ro) if ro != read_only => Err(Error::AlreadyExists(format!(
                 "{} is already published {}",
-                req.target_path.display(),
+                req.target.path().display(),
                 if ro { "read-only" } else { "read-write" }
             ))),
             Some(_) => Ok(()),
@@ -414,23 +502,21 @@ fn publish(b: &dyn Backend, id: &VolumeId, req: &PublishRequest) -> Result<()> {
     match &req.capability.access_type {
         AccessType::Mount { mount_flags, .. } => {
             let extra = mount::parse_options(mount_flags)?.flags & !MsFlags::MS_RDONLY;
-            ensure_dir(&req.target_path)?;
-            mount::bind(&source, &req.target_path, read_only, extra)
+            req.target.ensure_dir()?;
+            req.target.bind_from_path(&source, read_only, extra)
         }
         AccessType::Block => {
-            if let Some(parent) = req.target_path.parent() {
-                ensure_dir(parent)?;
-            }
-            ensure_file(&req.target_path)?;
+            req.target.ensure_file()?;
             if !read_only {
-                return mount::bind(&source, &req.target_path, false, MsFlags::empty());
+                return req.target.bind_from_path(&source, false, MsFlags::empty());
             }
             // A read-only bind does not stop writes through a device node: give
             // the workload its own read-only loop device over the staged one.
-            let ro_device = loopdev::attach_read_only(&device)?;
-            let bound = mount::bind(&ro_device, &req.target_path, true, MsFlags::empty());
+            let real = canonical(&device)?;
+            let ro_device = stacked.attach_read_only(&real)?;
+            let bound = req.target.bind_from(&ro_device, true, MsFlags::empty());
             if bound.is_err() {
-                let _ = loopdev::detach(&ro_device);
+                let _ = stacked.detach(&real, &ro_device);
             }
             bound
         }
@@ -440,33 +526,34 @@ fn publish(b: &dyn Backend, id: &VolumeId, req: &PublishRequest) -> Result<()> {
 /// How a Block target is published from `device`: `Some(false)` a bind of
 /// the device itself, `Some(true)` a read-only loop device stacked on it,
 /// `None` something else.
-fn block_publication(entry: &MountEntry, device: &Path) -> Result<Option<bool>> {
-    if is_block_bind(entry, device)? {
+fn block_publication(state: &PathState, device: &Path) -> Result<Option<bool>> {
+    if state.is_bind_of(mount::device_number(device)?) {
         return Ok(Some(false));
     }
-    Ok(stacked_read_only_device(entry, device)?.map(|_| true))
+    Ok(stacked_read_only_device(state, device)?.map(|_| true))
 }
 
-/// The read-only loop device a Block target is bound to, if it sits on `device`.
-fn stacked_read_only_device(entry: &MountEntry, device: &Path) -> Result<Option<PathBuf>> {
-    let stacked = loopdev::find_attached(device)?;
-    for attachment in stacked {
-        if is_block_bind(entry, &attachment.device)? {
-            return Ok(Some(attachment.device));
-        }
-    }
-    Ok(None)
+/// The read-only loop device a Block target is bound to, if it sits on
+/// `device`: one sysfs read of the bound device's entry.
+fn stacked_read_only_device(state: &PathState, device: &Path) -> Result<Option<PathBuf>> {
+    let Some(bound) = state.block_device.filter(|_| state.mount_root) else {
+        return Ok(None);
+    };
+    let Some((node, backing)) = loopdev::backing_of(bound) else {
+        return Ok(None);
+    };
+    Ok((backing == canonical(device)?).then_some(node))
 }
 
 /// SINGLE_NODE_SINGLE_WRITER: one workload at a time. Any other mount of the
 /// device than its staging and the requested target is a publication elsewhere.
-fn ensure_single_publication(device: &Path, req: &PublishRequest, staged_at: &Path) -> Result<()> {
+fn ensure_single_publication(device: &Path, req: &Publication, staged_at: &Path) -> Result<()> {
     let number = mount::device_number(device)?;
     for entry in mount::mounts()? {
         let ours = entry.dev == number || is_block_bind(&entry, device)?;
         let expected = entry.mount_point == staged_at
-            || entry.mount_point == req.staging_path
-            || entry.mount_point == req.target_path;
+            || entry.mount_point == req.staging.path()
+            || entry.mount_point == req.target.path();
         if ours && !expected {
             return Err(Error::Precondition(format!(
                 "volume is single-writer and already published at {}",
@@ -477,19 +564,10 @@ fn ensure_single_publication(device: &Path, req: &PublishRequest, staged_at: &Pa
     Ok(())
 }
 
-/// The visible mount at `path` if it comes from `device`.
-fn mount_of(path: &Path, device: &Path) -> Result<Option<MountEntry>> {
-    let Some(entry) = mount::mounts_at(path)?.pop() else {
-        return Ok(None);
-    };
-    let ours = entry.dev == mount::device_number(device)? || is_block_bind(&entry, device)?;
-    Ok(ours.then_some(entry))
-}
-
-/// A bind of the device node itself (Block volumes): mountinfo shows the
-/// devtmpfs with the device's name as root.
+/// A mountinfo bind of the device node itself (Block volumes): the devtmpfs
+/// with the device's name as root.
 fn is_block_bind(entry: &MountEntry, device: &Path) -> Result<bool> {
-    let real = fs::canonicalize(device).ctx("resolve", device)?;
+    let real = canonical(device)?;
     let Ok(relative) = real.strip_prefix("/dev") else {
         return Ok(false);
     };
@@ -508,47 +586,20 @@ fn is_mounted_anywhere(device: &Path) -> bool {
         .unwrap_or(true)
 }
 
-/// A staging mount that went read-only although the volume is writable:
-/// the filesystem hit errors (`errors=remount-ro`).
-fn went_read_only(record: &VolumeRecord, entry: &MountEntry) -> Option<String> {
+/// A staging mount whose filesystem went read-only although the volume is
+/// writable: it hit errors (`errors=remount-ro`). One read of mountinfo, for
+/// the superblock's own options.
+fn went_read_only(record: &VolumeRecord, state: &PathState) -> Result<Option<String>> {
     let writable = record
         .capabilities
         .iter()
         .all(|c| !c.access_mode.read_only());
-    let super_ro = entry
-        .options
-        .iter()
-        .skip_while(|o| *o != "-")
-        .any(|o| o == "ro");
-    (writable && super_ro).then(|| "filesystem was remounted read-only after errors".to_owned())
-}
-
-fn ensure_dir(path: &Path) -> Result<()> {
-    fs::create_dir_all(path).ctx("create directory", path)
-}
-
-fn ensure_file(path: &Path) -> Result<()> {
-    match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(Error::io("create file", path, e)),
+    if !writable || !state.read_only {
+        return Ok(None);
     }
-}
-
-/// Remove a file or an empty directory we created; absent is fine.
-fn remove_path(path: &Path) -> Result<()> {
-    let result = match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io("stat", path, e)),
-        Ok(meta) if meta.is_dir() => fs::remove_dir(path),
-        Ok(_) => fs::remove_file(path),
-    };
-    match result {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
-        _ => Ok(()),
-    }
+    let super_ro = mount::mounts()?
+        .into_iter()
+        .find(|m| m.mount_id == state.mount_id)
+        .is_some_and(|m| m.super_options.iter().any(|o| o == "ro"));
+    Ok(super_ro.then(|| "filesystem was remounted read-only after errors".to_owned()))
 }

@@ -169,6 +169,41 @@ impl DriverOpts {
     }
 }
 
+/// Mount IDs of the test directories made shared kubelet directories: the
+/// harness's own mounts, never a leak.
+/// Mount IDs are reused once a mount is gone, so an entry names the mount
+/// point too.
+static KUBELET_MOUNTS: std::sync::Mutex<BTreeSet<(u64, PathBuf)>> =
+    std::sync::Mutex::new(BTreeSet::new());
+
+/// Make `dir` a kubelet directory the driver accepts: a bind mount of itself,
+/// shared, so it passes the driver's mount-propagation check. Unmounted when
+/// the returned guard drops.
+pub fn shared_kubelet_dir(dir: &Path) -> kennel::node::mount::SharedMount {
+    let shared = kennel::node::mount::SharedMount::new(dir)
+        .unwrap_or_else(|e| panic!("make {} a shared mount: {e}", dir.display()));
+    // None if `dir` already lay on a shared mount and needed none of its own.
+    let own = mountinfo()
+        .into_iter()
+        .filter(|m| m.mount_point == dir)
+        .map(|m| m.id)
+        .max();
+    if let Some(id) = own {
+        KUBELET_MOUNTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((id, dir.to_owned()));
+    }
+    shared
+}
+
+fn is_harness_mount(m: &Mount) -> bool {
+    KUBELET_MOUNTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&(m.id, m.mount_point.clone()))
+}
+
 /// One running driver and everything it may have touched.
 pub struct TestDriver {
     /// Canonical path of the temporary directory holding everything below.
@@ -182,6 +217,8 @@ pub struct TestDriver {
     pub client: CsiClient,
     child: Option<Child>,
     log: PathBuf,
+    /// `root` as the driver's `--kubelet-dir`: a shared mount of itself.
+    kubelet: Option<kennel::node::mount::SharedMount>,
     tempdir: Option<tempfile::TempDir>,
 }
 
@@ -207,8 +244,9 @@ impl TestDriver {
             Backend::Loop => None,
             Backend::Lvm => Some(TestVg::with_capacity(parse_size(&opts.capacity))),
         };
+        let kubelet = shared_kubelet_dir(&root);
         let storage = Storage::of(&root, &loop_dir, vg.as_ref());
-        let mut child = spawn_driver(&opts, &endpoint, &storage, &log);
+        let mut child = spawn_driver(&opts, &endpoint, &storage, &log, &root);
         let client = wait_ready(&mut child, &endpoint, &log).await;
         TestDriver {
             root,
@@ -220,6 +258,7 @@ impl TestDriver {
             client,
             child: Some(child),
             log,
+            kubelet: Some(kubelet),
             tempdir: Some(tempdir),
         }
     }
@@ -242,7 +281,13 @@ impl TestDriver {
 
     /// Start the binary again on the same directory and socket path.
     async fn spawn_again(&mut self) {
-        let mut child = spawn_driver(&self.opts, &self.endpoint, &self.storage(), &self.log);
+        let mut child = spawn_driver(
+            &self.opts,
+            &self.endpoint,
+            &self.storage(),
+            &self.log,
+            &self.root,
+        );
         let ready = wait_ready(&mut child, &self.endpoint, &self.log).await;
         self.child = Some(child);
         self.client = ready;
@@ -332,6 +377,7 @@ impl TestDriver {
             endpoint,
             &self.storage(),
             &self.root.join("other.log"),
+            &self.root,
         )
     }
 
@@ -636,6 +682,8 @@ impl Drop for TestDriver {
             eprintln!("{}", self.log_tail(60));
         }
         let clean = self.clean_host();
+        // Before the directory goes: a mount point cannot be removed.
+        drop(self.kubelet.take());
         if let Some(dir) = self.tempdir.take() {
             if clean {
                 drop(dir);
@@ -728,7 +776,14 @@ pub fn parse_size(size: &str) -> u64 {
     }
 }
 
-fn spawn_driver(opts: &DriverOpts, endpoint: &str, storage: &Storage, log: &Path) -> Child {
+/// Start the driver binary; `kubelet_dir` stands in for the kubelet's directory.
+fn spawn_driver(
+    opts: &DriverOpts,
+    endpoint: &str,
+    storage: &Storage,
+    log: &Path,
+    kubelet_dir: &Path,
+) -> Child {
     let log_file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -740,6 +795,7 @@ fn spawn_driver(opts: &DriverOpts, endpoint: &str, storage: &Storage, log: &Path
         .arg(endpoint)
         .arg("--node-id")
         .arg(&opts.node_id);
+    cmd.arg("--kubelet-dir").arg(kubelet_dir);
     match storage {
         Storage::Loop { dir } => {
             cmd.arg("--loop-dir")
@@ -930,7 +986,7 @@ pub fn mounts_at(path: &Path) -> Vec<Mount> {
 pub fn leaked_mounts(dir: &Path) -> Vec<Mount> {
     mountinfo()
         .into_iter()
-        .filter(|m| m.mount_point.starts_with(dir))
+        .filter(|m| m.mount_point.starts_with(dir) && !is_harness_mount(m))
         .collect()
 }
 

@@ -6,6 +6,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 
 use crate::common::*;
+use tonic::Code;
 
 const T: u64 = 240;
 
@@ -66,6 +67,57 @@ async fn debris_of_an_interrupted_create_is_not_a_volume() {
         assert!(!temp_record.exists(), "temporary record not removed");
         // The pool is whole: the orphan does not count against it.
         td.create("pvc-fill", 48 * MIB, block_cap()).await;
+    })
+    .await
+}
+
+/// A volume whose record is lost (its JSON removed, then a restart) while
+/// staged and published: unpublish and unstage still take down what is
+/// Kennel's at those paths and answer OK, so the pod can terminate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpublish_and_unstage_clean_up_a_volume_whose_record_is_lost() {
+    if loop_images_do_not_apply() || !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let mut td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let mut volumes = Vec::new();
+        for cap in [mount_cap("ext4"), block_cap()] {
+            let block = is_block(&cap);
+            let vol = td
+                .create(&format!("pvc-lost-{block}"), 16 * MIB, cap.clone())
+                .await;
+            td.stage(&vol.volume_id, cap.clone()).await;
+            let target = td.publish(&vol.volume_id, cap.clone(), block).await;
+            volumes.push((vol.volume_id, block, target));
+        }
+        td.kill();
+        for (id, _, _) in &volumes {
+            fs::remove_file(td.loop_dir.join(format!("{id}.json"))).unwrap();
+        }
+        td.start_again().await;
+        let mut node = td.node();
+        for (id, block, target) in &volumes {
+            node.node_unpublish_volume(td.unpublish_req(id, *block))
+                .await
+                .unwrap_or_else(|s| panic!("unpublish without a record: {s:?}"));
+            assert!(
+                mounts_at(target).is_empty(),
+                "{} still mounted",
+                target.display()
+            );
+            node.node_unstage_volume(td.unstage_req(id))
+                .await
+                .unwrap_or_else(|s| panic!("unstage without a record: {s:?}"));
+            assert!(mounts_at(&td.staging_path(id)).is_empty());
+            // Nothing of it is left here now: the volume is simply unknown.
+            assert_code(
+                node.node_unstage_volume(td.unstage_req(id)).await,
+                Code::NotFound,
+                "unstage again",
+            );
+        }
+        td.assert_no_leaks();
     })
     .await
 }

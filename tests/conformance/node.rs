@@ -1185,3 +1185,146 @@ async fn node_get_volume_stats_filesystem_and_block() {
     })
     .await
 }
+
+/// Symlinked staging and target paths are refused, never followed: a mount
+/// made or removed through a symlink lands somewhere the request did not
+/// name (and before, an unpublish through one left the mount in place and
+/// answered OK).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinked_paths_are_invalid_and_never_followed() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let mut node = td.node();
+        for cap in [mount_cap("ext4"), block_cap()] {
+            let block = is_block(&cap);
+            let vol = td
+                .create(&format!("pvc-link-{block}"), 16 * MIB, cap.clone())
+                .await;
+            let id = vol.volume_id.as_str();
+
+            // Staging through a symlinked directory: refused, nothing mounted behind it.
+            let elsewhere = td.root.join(format!("elsewhere-{block}"));
+            fs::create_dir_all(&elsewhere).unwrap();
+            let linked_staging = td.root.join(format!("staging/link-{block}"));
+            std::os::unix::fs::symlink(&elsewhere, &linked_staging).unwrap();
+            let mut r = td.stage_req(id, cap.clone());
+            r.staging_target_path = linked_staging.display().to_string();
+            assert_code(
+                node.node_stage_volume(r).await,
+                Code::InvalidArgument,
+                "stage at a symlink",
+            );
+            assert!(
+                leaked_mounts(&td.root).is_empty(),
+                "{:#?}",
+                leaked_mounts(&td.root)
+            );
+
+            let staging = td.stage(id, cap.clone()).await;
+            // Publishing to a symlink, or below a symlinked parent: refused.
+            let pod = td.root.join(format!("pods/linked-{block}"));
+            fs::create_dir_all(&pod).unwrap();
+            let link_target = pod.join("target");
+            std::os::unix::fs::symlink(&elsewhere, &link_target).unwrap();
+            let linked_parent = td.root.join(format!("pods/parent-link-{block}"));
+            std::os::unix::fs::symlink(&pod, &linked_parent).unwrap();
+            for target in [link_target.clone(), linked_parent.join("volume")] {
+                let mut r = td.publish_req(id, cap.clone(), false);
+                r.target_path = target.display().to_string();
+                assert_code(
+                    node.node_publish_volume(r).await,
+                    Code::InvalidArgument,
+                    &format!("publish to {}", target.display()),
+                );
+            }
+            assert_eq!(leaked_mounts(&td.root).len(), 1, "only the staging mount");
+
+            // Published at its real path; an unpublish naming a symlink to it
+            // must not answer OK and leave the mount behind.
+            let target = td.publish(id, cap.clone(), false).await;
+            let alias = td.root.join(format!("pods/alias-{block}"));
+            std::os::unix::fs::symlink(&target, &alias).unwrap();
+            let mut r = td.unpublish_req(id, block);
+            r.target_path = alias.display().to_string();
+            assert_code(
+                node.node_unpublish_volume(r).await,
+                Code::InvalidArgument,
+                "unpublish through a symlink",
+            );
+            assert_eq!(mounts_at(&target).len(), 1, "the publication is untouched");
+            let mut r = td.unstage_req(id);
+            r.staging_target_path = linked_staging.display().to_string();
+            assert_code(
+                node.node_unstage_volume(r).await,
+                Code::InvalidArgument,
+                "unstage through a symlink",
+            );
+            td.unpublish(id, block).await;
+            td.unstage(id).await;
+            assert!(!staging.join("device").exists());
+            td.delete(id).await;
+        }
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+/// Staging and target paths must lie below `--kubelet-dir`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_outside_the_kubelet_dir_are_invalid() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let outside = tempfile::Builder::new()
+            .prefix("kennel-outside-")
+            .tempdir()
+            .unwrap();
+        let outside = fs::canonicalize(outside.path()).unwrap();
+        let vol = td.create("pvc-outside", 16 * MIB, mount_cap("ext4")).await;
+        let id = vol.volume_id.as_str();
+        let mut node = td.node();
+        let mut r = td.stage_req(id, mount_cap("ext4"));
+        r.staging_target_path = outside.join("staging").display().to_string();
+        assert_code(
+            node.node_stage_volume(r).await,
+            Code::InvalidArgument,
+            "stage outside the kubelet dir",
+        );
+        // The kubelet directory itself is no staging path either.
+        let mut r = td.stage_req(id, mount_cap("ext4"));
+        r.staging_target_path = td.root.display().to_string();
+        assert_code(
+            node.node_stage_volume(r).await,
+            Code::InvalidArgument,
+            "stage at the kubelet dir itself",
+        );
+        assert!(leaked_mounts(&outside).is_empty());
+        assert!(leaked_loops(&td.root).is_empty());
+
+        td.stage(id, mount_cap("ext4")).await;
+        let mut r = td.publish_req(id, mount_cap("ext4"), false);
+        r.target_path = outside.join("mount").display().to_string();
+        assert_code(
+            node.node_publish_volume(r).await,
+            Code::InvalidArgument,
+            "publish outside the kubelet dir",
+        );
+        assert!(!outside.join("mount").exists());
+        let mut r = td.unpublish_req(id, false);
+        r.target_path = outside.join("mount").display().to_string();
+        assert_code(
+            node.node_unpublish_volume(r).await,
+            Code::InvalidArgument,
+            "unpublish outside the kubelet dir",
+        );
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}

@@ -338,3 +338,59 @@ async fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::pr
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Mounts below a kubelet directory on a private mount never reach the pods:
+/// the driver refuses to start there, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_dir_without_shared_propagation_is_refused() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("64MiB")).await;
+        let private = td.root.join("private-kubelet");
+        fs::create_dir_all(&private).unwrap();
+        use nix::mount::{mount, MsFlags};
+        mount(
+            Some(&private),
+            &private,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind");
+        mount(
+            None::<&str>,
+            &private,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .expect("make private");
+        let log = td.root.join("private.log");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kennel"))
+            .arg("driver")
+            .arg("--endpoint")
+            .arg(format!(
+                "unix://{}",
+                td.root.join("run/private.sock").display()
+            ))
+            .arg("--loop-dir")
+            .arg(td.root.join("private-loop"))
+            .args(["--capacity", "64MiB", "--reserve", "0"])
+            .arg("--kubelet-dir")
+            .arg(&private)
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn driver");
+        let status = wait_exit(&mut child, Duration::from_secs(15)).await;
+        let _ = nix::mount::umount2(&private, nix::mount::MntFlags::empty());
+        assert!(!status.success(), "driver served a private kubelet dir");
+        let said = fs::read_to_string(&log).unwrap();
+        assert!(said.contains("mount propagation is not shared"), "{said}");
+        assert!(said.contains(&private.display().to_string()), "{said}");
+        assert!(!td.root.join("run/private.sock").exists());
+    })
+    .await
+}

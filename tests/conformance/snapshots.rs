@@ -322,3 +322,90 @@ async fn list_snapshots_filters_and_pages() {
     })
     .await;
 }
+
+/// Whether the filesystem at `path` is frozen: `fsfreeze --unfreeze` succeeds only then (and
+/// thaws it, so call it once, at the end).
+fn was_frozen(path: &std::path::Path) -> bool {
+    std::process::Command::new("fsfreeze")
+        .arg("--unfreeze")
+        .arg(path)
+        .output()
+        .expect("run fsfreeze (util-linux)")
+        .status
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_outlives_the_freeze_budget_is_refused_and_the_workload_thawed() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(120, async {
+        let mut opts = DriverOpts::sparse("1GiB");
+        opts.extra_args = vec!["--freeze-budget".into(), "1ms".into()];
+        let td = TestDriver::start_with(opts).await;
+        let origin = td.create("origin", 128 * MIB, mount_cap("ext4")).await;
+        td.stage(&origin.volume_id, mount_cap("ext4")).await;
+        let target = td
+            .publish(&origin.volume_id, mount_cap("ext4"), false)
+            .await;
+        // Enough data that no full copy fits in a millisecond.
+        let data: Vec<u8> = (0..64 * MIB as usize)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        write_file(&target.join("big.bin"), &data);
+
+        let refused = td
+            .controller()
+            .create_snapshot(snapshot_req("snap-slow", &origin.volume_id))
+            .await
+            .expect_err("a full copy longer than the budget");
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("freeze budget"), "{refused:?}");
+        // The workload writes again at once, and nothing half-made is listed.
+        write_file(&target.join("after.txt"), b"not blocked");
+        assert!(!was_frozen(&td.staging_path(&origin.volume_id)));
+        let listed = td
+            .controller()
+            .list_snapshots(pb::ListSnapshotsRequest::default())
+            .await
+            .expect("ListSnapshots")
+            .into_inner()
+            .entries;
+        assert!(listed.is_empty(), "{listed:?}");
+
+        td.unpublish(&origin.volume_id, false).await;
+        td.unstage(&origin.volume_id).await;
+        td.assert_no_leaks();
+        td.delete(&origin.volume_id).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_left_frozen_is_thawed_when_the_driver_starts() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(120, async {
+        let mut td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let vol = td.create("pvc-frozen", 32 * MIB, mount_cap("ext4")).await;
+        let staging = td.stage(&vol.volume_id, mount_cap("ext4")).await;
+        // What a driver killed in the middle of a snapshot leaves behind.
+        let frozen = std::process::Command::new("fsfreeze")
+            .arg("--freeze")
+            .arg(&staging)
+            .status()
+            .expect("run fsfreeze");
+        assert!(frozen.success());
+        td.restart().await;
+        assert!(
+            !was_frozen(&staging),
+            "the restarted driver left the staged filesystem frozen"
+        );
+        td.unstage(&vol.volume_id).await;
+        td.assert_no_leaks();
+        td.delete(&vol.volume_id).await;
+    })
+    .await
+}

@@ -27,18 +27,20 @@ pub const PENDING_TAG: &str = "kennel.csi.dev/pending";
 mod vg;
 pub use vg::*;
 
-/// Mounts at or below `dir`.
+/// Mounts below `dir` (one at `dir` itself is the harness's shared kubelet mount).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|line| line.split(' ').nth(4).map(PathBuf::from))
-        .filter(|p| p.starts_with(dir))
+        .filter(|p| p.starts_with(dir) && p != dir)
         .collect()
 }
 
 /// The driver binary on a temporary socket, backed by LVM.
 pub struct LvmDriver {
     pub root: PathBuf,
+    /// Where the driver serves /metrics.
+    pub metrics: std::net::SocketAddr,
     pub endpoint: String,
     pub volume_groups: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -47,6 +49,8 @@ pub struct LvmDriver {
     pub client: CsiClient,
     child: Option<Child>,
     log: PathBuf,
+    /// `root` as the driver's `--kubelet-dir`, on a shared mount.
+    _kubelet: kennel::node::mount::SharedMount,
     _dir: tempfile::TempDir,
 }
 
@@ -71,10 +75,13 @@ impl LvmDriver {
         let root = fs::canonicalize(dir.path()).expect("resolve");
         let endpoint = format!("unix://{}", root.join("csi.sock").display());
         let log = root.join("driver.log");
-        let mut child = spawn(&root, &endpoint, &volume_groups, &env, &args, &log);
+        let metrics = free_local_port();
+        let kubelet = kennel::node::mount::SharedMount::new(&root).expect("shared kubelet dir");
+        let mut child = spawn(&root, &endpoint, metrics, &volume_groups, &env, &args, &log);
         let client = wait_ready(&mut child, &endpoint, &log).await;
         LvmDriver {
             root,
+            metrics,
             endpoint,
             volume_groups,
             env,
@@ -82,6 +89,7 @@ impl LvmDriver {
             client,
             child: Some(child),
             log,
+            _kubelet: kubelet,
             _dir: dir,
         }
     }
@@ -101,6 +109,7 @@ impl LvmDriver {
         let mut child = spawn(
             &self.root,
             &self.endpoint,
+            self.metrics,
             &self.volume_groups,
             &self.env,
             &self.args,
@@ -137,6 +146,38 @@ impl LvmDriver {
 
     pub fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.log, lines)
+    }
+
+    /// lvm2 commands the driver has run so far, by command
+    /// (`kennel_lvm_commands_total`).
+    pub async fn lvm_commands(&self) -> BTreeMap<String, u64> {
+        let body = scrape(self.metrics).await;
+        body.lines()
+            .filter_map(|line| line.strip_prefix("kennel_lvm_commands_total{command=\""))
+            .filter_map(|rest| {
+                let (command, value) = rest.split_once("\"} ")?;
+                Some((command.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// lvm2 commands run while `work` ran, by command (zeros left out).
+    pub async fn lvm_commands_during<F: std::future::Future>(
+        &self,
+        work: F,
+    ) -> (F::Output, BTreeMap<String, u64>) {
+        let before = self.lvm_commands().await;
+        let out = work.await;
+        let after = self.lvm_commands().await;
+        let diff = after
+            .into_iter()
+            .map(|(k, v)| {
+                let was = before.get(&k).copied().unwrap_or(0);
+                (k, v - was)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        (out, diff)
     }
 
     pub fn staging_path(&self, id: &str) -> PathBuf {
@@ -275,9 +316,39 @@ impl Drop for LvmDriver {
     }
 }
 
+/// GET /metrics (plain HTTP/1.1, connection closed by the server).
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to /metrics");
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("send");
+    let mut raw = String::new();
+    stream
+        .read_to_string(&mut raw)
+        .await
+        .expect("read /metrics");
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    raw
+}
+
+/// A local TCP port nobody listens on (for the driver's metrics).
+fn free_local_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free local port")
+}
+
 fn spawn(
     root: &Path,
     endpoint: &str,
+    metrics: std::net::SocketAddr,
     volume_groups: &[String],
     env: &[(String, String)],
     args: &[String],
@@ -293,7 +364,11 @@ fn spawn(
         .arg("--endpoint")
         .arg(endpoint)
         .arg("--lock-dir")
-        .arg(root.join("locks"));
+        .arg(root.join("locks"))
+        .arg("--metrics-addr")
+        .arg(metrics.to_string())
+        .arg("--kubelet-dir")
+        .arg(root);
     for vg in volume_groups {
         cmd.arg("--volume-group").arg(vg);
     }

@@ -3,8 +3,11 @@
 //! keep lvm2's own message.
 
 use std::ffi::OsString;
-use std::process::{Command, Output};
+use std::io::Read;
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
@@ -12,8 +15,14 @@ use serde::{Deserialize, Deserializer};
 use crate::error::{Error, Result};
 
 /// Environment variable naming the mutating step after which the process
-/// aborts (fault injection for crash-safety tests; unset in production).
+/// aborts (fault injection for crash-safety tests). Only builds with the
+/// `crash-injection` feature read it.
+#[cfg(feature = "crash-injection")]
 pub const ABORT_AFTER_STEP_ENV: &str = "KENNEL_LVM_ABORT_AFTER_STEP";
+
+/// How long one lvm2 command may run (waiting for lvm2's own locks
+/// included) before it is killed.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How lvm2 is invoked on this host.
 #[derive(Debug)]
@@ -23,6 +32,10 @@ pub struct Lvm {
     no_device_mapper: bool,
     /// A `--config` string, if any.
     config: Option<String>,
+    /// The PVs lvm2 may scan (`--devices`), once they are known: scanning
+    /// every block device of a host costs far more than the command itself.
+    devices: OnceLock<Vec<String>>,
+    timeout: Duration,
     /// Mutating steps taken so far and the step to abort after (tests).
     steps: AtomicUsize,
     abort_after: Option<usize>,
@@ -39,11 +52,43 @@ impl Lvm {
         Lvm {
             no_device_mapper,
             config: (!config.is_empty()).then(|| config.join(" ")),
+            devices: OnceLock::new(),
+            timeout: DEFAULT_TIMEOUT,
             steps: AtomicUsize::new(0),
-            abort_after: std::env::var(ABORT_AFTER_STEP_ENV)
-                .ok()
-                .and_then(|v| v.parse().ok()),
+            abort_after: abort_after_step(),
         }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Another handle with the same options (and PVs), for a reader thread.
+    pub fn reader(&self) -> Lvm {
+        let devices = OnceLock::new();
+        if let Some(list) = self.devices.get() {
+            let _ = devices.set(list.clone());
+        }
+        Lvm {
+            no_device_mapper: self.no_device_mapper,
+            config: self.config.clone(),
+            devices,
+            timeout: self.timeout,
+            steps: AtomicUsize::new(0),
+            abort_after: None,
+        }
+    }
+
+    /// From now on every command scans only these PVs.
+    pub fn scope_to(&self, pvs: Vec<String>) {
+        if !pvs.is_empty() {
+            let _ = self.devices.set(pvs);
+        }
+    }
+
+    pub fn devices(&self) -> &[String] {
+        self.devices.get().map_or(&[], Vec::as_slice)
     }
 
     pub fn device_mapper(&self) -> bool {
@@ -59,7 +104,14 @@ impl Lvm {
         if let Some(config) = &self.config {
             args.push(format!("--config={config}").into());
         }
-        LvmCmd { tool, args }
+        for pv in self.devices() {
+            args.extend(["--devices".into(), pv.into()]);
+        }
+        LvmCmd {
+            tool,
+            args,
+            timeout: self.timeout,
+        }
     }
 
     /// Run a command that changes the system, then count it as a step.
@@ -74,7 +126,7 @@ impl Lvm {
     pub fn step(&self) {
         let done = self.steps.fetch_add(1, Ordering::SeqCst) + 1;
         if self.abort_after == Some(done) {
-            tracing::error!(step = done, "aborting on request ({ABORT_AFTER_STEP_ENV})");
+            tracing::error!(step = done, "aborting on request (crash injection)");
             std::process::abort();
         }
     }
@@ -91,17 +143,39 @@ impl Lvm {
         Ok(report.into_iter().flat_map(|r| r.lv).collect())
     }
 
-    /// The segments of one LV (one row per segment).
-    pub fn segments(&self, vg: &str, lv: &str) -> Result<Vec<SegRow>> {
-        let report: Vec<SegReport> = self
+    /// Every segment of every LV of these VGs, with its LV's fields; with
+    /// `name`, only that LV's (any of the VGs).
+    pub fn lv_segments(&self, vgs: &[String], name: Option<&str>) -> Result<Vec<LvSegRow>> {
+        let mut cmd = self
             .cmd("lvs")
             .report()
             .arg("--segments")
             .arg("-o")
-            .arg(SEG_FIELDS)
-            .arg(format!("{vg}/{lv}"))
-            .json()?;
+            .arg(format!("{LV_FIELDS},{SEG_FIELDS}"));
+        if let Some(name) = name {
+            cmd = cmd.arg("-S").arg(format!("lv_name={name}"));
+        }
+        let report: Vec<LvSegReport> = cmd.args(vgs).json()?;
         Ok(report.into_iter().flat_map(|r| r.seg).collect())
+    }
+
+    /// The extent map of the PVs of these VGs: one row per used or free run.
+    pub fn pv_segments(&self, vgs: &[String]) -> Result<Vec<PvSegRow>> {
+        let selection = vgs
+            .iter()
+            .map(|vg| format!("vg_name={vg}"))
+            .collect::<Vec<_>>()
+            .join(" || ");
+        let report: Vec<PvSegReport> = self
+            .cmd("pvs")
+            .report()
+            .arg("--segments")
+            .arg("-o")
+            .arg(PVSEG_FIELDS)
+            .arg("-S")
+            .arg(selection)
+            .json()?;
+        Ok(report.into_iter().flat_map(|r| r.pvseg).collect())
     }
 
     pub fn vgs(&self, vgs: &[String]) -> Result<Vec<VgRow>> {
@@ -114,31 +188,32 @@ impl Lvm {
             .json()?;
         Ok(report.into_iter().flat_map(|r| r.vg).collect())
     }
+}
 
-    pub fn pvs(&self, vg: &str) -> Result<Vec<PvRow>> {
-        let report: Vec<PvReport> = self
-            .cmd("pvs")
-            .report()
-            .arg("-o")
-            .arg(PV_FIELDS)
-            .arg("-S")
-            .arg(format!("vg_name={vg}"))
-            .json()?;
-        Ok(report.into_iter().flat_map(|r| r.pv).collect())
-    }
+#[cfg(feature = "crash-injection")]
+fn abort_after_step() -> Option<usize> {
+    std::env::var(ABORT_AFTER_STEP_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
+#[cfg(not(feature = "crash-injection"))]
+fn abort_after_step() -> Option<usize> {
+    None
 }
 
 const LV_FIELDS: &str =
     "lv_name,vg_name,lv_size,lv_tags,lv_attr,segtype,pool_lv,origin,lv_active,lv_path,data_percent,lv_health_status";
-const SEG_FIELDS: &str = "lv_name,segtype,stripes,seg_start_pe,seg_size_pe,seg_pe_ranges";
+const SEG_FIELDS: &str = "stripes,seg_start_pe,seg_size_pe,seg_pe_ranges";
 const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,pv_count";
-const PV_FIELDS: &str = "pv_name,vg_name,pe_start";
+const PVSEG_FIELDS: &str = "pv_name,vg_name,pe_start,pvseg_start,pvseg_size,lv_name";
 
 /// One command line being built.
 #[derive(Debug)]
 pub struct LvmCmd {
     tool: &'static str,
     args: Vec<OsString>,
+    timeout: Duration,
 }
 
 impl LvmCmd {
@@ -179,17 +254,10 @@ impl LvmCmd {
 
     pub fn run(self) -> Result<Output> {
         tracing::debug!(command = %self.display(), "lvm2");
-        let output = Command::new(self.tool)
-            .args(&self.args)
-            .env("LC_ALL", "C")
-            // lvm2 warns about every inherited descriptor; they are harmless.
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .output()
-            .map_err(|e| Error::Command {
-                command: self.tool.to_owned(),
-                status: "not started".to_owned(),
-                stderr: e.to_string(),
-            })?;
+        let started = Instant::now();
+        let output = self.run_with_deadline();
+        super::metrics::observe(self.tool, started.elapsed().as_secs_f64());
+        let output = output?;
         if output.status.success() {
             Ok(output)
         } else {
@@ -201,6 +269,60 @@ impl LvmCmd {
         }
     }
 
+    /// Run the tool, killing it if it outlives its deadline.
+    fn run_with_deadline(&self) -> Result<Output> {
+        let mut child = Command::new(self.tool)
+            .args(&self.args)
+            .env("LC_ALL", "C")
+            // lvm2 warns about every inherited descriptor; they are harmless.
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::Command {
+                command: self.tool.to_owned(),
+                status: "not started".to_owned(),
+                stderr: e.to_string(),
+            })?;
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(1);
+        let status: ExitStatus = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let stderr = stderr.join().unwrap_or_default();
+                    return Err(Error::Command {
+                        command: self.display(),
+                        status: format!("killed after {:?} (deadline)", self.timeout),
+                        stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+                    });
+                }
+                Ok(None) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    return Err(Error::Command {
+                        command: self.display(),
+                        status: "lost".to_owned(),
+                        stderr: e.to_string(),
+                    });
+                }
+            }
+        };
+        Ok(Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        })
+    }
+
     /// Run and decode `{"report": [T, ...]}`.
     fn json<T: DeserializeOwned>(self) -> Result<Vec<T>> {
         let line = self.display();
@@ -209,6 +331,18 @@ impl LvmCmd {
             .map_err(|e| Error::Internal(format!("cannot decode the report of `{line}`: {e}")))?;
         Ok(doc.report)
     }
+}
+
+/// Read a child's pipe to the end on a thread (so a full pipe never stalls
+/// the child while its deadline is watched).
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
 }
 
 /// Turn an lvm2 failure into the domain error its message describes,
@@ -262,21 +396,21 @@ struct LvReport {
 }
 
 #[derive(Deserialize)]
-struct SegReport {
+struct LvSegReport {
     #[serde(default)]
-    seg: Vec<SegRow>,
+    seg: Vec<LvSegRow>,
+}
+
+#[derive(Deserialize)]
+struct PvSegReport {
+    #[serde(default)]
+    pvseg: Vec<PvSegRow>,
 }
 
 #[derive(Deserialize)]
 struct VgReport {
     #[serde(default)]
     vg: Vec<VgRow>,
-}
-
-#[derive(Deserialize)]
-struct PvReport {
-    #[serde(default)]
-    pv: Vec<PvRow>,
 }
 
 /// One LV as `lvs` reports it.
@@ -315,16 +449,89 @@ impl LvRow {
     }
 }
 
-/// One segment of an LV.
+/// One segment of an LV, with its LV's fields (`lvs --segments`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct SegRow {
+pub struct LvSegRow {
     pub lv_name: String,
+    pub vg_name: String,
+    #[serde(deserialize_with = "number")]
+    pub lv_size: u64,
+    #[serde(deserialize_with = "comma_list")]
+    pub lv_tags: Vec<String>,
+    pub lv_attr: String,
     pub segtype: String,
+    #[serde(default)]
+    pub pool_lv: String,
+    #[serde(default)]
+    pub origin: String,
+    #[serde(default)]
+    pub lv_active: String,
+    #[serde(default)]
+    pub lv_path: String,
+    #[serde(default, deserialize_with = "optional_float")]
+    pub data_percent: Option<f64>,
+    #[serde(default)]
+    pub lv_health_status: String,
     #[serde(deserialize_with = "number")]
     pub stripes: u64,
     #[serde(deserialize_with = "number")]
     pub seg_start_pe: u64,
     #[serde(deserialize_with = "number")]
+    pub seg_size_pe: u64,
+    #[serde(default)]
+    pub seg_pe_ranges: String,
+}
+
+impl LvSegRow {
+    /// The LV part and the segment part.
+    pub fn split(self) -> (LvRow, SegRow) {
+        let seg = SegRow {
+            segtype: self.segtype.clone(),
+            stripes: self.stripes,
+            seg_start_pe: self.seg_start_pe,
+            seg_size_pe: self.seg_size_pe,
+            seg_pe_ranges: self.seg_pe_ranges,
+        };
+        let lv = LvRow {
+            lv_name: self.lv_name,
+            vg_name: self.vg_name,
+            lv_size: self.lv_size,
+            lv_tags: self.lv_tags,
+            lv_attr: self.lv_attr,
+            segtype: self.segtype,
+            pool_lv: self.pool_lv,
+            origin: self.origin,
+            lv_active: self.lv_active,
+            lv_path: self.lv_path,
+            data_percent: self.data_percent,
+            lv_health_status: self.lv_health_status,
+        };
+        (lv, seg)
+    }
+}
+
+/// One run of extents on a PV, used by an LV or free (`pvs --segments`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PvSegRow {
+    pub pv_name: String,
+    pub vg_name: String,
+    #[serde(deserialize_with = "number")]
+    pub pe_start: u64,
+    #[serde(deserialize_with = "number")]
+    pub pvseg_start: u64,
+    #[serde(deserialize_with = "number")]
+    pub pvseg_size: u64,
+    /// Empty for free extents.
+    #[serde(default)]
+    pub lv_name: String,
+}
+
+/// One segment of an LV.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegRow {
+    pub segtype: String,
+    pub stripes: u64,
+    pub seg_start_pe: u64,
     pub seg_size_pe: u64,
     pub seg_pe_ranges: String,
 }
@@ -340,14 +547,6 @@ pub struct VgRow {
     pub vg_extent_size: u64,
     #[serde(deserialize_with = "number")]
     pub pv_count: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct PvRow {
-    pub pv_name: String,
-    pub vg_name: String,
-    #[serde(deserialize_with = "number")]
-    pub pe_start: u64,
 }
 
 fn number<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
@@ -464,5 +663,32 @@ mod tests {
         assert!(line.ends_with("-n kv-x"));
         let plain = Lvm::new(false, false).cmd("lvs").display();
         assert_eq!(plain, "lvs");
+        let scoped = Lvm::new(false, false);
+        scoped.scope_to(vec!["/dev/loop9".into(), "/dev/sdb".into()]);
+        assert_eq!(
+            scoped.reader().cmd("lvs").display(),
+            "lvs --devices /dev/loop9 --devices /dev/sdb",
+            "every command, readers' too, scans only the VGs' PVs"
+        );
+    }
+
+    #[test]
+    fn a_command_past_its_deadline_is_killed_and_named() {
+        let cmd = LvmCmd {
+            tool: "sleep",
+            args: vec!["30".into()],
+            timeout: Duration::from_millis(200),
+        };
+        let started = Instant::now();
+        match cmd.run() {
+            Err(Error::Command {
+                command, status, ..
+            }) => {
+                assert_eq!(command, "sleep 30");
+                assert!(status.contains("deadline"), "{status}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "not killed");
     }
 }

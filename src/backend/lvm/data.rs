@@ -64,6 +64,10 @@ pub struct ByteRange {
 }
 
 const CHUNK: usize = 4 << 20;
+/// Bytes zeroed at each end of a new LV: where filesystem, partition and
+/// RAID signatures live, so old data on reused extents is never mistaken for
+/// a filesystem.
+pub const WIPE_BYTES: u64 = 1 << 20;
 
 fn open_rw(path: &Path) -> Result<File> {
     OpenOptions::new()
@@ -98,10 +102,6 @@ pub fn copy(src: &ByteRange, dst: &ByteRange) -> Result<()> {
     output.sync_all().ctx("fsync", &dst.device)
 }
 
-// BLKZEROOUT: zero a byte range of a block device, with the device's
-// write-zeroes offload where it has one (loop: a hole in the backing file).
-nix::ioctl_write_ptr_bad!(blk_zero_out, 0x127f, [u64; 2]);
-
 /// Zero `[from, from + len)` of the range (clipped to it).
 pub fn zero(dst: &ByteRange, from: u64, len: u64) -> Result<()> {
     let end = from.saturating_add(len).min(dst.len);
@@ -109,20 +109,6 @@ pub fn zero(dst: &ByteRange, from: u64, len: u64) -> Result<()> {
         return Ok(());
     }
     let output = open_rw(&dst.device)?;
-    let is_block = output
-        .metadata()
-        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
-        .unwrap_or(false);
-    let (start, count) = (dst.offset + from, end - from);
-    if is_block && start % 512 == 0 && count % 512 == 0 {
-        let range = [start, count];
-        // SAFETY: BLKZEROOUT reads two u64s from the pointer, valid here.
-        match unsafe { blk_zero_out(std::os::fd::AsRawFd::as_raw_fd(&output), &range) } {
-            Ok(_) => return output.sync_all().ctx("fsync", &dst.device),
-            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOTTY) => {}
-            Err(e) => return Err(std::io::Error::from(e)).ctx("zero", &dst.device),
-        }
-    }
     let buf = vec![0u8; CHUNK];
     let mut at = from;
     while at < end {
@@ -135,11 +121,34 @@ pub fn zero(dst: &ByteRange, from: u64, len: u64) -> Result<()> {
     output.sync_all().ctx("fsync", &dst.device)
 }
 
-/// Zero a new LV from `keep` to its end (everything before `keep` is the
-/// copied data): extents reused from a deleted volume never show its bytes
-/// to the new owner, and no old signature survives.
-pub fn zero_from(dst: &ByteRange, keep: u64) -> Result<()> {
-    zero(dst, keep, dst.len.saturating_sub(keep))
+nix::ioctl_write_ptr_bad!(blk_zero_out, nix::request_code_none!(0x12, 127), [u64; 2]);
+
+/// Zero the whole range, cheaply where the device can (`BLKZEROOUT`: write
+/// zeroes or unmap on disks, a hole in a loop device's backing file), by
+/// writing zeros otherwise.
+pub fn zero_out(dst: &ByteRange) -> Result<()> {
+    let file = open_rw(&dst.device)?;
+    let range = [dst.offset, dst.len];
+    // SAFETY: BLKZEROOUT reads two u64s (start, length) from the pointer.
+    let fast = unsafe { blk_zero_out(std::os::fd::AsRawFd::as_raw_fd(&file), &range) };
+    match fast {
+        Ok(_) => Ok(()),
+        Err(errno) => {
+            tracing::debug!(device = %dst.device.display(), %errno, "BLKZEROOUT unavailable; writing zeros");
+            zero(dst, 0, dst.len)
+        }
+    }
+}
+
+/// Zero both ends of a new LV (everything from `keep` on stays untouched at
+/// the start: the copied data).
+pub fn wipe_signatures(dst: &ByteRange, keep: u64) -> Result<()> {
+    zero(dst, keep, WIPE_BYTES)?;
+    zero(
+        dst,
+        dst.len.saturating_sub(WIPE_BYTES).max(keep),
+        WIPE_BYTES,
+    )
 }
 
 #[cfg(test)]
@@ -148,7 +157,6 @@ mod tests {
 
     fn seg(start: u64, size: u64, ranges: &str) -> SegRow {
         SegRow {
-            lv_name: "kv-x".into(),
             segtype: "linear".into(),
             stripes: 1,
             seg_start_pe: start,
@@ -214,7 +222,7 @@ mod tests {
             .write_all_at(b"hello", 1 << 20)
             .expect("test setup");
         copy(&src, &dst).expect("test setup");
-        zero_from(&dst, src.len).expect("test setup");
+        wipe_signatures(&dst, src.len).expect("test setup");
         let data = std::fs::read(&dev).expect("test setup");
         assert_eq!(&data[4 << 20..(4 << 20) + 5], b"hello");
         assert!(data[(6 << 20)..(7 << 20)].iter().all(|&b| b == 0));

@@ -77,6 +77,11 @@ pub fn decode<R: DeserializeOwned>(tags: &[String]) -> Result<Decoded<R>> {
         .ok_or_else(|| corrupt("no chunk count"))?
         .parse()
         .map_err(|_| corrupt("bad chunk count"))?;
+    // Each chunk is a tag of its own: a larger count is a lie (and must not
+    // size an allocation).
+    if count == 0 || count > tags.len() {
+        return Err(corrupt("chunk count out of range"));
+    }
     let mut chunks = vec![None; count];
     for tag in tags {
         let Some((index, chunk)) = tag

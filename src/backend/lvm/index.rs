@@ -1,0 +1,543 @@
+//! Kennel's picture of its volume groups, held in memory: every LV (its
+//! record decoded from its tags, its activation, where its extents are) and
+//! every PV's free extents.
+//!
+//! LV tags stay the only persistent state; the index is rebuilt from one
+//! round of reports at start-up and is authoritative afterwards because the
+//! driver is the only writer of Kennel's LVs in its VGs (it holds the per-VG
+//! lock). Lookups, listings and stats read it and run no lvm2 command.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::cli::{LvRow, LvSegRow, PvSegRow, SegRow, VgRow};
+use super::data::{self, PeRange};
+use super::tags::{self, Decoded};
+use crate::backend::{SnapshotRecord, VolumeRecord};
+use crate::volume::{SnapshotId, VolumeId};
+
+/// A run of free extents on one PV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extents {
+    pub first: u64,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pv {
+    /// As lvm2 names it (what `--devices` and PV ranges take).
+    pub name: String,
+    /// Byte offset of extent 0.
+    pub pe_start: u64,
+    /// Free runs, sorted, never adjacent.
+    pub free: Vec<Extents>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vg {
+    pub extent_size: u64,
+    pub size: u64,
+    pub free_extents: u64,
+    pub pvs: Vec<Pv>,
+}
+
+/// What an LV is to Kennel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    Volume(VolumeRecord),
+    Snapshot(SnapshotRecord),
+    /// Kennel's, its creation unfinished (see `tags`).
+    Pending,
+    /// Kennel's owner tag but a record that does not decode: reported, skipped.
+    Corrupt(String),
+    /// Not Kennel's (thin pools, a human's LVs): never touched.
+    Foreign,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lv {
+    pub row: LvRow,
+    pub kind: Kind,
+    /// The single PV range holding the LV, or why it has none.
+    pub place: Result<PeRange, String>,
+    /// Gone from lvm2's reports (removed behind the driver's back).
+    pub missing: bool,
+}
+
+impl Lv {
+    pub fn new(row: LvRow, segments: &[SegRow]) -> Lv {
+        let place = data::contiguous_range(segments);
+        let kind = kind_of(&row);
+        Lv {
+            row,
+            kind,
+            place,
+            missing: false,
+        }
+    }
+
+    pub fn is_owned(&self) -> bool {
+        !matches!(self.kind, Kind::Foreign)
+    }
+
+    pub fn volume(&self) -> Option<&VolumeRecord> {
+        match &self.kind {
+            Kind::Volume(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    pub fn snapshot(&self) -> Option<&SnapshotRecord> {
+        match &self.kind {
+            Kind::Snapshot(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+fn kind_of(row: &LvRow) -> Kind {
+    let broken = |why: String| {
+        tracing::error!(lv = %row.lv_name, vg = %row.vg_name, error = %why, "Kennel LV with unreadable tags; skipped");
+        Kind::Corrupt(why)
+    };
+    if let Some(id) = VolumeId::parse(&row.lv_name) {
+        return match tags::decode::<VolumeRecord>(&row.lv_tags) {
+            Ok(Decoded::Record(mut record)) if record.id == id => {
+                record.capacity_bytes = row.lv_size;
+                Kind::Volume(record)
+            }
+            Ok(Decoded::Record(_)) => broken("the record names another volume".to_owned()),
+            Err(e) => broken(e.to_string()),
+            Ok(Decoded::Pending) => Kind::Pending,
+            Ok(Decoded::Foreign) => Kind::Foreign,
+        };
+    }
+    if let Some(id) = SnapshotId::parse(&row.lv_name) {
+        return match tags::decode::<SnapshotRecord>(&row.lv_tags) {
+            Ok(Decoded::Record(record)) if record.id == id => Kind::Snapshot(record),
+            Ok(Decoded::Record(_)) => broken("the record names another snapshot".to_owned()),
+            Err(e) => broken(e.to_string()),
+            Ok(Decoded::Pending) => Kind::Pending,
+            Ok(Decoded::Foreign) => Kind::Foreign,
+        };
+    }
+    if tags::is_owned(&row.lv_tags) {
+        if row.lv_tags.iter().any(|t| t == tags::PENDING) {
+            return Kind::Pending;
+        }
+        return broken("an owned LV whose name is no Kennel ID".to_owned());
+    }
+    Kind::Foreign
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Index {
+    vgs: BTreeMap<String, Vg>,
+    lvs: BTreeMap<(String, String), Lv>,
+}
+
+impl Index {
+    /// Build from the three reports of one round (`vgs`, `pvs --segments`,
+    /// `lvs --segments`).
+    pub fn build(vgs: Vec<VgRow>, pvsegs: Vec<PvSegRow>, lvsegs: Vec<LvSegRow>) -> Index {
+        let mut index = Index::default();
+        for vg in vgs {
+            let extent = vg.vg_extent_size.max(1);
+            index.vgs.insert(
+                vg.vg_name,
+                Vg {
+                    extent_size: extent,
+                    size: vg.vg_size,
+                    free_extents: vg.vg_free / extent,
+                    pvs: Vec::new(),
+                },
+            );
+        }
+        for seg in pvsegs {
+            let Some(vg) = index.vgs.get_mut(&seg.vg_name) else {
+                continue;
+            };
+            let pv = match vg.pvs.iter_mut().position(|p| p.name == seg.pv_name) {
+                Some(i) => &mut vg.pvs[i],
+                None => {
+                    vg.pvs.push(Pv {
+                        name: seg.pv_name.clone(),
+                        pe_start: seg.pe_start,
+                        free: Vec::new(),
+                    });
+                    vg.pvs.last_mut().expect("just pushed")
+                }
+            };
+            if seg.lv_name.is_empty() && seg.pvseg_size > 0 {
+                release(
+                    &mut pv.free,
+                    Extents {
+                        first: seg.pvseg_start,
+                        count: seg.pvseg_size,
+                    },
+                );
+            }
+        }
+        let mut grouped: BTreeMap<(String, String), (LvRow, Vec<SegRow>)> = BTreeMap::new();
+        for row in lvsegs {
+            let (lv, seg) = row.split();
+            grouped
+                .entry((lv.vg_name.clone(), lv.lv_name.clone()))
+                .or_insert_with(|| (lv, Vec::new()))
+                .1
+                .push(seg);
+        }
+        for (key, (row, segments)) in grouped {
+            index.lvs.insert(key, Lv::new(row, &segments));
+        }
+        index
+    }
+
+    pub fn vg(&self, name: &str) -> Option<&Vg> {
+        self.vgs.get(name)
+    }
+
+    /// Every PV of the indexed VGs, as lvm2 names them.
+    pub fn pv_names(&self) -> Vec<String> {
+        self.vgs
+            .values()
+            .flat_map(|vg| vg.pvs.iter().map(|p| p.name.clone()))
+            .collect()
+    }
+
+    pub fn lvs(&self) -> impl Iterator<Item = &Lv> {
+        self.lvs.values()
+    }
+
+    /// An LV by name, in whichever indexed VG holds it (Kennel's names are
+    /// unique IDs).
+    pub fn find(&self, name: &str) -> Option<&Lv> {
+        self.lvs.values().find(|lv| lv.row.lv_name == name)
+    }
+
+    pub fn get(&self, vg: &str, name: &str) -> Option<&Lv> {
+        self.lvs.get(&(vg.to_owned(), name.to_owned()))
+    }
+
+    pub fn get_mut(&mut self, vg: &str, name: &str) -> Option<&mut Lv> {
+        self.lvs.get_mut(&(vg.to_owned(), name.to_owned()))
+    }
+
+    /// Add or replace an LV. Its extents must already be taken (see
+    /// [`Index::take_contiguous`]) or accounted with [`Index::take_extents`].
+    pub fn insert(&mut self, lv: Lv) {
+        self.lvs
+            .insert((lv.row.vg_name.clone(), lv.row.lv_name.clone()), lv);
+    }
+
+    /// Forget an LV that lvm2 removed, giving its extents back.
+    pub fn remove(&mut self, vg: &str, name: &str) -> Option<Lv> {
+        let lv = self.lvs.remove(&(vg.to_owned(), name.to_owned()))?;
+        if lv.missing || lv.row.is_thin() {
+            return Some(lv);
+        }
+        if let Some(v) = self.vgs.get_mut(vg) {
+            let extents = lv.row.lv_size / v.extent_size;
+            v.free_extents += extents;
+            if let Ok(place) = &lv.place {
+                let name = place.pv.to_string_lossy();
+                if let Some(pv) = v.pvs.iter_mut().find(|p| p.name == name) {
+                    release(
+                        &mut pv.free,
+                        Extents {
+                            first: place.first,
+                            count: place.count,
+                        },
+                    );
+                }
+            }
+        }
+        Some(lv)
+    }
+
+    /// Reserve the first free run of `count` extents on one PV of `vg`.
+    pub fn take_contiguous(&mut self, vg: &str, count: u64) -> Option<PeRange> {
+        let v = self.vgs.get_mut(vg)?;
+        for pv in &mut v.pvs {
+            if let Some(i) = pv.free.iter().position(|r| r.count >= count) {
+                let run = pv.free[i];
+                if run.count == count {
+                    pv.free.remove(i);
+                } else {
+                    pv.free[i] = Extents {
+                        first: run.first + count,
+                        count: run.count - count,
+                    };
+                }
+                v.free_extents = v.free_extents.saturating_sub(count);
+                return Some(PeRange {
+                    pv: PathBuf::from(&pv.name),
+                    first: run.first,
+                    count,
+                });
+            }
+        }
+        None
+    }
+
+    /// Give back a reservation that was never used.
+    pub fn give_back(&mut self, vg: &str, range: &PeRange) {
+        if let Some(v) = self.vgs.get_mut(vg) {
+            let name = range.pv.to_string_lossy();
+            if let Some(pv) = v.pvs.iter_mut().find(|p| p.name == name) {
+                release(
+                    &mut pv.free,
+                    Extents {
+                        first: range.first,
+                        count: range.count,
+                    },
+                );
+                v.free_extents += range.count;
+            }
+        }
+    }
+
+    /// Account extents lvm2 allocated where it chose (device-mapper mode):
+    /// the per-PV map is stale until the next refresh, which is harmless
+    /// because that mode lets lvm2 place every LV.
+    pub fn take_extents(&mut self, vg: &str, count: u64) {
+        if let Some(v) = self.vgs.get_mut(vg) {
+            v.free_extents = v.free_extents.saturating_sub(count);
+        }
+    }
+
+    /// Bytes where the LV lives on its PV: (PV, offset, length).
+    pub fn window(&self, lv: &Lv) -> Result<(String, u64, u64), String> {
+        let place = lv.place.as_ref().map_err(Clone::clone)?;
+        let vg = self
+            .vgs
+            .get(&lv.row.vg_name)
+            .ok_or_else(|| format!("volume group {} is not indexed", lv.row.vg_name))?;
+        let name = place.pv.to_string_lossy();
+        let pv = vg
+            .pvs
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| format!("PV {name} is not indexed"))?;
+        Ok((
+            pv.name.clone(),
+            pv.pe_start + place.first * vg.extent_size,
+            place.count * vg.extent_size,
+        ))
+    }
+
+    /// Take a freshly loaded index, keeping what it cannot know: Kennel LVs
+    /// that vanished from the reports stay, marked missing, so they show as
+    /// abnormal volumes instead of disappearing silently.
+    pub fn merge_fresh(&mut self, mut fresh: Index) {
+        for (key, lv) in &self.lvs {
+            if lv.is_owned() && !fresh.lvs.contains_key(key) {
+                if !lv.missing {
+                    tracing::warn!(lv = %key.1, vg = %key.0, "a Kennel LV was removed outside the driver");
+                }
+                let mut gone = lv.clone();
+                gone.missing = true;
+                fresh.lvs.insert(key.clone(), gone);
+            }
+        }
+        *self = fresh;
+    }
+}
+
+/// What an index knows that a restart must rebuild identically: free
+/// extents, and each LV's size, meaning and place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// VG name, free extents, and each PV's free runs.
+    pub vgs: Vec<(String, u64, Vec<PvFree>)>,
+    /// VG, LV, size, what it is, where it lies.
+    pub lvs: Vec<(String, String, u64, String, Option<PeRange>)>,
+}
+
+/// A PV's name and free runs.
+pub type PvFree = (String, Vec<Extents>);
+
+impl Index {
+    /// The comparable part; with `placement` false (device-mapper mode,
+    /// where lvm2 places LVs) the extent maps are left out.
+    pub fn view(&self, placement: bool) -> View {
+        View {
+            vgs: self
+                .vgs
+                .iter()
+                .map(|(name, vg)| {
+                    let pvs = if placement {
+                        vg.pvs
+                            .iter()
+                            .map(|p| (p.name.clone(), p.free.clone()))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    (name.clone(), vg.free_extents, pvs)
+                })
+                .collect(),
+            lvs: self
+                .lvs
+                .values()
+                .map(|lv| {
+                    (
+                        lv.row.vg_name.clone(),
+                        lv.row.lv_name.clone(),
+                        lv.row.lv_size,
+                        format!("{:?}", lv.kind),
+                        lv.place.clone().ok().filter(|_| placement),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Put a run back into a sorted free list, merging neighbours.
+fn release(free: &mut Vec<Extents>, run: Extents) {
+    let at = free.partition_point(|r| r.first < run.first);
+    free.insert(at, run);
+    let mut merged: Vec<Extents> = Vec::with_capacity(free.len());
+    for r in free.drain(..) {
+        match merged.last_mut() {
+            Some(last) if last.first + last.count >= r.first => {
+                let end = (last.first + last.count).max(r.first + r.count);
+                last.count = end - last.first;
+            }
+            _ => merged.push(r),
+        }
+    }
+    *free = merged;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pvseg(start: u64, size: u64, lv: &str) -> PvSegRow {
+        PvSegRow {
+            pv_name: "/dev/loop7".into(),
+            vg_name: "vg".into(),
+            pe_start: 1 << 20,
+            pvseg_start: start,
+            pvseg_size: size,
+            lv_name: lv.into(),
+        }
+    }
+
+    fn vg_row(free_extents: u64) -> VgRow {
+        VgRow {
+            vg_name: "vg".into(),
+            vg_size: 100 << 22,
+            vg_free: free_extents << 22,
+            vg_extent_size: 4 << 20,
+            pv_count: 1,
+        }
+    }
+
+    fn lvseg(name: &str, tags: Vec<String>, first: u64, count: u64) -> LvSegRow {
+        LvSegRow {
+            lv_name: name.into(),
+            vg_name: "vg".into(),
+            lv_size: count << 22,
+            lv_tags: tags,
+            lv_attr: "-wi-------".into(),
+            segtype: "linear".into(),
+            pool_lv: String::new(),
+            origin: String::new(),
+            lv_active: String::new(),
+            lv_path: String::new(),
+            data_percent: None,
+            lv_health_status: String::new(),
+            stripes: 1,
+            seg_start_pe: 0,
+            seg_size_pe: count,
+            seg_pe_ranges: format!("/dev/loop7:{first}-{}", first + count - 1),
+        }
+    }
+
+    #[test]
+    fn free_runs_are_taken_first_fit_and_merged_back() {
+        let mut index = Index::build(
+            vec![vg_row(90)],
+            vec![pvseg(0, 10, ""), pvseg(10, 10, "other"), pvseg(20, 80, "")],
+            vec![lvseg("other", vec![], 10, 10)],
+        );
+        let before = index.view(true);
+        let small = index.take_contiguous("vg", 4).expect("room");
+        assert_eq!((small.first, small.count), (0, 4));
+        let big = index.take_contiguous("vg", 20).expect("room");
+        assert_eq!(big.first, 20, "the first run is too short now");
+        assert!(index.take_contiguous("vg", 61).is_none());
+        assert_eq!(index.vg("vg").map(|v| v.free_extents), Some(66));
+        index.give_back("vg", &big);
+        index.give_back("vg", &small);
+        assert_eq!(index.view(true), before);
+    }
+
+    #[test]
+    fn hostile_tags_are_reported_and_skipped_not_fatal() {
+        let id = VolumeId::generate();
+        let huge = vec![
+            tags::OWNER.to_owned(),
+            "kennel.csi.dev/n=18446744073709551615".to_owned(),
+            "kennel.csi.dev/r0=7b".to_owned(),
+        ];
+        let not_hex = vec![
+            tags::OWNER.to_owned(),
+            "kennel.csi.dev/n=1".to_owned(),
+            "kennel.csi.dev/r0=zz\u{e9}".to_owned(),
+        ];
+        let index = Index::build(
+            vec![vg_row(80)],
+            vec![pvseg(0, 20, "x"), pvseg(20, 80, "")],
+            vec![
+                lvseg(id.as_str(), huge, 0, 10),
+                lvseg(VolumeId::generate().as_str(), not_hex, 10, 5),
+                lvseg("owned-but-not-an-id", vec![tags::OWNER.to_owned()], 15, 5),
+            ],
+        );
+        let kinds: Vec<&Kind> = index.lvs().map(|lv| &lv.kind).collect();
+        assert_eq!(kinds.len(), 3);
+        assert!(
+            kinds.iter().all(|k| matches!(k, Kind::Corrupt(_))),
+            "{kinds:?}"
+        );
+        assert!(index.lvs().all(|lv| lv.volume().is_none()));
+    }
+
+    #[test]
+    fn a_refresh_keeps_vanished_kennel_lvs_as_missing() {
+        let id = VolumeId::generate();
+        let record = crate::backend::VolumeRecord {
+            id: id.clone(),
+            name: "pvc-a".into(),
+            capacity_bytes: 40 << 20,
+            requested: Default::default(),
+            capabilities: vec![],
+            params: Default::default(),
+            node_id: "n".into(),
+            machine_id: "m".into(),
+            created_unix: 1,
+            source: None,
+        };
+        let tag_list = tags::encode(&record).expect("test setup");
+        let mut index = Index::build(
+            vec![vg_row(90)],
+            vec![pvseg(0, 10, id.as_str()), pvseg(10, 90, "")],
+            vec![lvseg(id.as_str(), tag_list, 0, 10)],
+        );
+        assert!(index.find(id.as_str()).and_then(Lv::volume).is_some());
+        index.merge_fresh(Index::build(
+            vec![vg_row(100)],
+            vec![pvseg(0, 100, "")],
+            vec![],
+        ));
+        let lv = index.find(id.as_str()).expect("kept");
+        assert!(lv.missing);
+        // Forgetting a missing LV gives back nothing: lvm2 already has it.
+        index.remove("vg", id.as_str());
+        assert_eq!(index.vg("vg").map(|v| v.free_extents), Some(100));
+    }
+}

@@ -1,0 +1,246 @@
+//! Kennel's node plugin as `deploy/base/node-daemonset.yaml` runs it, as
+//! host processes: `kennel driver` on a socket in the kubelet's plugin dir,
+//! the node-driver-registrar announcing it to the kubelet, and
+//! csi-provisioner in node-deployment mode with capacity tracking.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::procs::{free_port, wait_for, Daemon};
+use super::vg::TestVg;
+use super::{Cluster, DRIVER_NAME};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Loop,
+    Lvm,
+}
+
+impl Backend {
+    /// The StorageClass of this backend in `deploy/overlays/`.
+    pub fn storage_class(self) -> &'static str {
+        match self {
+            Backend::Loop => "kennel-loop",
+            Backend::Lvm => "kennel-lvm",
+        }
+    }
+}
+
+/// Size of the pool each backend gets.
+pub const POOL_BYTES: u64 = 2 << 30;
+
+/// Where a driver keeps its volumes.
+pub enum Storage {
+    Loop { dir: PathBuf },
+    Lvm { vg: TestVg, lock_dir: PathBuf },
+}
+
+impl Storage {
+    pub fn create(backend: Backend, root: &Path, node: &str) -> Storage {
+        match backend {
+            Backend::Loop => {
+                let dir = root.join(format!("loop-{node}"));
+                std::fs::create_dir_all(&dir).expect("create loop dir");
+                Storage::Loop { dir }
+            }
+            Backend::Lvm => {
+                let lock_dir = root.join("lvm-locks");
+                std::fs::create_dir_all(&lock_dir).expect("create lock dir");
+                Storage::Lvm {
+                    vg: TestVg::with_capacity(POOL_BYTES),
+                    lock_dir,
+                }
+            }
+        }
+    }
+
+    /// The driver's backend flags.
+    pub fn driver_args(&self, cmd: &mut Command) {
+        match self {
+            Storage::Loop { dir } => {
+                cmd.arg("--backend=loop")
+                    .arg(format!("--loop-dir={}", dir.display()))
+                    .arg(format!("--capacity={POOL_BYTES}"))
+                    .arg("--reserve=0")
+                    .arg("--provisioning=sparse");
+            }
+            Storage::Lvm { vg, lock_dir } => {
+                cmd.arg("--backend=lvm")
+                    .arg(format!("--volume-group={}", vg.name))
+                    .arg(format!("--lock-dir={}", lock_dir.display()));
+            }
+        }
+    }
+
+    /// Whether volume `id` has storage on the host (image file or LV).
+    pub fn stored(&self, id: &str) -> bool {
+        match self {
+            Storage::Loop { dir } => dir.join(format!("{id}.img")).exists(),
+            Storage::Lvm { vg, .. } => vg.lv(id).is_some(),
+        }
+    }
+
+    /// Loop devices exposing volume `id`.
+    pub fn attachments(&self, id: &str) -> Vec<PathBuf> {
+        match self {
+            Storage::Loop { dir } => {
+                let image = dir.join(format!("{id}.img")).to_string_lossy().into_owned();
+                super::host::loop_devices()
+                    .into_iter()
+                    .filter(|d| d.back_file == image)
+                    .map(|d| PathBuf::from(d.name))
+                    .collect()
+            }
+            Storage::Lvm { vg, .. } => vg.windows_of_lv(id),
+        }
+    }
+}
+
+/// `kennel driver` started the way the tests start it, with the driver's
+/// log at `log`. `kubelet_dir` is where the CO stages and publishes.
+pub fn driver_command(
+    endpoint: &str,
+    node_id: &str,
+    storage: &Storage,
+    kubelet_dir: &Path,
+    metrics_port: Option<u16>,
+) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kennel"));
+    cmd.arg("driver")
+        .arg(format!("--endpoint={endpoint}"))
+        .arg(format!("--node-id={node_id}"))
+        .arg(format!("--driver-name={DRIVER_NAME}"));
+    // The driver takes no kubelet directory yet; staging and publish paths
+    // come under `kubelet_dir` either way.
+    let _ = kubelet_dir;
+    storage.driver_args(&mut cmd);
+    if let Some(port) = metrics_port {
+        cmd.arg(format!("--metrics-addr=127.0.0.1:{port}"));
+    }
+    cmd.env("RUST_LOG", "kennel=debug,info")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+pub struct NodePlugin {
+    pub backend: Backend,
+    pub storage: Storage,
+    pub node_name: String,
+    pub metrics_port: u16,
+    pub socket: PathBuf,
+    driver: Daemon,
+    registrar: Daemon,
+    provisioner: Daemon,
+}
+
+impl NodePlugin {
+    pub fn start(cluster: &Cluster, backend: Backend, kubeconfig: &Path) -> NodePlugin {
+        let kubelet = cluster.kubelet_root();
+        let plugin_dir = kubelet.join("plugins").join(DRIVER_NAME);
+        let registry = kubelet.join("plugins_registry");
+        std::fs::create_dir_all(&plugin_dir).expect("create plugin dir");
+        std::fs::create_dir_all(&registry).expect("create registry dir");
+        let socket = plugin_dir.join("csi.sock");
+        let endpoint = format!("unix://{}", socket.display());
+        let storage = Storage::create(backend, &cluster.root, &cluster.node_name);
+        let metrics_port = free_port();
+        let node = cluster.node_name.clone();
+        let logs = &cluster.logs;
+        let mut driver = Daemon::spawn(
+            "kennel-driver",
+            driver_command(&endpoint, &node, &storage, &kubelet, Some(metrics_port)),
+            logs,
+        );
+        wait_for(
+            "the driver's socket",
+            30,
+            || {
+                driver.assert_running();
+                socket.exists().then_some(())
+            },
+            String::new,
+        );
+        let mut registrar = Command::new(&cluster.bins["csi-node-driver-registrar"]);
+        registrar
+            .arg(format!("--csi-address={}", socket.display()))
+            .arg(format!("--kubelet-registration-path={}", socket.display()))
+            .arg(format!("--plugin-registration-path={}", registry.display()))
+            .arg("--v=2");
+        let registrar = Daemon::spawn("node-driver-registrar", registrar, logs);
+        let mut provisioner = Command::new(&cluster.bins["csi-provisioner"]);
+        provisioner
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--csi-address={}", socket.display()))
+            .args([
+                "--node-deployment=true",
+                "--strict-topology=true",
+                "--immediate-topology=false",
+                "--feature-gates=Topology=true",
+                "--enable-capacity=true",
+                // No pod of a DaemonSet to own the capacity objects here.
+                "--capacity-ownerref-level=-1",
+                "--extra-create-metadata=true",
+                "--timeout=120s",
+                "--v=2",
+            ])
+            .env("NODE_NAME", &node)
+            .env("NAMESPACE", "kennel-system")
+            .env("POD_NAME", format!("kennel-node-{node}"));
+        let provisioner = Daemon::spawn("csi-provisioner", provisioner, logs);
+        NodePlugin {
+            backend,
+            storage,
+            node_name: node,
+            metrics_port,
+            socket,
+            driver,
+            registrar,
+            provisioner,
+        }
+    }
+
+    #[track_caller]
+    pub fn assert_running(&mut self) {
+        self.driver.assert_running();
+        self.registrar.assert_running();
+        self.provisioner.assert_running();
+    }
+
+    /// Stop the sidecars, then the driver (gracefully).
+    pub fn stop(&mut self) {
+        self.provisioner.stop(Duration::from_secs(5));
+        self.registrar.stop(Duration::from_secs(5));
+        self.driver.stop(Duration::from_secs(15));
+    }
+
+    /// How many `rpc` calls the driver answered OK, from its /metrics
+    /// (all calls counted in the duration histogram minus the errors).
+    pub fn rpc_ok_count(&self, rpc: &str) -> u64 {
+        let body = http_get(self.metrics_port, "/metrics");
+        let sum = |prefix: &str| -> u64 {
+            body.lines()
+                .filter(|l| l.starts_with(prefix) && l.contains(&format!("rpc=\"{rpc}\"")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        };
+        sum("kennel_csi_rpc_duration_seconds_count{") - sum("kennel_csi_rpc_errors_total{")
+    }
+
+    pub fn driver_log(&self) -> String {
+        std::fs::read_to_string(&self.driver.log).unwrap_or_default()
+    }
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("send request");
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
+}

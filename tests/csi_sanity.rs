@@ -49,6 +49,8 @@ struct Run {
     root: tempfile::TempDir,
     driver: Option<Daemon>,
     storage: Option<Storage>,
+    /// The kubelet directory, on a shared mount as the driver demands.
+    kubelet: Option<kennel::node::mount::SharedMount>,
 }
 
 impl Drop for Run {
@@ -56,6 +58,7 @@ impl Drop for Run {
         if let Some(mut driver) = self.driver.take() {
             driver.stop(Duration::from_secs(10));
         }
+        self.kubelet.take();
         for mount in host::mounts_under(self.root.path()) {
             let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
         }
@@ -85,9 +88,13 @@ fn sanity(backend: Backend, access: &str) {
         root: dir,
         driver: None,
         storage: None,
+        kubelet: None,
     };
     let bin = bins::install(&["csi-sanity"], &root.join("bin"))["csi-sanity"].clone();
     let kubelet = root.join("kubelet");
+    run_state.kubelet = Some(
+        kennel::node::mount::SharedMount::new(&kubelet).expect("kubelet dir on a shared mount"),
+    );
     // Staging and publish paths where the kubelet would put them.
     let staging = kubelet.join("plugins/kubernetes.io/csi/kennel.csi.dev/sanity/globalmount");
     let target = kubelet.join("pods/sanity/volumes/kubernetes.io~csi/sanity/mount");

@@ -539,10 +539,12 @@ impl LvmBackend {
 
     fn try_lvcreate(&self, vg: &str, name: &str, size: u64, new: &New<'_>) -> Result<Lv> {
         let dm = self.lvm.device_mapper();
-        let mut cmd =
-            self.lvm
-                .cmd("lvcreate")
-                .args([if dm { "-ay" } else { "-an" }, "-Zn", "-Wn", "-y"]);
+        // lvm2 accepts --zero only for linear LVs and thin pools: a thin volume or thin
+        // snapshot given -Zn is refused, so -Zn goes on the linear layouts alone.
+        let mut cmd = self
+            .lvm
+            .cmd("lvcreate")
+            .args([if dm { "-ay" } else { "-an" }, "-Wn", "-y"]);
         let mut placed: Option<PeRange> = None;
         let mut segtype = "linear";
         let mut pool_lv = String::new();
@@ -576,6 +578,7 @@ impl LvmBackend {
                     ))
                 })?;
                 cmd = cmd
+                    .arg("-Zn")
                     .arg("-l")
                     .arg(count.to_string())
                     .args(["--alloc", "contiguous", "-n"])
@@ -590,7 +593,7 @@ impl LvmBackend {
                 placed = Some(range);
             }
             (Layout::Linear, None) => {
-                cmd = cmd.arg("-L").arg(format!("{size}b"));
+                cmd = cmd.arg("-Zn").arg("-L").arg(format!("{size}b"));
                 if let Some(stripes) = new.stripes {
                     cmd = cmd.arg("-i").arg(stripes.to_string());
                     if stripes > 1 {

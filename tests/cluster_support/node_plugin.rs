@@ -111,9 +111,9 @@ pub fn driver_command(
         .arg(format!("--endpoint={endpoint}"))
         .arg(format!("--node-id={node_id}"))
         .arg(format!("--driver-name={DRIVER_NAME}"));
-    // The driver takes no kubelet directory yet; staging and publish paths
-    // come under `kubelet_dir` either way.
-    let _ = kubelet_dir;
+    // Staging and publish paths must lie below it, and it must be a shared mount
+    // (the kubelet bind-mounts its root onto itself rshared).
+    cmd.arg("--kubelet-dir").arg(kubelet_dir);
     storage.driver_args(&mut cmd);
     if let Some(port) = metrics_port {
         cmd.arg(format!("--metrics-addr=127.0.0.1:{port}"));

@@ -45,6 +45,7 @@ pub async fn with_timeout<F: Future<Output = ()>>(secs: u64, body: F) {
     if Backend::current() == Backend::Lvm && !vg::can_run() {
         return;
     }
+    let secs = secs * vg::timeout_scale();
     match tokio::time::timeout(Duration::from_secs(secs), body).await {
         Ok(out) => out,
         Err(_) => panic!("test did not finish within {secs}s"),
@@ -475,6 +476,10 @@ impl TestDriver {
                 .into_iter()
                 .map(|l| l.device)
                 .collect(),
+            // With device-mapper an LV is attached when it is active.
+            Some(vg) if vg::device_mapper() => {
+                vg.active_device_of_lv(volume_id).into_iter().collect()
+            }
             Some(vg) => vg.windows_of_lv(volume_id),
         }
     }
@@ -482,6 +487,13 @@ impl TestDriver {
     /// Attach the volume's loop device the way the driver does, as a
     /// driver killed right after attaching leaves it.
     pub fn attach_by_hand(&self, volume_id: &str) -> PathBuf {
+        if let Some(vg) = self.vg.as_ref().filter(|_| vg::device_mapper()) {
+            let lv = format!("{}/{volume_id}", vg.name);
+            vg::lvm_ok("lvchange", &["-ay", "-K", &lv]);
+            return vg
+                .active_device_of_lv(volume_id)
+                .expect("active after lvchange -ay");
+        }
         let mut cmd = Command::new("losetup");
         cmd.args(["--find", "--show"]);
         match &self.vg {

@@ -31,6 +31,16 @@ pub fn can_run() -> bool {
     true
 }
 
+/// Test deadlines are multiplied by `KENNEL_TEST_TIMEOUT_SCALE` (default 1):
+/// the VM lane runs under software emulation, several times slower.
+pub fn timeout_scale() -> u64 {
+    std::env::var("KENNEL_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
 pub fn device_mapper() -> bool {
     OpenOptions::new()
         .read(true)
@@ -236,6 +246,22 @@ impl TestVg {
                     == Some(offset)
             })
             .collect()
+    }
+
+    /// The device-mapper device of `lv`, if it is active.
+    pub fn active_device_of_lv(&self, lv: &str) -> Option<PathBuf> {
+        let out = lvm(
+            "lvs",
+            &[
+                "--noheadings",
+                "-o",
+                "lv_active",
+                &format!("{}/{lv}", self.name),
+            ],
+        );
+        let active = String::from_utf8_lossy(&out.stdout).trim() == "active";
+        let device = PathBuf::from(format!("/dev/{}/{lv}", self.name));
+        (active && device.exists()).then_some(device)
     }
 
     /// Free bytes in the VG.

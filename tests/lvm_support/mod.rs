@@ -44,6 +44,8 @@ pub struct LvmDriver {
     pub endpoint: String,
     pub volume_groups: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Extra `kennel driver` flags.
+    pub args: Vec<String>,
     pub client: CsiClient,
     child: Option<Child>,
     log: PathBuf,
@@ -58,6 +60,14 @@ impl LvmDriver {
     }
 
     pub async fn start_with(volume_groups: Vec<String>, env: Vec<(String, String)>) -> LvmDriver {
+        LvmDriver::start_with_args(volume_groups, env, vec![]).await
+    }
+
+    pub async fn start_with_args(
+        volume_groups: Vec<String>,
+        env: Vec<(String, String)>,
+        args: Vec<String>,
+    ) -> LvmDriver {
         let dir = tempfile::Builder::new()
             .prefix("kennel-lvm-test-")
             .tempdir()
@@ -67,7 +77,7 @@ impl LvmDriver {
         let log = root.join("driver.log");
         let metrics = free_local_port();
         let kubelet = kennel::node::mount::SharedMount::new(&root).expect("shared kubelet dir");
-        let mut child = spawn(&root, &endpoint, metrics, &volume_groups, &env, &log);
+        let mut child = spawn(&root, &endpoint, metrics, &volume_groups, &env, &args, &log);
         let client = wait_ready(&mut child, &endpoint, &log).await;
         LvmDriver {
             root,
@@ -75,6 +85,7 @@ impl LvmDriver {
             endpoint,
             volume_groups,
             env,
+            args,
             client,
             child: Some(child),
             log,
@@ -101,6 +112,7 @@ impl LvmDriver {
             self.metrics,
             &self.volume_groups,
             &self.env,
+            &self.args,
             &self.log,
         );
         self.client = wait_ready(&mut child, &self.endpoint, &self.log).await;
@@ -339,6 +351,7 @@ fn spawn(
     metrics: std::net::SocketAddr,
     volume_groups: &[String],
     env: &[(String, String)],
+    args: &[String],
     log: &Path,
 ) -> Child {
     let log_file = OpenOptions::new()
@@ -359,6 +372,7 @@ fn spawn(
     for vg in volume_groups {
         cmd.arg("--volume-group").arg(vg);
     }
+    cmd.args(args);
     cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RUST_LOG", "kennel=debug,info")
         .stdin(Stdio::null())
@@ -486,6 +500,7 @@ pub fn assert_code<T: std::fmt::Debug>(
 }
 
 pub async fn with_timeout<F: std::future::Future>(secs: u64, body: F) -> F::Output {
+    let secs = secs * vg::timeout_scale();
     match tokio::time::timeout(Duration::from_secs(secs), body).await {
         Ok(out) => out,
         Err(_) => panic!("test did not finish within {secs}s"),

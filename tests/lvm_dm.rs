@@ -1,0 +1,575 @@
+//! What only device-mapper allows: thin pools, thin volumes and thin
+//! snapshots, activation, growth into scattered extents, and that a new LV
+//! never shows a deleted volume's bytes. These tests need a kernel with
+//! device-mapper; the VM lane (`tests/vm_lane.rs`, `hack/vm/`) runs them in
+//! a guest that has one. See `dm_can_run` for what happens elsewhere.
+
+mod lvm_support;
+#[path = "common/vm_lane.rs"]
+mod vm_lane;
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::Command;
+
+use kennel::csi::pb;
+use lvm_support::*;
+use tonic::Code;
+
+/// Whether this test runs here. With device-mapper: yes. Inside the VM lane
+/// without it: a failure. On a host without it, the VM lane runs this
+/// target: if the lane can run on this host (and so runs in this same
+/// `cargo test`), the test says so and passes here; if it cannot, the test
+/// cannot run anywhere and fails (or, with `KENNEL_ALLOW_SKIP=1`, skips).
+fn dm_can_run() -> bool {
+    if !can_run() {
+        return false;
+    }
+    if device_mapper() {
+        return true;
+    }
+    if vm_lane::inside() {
+        panic!("the VM lane's guest has no device-mapper (/dev/mapper/control)");
+    }
+    match vm_lane::unavailable() {
+        None => {
+            let test = std::thread::current().name().unwrap_or("?").to_owned();
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "KENNEL-VM-LANE {test}: no device-mapper here; tests/vm_lane.rs runs it in a VM"
+            );
+            false
+        }
+        Some(why) => !skip::cannot_run(&format!(
+            "needs device-mapper, and the VM lane that provides it cannot run: {why}"
+        )),
+    }
+}
+
+const POOL: &str = "pool";
+
+/// A thin pool of `size` (an lvm2 size) in `vg`.
+fn thin_pool(vg: &TestVg, size: &str) {
+    lvm_ok(
+        "lvcreate",
+        &["-y", "-L", size, "-T", &format!("{}/{POOL}", vg.name)],
+    );
+}
+
+fn thin_params() -> Vec<(&'static str, &'static str)> {
+    vec![("type", "thin"), ("thinPool", POOL)]
+}
+
+fn thin_map() -> BTreeMap<String, String> {
+    thin_params()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// One `lvs` field of `vg/lv`, trimmed ("" when the LV does not exist).
+fn lv_field(vg: &TestVg, lv: &str, field: &str) -> String {
+    let out = lvm(
+        "lvs",
+        &[
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            field,
+            &format!("{}/{lv}", vg.name),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn lv_active(vg: &TestVg, lv: &str) -> bool {
+    lv_field(vg, lv, "lv_active") == "active"
+}
+
+/// device-mapper's name for `vg/lv` (each `-` doubled).
+fn dm_name(vg: &TestVg, lv: &str) -> String {
+    format!("{}-{}", vg.name.replace('-', "--"), lv.replace('-', "--"))
+}
+
+/// Whether the kernel has a device-mapper device for `vg/lv`.
+fn dm_device_exists(vg: &TestVg, lv: &str) -> bool {
+    Command::new("dmsetup")
+        .args(["info", &dm_name(vg, lv)])
+        .output()
+        .expect("dmsetup")
+        .status
+        .success()
+}
+
+fn pool_size(vg: &TestVg) -> u64 {
+    lv_field(vg, POOL, "lv_size").parse().expect("pool size")
+}
+
+fn block_req(name: &str, bytes: i64, params: &[(&str, &str)]) -> pb::CreateVolumeRequest {
+    let mut req = create_req(name, bytes, params);
+    req.volume_capabilities = vec![block_cap()];
+    req
+}
+
+fn fs_bytes(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).expect("statvfs");
+    st.blocks() as u64 * st.fragment_size() as u64
+}
+
+/// Fill the first `bytes` of a block device with `byte`, durably.
+fn fill(device: &Path, bytes: u64, byte: u8) {
+    let mut f = OpenOptions::new().write(true).open(device).expect("open");
+    let chunk = vec![byte; 1 << 20];
+    for _ in 0..bytes / chunk.len() as u64 {
+        f.write_all(&chunk).expect("write");
+    }
+    f.sync_all().expect("sync");
+}
+
+/// Offsets of the first non-zero bytes in the first `bytes` of a device.
+fn non_zero(device: &Path, bytes: u64) -> Option<u64> {
+    let mut f = fs::File::open(device).expect("open");
+    f.seek(SeekFrom::Start(0)).expect("seek");
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < bytes {
+        let n = f.read(&mut chunk).expect("read");
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = chunk[..n].iter().position(|b| *b != 0) {
+            return Some(at + i as u64);
+        }
+        at += n as u64;
+    }
+    None
+}
+
+async fn expand(driver: &LvmDriver, id: &str, bytes: i64, path: &Path) {
+    driver
+        .controller()
+        .controller_expand_volume(pb::ControllerExpandVolumeRequest {
+            volume_id: id.to_owned(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| {
+            panic!(
+                "ControllerExpandVolume {id}: {s:?}\n{}",
+                driver.log_tail(30)
+            )
+        });
+    let resp = driver
+        .node()
+        .node_expand_volume(pb::NodeExpandVolumeRequest {
+            volume_id: id.to_owned(),
+            volume_path: path.display().to_string(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("NodeExpandVolume {id}: {s:?}\n{}", driver.log_tail(30)))
+        .into_inner();
+    assert_eq!(resp.capacity_bytes, bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thin_volumes_overprovision_within_the_ratio_and_capacity_is_honest() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        let vg = TestVg::with_capacity(1 << 30);
+        thin_pool(&vg, "256m");
+        let pool = pool_size(&vg);
+        let driver = LvmDriver::start_with_args(
+            vec![vg.name.clone()],
+            vec![],
+            vec!["--thin-overprovision-ratio".into(), "2".into()],
+        )
+        .await;
+
+        // An empty pool: all of it, physically and by promise.
+        assert_eq!(driver.capacity(thin_map()).await.unwrap() as u64, pool);
+
+        // Two thin volumes promising more than the pool holds.
+        let a = driver
+            .create(block_req("thin-a", 200 * MIB, &thin_params()))
+            .await;
+        let b = driver
+            .create(create_req("thin-b", 200 * MIB, &thin_params()))
+            .await;
+        for vol in [&a, &b] {
+            assert_eq!(lv_field(&vg, &vol.volume_id, "segtype"), "thin");
+            assert_eq!(lv_field(&vg, &vol.volume_id, "pool_lv"), POOL);
+            assert_eq!(vol.capacity_bytes, 200 * MIB);
+        }
+        // What is left to promise: 2 x pool - 400 MiB.
+        let promise_left = 2 * pool - 400 * MIB as u64;
+        assert_eq!(
+            driver.capacity(thin_map()).await.unwrap() as u64,
+            promise_left
+        );
+        // The VG's free space for linear volumes does not count thin promises.
+        assert_eq!(
+            driver.capacity(BTreeMap::new()).await.unwrap() as u64,
+            vg.free()
+        );
+
+        // Beyond the ratio: RESOURCE_EXHAUSTED, and nothing created.
+        let lvs_before = vg.lvs().len();
+        assert_code(
+            driver
+                .controller()
+                .create_volume(create_req("thin-c", 200 * MIB, &thin_params()))
+                .await,
+            Code::ResourceExhausted,
+            "thin volume beyond the overprovision ratio",
+        );
+        assert_eq!(vg.lvs().len(), lvs_before, "{:#?}", vg.lvs());
+        // Nor may a volume grow beyond it.
+        assert_code(
+            driver
+                .controller()
+                .controller_expand_volume(pb::ControllerExpandVolumeRequest {
+                    volume_id: b.volume_id.clone(),
+                    capacity_range: Some(pb::CapacityRange {
+                        required_bytes: 400 * MIB,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await,
+            Code::ResourceExhausted,
+            "thin growth beyond the overprovision ratio",
+        );
+
+        // Data written takes physical room: capacity follows the pool's fill.
+        driver.stage(&a.volume_id, block_cap()).await;
+        let device = driver.publish(&a.volume_id, block_cap()).await;
+        fill(&device, 200 << 20, 0x5a);
+        let data_percent: f64 = lv_field(&vg, POOL, "data_percent").parse().unwrap();
+        assert!(data_percent > 70.0, "pool {data_percent}% full");
+        let physical_left = driver.capacity(thin_map()).await.unwrap() as u64;
+        assert!(
+            physical_left < promise_left && physical_left <= pool - (200 << 20) + (1 << 20),
+            "capacity {physical_left} with {data_percent}% of a {pool}-byte pool used"
+        );
+
+        // Deleting returns both the promise and the blocks.
+        driver.unpublish(&a.volume_id, true).await;
+        driver.unstage(&a.volume_id).await;
+        driver.delete(&a.volume_id).await;
+        driver.delete(&b.volume_id).await;
+        assert_eq!(driver.capacity(thin_map()).await.unwrap() as u64, pool);
+        let names: Vec<String> = vg.lvs().into_iter().map(|lv| lv.name).collect();
+        assert_eq!(names, vec![POOL.to_owned()], "only the pool is left");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thin_snapshots_restore_and_clone_old_content_and_outlive_their_origin() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        let vg = TestVg::with_capacity(1 << 30);
+        thin_pool(&vg, "512m");
+        let driver = LvmDriver::start_with_args(
+            vec![vg.name.clone()],
+            vec![],
+            vec!["--thin-overprovision-ratio".into(), "4".into()],
+        )
+        .await;
+        let origin = driver
+            .create(create_req("origin", 64 * MIB, &thin_params()))
+            .await;
+        let id = origin.volume_id.clone();
+        driver.stage(&id, mount_cap("ext4")).await;
+        let target = driver.publish(&id, mount_cap("ext4")).await;
+        fs::write(target.join("file"), b"version 1").unwrap();
+
+        // A snapshot of the mounted volume is a thin snapshot of its LV.
+        let snap = driver.snapshot("snap", &id).await;
+        let snap_lv = snap.snapshot_id.clone();
+        assert_eq!(lv_field(&vg, &snap_lv, "segtype"), "thin");
+        assert_eq!(lv_field(&vg, &snap_lv, "origin"), id);
+        assert_eq!(lv_field(&vg, &snap_lv, "pool_lv"), POOL);
+        assert!(snap.ready_to_use);
+        fs::write(target.join("file"), b"version 2").unwrap();
+
+        // Restore (same size and larger) and clone: thin snapshots again.
+        let restored = driver
+            .create(from_snapshot(
+                create_req("restored", 64 * MIB, &thin_params()),
+                &snap_lv,
+            ))
+            .await;
+        let bigger = driver
+            .create(from_snapshot(
+                create_req("restored-bigger", 96 * MIB, &thin_params()),
+                &snap_lv,
+            ))
+            .await;
+        let clone = driver
+            .create(from_volume(
+                create_req("clone", 64 * MIB, &thin_params()),
+                &id,
+            ))
+            .await;
+        assert_eq!(bigger.capacity_bytes, 96 * MIB);
+        for (vol, from) in [(&restored, &snap_lv), (&bigger, &snap_lv), (&clone, &id)] {
+            assert_eq!(lv_field(&vg, &vol.volume_id, "segtype"), "thin");
+            assert_eq!(lv_field(&vg, &vol.volume_id, "origin"), *from);
+        }
+        assert_eq!(
+            lv_field(&vg, &bigger.volume_id, "lv_size"),
+            (96 * MIB).to_string()
+        );
+        let read_back = |vol: &pb::Volume| {
+            let vol = vol.clone();
+            let driver = &driver;
+            async move {
+                driver.stage(&vol.volume_id, mount_cap("ext4")).await;
+                let t = driver.publish(&vol.volume_id, mount_cap("ext4")).await;
+                let content = fs::read(t.join("file")).unwrap();
+                // Writes to a copy stay there.
+                fs::write(t.join("file"), b"changed in a copy").unwrap();
+                driver.unpublish(&vol.volume_id, false).await;
+                driver.unstage(&vol.volume_id).await;
+                content
+            }
+        };
+        assert_eq!(read_back(&restored).await, b"version 1");
+        assert_eq!(read_back(&bigger).await, b"version 1");
+        // The clone was taken of the mounted volume; data written through
+        // its mount must be in the clone (frozen or synced first).
+        assert_eq!(read_back(&clone).await, b"version 2");
+        assert_eq!(fs::read(target.join("file")).unwrap(), b"version 2");
+
+        // The origin goes; its snapshot stays usable.
+        driver.unpublish(&id, false).await;
+        driver.unstage(&id).await;
+        driver.delete(&id).await;
+        assert_eq!(lv_field(&vg, &id, "lv_name"), "");
+        let late = driver
+            .create(from_snapshot(
+                create_req("late", 64 * MIB, &thin_params()),
+                &snap_lv,
+            ))
+            .await;
+        assert_eq!(read_back(&late).await, b"version 1");
+
+        for vol in [&restored, &bigger, &clone, &late] {
+            driver.delete(&vol.volume_id).await;
+        }
+        driver
+            .controller()
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: snap_lv.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("DeleteSnapshot");
+        let names: Vec<String> = vg.lvs().into_iter().map(|lv| lv.name).collect();
+        assert_eq!(names, vec![POOL.to_owned()], "only the pool is left");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn staged_volumes_are_active_and_come_back_after_a_reboot() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        let vg = TestVg::with_capacity(1 << 30);
+        thin_pool(&vg, "256m");
+        let mut driver = LvmDriver::start(&vg).await;
+        let linear = driver.create(create_req("linear", 32 * MIB, &[])).await;
+        let thin = driver
+            .create(create_req("thin", 32 * MIB, &thin_params()))
+            .await;
+        let vols = [linear.volume_id.clone(), thin.volume_id.clone()];
+        let mut targets = Vec::new();
+        for id in &vols {
+            driver.stage(id, mount_cap("ext4")).await;
+            let target = driver.publish(id, mount_cap("ext4")).await;
+            fs::write(target.join("file"), id.as_bytes()).unwrap();
+            assert!(lv_active(&vg, id), "{id} is active while staged");
+            assert!(dm_device_exists(&vg, id));
+            targets.push(target);
+        }
+
+        // A driver restart changes nothing for staged volumes.
+        driver.restart().await;
+        for (id, target) in vols.iter().zip(&targets) {
+            assert!(lv_active(&vg, id), "{id} stays active across a restart");
+            assert_eq!(fs::read(target.join("file")).unwrap(), id.as_bytes());
+            driver
+                .node()
+                .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                    volume_id: id.clone(),
+                    volume_path: target.display().to_string(),
+                    staging_target_path: String::new(),
+                })
+                .await
+                .unwrap_or_else(|s| panic!("NodeGetVolumeStats {id}: {s:?}"));
+        }
+
+        // A reboot: mounts gone, every LV inactive, the driver starts again.
+        driver.kill();
+        let mut mounts = mounts_under(&driver.root);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in mounts {
+            nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH).expect("umount");
+        }
+        lvm_ok("vgchange", &["-an", &vg.name]);
+        for id in &vols {
+            assert!(!lv_active(&vg, id));
+            assert!(!dm_device_exists(&vg, id));
+        }
+        driver.restart().await;
+        // The kubelet stages and publishes again; the data is there.
+        for id in &vols {
+            driver.stage(id, mount_cap("ext4")).await;
+            let target = driver.publish(id, mount_cap("ext4")).await;
+            assert_eq!(fs::read(target.join("file")).unwrap(), id.as_bytes());
+            assert!(lv_active(&vg, id));
+        }
+
+        // Delete leaves neither the LV nor a device-mapper device.
+        for id in &vols {
+            driver.unpublish(id, false).await;
+            driver.unstage(id).await;
+            driver.delete(id).await;
+            assert_eq!(lv_field(&vg, id, "lv_name"), "", "{id} removed");
+            assert!(!dm_device_exists(&vg, id), "{id} has no dm device left");
+        }
+        // The pool itself was never touched beyond its use.
+        assert_eq!(lv_field(&vg, POOL, "lv_name"), POOL);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mounted_volumes_grow_online_into_scattered_extents_and_thin_xfs() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        let vg = TestVg::with_capacity(1 << 30);
+        thin_pool(&vg, "128m");
+        let driver = LvmDriver::start_with_args(
+            vec![vg.name.clone()],
+            vec![],
+            vec!["--thin-overprovision-ratio".into(), "8".into()],
+        )
+        .await;
+
+        // Linear ext4, hemmed in by another LV: it grows into extents
+        // elsewhere, which only device-mapper can map.
+        let linear = driver.create(create_req("linear", 64 * MIB, &[])).await;
+        lvm_ok(
+            "lvcreate",
+            &["-y", "-an", "-Zn", "-L", "16m", "-n", "neighbour", &vg.name],
+        );
+        // xfs needs 300 MiB; a thin volume promises it without holding it.
+        let thin = driver.create(create_req("thin", 320 * MIB, &thin_params())).await;
+        let cases = [
+            (linear.volume_id.clone(), "ext4", 128 * MIB),
+            (thin.volume_id.clone(), "xfs", 512 * MIB),
+        ];
+        for (id, fs_type, new_size) in &cases {
+            driver.stage(id, mount_cap(fs_type)).await;
+            let target = driver.publish(id, mount_cap(fs_type)).await;
+            fs::write(target.join("file"), b"before growth").unwrap();
+            let before = fs_bytes(&target);
+            expand(&driver, id, *new_size, &target).await;
+            let after = fs_bytes(&target);
+            assert!(
+                after > before + (*new_size as u64 - before) / 2,
+                "{id} ({fs_type}): filesystem {before} -> {after} bytes for a {new_size}-byte volume"
+            );
+            assert_eq!(fs::read(target.join("file")).unwrap(), b"before growth");
+            assert_eq!(lv_field(&vg, id, "lv_size"), new_size.to_string());
+            driver.unpublish(id, false).await;
+            driver.unstage(id).await;
+        }
+        let segments = lvm_ok(
+            "lvs",
+            &[
+                "--noheadings",
+                "--segments",
+                "-o",
+                "seg_pe_ranges",
+                &format!("{}/{}", vg.name, linear.volume_id),
+            ],
+        );
+        assert!(
+            segments.lines().filter(|l| !l.trim().is_empty()).count() >= 2,
+            "the linear LV grew past its neighbour: {segments}"
+        );
+        for (id, _, _) in &cases {
+            driver.delete(id).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_volume_never_shows_a_deleted_volumes_bytes() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        let vg = TestVg::with_capacity(512 << 20);
+        thin_pool(&vg, "128m");
+        let driver = LvmDriver::start(&vg).await;
+        for (layout, params) in [("linear", vec![]), ("thin", thin_params())] {
+            let size = 48 * MIB;
+            let old = driver
+                .create(block_req(&format!("{layout}-old"), size, &params))
+                .await;
+            let extents = lv_field(&vg, &old.volume_id, "seg_pe_ranges");
+            driver.stage(&old.volume_id, block_cap()).await;
+            let device = driver.publish(&old.volume_id, block_cap()).await;
+            fill(&device, size as u64, 0xa5);
+            driver.unpublish(&old.volume_id, true).await;
+            driver.unstage(&old.volume_id).await;
+            driver.delete(&old.volume_id).await;
+
+            let new = driver
+                .create(block_req(&format!("{layout}-new"), size, &params))
+                .await;
+            if layout == "linear" {
+                // Same extents, or the test would prove nothing.
+                assert_eq!(lv_field(&vg, &new.volume_id, "seg_pe_ranges"), extents);
+            }
+            driver.stage(&new.volume_id, block_cap()).await;
+            let device = driver.publish(&new.volume_id, block_cap()).await;
+            assert_eq!(
+                non_zero(&device, size as u64),
+                None,
+                "a new {layout} volume shows a deleted volume's bytes"
+            );
+            driver.unpublish(&new.volume_id, true).await;
+            driver.unstage(&new.volume_id).await;
+            driver.delete(&new.volume_id).await;
+        }
+    })
+    .await;
+}

@@ -12,7 +12,8 @@ mod skip;
 
 const KENNEL: &str = env!("CARGO_BIN_EXE_kennel");
 
-struct Driver(Child);
+/// The driver process and the shared mount its kubelet directory needs.
+struct Driver(Child, Option<kennel::node::mount::SharedMount>);
 
 impl Drop for Driver {
     fn drop(&mut self) {
@@ -22,7 +23,17 @@ impl Drop for Driver {
 }
 
 /// Sparse images only: no loop device, mount or root needed.
-fn start(dir: &Path) -> (Driver, String) {
+/// A driver serving `dir`, or `None` when it cannot run here and skips are allowed.
+fn start(dir: &Path) -> Option<(Driver, String)> {
+    // The driver serves only a kubelet directory on a shared mount; making
+    // one takes root unless the temporary directory already is on one.
+    let kubelet = match kennel::node::mount::SharedMount::new(dir) {
+        Ok(kubelet) => kubelet,
+        Err(e) if skip::cannot_run(&format!("no shared mount for the kubelet directory: {e}")) => {
+            return None
+        }
+        Err(e) => panic!("{e}"),
+    };
     let endpoint = format!("unix://{}", dir.join("csi.sock").display());
     let child = Command::new(KENNEL)
         .args(["driver", "--endpoint", &endpoint, "--node-id", "ctl-node"])
@@ -49,7 +60,7 @@ fn start(dir: &Path) -> (Driver, String) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    (Driver(child), endpoint)
+    Some((Driver(child, Some(kubelet)), endpoint))
 }
 
 fn ctl(endpoint: &str, args: &[&str]) -> Output {
@@ -73,16 +84,9 @@ fn ctl_json(endpoint: &str, args: &[&str]) -> Value {
 #[test]
 fn snapshot_restore_and_errors_through_ctl() {
     let dir = tempfile::tempdir().expect("temp dir");
-    // The driver serves only a kubelet directory on a shared mount; making
-    // one takes root unless the temporary directory already is on one.
-    let _kubelet = match kennel::node::mount::SharedMount::new(dir.path()) {
-        Ok(kubelet) => kubelet,
-        Err(e) if skip::cannot_run(&format!("no shared mount for the kubelet directory: {e}")) => {
-            return
-        }
-        Err(e) => panic!("{e}"),
+    let Some((_driver, endpoint)) = start(dir.path()) else {
+        return;
     };
-    let (_driver, endpoint) = start(dir.path());
 
     let volume = ctl_json(
         &endpoint,
@@ -152,7 +156,9 @@ fn ctl_text(endpoint: &str, args: &[&str]) -> String {
 #[test]
 fn tables_and_readable_text_by_default() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (_driver, endpoint) = start(dir.path());
+    let Some((_driver, endpoint)) = start(dir.path()) else {
+        return;
+    };
     let volume = ctl_json(
         &endpoint,
         &[

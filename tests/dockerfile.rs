@@ -39,6 +39,9 @@ const PROVIDERS: &[(&str, &str)] = &[
     ("lvrename", "lvm2"),
     ("vgcreate", "lvm2"),
     ("vgchange", "lvm2"),
+    ("vgremove", "lvm2"),
+    ("pvcreate", "lvm2"),
+    ("pvremove", "lvm2"),
     ("rm", "coreutils"),
     ("cp", "coreutils"),
     ("dd", "coreutils"),
@@ -88,7 +91,9 @@ fn programs_in_source() -> BTreeMap<String, Vec<String>> {
         let rel = file.strip_prefix(root()).unwrap().display().to_string();
         for call in [
             "cmd::run(",
+            "cmd::run_within(",
             "cmd::output(",
+            "cmd::output_within(",
             "cmd::failure(",
             "Command::new(",
             "tool(&[",

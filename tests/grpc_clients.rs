@@ -67,6 +67,9 @@ fn python_grpcio_needs_the_localhost_authority() {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
+    // The driver serves only a kubelet directory on a shared mount.
+    let _kubelet = kennel::node::mount::SharedMount::new(dir.path())
+        .expect("a shared mount for the kubelet directory (the driver needs root)");
     let socket = dir.path().join("csi.sock");
     let endpoint = format!("unix://{}", socket.display());
     let _driver = Driver(
@@ -82,6 +85,8 @@ fn python_grpcio_needs_the_localhost_authority() {
             ])
             .arg("--loop-dir")
             .arg(dir.path().join("loop"))
+            .arg("--kubelet-dir")
+            .arg(dir.path())
             .env("RUST_LOG", "warn")
             .spawn()
             .expect("start driver"),

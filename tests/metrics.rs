@@ -22,6 +22,8 @@ struct Driver {
     dir: PathBuf,
     endpoint: String,
     addr: SocketAddr,
+    /// The driver serves only a kubelet directory on a shared mount.
+    _kubelet: kennel::node::mount::SharedMount,
 }
 
 impl Drop for Driver {
@@ -48,6 +50,8 @@ fn free_port() -> u16 {
 }
 
 async fn start(dir: &Path, log_format: &str) -> Driver {
+    let kubelet = kennel::node::mount::SharedMount::new(dir)
+        .expect("a shared mount for the kubelet directory (the driver needs root)");
     let endpoint = format!("unix://{}", dir.join("csi.sock").display());
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log = std::fs::File::create(dir.join("driver.log")).unwrap();
@@ -83,6 +87,7 @@ async fn start(dir: &Path, log_format: &str) -> Driver {
         dir: dir.to_owned(),
         endpoint,
         addr,
+        _kubelet: kubelet,
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -13,12 +13,15 @@ mod skip;
 const KENNEL: &str = env!("CARGO_BIN_EXE_kennel");
 
 /// The driver process and the shared mount its kubelet directory needs.
-struct Driver(Child, Option<kennel::node::mount::SharedMount>);
+struct Driver {
+    child: Child,
+    _kubelet: kennel::node::mount::SharedMount,
+}
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -60,7 +63,13 @@ fn start(dir: &Path) -> Option<(Driver, String)> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    Some((Driver(child, Some(kubelet)), endpoint))
+    Some((
+        Driver {
+            child,
+            _kubelet: kubelet,
+        },
+        endpoint,
+    ))
 }
 
 fn ctl(endpoint: &str, args: &[&str]) -> Output {

@@ -575,7 +575,7 @@ mod tests {
 
     fn text(registry: &Registry) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        prometheus_client::encoding::text::encode(&mut out, registry).expect("text encoding");
         out
     }
 
@@ -635,7 +635,7 @@ mod tests {
         }
         telemetry.store(Observation {
             answer: Err("lvm backend does not answer: vgs timed out".into()),
-            ..telemetry.observation().unwrap()
+            ..telemetry.observation().expect("an observation")
         });
         assert!(exporter.ready().unwrap_err().contains("vgs timed out"));
         assert!(text(exporter.registry()).contains("kennel_backend_up{backend=\"lvm\"} 0\n"));

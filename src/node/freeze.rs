@@ -43,7 +43,7 @@ pub fn while_frozen<T>(mount_point: &Path, work: impl FnOnce() -> Result<T>) -> 
     unsafe { fifreeze(dir.as_raw_fd(), &mut arg) }.ctx("FIFREEZE", mount_point)?;
     let budget = budget();
     let (done, finished) = mpsc::channel::<()>();
-    let watchdog = std::thread::scope(|scope| {
+    let (result, thawed_early) = std::thread::scope(|scope| {
         let dir = &dir;
         let watchdog = scope.spawn(move || match finished.recv_timeout(budget) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => false,
@@ -58,7 +58,6 @@ pub fn while_frozen<T>(mount_point: &Path, work: impl FnOnce() -> Result<T>) -> 
         let _ = done.send(());
         (result, watchdog.join().unwrap_or(true))
     });
-    let (result, thawed_early) = watchdog;
     if thawed_early {
         return Err(Error::Precondition(format!(
             "the copy of the volume mounted at {} did not finish within the freeze budget of {budget:?}, so the filesystem was thawed and the copy discarded; copy it while it is not staged, keep its storage on a filesystem with reflinks (xfs, btrfs) or thin LVM, or raise --freeze-budget",

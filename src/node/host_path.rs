@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 use nix::sys::stat::Mode;
 
 use crate::error::{Error, IoContext, Result};
@@ -379,7 +379,7 @@ impl HostPath {
         // Through the parent's descriptor: the last component is looked up
         // without following a symlink, and our descriptor does not pin the mount.
         let at = fd_path(&parent).join(self.name());
-        match umount2(&at, MntFlags::UMOUNT_NOFOLLOW) {
+        match mount::unmount_nofollow_when_idle(&at) {
             Ok(()) => Ok(true),
             Err(Errno::EINVAL | Errno::ENOENT) => Ok(false),
             Err(e) => Err(Error::io("unmount", self.full.clone(), e.into())),

@@ -363,11 +363,32 @@ pub fn bind(source: &Path, target: &Path, read_only: bool, extra: MsFlags) -> Re
     Ok(())
 }
 
+/// Pauses between unmount attempts that find the mount busy: about 1.5 s in all.
+const BUSY_RETRY_PAUSES_MS: [u64; 7] = [10, 20, 40, 80, 160, 320, 640];
+
+/// `umount2(path, UMOUNT_NOFOLLOW)`, tried again while the mount is busy.
+///
+/// A mount is often busy for a moment only: a child forked by another thread
+/// holds a copy of a descriptor under it until it execs, or a scanner has the
+/// device node open. A mount still busy after the pauses is reported as is.
+pub fn unmount_nofollow_when_idle(path: &Path) -> std::result::Result<(), Errno> {
+    let mut pauses = BUSY_RETRY_PAUSES_MS.iter();
+    loop {
+        match umount2(path, MntFlags::UMOUNT_NOFOLLOW) {
+            Err(Errno::EBUSY) => match pauses.next() {
+                Some(ms) => std::thread::sleep(std::time::Duration::from_millis(*ms)),
+                None => return Err(Errno::EBUSY),
+            },
+            other => return other,
+        }
+    }
+}
+
 /// Unmount everything stacked on `target`. Not mounted is fine.
 pub fn unmount_all(target: &Path) -> Result<()> {
     // Bounded: a path can only hold so many stacked mounts.
     for _ in 0..64 {
-        match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+        match unmount_nofollow_when_idle(target) {
             Ok(()) => continue,
             Err(Errno::EINVAL | Errno::ENOENT) => return Ok(()),
             Err(e) => return Err(Error::io("unmount", target, e.into())),

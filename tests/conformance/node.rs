@@ -1328,3 +1328,51 @@ async fn paths_outside_the_kubelet_dir_are_invalid() {
     })
     .await
 }
+
+// -------------------------------------------------------------- busy mounts
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpublish_waits_out_a_brief_holder_and_reports_a_lasting_one() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let vol = td.create("pvc-busy", 16 * MIB, mount_cap("ext4")).await;
+        let id = vol.volume_id.as_str();
+        td.stage(id, mount_cap("ext4")).await;
+        let target = td.publish(id, mount_cap("ext4"), false).await;
+        write_file(&target.join("data"), b"kept");
+
+        // A descriptor under the target, closed a moment after the call starts:
+        // the way a forked child holds one until it execs.
+        let held = fs::File::open(target.join("data")).expect("open under target");
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            drop(held);
+        });
+        td.unpublish(id, false).await;
+        releaser.join().expect("releaser");
+        assert!(!target.exists(), "target left after unpublish");
+
+        // A holder that stays: the call fails, names the cause, and loses nothing.
+        let target = td.publish(id, mount_cap("ext4"), false).await;
+        let held = fs::File::open(target.join("data")).expect("open under target");
+        let status = td
+            .node()
+            .node_unpublish_volume(td.unpublish_req(id, false))
+            .await
+            .expect_err("unpublish while a file stays open");
+        assert!(
+            status.message().contains("busy"),
+            "unexpected error: {status:?}"
+        );
+        assert_eq!(read_file(&target.join("data")), b"kept");
+        drop(held);
+        td.unpublish(id, false).await;
+        td.unstage(id).await;
+        td.delete(id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}

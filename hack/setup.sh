@@ -28,3 +28,5 @@ echo "kennel: host tools ready"
 "$(dirname "$0")/setup-cluster.sh"
 # grpcio for the Python client test, in a venv under target/.
 "$(dirname "$0")/setup-ops.sh"
+# QEMU and a Debian cloud kernel for the device-mapper VM lane (tests/vm_lane.rs).
+"$(dirname "$0")/setup-vm.sh"

@@ -22,12 +22,17 @@ fn counts(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
 }
 
 /// One lifecycle, counting lvm2 commands per step.
-async fn lifecycle_counts(driver: &LvmDriver, name: &str, cap: pb::VolumeCapability) {
+async fn lifecycle_counts(
+    driver: &LvmDriver,
+    name: &str,
+    params: &[(&str, &str)],
+    cap: pb::VolumeCapability,
+) {
     let block = matches!(
         cap.access_type,
         Some(pb::volume_capability::AccessType::Block(_))
     );
-    let mut req = create_req(name, 64 * MIB, &[]);
+    let mut req = create_req(name, 64 * MIB, params);
     req.volume_capabilities = vec![cap.clone()];
     let (volume, created) = driver.lvm_commands_during(driver.create(req)).await;
     assert_eq!(created, counts(&[("lvcreate", 1)]), "CreateVolume");
@@ -99,9 +104,31 @@ async fn a_lifecycle_costs_one_lvcreate_and_one_lvremove() {
     with_timeout(240, async {
         let vg = TestVg::new("1G");
         let driver = LvmDriver::start(&vg).await;
-        lifecycle_counts(&driver, "counted-block", block_cap()).await;
-        lifecycle_counts(&driver, "counted-fs", mount_cap("ext4")).await;
+        lifecycle_counts(&driver, "counted-block", &[], block_cap()).await;
+        lifecycle_counts(&driver, "counted-fs", &[], mount_cap("ext4")).await;
         assert!(vg.lvs().is_empty(), "{:?}", vg.lvs());
+        if device_mapper() {
+            // Thin volumes keep the promise too (only device-mapper has them).
+            lvm_ok(
+                "lvcreate",
+                &["-y", "-L", "256m", "-T", &format!("{}/pool", vg.name)],
+            );
+            let thin = [("type", "thin"), ("thinPool", "pool")];
+            // A pool made after the driver started is found on first use.
+            let thin_class: BTreeMap<String, String> = thin
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let (room, asked) = driver
+                .lvm_commands_during(driver.capacity(thin_class))
+                .await;
+            assert_eq!(room.expect("GetCapacity of the new pool"), 256 * MIB);
+            assert_eq!(asked, counts(&[("lvs", 2)]), "find the pool, read its fill");
+            lifecycle_counts(&driver, "counted-thin-block", &thin, block_cap()).await;
+            lifecycle_counts(&driver, "counted-thin-fs", &thin, mount_cap("ext4")).await;
+            let left: Vec<String> = vg.lvs().into_iter().map(|lv| lv.name).collect();
+            assert_eq!(left, vec!["pool".to_owned()]);
+        }
     })
     .await;
 }

@@ -300,7 +300,20 @@ impl LvmBackend {
         if let Some(lv) = self.index().find(name) {
             return Ok(Some(lv.clone()));
         }
-        let rows = self.lvm.lv_segments(&self.vgs, Some(name))?;
+        let Some(lv) = self.fetch(&self.vgs, name)?.into_iter().next() else {
+            return Ok(None);
+        };
+        tracing::info!(lv = name, "an LV unknown to the index was found; indexed");
+        let mut index = self.index();
+        if index.find(name).is_none() {
+            index.insert(lv.clone());
+        }
+        Ok(Some(lv))
+    }
+
+    /// The LVs named `name` in `vgs`, asked of lvm2 (one `lvs`).
+    fn fetch(&self, vgs: &[String], name: &str) -> Result<Vec<Lv>> {
+        let rows = self.lvm.lv_segments(vgs, Some(name))?;
         let mut grouped: BTreeMap<(String, String), (LvRow, Vec<cli::SegRow>)> = BTreeMap::new();
         for row in rows {
             let (lv, seg) = row.split();
@@ -310,16 +323,10 @@ impl LvmBackend {
                 .1
                 .push(seg);
         }
-        let Some((row, segments)) = grouped.into_values().next() else {
-            return Ok(None);
-        };
-        let lv = Lv::new(row, &segments);
-        tracing::info!(lv = name, "an LV unknown to the index was found; indexed");
-        let mut index = self.index();
-        if index.find(name).is_none() {
-            index.insert(lv.clone());
-        }
-        Ok(Some(lv))
+        Ok(grouped
+            .into_values()
+            .map(|(row, segments)| Lv::new(row, &segments))
+            .collect())
     }
 
     fn volume(&self, id: &VolumeId) -> Result<Option<(Lv, VolumeRecord)>> {
@@ -450,16 +457,40 @@ impl LvmBackend {
 
     /// The thin pool a thin layout names, checked to exist.
     fn pool(&self, vg: &str, pool: &str) -> Result<LvRow> {
-        self.index()
+        let indexed = self
+            .index()
             .get(vg, pool)
-            .filter(|lv| lv.row.is_thin_pool() && !lv.missing)
-            .map(|lv| lv.row.clone())
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "parameter {:?}: no thin pool {pool:?} in volume group {vg:?}",
-                    params::THIN_POOL
-                ))
-            })
+            .filter(|lv| !lv.missing)
+            .map(|lv| lv.row.clone());
+        let row = match indexed {
+            Some(row) => Some(row),
+            // A pool made since the last refresh (an admin adding a thin
+            // class): confirmed with one targeted `lvs`, then indexed.
+            None => self
+                .fetch(&[vg.to_owned()], pool)?
+                .into_iter()
+                .next()
+                .map(|lv| {
+                    if lv.row.is_thin_pool() {
+                        tracing::info!(
+                            vg,
+                            pool,
+                            "a thin pool unknown to the index was found; indexed"
+                        );
+                        let mut index = self.index();
+                        if index.get(vg, pool).is_none() {
+                            index.insert(lv.clone());
+                        }
+                    }
+                    lv.row
+                }),
+        };
+        row.filter(LvRow::is_thin_pool).ok_or_else(|| {
+            Error::invalid(format!(
+                "parameter {:?}: no thin pool {pool:?} in volume group {vg:?}",
+                params::THIN_POOL
+            ))
+        })
     }
 
     /// Room for more thin volumes in `pool`.
@@ -550,10 +581,14 @@ impl LvmBackend {
         let mut cmd = self
             .lvm
             .cmd("lvcreate")
-            .args([if dm { "-ay" } else { "-an" }, "-Wn", "-y"]);
+            .args([if dm { "-ay" } else { "-an" }, "-y"]);
         let mut placed: Option<PeRange> = None;
         let mut segtype = "linear";
         let mut pool_lv = String::new();
+        // A new LV is blank: no signatures to wipe (lvm2 refuses -Wn on snapshots).
+        if new.origin.is_none() {
+            cmd = cmd.arg("-Wn");
+        }
         match (&new.layout, new.origin) {
             (_, Some(origin)) => {
                 // A thin snapshot of a thin origin (shares its blocks).
@@ -1186,7 +1221,12 @@ impl Backend for LvmBackend {
                 })
             }
             Layout::Thin { pool } => {
-                let pool = self.pool(&vg, pool)?;
+                let mut pool = self.pool(&vg, pool)?;
+                // The pool fills as volumes are written, which no index sees:
+                // ask for its fill now (one `lvs` of the pool alone).
+                let path = format!("{}/{}", pool.vg_name, pool.lv_name);
+                let fresh = self.lvm.lvs(&[path])?;
+                pool.data_percent = fresh.first().and_then(|row| row.data_percent);
                 Ok(self.thin_room(&pool))
             }
         }

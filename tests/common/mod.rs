@@ -478,7 +478,7 @@ impl TestDriver {
                 .collect(),
             // With device-mapper an LV is attached when it is active.
             Some(vg) if vg::device_mapper() => {
-                vg.active_device_of_lv(volume_id).into_iter().collect()
+                vg.device_in_use_of_lv(volume_id).into_iter().collect()
             }
             Some(vg) => vg.windows_of_lv(volume_id),
         }
@@ -490,9 +490,10 @@ impl TestDriver {
         if let Some(vg) = self.vg.as_ref().filter(|_| vg::device_mapper()) {
             let lv = format!("{}/{volume_id}", vg.name);
             vg::lvm_ok("lvchange", &["-ay", "-K", &lv]);
-            return vg
+            let device = vg
                 .active_device_of_lv(volume_id)
                 .expect("active after lvchange -ay");
+            return fs::canonicalize(device).expect("resolve the LV's device");
         }
         let mut cmd = Command::new("losetup");
         cmd.args(["--find", "--show"]);

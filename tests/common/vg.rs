@@ -264,6 +264,34 @@ impl TestVg {
         (active && device.exists()).then_some(device)
     }
 
+    /// With device-mapper an LV stays active from creation to deletion, so
+    /// it is attached on this node while its device is in use here: mounted,
+    /// bound (the block staging file) or under a loop device. The device's
+    /// own node (`/dev/mapper/...`, what a bind shows as its root).
+    pub fn device_in_use_of_lv(&self, lv: &str) -> Option<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let device = fs::canonicalize(self.active_device_of_lv(lv)?).ok()?;
+        let rdev = fs::metadata(&device).ok()?.rdev();
+        let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+        let number = format!("{major}:{minor}");
+        let below_dev = device.strip_prefix("/dev").ok()?.to_owned();
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mounted = mountinfo.lines().any(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            fields.len() > 4
+                && (fields[2] == number || Path::new("/").join(&below_dev) == Path::new(fields[3]))
+        });
+        let looped = fs::read_dir("/sys/block")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| {
+                fs::read_to_string(entry.path().join("loop/backing_file"))
+                    .is_ok_and(|b| Path::new(b.trim_end()) == device)
+            });
+        (mounted || looped).then_some(device)
+    }
+
     /// Free bytes in the VG.
     pub fn free(&self) -> u64 {
         let out = lvm_ok(

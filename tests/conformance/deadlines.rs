@@ -66,6 +66,12 @@ async fn a_hung_mkfs_is_killed_at_its_deadline_and_a_second_call_is_aborted() {
         };
         let pid_file = tools.path().join("pid");
         while !pid_file.exists() {
+            // A stage that ends before the stand-in ran never reached it.
+            assert!(
+                !first.is_finished(),
+                "the stage ended before the stand-in mkfs ran: {:?}",
+                first.await
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 

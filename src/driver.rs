@@ -86,12 +86,12 @@ pub struct DriverArgs {
     /// Deadline of every host tool the driver runs (mkfs, fsck, resize2fs, xfs_growfs, lvm2);
     /// tools that work through a whole device get 1 s more per GiB. A tool past its deadline
     /// is killed and the call answers DEADLINE_EXCEEDED.
-    #[arg(long, default_value = "2m", value_parser = crate::retention::duration::parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = crate::duration::parse_duration)]
     pub command_timeout: std::time::Duration,
     /// Longest time a snapshot or clone may keep a mounted source's filesystem frozen. An
     /// instant copy (reflink, thin snapshot) fits; a full copy that does not is refused with
     /// FAILED_PRECONDITION rather than stalling the workload.
-    #[arg(long, default_value = "5s", value_parser = crate::retention::duration::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::duration::parse_duration)]
     pub freeze_budget: std::time::Duration,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz on this address, e.g. 0.0.0.0:9808.
     #[arg(long, env = "KENNEL_METRICS_ADDR")]

@@ -6,6 +6,7 @@ pub mod csi;
 pub mod ctl;
 pub mod demo;
 pub mod driver;
+pub mod duration;
 pub mod error;
 pub mod metrics;
 pub mod node;

@@ -3,17 +3,20 @@
 //! mountinfo reads are visible, on a clean node and on one crowded with loop
 //! devices and mounts that are none of Kennel's.
 
-#[path = "common/skip.rs"]
-mod skip;
+#[path = "common/vg.rs"]
+mod vg;
+
+use vg::skip;
 
 use std::path::Path;
 use std::time::Duration;
 
 use kennel::backend::loop_files::Provisioning;
+use kennel::backend::lvm::params::DeviceClass;
 use kennel::bench::crowd::Crowd;
 use kennel::csi::client::CsiClient;
 use kennel::csi::pb::{self, volume_capability as vc};
-use kennel::driver::{DriverArgs, LocalDriver};
+use kennel::driver::{BackendKind, DriverArgs, LocalDriver};
 use kennel::node::mount::SharedMount;
 use kennel::node::{cleanup, loopdev, mount};
 
@@ -143,6 +146,38 @@ async fn reads_per_lifecycle_do_not_depend_on_the_hosts_devices_and_mounts() {
         .expect("temp dir");
     let dir = std::fs::canonicalize(tmp.path()).expect("resolve");
     let args = DriverArgs::in_dir(&dir, "cost-node", 256 << 20, Provisioning::Sparse);
+    assert_reads_do_not_grow(args, &dir).await;
+}
+
+/// The LVM backend without device-mapper exposes LVs through loop devices
+/// over the PV: finding them must not scan the node's devices either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lvm_reads_per_lifecycle_do_not_depend_on_the_hosts_devices_and_mounts() {
+    if !vg::can_run() {
+        return;
+    }
+    let test_vg = vg::TestVg::new("512M");
+    let tmp = tempfile::Builder::new()
+        .prefix("kennel-cost-lvm-")
+        .tempdir()
+        .expect("temp dir");
+    let dir = std::fs::canonicalize(tmp.path()).expect("resolve");
+    let mut args = DriverArgs::in_dir(&dir, "cost-node", 256 << 20, Provisioning::Sparse);
+    args.backend = BackendKind::Lvm;
+    args.volume_groups = vec![DeviceClass {
+        name: test_vg.name.clone(),
+        vg: test_vg.name.clone(),
+    }];
+    assert_reads_do_not_grow(args, &dir).await;
+}
+
+/// The read counters are process-wide: one measurement at a time.
+static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Lifecycles on a clean node, then on one crowded with loop devices and
+/// mounts: the driver's sysfs and mountinfo reads must be the same.
+async fn assert_reads_do_not_grow(args: DriverArgs, dir: &Path) {
+    let _alone = MEASURING.lock().await;
     let kubelet = SharedMount::new(&args.kubelet_dir).expect("shared kubelet dir");
     let kubelet_dir = kubelet.path().to_owned();
     // In a task of its own: a failed call must still reach the cleanup below.
@@ -159,7 +194,7 @@ async fn reads_per_lifecycle_do_not_depend_on_the_hosts_devices_and_mounts() {
         (clean, crowded)
     });
     let outcome = tokio::time::timeout(Duration::from_secs(120), body).await;
-    let cleaned = cleanup::release_all_under(&dir);
+    let cleaned = cleanup::release_all_under(dir);
     drop(kubelet);
     let (clean, crowded) = match outcome {
         Ok(Ok(reads)) => reads,

@@ -45,7 +45,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use super::{Backend, ContentSource, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
-use crate::node::loopdev::{self, Window};
+use crate::node::loopdev::{self, LoopIndex, Window};
 use crate::node::{freeze, mount};
 use crate::volume::spec::FsType;
 use crate::volume::{SnapshotId, VolumeId};
@@ -148,6 +148,9 @@ pub struct LvmBackend {
     /// so activation no longer tells a staged volume apart). Under /run:
     /// gone after a reboot, like the mounts they stand for.
     staged_dir: PathBuf,
+    /// Without device-mapper: the loop devices exposing LV windows of our
+    /// PVs (found without scanning every loop device on a crowded node).
+    windows: LoopIndex,
     _locks: Vec<Flock<File>>,
 }
 
@@ -207,6 +210,16 @@ impl LvmBackend {
             )));
         }
         lvm.scope_to(index.pv_names());
+        let windows = if activation == Activation::Loop {
+            let pvs: HashSet<PathBuf> = index
+                .pv_names()
+                .iter()
+                .filter_map(|pv| fs::canonicalize(pv).ok())
+                .collect();
+            LoopIndex::scan(|backing| pvs.contains(backing))?
+        } else {
+            LoopIndex::scan(|_| false)?
+        };
         let backend = LvmBackend {
             lvm,
             classes: config.classes,
@@ -218,6 +231,7 @@ impl LvmBackend {
             in_flight: Mutex::new(HashSet::new()),
             creating: Mutex::new(()),
             staged_dir: config.lock_dir.join("lvm-staged"),
+            windows,
             _locks: locks,
         };
         tracing::info!(
@@ -806,10 +820,29 @@ impl LvmBackend {
 
     fn window_attachment(&self, lv: &Lv) -> Result<Option<PathBuf>> {
         let (pv, window) = self.window(lv)?;
-        Ok(loopdev::find_attached(&pv)?
-            .into_iter()
-            .find(|a| a.offset == window.offset)
-            .map(|a| a.device))
+        Ok(self
+            .window_device(&pv, window.offset)
+            .map(|(device, _)| device))
+    }
+
+    /// The loop device over `pv` at `offset`, and its current window.
+    fn window_device(&self, pv: &Path, offset: u64) -> Option<(PathBuf, Window)> {
+        self.windows.find(pv).into_iter().find_map(|device| {
+            let current = loopdev::window_of_node(&device)?;
+            (current.offset == offset).then_some((device, current))
+        })
+    }
+
+    /// The loop device already exposing the LV at `window.offset` of `pv`,
+    /// its size limit brought up to date (the LV may have grown since).
+    fn current_window(&self, pv: &Path, window: Window) -> Result<Option<PathBuf>> {
+        let Some((device, current)) = self.window_device(pv, window.offset) else {
+            return Ok(None);
+        };
+        if current.size_limit != window.size_limit {
+            loopdev::set_window(&device, window)?;
+        }
+        Ok(Some(device))
     }
 
     /// Copy a source LV's data into `dst`; a mounted source volume is
@@ -1332,9 +1365,9 @@ impl Backend for LvmBackend {
             return Ok(device);
         }
         let (pv, window) = self.window(&lv)?;
-        match current_window(&pv, window)? {
+        match self.current_window(&pv, window)? {
             Some(device) => Ok(device),
-            None => loopdev::attach(&pv, window),
+            None => self.windows.attach(&pv, window),
         }
     }
 
@@ -1352,8 +1385,14 @@ impl Backend for LvmBackend {
                 _ => Ok(()),
             };
         }
-        if let Some(device) = self.attached_lv_device(&lv)? {
-            loopdev::detach(&device)?;
+        let (pv, window) = match self.window(&lv) {
+            Ok(found) => found,
+            // An LV that cannot have a window has no attachment either.
+            Err(Error::Precondition(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if let Some((device, _)) = self.window_device(&pv, window.offset) {
+            self.windows.detach(&pv, &device)?;
         }
         Ok(())
     }
@@ -1374,7 +1413,7 @@ impl Backend for LvmBackend {
             return Ok(());
         };
         let (pv, window) = self.window(&lv)?;
-        current_window(&pv, window).map(drop)
+        self.current_window(&pv, window).map(drop)
     }
 
     fn health(&self, record: &VolumeRecord) -> Option<String> {
@@ -1402,19 +1441,4 @@ impl Backend for LvmBackend {
             .ok()
             .and_then(|p| p.fs_type)
     }
-}
-
-/// The loop device already exposing the LV at `window.offset` of `pv`, its
-/// size limit brought up to date (the LV may have grown since it was attached).
-fn current_window(pv: &Path, window: Window) -> Result<Option<PathBuf>> {
-    let Some(found) = loopdev::find_attached(pv)?
-        .into_iter()
-        .find(|a| a.offset == window.offset)
-    else {
-        return Ok(None);
-    };
-    if found.size_limit != window.size_limit {
-        loopdev::set_window(&found.device, window)?;
-    }
-    Ok(Some(found.device))
 }

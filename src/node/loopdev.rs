@@ -343,6 +343,19 @@ fn backing_of_node(device: &Path) -> Option<PathBuf> {
         .map(|raw| backing_path(&raw))
 }
 
+/// The byte window (offset, size limit) an attached loop device node
+/// exposes, from its sysfs entry; `None` if it is not attached.
+pub fn window_of_node(device: &Path) -> Option<Window> {
+    let dir = Path::new("/sys/block")
+        .join(device.file_name()?)
+        .join("loop");
+    let read = |file: &str| sysfs_read(&dir.join(file)).ok()?.trim().parse().ok();
+    Some(Window {
+        offset: read("offset")?,
+        size_limit: read("sizelimit")?,
+    })
+}
+
 /// Which loop device holds which backing file, for the files one owner
 /// cares about: built with one scan of sysfs at start-up, kept up to date by
 /// attaching and detaching through it, and checked on every use with one

@@ -5,7 +5,6 @@
 
 pub mod builtin;
 pub mod controller;
-pub mod duration;
 pub mod leader;
 pub mod metrics;
 pub mod names;
@@ -29,8 +28,8 @@ use anyhow::Context as _;
 use kube::Client;
 use tracing::{info, warn};
 
+use crate::duration::parse_duration;
 pub use builtin::BuiltinMode;
-use duration::parse_duration;
 
 /// Flags of `kennel retention`.
 #[derive(clap::Args, Debug, Clone)]

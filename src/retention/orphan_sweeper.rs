@@ -15,11 +15,11 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
-use super::duration::parse_duration;
 use super::metrics::Metrics;
 use super::orphans::{self, BackendVolume, OrphanClock};
 use crate::csi::client::CsiClient;
 use crate::csi::pb;
+use crate::duration::parse_duration;
 use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
 
 #[derive(clap::Args, Debug, Clone)]

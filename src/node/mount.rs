@@ -269,7 +269,7 @@ impl Drop for SharedMount {
     fn drop(&mut self) {
         // Not lazily: mounts still below it stay visible rather than hidden.
         if self.mounted {
-            let _ = umount2(&self.path, MntFlags::UMOUNT_NOFOLLOW);
+            let _ = unmount_nofollow_when_idle(&self.path);
         }
     }
 }

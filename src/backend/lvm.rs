@@ -270,8 +270,10 @@ impl LvmBackend {
     /// Reload the whole index now (after rare changes whose effect on the
     /// extent map the driver does not compute itself).
     fn reload(&self) -> Result<()> {
+        // Other volumes' changes may land while lvm2 is read: keep them.
+        let before = self.index().clone();
         let fresh = load(&self.lvm, &self.vgs)?;
-        self.index().merge_fresh(fresh);
+        self.index().merge_reload(&before, fresh);
         Ok(())
     }
 

@@ -342,6 +342,26 @@ impl Index {
         }
         *self = fresh;
     }
+
+    /// Merge a reload that other changes may have raced: `before` is the
+    /// index as it was when the reload started reading lvm2. An LV added or
+    /// changed in the index meanwhile is newer than the reload and kept; one
+    /// removed meanwhile stays removed (the reload may have read it first).
+    pub fn merge_reload(&mut self, before: &Index, mut fresh: Index) {
+        for key in before.lvs.keys() {
+            if !self.lvs.contains_key(key) {
+                fresh.lvs.remove(key);
+            }
+        }
+        let newer: Vec<((String, String), Lv)> = self
+            .lvs
+            .iter()
+            .filter(|(key, lv)| before.lvs.get(*key) != Some(*lv))
+            .map(|(key, lv)| (key.clone(), lv.clone()))
+            .collect();
+        self.merge_fresh(fresh);
+        self.lvs.extend(newer);
+    }
 }
 
 /// What an index knows that a restart must rebuild identically: free
@@ -539,5 +559,64 @@ mod tests {
         // Forgetting a missing LV gives back nothing: lvm2 already has it.
         index.remove("vg", id.as_str());
         assert_eq!(index.vg("vg").map(|v| v.free_extents), Some(100));
+    }
+
+    fn owned_lv(first: u64) -> (VolumeId, LvSegRow) {
+        let id = VolumeId::generate();
+        let record = crate::backend::VolumeRecord {
+            id: id.clone(),
+            name: format!("pvc-{first}"),
+            capacity_bytes: 40 << 20,
+            requested: Default::default(),
+            capabilities: vec![],
+            params: Default::default(),
+            node_id: "n".into(),
+            machine_id: "m".into(),
+            created_unix: 1,
+            source: None,
+        };
+        let tag_list = tags::encode(&record).expect("test setup");
+        let row = lvseg(id.as_str(), tag_list, first, 10);
+        (id, row)
+    }
+
+    #[test]
+    fn a_reload_never_undoes_changes_that_raced_it() {
+        let (kept, kept_row) = owned_lv(0);
+        let (removed, removed_row) = owned_lv(10);
+        let (added, added_row) = owned_lv(20);
+        let mut index = Index::build(
+            vec![vg_row(80)],
+            vec![pvseg(0, 10, "a"), pvseg(10, 10, "b"), pvseg(20, 80, "")],
+            vec![kept_row.clone(), removed_row.clone()],
+        );
+        let before = index.clone();
+        // While lvm2 was read: one volume was created, another removed.
+        let mut created = Index::build(vec![vg_row(70)], vec![pvseg(20, 10, "c")], vec![added_row]);
+        let added_lv = created.remove("vg", added.as_str()).expect("test setup");
+        index.insert(added_lv);
+        index.remove("vg", removed.as_str());
+        // The reload read lvm2 before both.
+        let fresh = Index::build(
+            vec![vg_row(80)],
+            vec![pvseg(0, 10, "a"), pvseg(10, 10, "b"), pvseg(20, 80, "")],
+            vec![kept_row, removed_row],
+        );
+        index.merge_reload(&before, fresh);
+        let added = index.find(added.as_str()).expect("the new volume stays");
+        assert!(
+            !added.missing,
+            "a volume created during the reload is not missing"
+        );
+        assert!(
+            index.find(removed.as_str()).is_none(),
+            "a removed volume stays removed"
+        );
+        assert!(index.find(kept.as_str()).is_some_and(|lv| !lv.missing));
+        // Without changes meanwhile, a reload is a plain refresh.
+        let before = index.clone();
+        let fresh = index.clone();
+        index.merge_reload(&before, fresh);
+        assert_eq!(index, before);
     }
 }

@@ -404,6 +404,11 @@ async fn staged_volumes_are_active_and_come_back_after_a_reboot() {
             .create(create_req("thin", 32 * MIB, &thin_params()))
             .await;
         let vols = [linear.volume_id.clone(), thin.volume_id.clone()];
+        for id in &vols {
+            // Active from creation: staging needs no lvm2 command.
+            assert!(lv_active(&vg, id), "{id} is active once created");
+            assert!(dm_device_exists(&vg, id));
+        }
         let mut targets = Vec::new();
         for id in &vols {
             driver.stage(id, mount_cap("ext4")).await;
@@ -443,6 +448,11 @@ async fn staged_volumes_are_active_and_come_back_after_a_reboot() {
             assert!(!dm_device_exists(&vg, id));
         }
         driver.restart().await;
+        for id in &vols {
+            // The driver reactivates its LVs when it starts, before any stage.
+            assert!(lv_active(&vg, id), "{id} is active again after the restart");
+            assert!(dm_device_exists(&vg, id));
+        }
         // The kubelet stages and publishes again; the data is there.
         for id in &vols {
             driver.stage(id, mount_cap("ext4")).await;

@@ -522,17 +522,7 @@ impl LvmBackend {
             })
             .map(|lv| lv.row.lv_size)
             .sum();
-        let used = pool.data_percent.unwrap_or(0.0).clamp(0.0, 100.0);
-        let physical_free = (pool.lv_size as f64 * (100.0 - used) / 100.0) as u64;
-        let promise_limit = (pool.lv_size as f64 * self.ratio) as u64;
-        PoolCapacity {
-            total_bytes: pool.lv_size,
-            available_bytes: round_down(
-                physical_free.min(promise_limit.saturating_sub(provisioned)),
-                self.granularity,
-            ),
-            provisioned_bytes: provisioned,
-        }
+        thin_pool_room(pool, provisioned, self.ratio, self.granularity)
     }
 
     fn check_thin_room(&self, pool: &LvRow, extra: u64) -> Result<()> {
@@ -1065,6 +1055,28 @@ fn wait_for(device: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What a thin pool can still take: the smaller of its free data space and
+/// what the overprovisioning ratio leaves to promise. A pool lvm2 reports
+/// unhealthy (out of data, metadata full and read-only, failed) takes
+/// nothing, whatever its data fill says.
+fn thin_pool_room(pool: &LvRow, provisioned: u64, ratio: f64, granularity: u64) -> PoolCapacity {
+    let used = pool.data_percent.unwrap_or(0.0).clamp(0.0, 100.0);
+    let physical_free = if pool.lv_health_status.is_empty() {
+        (pool.lv_size as f64 * (100.0 - used) / 100.0) as u64
+    } else {
+        0
+    };
+    let promise_limit = (pool.lv_size as f64 * ratio) as u64;
+    PoolCapacity {
+        total_bytes: pool.lv_size,
+        available_bytes: round_down(
+            physical_free.min(promise_limit.saturating_sub(provisioned)),
+            granularity,
+        ),
+        provisioned_bytes: provisioned,
+    }
+}
+
 fn round_down(bytes: u64, granularity: u64) -> u64 {
     bytes / granularity * granularity
 }
@@ -1260,8 +1272,18 @@ impl Backend for LvmBackend {
                 // The pool fills as volumes are written, which no index sees:
                 // ask for its fill now (one `lvs` of the pool alone).
                 let path = format!("{}/{}", pool.vg_name, pool.lv_name);
-                let fresh = self.lvm.lvs(&[path])?;
-                pool.data_percent = fresh.first().and_then(|row| row.data_percent);
+                let Some(now) = self
+                    .lvm
+                    .lvs(std::slice::from_ref(&path))?
+                    .into_iter()
+                    .next()
+                else {
+                    return Err(Error::Precondition(format!(
+                        "thin pool {path} is gone (removed outside Kennel)"
+                    )));
+                };
+                pool.data_percent = now.data_percent;
+                pool.lv_health_status = now.lv_health_status;
                 Ok(self.thin_room(&pool))
             }
         }
@@ -1442,5 +1464,51 @@ impl Backend for LvmBackend {
         LvmParams::parse(&record.params.backend)
             .ok()
             .and_then(|p| p.fs_type)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(data_percent: Option<f64>, health: &str) -> LvRow {
+        LvRow {
+            lv_name: "pool".into(),
+            vg_name: "vg".into(),
+            lv_size: 1 << 30,
+            lv_tags: vec![],
+            lv_attr: "twi-aotz--".into(),
+            segtype: "thin-pool".into(),
+            pool_lv: String::new(),
+            origin: String::new(),
+            lv_active: "active".into(),
+            lv_path: String::new(),
+            data_percent,
+            lv_health_status: health.into(),
+        }
+    }
+
+    #[test]
+    fn thin_room_is_the_smaller_of_free_data_and_what_is_left_to_promise() {
+        const MIB: u64 = 1 << 20;
+        // A quarter written, nothing promised: the free data space.
+        let room = thin_pool_room(&pool(Some(25.0), ""), 0, 2.0, MIB);
+        assert_eq!(room.available_bytes, 768 * MIB);
+        // Promises near the ratio's limit: what is left to promise.
+        let room = thin_pool_room(&pool(Some(25.0), ""), 1900 * MIB, 2.0, MIB);
+        assert_eq!(room.available_bytes, 148 * MIB);
+        assert_eq!(room.provisioned_bytes, 1900 * MIB);
+        // Promised past the limit (a ratio lowered since): nothing, not an underflow.
+        let room = thin_pool_room(&pool(Some(0.0), ""), 3 << 30, 2.0, MIB);
+        assert_eq!(room.available_bytes, 0);
+    }
+
+    #[test]
+    fn an_unhealthy_thin_pool_has_no_room() {
+        for health in ["out_of_data", "metadata_read_only", "failed"] {
+            let room = thin_pool_room(&pool(Some(10.0), health), 0, 1.0, 1 << 20);
+            assert_eq!(room.available_bytes, 0, "{health}");
+            assert_eq!(room.total_bytes, 1 << 30);
+        }
     }
 }

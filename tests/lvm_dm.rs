@@ -70,25 +70,8 @@ fn thin_map() -> BTreeMap<String, String> {
         .collect()
 }
 
-/// One `lvs` field of `vg/lv`, trimmed ("" when the LV does not exist).
-fn lv_field(vg: &TestVg, lv: &str, field: &str) -> String {
-    let out = lvm(
-        "lvs",
-        &[
-            "--noheadings",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            field,
-            &format!("{}/{lv}", vg.name),
-        ],
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 fn lv_active(vg: &TestVg, lv: &str) -> bool {
-    lv_field(vg, lv, "lv_active") == "active"
+    vg.lv_field(lv, "lv_active") == "active"
 }
 
 /// device-mapper's name for `vg/lv` (each `-` doubled).
@@ -107,7 +90,7 @@ fn dm_device_exists(vg: &TestVg, lv: &str) -> bool {
 }
 
 fn pool_size(vg: &TestVg) -> u64 {
-    lv_field(vg, POOL, "lv_size").parse().expect("pool size")
+    vg.lv_field(POOL, "lv_size").parse().expect("pool size")
 }
 
 fn block_req(name: &str, bytes: i64, params: &[(&str, &str)]) -> pb::CreateVolumeRequest {
@@ -212,8 +195,8 @@ async fn thin_volumes_overprovision_within_the_ratio_and_capacity_is_honest() {
             .create(create_req("thin-b", 200 * MIB, &thin_params()))
             .await;
         for vol in [&a, &b] {
-            assert_eq!(lv_field(&vg, &vol.volume_id, "segtype"), "thin");
-            assert_eq!(lv_field(&vg, &vol.volume_id, "pool_lv"), POOL);
+            assert_eq!(vg.lv_field(&vol.volume_id, "segtype"), "thin");
+            assert_eq!(vg.lv_field(&vol.volume_id, "pool_lv"), POOL);
             assert_eq!(vol.capacity_bytes, 200 * MIB);
         }
         // What is left to promise: 2 x pool - 400 MiB.
@@ -260,7 +243,7 @@ async fn thin_volumes_overprovision_within_the_ratio_and_capacity_is_honest() {
         driver.stage(&a.volume_id, block_cap()).await;
         let device = driver.publish(&a.volume_id, block_cap()).await;
         fill(&device, 200 << 20, 0x5a);
-        let data_percent: f64 = lv_field(&vg, POOL, "data_percent").parse().unwrap();
+        let data_percent: f64 = vg.lv_field(POOL, "data_percent").parse().unwrap();
         assert!(data_percent > 70.0, "pool {data_percent}% full");
         let physical_left = driver.capacity(thin_map()).await.unwrap() as u64;
         assert!(
@@ -305,9 +288,9 @@ async fn thin_snapshots_restore_and_clone_old_content_and_outlive_their_origin()
         // A snapshot of the mounted volume is a thin snapshot of its LV.
         let snap = driver.snapshot("snap", &id).await;
         let snap_lv = snap.snapshot_id.clone();
-        assert_eq!(lv_field(&vg, &snap_lv, "segtype"), "thin");
-        assert_eq!(lv_field(&vg, &snap_lv, "origin"), id);
-        assert_eq!(lv_field(&vg, &snap_lv, "pool_lv"), POOL);
+        assert_eq!(vg.lv_field(&snap_lv, "segtype"), "thin");
+        assert_eq!(vg.lv_field(&snap_lv, "origin"), id);
+        assert_eq!(vg.lv_field(&snap_lv, "pool_lv"), POOL);
         assert!(snap.ready_to_use);
         fs::write(target.join("file"), b"version 2").unwrap();
 
@@ -332,11 +315,11 @@ async fn thin_snapshots_restore_and_clone_old_content_and_outlive_their_origin()
             .await;
         assert_eq!(bigger.capacity_bytes, 96 * MIB);
         for (vol, from) in [(&restored, &snap_lv), (&bigger, &snap_lv), (&clone, &id)] {
-            assert_eq!(lv_field(&vg, &vol.volume_id, "segtype"), "thin");
-            assert_eq!(lv_field(&vg, &vol.volume_id, "origin"), *from);
+            assert_eq!(vg.lv_field(&vol.volume_id, "segtype"), "thin");
+            assert_eq!(vg.lv_field(&vol.volume_id, "origin"), *from);
         }
         assert_eq!(
-            lv_field(&vg, &bigger.volume_id, "lv_size"),
+            vg.lv_field(&bigger.volume_id, "lv_size"),
             (96 * MIB).to_string()
         );
         let read_back = |vol: &pb::Volume| {
@@ -364,7 +347,7 @@ async fn thin_snapshots_restore_and_clone_old_content_and_outlive_their_origin()
         driver.unpublish(&id, false).await;
         driver.unstage(&id).await;
         driver.delete(&id).await;
-        assert_eq!(lv_field(&vg, &id, "lv_name"), "");
+        assert_eq!(vg.lv_field(&id, "lv_name"), "");
         let late = driver
             .create(from_snapshot(
                 create_req("late", 64 * MIB, &thin_params()),
@@ -466,11 +449,11 @@ async fn staged_volumes_are_active_and_come_back_after_a_reboot() {
             driver.unpublish(id, false).await;
             driver.unstage(id).await;
             driver.delete(id).await;
-            assert_eq!(lv_field(&vg, id, "lv_name"), "", "{id} removed");
+            assert_eq!(vg.lv_field(id, "lv_name"), "", "{id} removed");
             assert!(!dm_device_exists(&vg, id), "{id} has no dm device left");
         }
         // The pool itself was never touched beyond its use.
-        assert_eq!(lv_field(&vg, POOL, "lv_name"), POOL);
+        assert_eq!(vg.lv_field(POOL, "lv_name"), POOL);
     })
     .await;
 }
@@ -515,7 +498,7 @@ async fn mounted_volumes_grow_online_into_scattered_extents_and_thin_xfs() {
                 "{id} ({fs_type}): filesystem {before} -> {after} bytes for a {new_size}-byte volume"
             );
             assert_eq!(fs::read(target.join("file")).unwrap(), b"before growth");
-            assert_eq!(lv_field(&vg, id, "lv_size"), new_size.to_string());
+            assert_eq!(vg.lv_field(id, "lv_size"), new_size.to_string());
             driver.unpublish(id, false).await;
             driver.unstage(id).await;
         }
@@ -554,7 +537,7 @@ async fn a_new_volume_never_shows_a_deleted_volumes_bytes() {
             let old = driver
                 .create(block_req(&format!("{layout}-old"), size, &params))
                 .await;
-            let extents = lv_field(&vg, &old.volume_id, "seg_pe_ranges");
+            let extents = vg.lv_field(&old.volume_id, "seg_pe_ranges");
             driver.stage(&old.volume_id, block_cap()).await;
             let device = driver.publish(&old.volume_id, block_cap()).await;
             fill(&device, size as u64, 0xa5);
@@ -567,7 +550,7 @@ async fn a_new_volume_never_shows_a_deleted_volumes_bytes() {
                 .await;
             if layout == "linear" {
                 // Same extents, or the test would prove nothing.
-                assert_eq!(lv_field(&vg, &new.volume_id, "seg_pe_ranges"), extents);
+                assert_eq!(vg.lv_field(&new.volume_id, "seg_pe_ranges"), extents);
             }
             driver.stage(&new.volume_id, block_cap()).await;
             let device = driver.publish(&new.volume_id, block_cap()).await;

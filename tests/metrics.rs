@@ -49,6 +49,13 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A temporary directory and its canonical path (the driver wants one).
+fn temp_dir(prefix: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    (tmp, dir)
+}
+
 /// The driver, or `None` where it cannot run (no root for its kubelet mount).
 async fn start(dir: &Path, log_format: &str) -> Option<Driver> {
     let kubelet = match kennel::node::mount::SharedMount::new(dir) {
@@ -171,11 +178,7 @@ async fn metrics_move_with_a_ctl_lifecycle() {
     {
         return;
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("kennel-metrics-")
-        .tempdir()
-        .unwrap();
-    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let (_tmp, dir) = temp_dir("kennel-metrics-");
     let Some(driver) = start(&dir, "json").await else {
         return;
     };
@@ -406,11 +409,7 @@ async fn metrics_move_with_a_ctl_lifecycle() {
 /// Text logs written to a file (as in a container) carry no ANSI colour codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_log_in_a_file_has_no_colour_codes() {
-    let tmp = tempfile::Builder::new()
-        .prefix("kennel-log-")
-        .tempdir()
-        .unwrap();
-    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let (_tmp, dir) = temp_dir("kennel-log-");
     let Some(driver) = start(&dir, "text").await else {
         return;
     };
@@ -473,11 +472,7 @@ fn referenced_names(expr: &str) -> Vec<String> {
 /// registry (the controller itself needs a cluster; its registry is the one it serves).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_alerts_use_exported_metrics() {
-    let tmp = tempfile::Builder::new()
-        .prefix("kennel-dash-")
-        .tempdir()
-        .unwrap();
-    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let (_tmp, dir) = temp_dir("kennel-dash-");
     let Some(driver) = start(&dir, "text").await else {
         return;
     };

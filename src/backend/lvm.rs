@@ -218,7 +218,8 @@ impl LvmBackend {
                 .collect();
             LoopIndex::scan(|backing| pvs.contains(backing))?
         } else {
-            LoopIndex::scan(|_| false)?
+            // device-mapper exposes LVs itself: no loop device to find.
+            LoopIndex::default()
         };
         let backend = LvmBackend {
             lvm,

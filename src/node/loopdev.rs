@@ -361,6 +361,7 @@ pub fn window_of_node(device: &Path) -> Option<Window> {
 /// attaching and detaching through it, and checked on every use with one
 /// read of that device's sysfs entry (a device detached and reused by someone
 /// else is dropped, never trusted).
+#[derive(Default)]
 pub struct LoopIndex {
     devices: Mutex<BTreeMap<PathBuf, Vec<PathBuf>>>,
 }

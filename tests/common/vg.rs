@@ -248,18 +248,27 @@ impl TestVg {
             .collect()
     }
 
-    /// The device-mapper device of `lv`, if it is active.
-    pub fn active_device_of_lv(&self, lv: &str) -> Option<PathBuf> {
+    /// One `lvs` field of `lv` in bytes where it is a size, trimmed ("" when
+    /// the LV does not exist).
+    pub fn lv_field(&self, lv: &str, field: &str) -> String {
         let out = lvm(
             "lvs",
             &[
                 "--noheadings",
+                "--units",
+                "b",
+                "--nosuffix",
                 "-o",
-                "lv_active",
+                field,
                 &format!("{}/{lv}", self.name),
             ],
         );
-        let active = String::from_utf8_lossy(&out.stdout).trim() == "active";
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The device-mapper device of `lv`, if it is active.
+    pub fn active_device_of_lv(&self, lv: &str) -> Option<PathBuf> {
+        let active = self.lv_field(lv, "lv_active") == "active";
         let device = PathBuf::from(format!("/dev/{}/{lv}", self.name));
         (active && device.exists()).then_some(device)
     }

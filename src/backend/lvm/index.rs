@@ -529,24 +529,11 @@ mod tests {
 
     #[test]
     fn a_refresh_keeps_vanished_kennel_lvs_as_missing() {
-        let id = VolumeId::generate();
-        let record = crate::backend::VolumeRecord {
-            id: id.clone(),
-            name: "pvc-a".into(),
-            capacity_bytes: 40 << 20,
-            requested: Default::default(),
-            capabilities: vec![],
-            params: Default::default(),
-            node_id: "n".into(),
-            machine_id: "m".into(),
-            created_unix: 1,
-            source: None,
-        };
-        let tag_list = tags::encode(&record).expect("test setup");
+        let (id, row) = owned_lv(0);
         let mut index = Index::build(
             vec![vg_row(90)],
             vec![pvseg(0, 10, id.as_str()), pvseg(10, 90, "")],
-            vec![lvseg(id.as_str(), tag_list, 0, 10)],
+            vec![row],
         );
         assert!(index.find(id.as_str()).and_then(Lv::volume).is_some());
         index.merge_fresh(Index::build(

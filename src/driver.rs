@@ -16,6 +16,7 @@ use crate::volume::capacity::parse_size;
 use crate::volume::controller::{Controller, NodeIdentity};
 use crate::volume::locks::LockMap;
 use crate::volume::node::NodeOps;
+use crate::volume::work::Work;
 
 pub const TOPOLOGY_KEY: &str = "topology.kennel.csi.dev/node";
 pub const DEFAULT_DRIVER_NAME: &str = "kennel.csi.dev";
@@ -181,12 +182,15 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         node_id,
         machine_id: crate::node::identity::host_identity()?,
     };
-    let locks = LockMap::default();
+    // One set of locks and running operations for both services: a volume's controller and
+    // node calls are serialized with each other too.
+    let work = Work::new(LockMap::default());
     Ok(Arc::new(Driver {
         name: args.driver_name.clone(),
         granularity: backend.granularity(),
-        controller: Controller::new(backend.clone(), locks.clone(), identity),
-        node: NodeOps::new(backend, locks, kubelet)?,
+        controller: Controller::new(backend.clone(), work.clone(), identity),
+        node: NodeOps::new(backend, work.clone(), kubelet)?,
+        work,
         max_volumes_per_node: args.max_volumes_per_node,
         telemetry: Arc::new(Telemetry::for_classes(
             args.volume_groups.iter().map(|c| c.name.clone()).collect(),

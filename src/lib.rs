@@ -8,6 +8,7 @@ pub mod demo;
 pub mod driver;
 pub mod duration;
 pub mod error;
+pub mod faults;
 pub mod metrics;
 pub mod node;
 pub mod retention;

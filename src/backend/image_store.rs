@@ -108,6 +108,7 @@ impl<R: Stored> ImageStore<R> {
             .mode(0o600)
             .open(&image)
             .ctx("create image", &image)
+            .inspect(|_| crate::faults::step("image created"))
     }
 
     /// Drop an image whose record was never committed.
@@ -119,6 +120,7 @@ impl<R: Stored> ImageStore<R> {
     pub fn commit(&self, record: &R) -> Result<()> {
         let json = serde_json::to_vec_pretty(record)
             .map_err(|e| Error::Internal(format!("encode record: {e}")))?;
+        crate::faults::step("image filled, record not yet written");
         write_atomically(&self.dir, &self.record_path(record.id()), &json)?;
         self.records().insert(record.id().clone(), record.clone());
         Ok(())
@@ -128,6 +130,7 @@ impl<R: Stored> ImageStore<R> {
     pub fn remove(&self, id: &R::Id) -> Result<()> {
         remove_if_exists(&self.record_path(id))?;
         sync_dir(&self.dir)?;
+        crate::faults::step("record removed, image not yet");
         remove_if_exists(&self.image_path(id))?;
         self.records().remove(id);
         Ok(())

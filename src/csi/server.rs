@@ -21,6 +21,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::volume::controller::Controller;
 use crate::volume::node::NodeOps;
 use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
+use crate::volume::work::Work;
 
 /// Volume context keys naming where a volume's data lives.
 pub const CONTEXT_NODE: &str = "kennel.csi.dev/node";
@@ -31,6 +32,8 @@ pub struct Driver {
     pub name: String,
     pub controller: Controller,
     pub node: NodeOps,
+    /// The operations both services run: `serve` waits for them before it returns.
+    pub work: Work,
     pub max_volumes_per_node: i64,
     pub granularity: u64,
     /// Calls counted by the layer `serve` puts around every call, and the backend as last
@@ -113,6 +116,7 @@ pub async fn serve(
             .clone()
             .keep_fresh(driver.controller.backend(), OBSERVE_PERIOD),
     );
+    let work = driver.work.clone();
     let served = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer::new(driver.telemetry.clone()))
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
@@ -123,6 +127,9 @@ pub async fn serve(
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .map_err(|e| Error::Internal(format!("gRPC server: {e}")));
+    // Callers that gave up may have left operations running: they end before the driver does,
+    // so no tool is killed mid-change by the process exiting.
+    work.stop().await;
     observer.abort();
     served
 }

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use crate::backend::{Backend, ContentSource, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, Result};
 use crate::volume::capacity::{choose_size, CapacityRange, GIB};
-use crate::volume::locks::LockMap;
 use crate::volume::spec::{segment_matches, Capability, CreateRequest, Segment, VolumeParams};
+use crate::volume::work::Work;
 use crate::volume::{token, SnapshotId, VolumeId};
 
 /// Size of a volume whose request names no capacity.
@@ -23,9 +23,11 @@ pub struct NodeIdentity {
     pub topology: Segment,
 }
 
+/// Cheap to clone: clones share the backend, the locks and the running operations.
+#[derive(Clone)]
 pub struct Controller {
     backend: Arc<dyn Backend>,
-    locks: LockMap,
+    work: Work,
     identity: NodeIdentity,
 }
 
@@ -33,10 +35,10 @@ pub struct Controller {
 pub type VolumeStatus = (VolumeRecord, Option<String>);
 
 impl Controller {
-    pub fn new(backend: Arc<dyn Backend>, locks: LockMap, identity: NodeIdentity) -> Self {
+    pub fn new(backend: Arc<dyn Backend>, work: Work, identity: NodeIdentity) -> Self {
         Controller {
             backend,
-            locks,
+            work,
             identity,
         }
     }
@@ -55,14 +57,21 @@ impl Controller {
     }
 
     pub async fn create(&self, req: CreateRequest) -> Result<VolumeRecord> {
-        let _guard = self.locks.lock(format!("name:{}", req.name)).await?;
         // The source stays whole for the copy: deleting it waits (or answers ABORTED). Lock
         // order is fixed, name before source, so two creates never deadlock.
-        let _source_guard = match &req.source {
-            Some(ContentSource::Volume(id)) => Some(self.locks.lock(id.as_str()).await?),
-            Some(ContentSource::Snapshot(id)) => Some(self.locks.lock(id.as_str()).await?),
-            None => None,
-        };
+        let mut keys = vec![format!("name:{}", req.name)];
+        match &req.source {
+            Some(ContentSource::Volume(id)) => keys.push(id.as_str().to_owned()),
+            Some(ContentSource::Snapshot(id)) => keys.push(id.as_str().to_owned()),
+            None => {}
+        }
+        let this = self.clone();
+        self.work
+            .run(keys, async move { this.create_locked(req).await })
+            .await
+    }
+
+    async fn create_locked(&self, req: CreateRequest) -> Result<VolumeRecord> {
         if !req.requisite.is_empty()
             && !req
                 .requisite
@@ -79,6 +88,7 @@ impl Controller {
         let source = req.source.clone();
         let (existing, source_bytes) = self
             .blocking(move |b| {
+                crate::faults::step("create: locked");
                 b.check_params(&backend_params)?;
                 let source_bytes = match &source {
                     Some(source) => Some(source_size(b, source)?),
@@ -120,8 +130,16 @@ impl Controller {
         let Some(id) = VolumeId::parse(raw_id) else {
             return Ok(());
         };
-        let _guard = self.locks.lock(id.as_str()).await?;
-        self.blocking(move |b| b.delete(&id)).await
+        let this = self.clone();
+        self.work
+            .run(vec![id.as_str().to_owned()], async move {
+                this.blocking(move |b| {
+                    crate::faults::step("delete: locked");
+                    b.delete(&id)
+                })
+                .await
+            })
+            .await
     }
 
     pub async fn get(&self, raw_id: &str) -> Result<VolumeStatus> {
@@ -213,25 +231,31 @@ impl Controller {
     /// Grow the volume's storage; returns the new size.
     pub async fn expand(&self, raw_id: &str, range: CapacityRange) -> Result<u64> {
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await?;
         let granularity = self.backend.granularity();
-        self.blocking(move |b| {
-            let record = b
-                .get(&id)?
-                .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
-            if range.limit != 0 && record.capacity_bytes > range.limit {
-                return Err(Error::OutOfRange(format!(
-                    "volume is already {} bytes, above the limit of {} bytes",
-                    record.capacity_bytes, range.limit
-                )));
-            }
-            if record.capacity_bytes >= range.required {
-                return Ok(record.capacity_bytes);
-            }
-            let size = choose_size(range, granularity, granularity, record.capacity_bytes)?;
-            Ok(b.expand(&id, size)?.capacity_bytes)
-        })
-        .await
+        let this = self.clone();
+        let keys = vec![id.as_str().to_owned()];
+        self.work
+            .run(keys, async move {
+                this.blocking(move |b| {
+                    crate::faults::step("expand: locked");
+                    let record = b
+                        .get(&id)?
+                        .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+                    if range.limit != 0 && record.capacity_bytes > range.limit {
+                        return Err(Error::OutOfRange(format!(
+                            "volume is already {} bytes, above the limit of {} bytes",
+                            record.capacity_bytes, range.limit
+                        )));
+                    }
+                    if record.capacity_bytes >= range.required {
+                        return Ok(record.capacity_bytes);
+                    }
+                    let size = choose_size(range, granularity, granularity, record.capacity_bytes)?;
+                    Ok(b.expand(&id, size)?.capacity_bytes)
+                })
+                .await
+            })
+            .await
     }
 
     /// Snapshot a volume; idempotent by name.
@@ -241,9 +265,10 @@ impl Controller {
             return Err(Error::invalid("source_volume_id is required"));
         }
         let source = parse_known(raw_source)?;
-        let _name_guard = self.locks.lock(format!("snapshot:{name}")).await?;
-        let _volume_guard = self.locks.lock(source.as_str()).await?;
-        self.blocking(move |b| {
+        let keys = vec![format!("snapshot:{name}"), source.as_str().to_owned()];
+        let this = self.clone();
+        self.work.run(keys, async move { this.blocking(move |b| {
+            crate::faults::step("snapshot: locked");
             if let Some(existing) = b.find_snapshot_by_name(&name)? {
                 if existing.source_volume != source {
                     return Err(Error::AlreadyExists(format!(
@@ -265,6 +290,7 @@ impl Controller {
             tracing::debug!(snapshot_id = %snapshot.id, volume_id = %snapshot.source_volume, "snapshot created");
             Ok(snapshot)
         })
+        .await })
         .await
     }
 
@@ -276,8 +302,16 @@ impl Controller {
         let Some(id) = SnapshotId::parse(raw_id) else {
             return Ok(());
         };
-        let _guard = self.locks.lock(id.as_str()).await?;
-        self.blocking(move |b| b.delete_snapshot(&id)).await
+        let this = self.clone();
+        self.work
+            .run(vec![id.as_str().to_owned()], async move {
+                this.blocking(move |b| {
+                    crate::faults::step("delete snapshot: locked");
+                    b.delete_snapshot(&id)
+                })
+                .await
+            })
+            .await
     }
 
     /// Snapshots, optionally only one or only those of one volume.
@@ -393,6 +427,7 @@ mod tests {
     use super::*;
     use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
     use crate::volume::capacity::MIB;
+    use crate::volume::locks::LockMap;
     use crate::volume::spec::{AccessMode, AccessType};
 
     /// Forwards to the loop backend; `create` and `create_snapshot` wait while the gate is shut.
@@ -502,8 +537,8 @@ mod tests {
             machine_id: "0123456789abcdef".into(),
             topology: Segment::new(),
         };
-        let locks = LockMap::with_wait(Duration::from_millis(100));
-        (Controller::new(gated.clone(), locks, identity), gated)
+        let work = Work::new(LockMap::with_wait(Duration::from_millis(100)));
+        (Controller::new(gated.clone(), work, identity), gated)
     }
 
     fn request(name: &str, source: Option<ContentSource>) -> CreateRequest {

@@ -7,5 +7,6 @@ pub mod locks;
 pub mod node;
 pub mod spec;
 pub mod token;
+pub mod work;
 
 pub use id::{SnapshotId, VolumeId};

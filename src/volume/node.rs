@@ -18,8 +18,8 @@ use crate::node::loopdev::{self, LoopIndex};
 use crate::node::mount::{self, MountEntry, PathState};
 use crate::volume::capacity::CapacityRange;
 use crate::volume::controller::{parse_known, run_blocking};
-use crate::volume::locks::LockMap;
 use crate::volume::spec::{AccessMode, AccessType, Capability, FsType};
+use crate::volume::work::Work;
 use crate::volume::VolumeId;
 
 /// Inside a Block volume's staging directory, the file the device is bound to.
@@ -27,7 +27,7 @@ pub const BLOCK_STAGING_FILE: &str = "device";
 
 pub struct NodeOps {
     backend: Arc<dyn Backend>,
-    locks: LockMap,
+    work: Work,
     kubelet: KubeletDir,
     /// Read-only loop devices stacked on staged devices for read-only Block
     /// publications, by the device they sit on.
@@ -72,11 +72,11 @@ struct Publication {
 impl NodeOps {
     /// Node operations on paths below `kubelet`; indexes the read-only loop
     /// devices earlier runs left stacked on block devices.
-    pub fn new(backend: Arc<dyn Backend>, locks: LockMap, kubelet: KubeletDir) -> Result<Self> {
+    pub fn new(backend: Arc<dyn Backend>, work: Work, kubelet: KubeletDir) -> Result<Self> {
         let stacked = LoopIndex::scan(|backing| backing.starts_with("/dev/"))?;
         Ok(NodeOps {
             backend,
-            locks,
+            work,
             kubelet,
             stacked: Arc::new(stacked),
         })
@@ -99,49 +99,61 @@ impl NodeOps {
             .kubelet
             .locate(&req.staging_path, "staging_target_path")?;
         let id = parse_known(&req.volume_id)?;
-        let _guard = self.locks.lock(id.as_str()).await?;
-        run_blocking(self.backend.clone(), move |b| {
-            let record = known(b, &id)?;
-            stage(b, &record, &staging, &req.capability)
-        })
-        .await
+        let backend = self.backend.clone();
+        let keys = vec![id.as_str().to_owned()];
+        self.work
+            .run(keys, async move {
+                run_blocking(backend, move |b| {
+                    crate::faults::step("stage: locked");
+                    let record = known(b, &id)?;
+                    stage(b, &record, &staging, &req.capability)
+                })
+                .await
+            })
+            .await
     }
 
     pub async fn unstage(&self, raw_id: &str, staging_path: PathBuf) -> Result<()> {
         let staging = self.kubelet.locate(&staging_path, "staging_target_path")?;
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await?;
         let stacked = self.stacked.clone();
-        run_blocking(self.backend.clone(), move |b| {
-            let device = b.attached_device(&id)?;
-            let block_file = staging.join(BLOCK_STAGING_FILE);
-            if b.get(&id)?.is_none() {
-                // The record is gone: still take down what is this volume's here.
-                let holds = |path: &HostPath| -> Result<bool> {
-                    Ok(match (path.mount_state()?, device.as_deref()) {
-                        (Some(state), Some(device)) => {
-                            holds_device(&state, mount::device_number(device)?)
+        let backend = self.backend.clone();
+        let keys = vec![id.as_str().to_owned()];
+        self.work
+            .run(keys, async move {
+                run_blocking(backend, move |b| {
+                    crate::faults::step("unstage: locked");
+                    let device = b.attached_device(&id)?;
+                    let block_file = staging.join(BLOCK_STAGING_FILE);
+                    if b.get(&id)?.is_none() {
+                        // The record is gone: still take down what is this volume's here.
+                        let holds = |path: &HostPath| -> Result<bool> {
+                            Ok(match (path.mount_state()?, device.as_deref()) {
+                                (Some(state), Some(device)) => {
+                                    holds_device(&state, mount::device_number(device)?)
+                                }
+                                _ => false,
+                            })
+                        };
+                        if !holds(&staging)? && !holds(&block_file)? {
+                            return Err(Error::VolumeNotFound(id.to_string()));
                         }
-                        _ => false,
-                    })
-                };
-                if !holds(&staging)? && !holds(&block_file)? {
-                    return Err(Error::VolumeNotFound(id.to_string()));
-                }
-                tracing::warn!(volume_id = %id, "volume has no record; unstaging what is left of it");
-            }
-            ensure_ours_or_unmounted(&block_file, device.as_deref())?;
-            ensure_ours_or_unmounted(&staging, device.as_deref())?;
-            block_file.unmount_all()?;
-            block_file.remove()?;
-            staging.unmount_all()?;
-            // Read-only devices of Block publications that were never unpublished.
-            if let Some(device) = device {
-                stacked.detach_all(&canonical(&device)?)?;
-            }
-            b.detach(&id)
-        })
-        .await
+                        tracing::warn!(volume_id = %id, "volume has no record; unstaging what is left of it");
+                    }
+                    ensure_ours_or_unmounted(&block_file, device.as_deref())?;
+                    ensure_ours_or_unmounted(&staging, device.as_deref())?;
+                    block_file.unmount_all()?;
+                    block_file.remove()?;
+                    staging.unmount_all()?;
+                    // Read-only devices of Block publications that were never unpublished.
+                    if let Some(device) = device {
+                        stacked.detach_all(&canonical(&device)?)?;
+                    }
+                    b.detach(&id)
+                })
+                .await
+            })
+            .await
     }
 
     pub async fn publish(&self, req: PublishRequest) -> Result<()> {
@@ -154,49 +166,61 @@ impl NodeOps {
             read_only: req.read_only,
         };
         let id = parse_known(&req.volume_id)?;
-        let _guard = self.locks.lock(id.as_str()).await?;
         let stacked = self.stacked.clone();
-        run_blocking(self.backend.clone(), move |b| {
-            known(b, &id)?;
-            publish(b, &stacked, &id, &publication)
-        })
-        .await
+        let backend = self.backend.clone();
+        let keys = vec![id.as_str().to_owned()];
+        self.work
+            .run(keys, async move {
+                run_blocking(backend, move |b| {
+                    crate::faults::step("publish: locked");
+                    known(b, &id)?;
+                    publish(b, &stacked, &id, &publication)
+                })
+                .await
+            })
+            .await
     }
 
     pub async fn unpublish(&self, raw_id: &str, target_path: PathBuf) -> Result<()> {
         let target = self.kubelet.locate(&target_path, "target_path")?;
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await?;
         let stacked = self.stacked.clone();
-        run_blocking(self.backend.clone(), move |b| {
-            let device = b.attached_device(&id)?;
-            let state = target.mount_state()?;
-            let stacked_device = match (&device, &state) {
-                (Some(device), Some(state)) => stacked_read_only_device(state, device)?,
-                _ => None,
-            };
-            if b.get(&id)?.is_none() {
-                // The record is gone: still take down what is this volume's here.
-                let holds = match (&device, &state) {
-                    (Some(device), Some(state)) => {
-                        holds_device(state, mount::device_number(device)?)
-                            || stacked_device.is_some()
+        let backend = self.backend.clone();
+        let keys = vec![id.as_str().to_owned()];
+        self.work
+            .run(keys, async move {
+                run_blocking(backend, move |b| {
+                    crate::faults::step("unpublish: locked");
+                    let device = b.attached_device(&id)?;
+                    let state = target.mount_state()?;
+                    let stacked_device = match (&device, &state) {
+                        (Some(device), Some(state)) => stacked_read_only_device(state, device)?,
+                        _ => None,
+                    };
+                    if b.get(&id)?.is_none() {
+                        // The record is gone: still take down what is this volume's here.
+                        let holds = match (&device, &state) {
+                            (Some(device), Some(state)) => {
+                                holds_device(state, mount::device_number(device)?)
+                                    || stacked_device.is_some()
+                            }
+                            _ => false,
+                        };
+                        if !holds {
+                            return Err(Error::VolumeNotFound(id.to_string()));
+                        }
+                        tracing::warn!(volume_id = %id, "volume has no record; unpublishing what is left of it");
                     }
-                    _ => false,
-                };
-                if !holds {
-                    return Err(Error::VolumeNotFound(id.to_string()));
-                }
-                tracing::warn!(volume_id = %id, "volume has no record; unpublishing what is left of it");
-            }
-            ensure_ours_or_unmounted(&target, device.as_deref())?;
-            target.unmount_all()?;
-            if let (Some(device), Some(ro_device)) = (device, stacked_device) {
-                stacked.detach(&canonical(&device)?, &ro_device)?;
-            }
-            target.remove()
-        })
-        .await
+                    ensure_ours_or_unmounted(&target, device.as_deref())?;
+                    target.unmount_all()?;
+                    if let (Some(device), Some(ro_device)) = (device, stacked_device) {
+                        stacked.detach(&canonical(&device)?, &ro_device)?;
+                    }
+                    target.remove()
+                })
+                .await
+            })
+            .await
     }
 
     pub async fn stats(&self, raw_id: &str, volume_path: PathBuf) -> Result<StatsReport> {
@@ -243,30 +267,36 @@ impl NodeOps {
     ) -> Result<u64> {
         let path = self.volume_path(&volume_path)?;
         let id = parse_known(raw_id)?;
-        let _guard = self.locks.lock(id.as_str()).await?;
-        run_blocking(self.backend.clone(), move |b| {
-            let record = known(b, &id)?;
-            let state = require_existing(&path)?;
-            let device = b.attached_device(&id)?.ok_or_else(|| {
-                Error::Precondition(format!("volume {id} is not staged on this node"))
-            })?;
-            b.refresh_device(&id)?;
-            let size = loopdev::device_size(&device)?;
-            if !range.admits(size) && range.required > record.capacity_bytes {
-                return Err(Error::OutOfRange(format!(
-                    "volume is {size} bytes; expand it in the controller first"
-                )));
-            }
-            // Already grown (e.g. offline, on the last stage): nothing to ask the kernel.
-            if state.is_filesystem_of(mount::device_number(&device)?) {
-                let fs_bytes = filesystem::filesystem_bytes(&device)?;
-                if fs_bytes.is_none_or(|bytes| bytes < size) {
-                    filesystem::grow_online(&device, path.path(), &state.fs_type)?;
-                }
-            }
-            Ok(size)
-        })
-        .await
+        let backend = self.backend.clone();
+        let keys = vec![id.as_str().to_owned()];
+        self.work
+            .run(keys, async move {
+                run_blocking(backend, move |b| {
+                    crate::faults::step("expand: locked");
+                    let record = known(b, &id)?;
+                    let state = require_existing(&path)?;
+                    let device = b.attached_device(&id)?.ok_or_else(|| {
+                        Error::Precondition(format!("volume {id} is not staged on this node"))
+                    })?;
+                    b.refresh_device(&id)?;
+                    let size = loopdev::device_size(&device)?;
+                    if !range.admits(size) && range.required > record.capacity_bytes {
+                        return Err(Error::OutOfRange(format!(
+                            "volume is {size} bytes; expand it in the controller first"
+                        )));
+                    }
+                    // Already grown (e.g. offline, on the last stage): nothing to ask the kernel.
+                    if state.is_filesystem_of(mount::device_number(&device)?) {
+                        let fs_bytes = filesystem::filesystem_bytes(&device)?;
+                        if fs_bytes.is_none_or(|bytes| bytes < size) {
+                            filesystem::grow_online(&device, path.path(), &state.fs_type)?;
+                        }
+                    }
+                    Ok(size)
+                })
+                .await
+            })
+            .await
     }
 }
 
@@ -331,6 +361,7 @@ fn stage(
     staging.ensure_dir()?;
     let attached_before = b.attached_device(&record.id)?;
     let device = b.attach(&record.id)?;
+    crate::faults::step("stage: device attached");
     let result = match &cap.access_type {
         AccessType::Block => stage_block(&device, staging),
         AccessType::Mount {
@@ -431,6 +462,7 @@ fn stage_filesystem(
                 ));
             }
             filesystem::ensure_filesystem(device, fs, discard)?;
+            crate::faults::step("stage: filesystem made");
             fs.name().to_owned()
         }
     };

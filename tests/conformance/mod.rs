@@ -1,6 +1,7 @@
 //! The CSI conformance suite, written once and run by one test target per
 //! backend (`conformance_loop`, `conformance_lvm`).
 
+mod cancellation;
 mod concurrency;
 mod controller;
 mod deadlines;

@@ -129,6 +129,7 @@ impl Lvm {
             tracing::error!(step = done, "aborting on request (crash injection)");
             std::process::abort();
         }
+        crate::faults::step("lvm2 change or data write done");
     }
 
     /// Logical volumes of these VGs (one row per LV).

@@ -123,6 +123,10 @@ impl LvmDriver {
         self.restart_with(vec![]).await;
     }
 
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("driver is running").id() as i32
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -1,0 +1,113 @@
+//! device-mapper activation: which mode the node side uses, activating
+//! Kennel's LVs at start-up (after a reboot) and one LV on demand, and the
+//! device nodes of active LVs.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::cli::LvRow;
+use super::index::Lv;
+use super::LvmBackend;
+use crate::error::{Error, Result};
+
+/// How the node side reaches an LV's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Activation {
+    /// `dm` when the kernel has device-mapper, `loop` otherwise.
+    Auto,
+    /// device-mapper: LVs active from creation to removal, `/dev/VG/LV`.
+    Dm,
+    /// No device-mapper: lvm2 with `--driverloaded n`, linear LVs allocated
+    /// contiguously and exposed as a loop device over their PV range.
+    Loop,
+}
+
+impl Activation {
+    pub fn resolve(self) -> Activation {
+        match self {
+            Activation::Auto if device_mapper_available() => Activation::Dm,
+            Activation::Auto => Activation::Loop,
+            other => other,
+        }
+    }
+}
+
+/// Whether the kernel answers on `/dev/mapper/control` (the node alone
+/// proves nothing: lvm2 creates it even where the kernel lacks the driver).
+pub fn device_mapper_available() -> bool {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+        .is_ok()
+}
+
+impl LvmBackend {
+    /// device-mapper mode after a reboot: Kennel's volumes are active from
+    /// creation to removal, so activate the ones that are not (one command).
+    pub(super) fn activate_all(&self) -> Result<()> {
+        if !self.lvm.device_mapper() {
+            return Ok(());
+        }
+        let inactive: Vec<String> = self
+            .index()
+            .lvs()
+            .filter(|lv| lv.volume().is_some() && lv.row.lv_active != "active")
+            .map(|lv| format!("{}/{}", lv.row.vg_name, lv.row.lv_name))
+            .collect();
+        if inactive.is_empty() {
+            return Ok(());
+        }
+        let _change = self.changing();
+        self.lvm
+            .cmd("lvchange")
+            .args(["-ay", "-K", "--"])
+            .args(&inactive)
+            .run()?;
+        let mut index = self.index();
+        for full in &inactive {
+            if let Some((vg, name)) = full.split_once('/') {
+                if let Some(lv) = index.get_mut(vg, name) {
+                    lv.row.lv_active = "active".to_owned();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn activate(&self, lv: &Lv) -> Result<()> {
+        self.lvm
+            .cmd("lvchange")
+            .args(["-ay", "-K", "--"])
+            .arg(format!("{}/{}", lv.row.vg_name, lv.row.lv_name))
+            .run()?;
+        if let Some(indexed) = self.index().get_mut(&lv.row.vg_name, &lv.row.lv_name) {
+            indexed.row.lv_active = "active".to_owned();
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn lv_device(row: &LvRow) -> PathBuf {
+    if row.lv_path.is_empty() {
+        PathBuf::from(format!("/dev/{}/{}", row.vg_name, row.lv_name))
+    } else {
+        PathBuf::from(&row.lv_path)
+    }
+}
+
+/// Wait (briefly) for a device node lvm2 or udev is creating.
+pub(super) fn wait_for(device: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !device.exists() {
+        if Instant::now() > deadline {
+            return Err(Error::Internal(format!(
+                "{} did not appear after activation",
+                device.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

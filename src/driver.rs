@@ -84,9 +84,12 @@ pub struct DriverArgs {
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
-    /// Deadline of every host tool the driver runs (mkfs, fsck, resize2fs, xfs_growfs, lvm2);
-    /// tools that work through a whole device get 1 s more per GiB. A tool past its deadline
-    /// is killed and the call answers DEADLINE_EXCEEDED.
+    /// Deadline of every host tool the driver runs; tools that work through a whole device
+    /// (mkfs, fsck, resize) get 1 s more per GiB. A read-only tool (lvs, blkid…) past it is
+    /// killed (SIGTERM, then SIGKILL) and the call answers DEADLINE_EXCEEDED. A tool that
+    /// changes on-disk metadata (lvm2 changes, mkfs, e2fsck, resize2fs, xfs_growfs) is never
+    /// killed: past it, it is only logged. The caller's own deadline ends its wait; the volume
+    /// stays locked until the tool ends, and retries meanwhile answer ABORTED.
     #[arg(long, default_value = "2m", value_parser = crate::duration::parse_duration)]
     pub command_timeout: std::time::Duration,
     /// Longest time a snapshot or clone may keep a mounted source's filesystem frozen. An

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::node::cmd;
+use crate::node::cmd::{self, Tool};
 use crate::volume::spec::FsType;
 
 /// What a device carries, as blkid's low-level probe sees it.
@@ -18,15 +18,14 @@ pub enum Content {
 
 /// Probe `device` for any signature (superblock or partition table).
 pub fn probe(device: &Path) -> Result<Content> {
-    let out = cmd::output(
-        "blkid",
-        [
+    let out = Tool::read_only("blkid")
+        .args([
             Path::new("-p"),
             Path::new("-o"),
             Path::new("export"),
             device,
-        ],
-    )?;
+        ])
+        .output()?;
     match out.status.code() {
         Some(0) => Ok(parse_blkid_export(&String::from_utf8_lossy(&out.stdout))),
         // 2: no signature found.
@@ -70,7 +69,8 @@ pub fn ensure_filesystem(device: &Path, fs: FsType, discard: bool) -> Result<boo
     }
 }
 
-/// The deadline of a tool that works through all of `device` (mkfs, fsck, resize).
+/// The deadline of a tool that works through all of `device` (mkfs, fsck, resize): these all
+/// change on-disk metadata, so past it they are logged, never killed.
 fn deadline_for(device: &Path) -> std::time::Duration {
     cmd::timeout_for_bytes(crate::node::loopdev::device_size(device).unwrap_or(0))
 }
@@ -83,17 +83,16 @@ fn mkfs(device: &Path, fs: FsType, discard: bool) -> Result<()> {
             // after mount, so formatting a big volume takes well under a second.
             let mut extended = String::from("lazy_itable_init=1,lazy_journal_init=1");
             extended.push_str(if discard { ",discard" } else { ",nodiscard" });
-            cmd::run_within(
-                "mkfs.ext4",
-                [
+            Tool::changes_metadata("mkfs.ext4")
+                .args([
                     Path::new("-q"),
                     Path::new("-F"),
                     Path::new("-E"),
                     Path::new(&extended),
                     device,
-                ],
-                deadline,
-            )?;
+                ])
+                .deadline(deadline)
+                .run()?;
         }
         FsType::Xfs => {
             let mut args = vec![Path::new("-q")];
@@ -101,7 +100,10 @@ fn mkfs(device: &Path, fs: FsType, discard: bool) -> Result<()> {
                 args.push(Path::new("-K"));
             }
             args.push(device);
-            cmd::run_within("mkfs.xfs", args, deadline)?;
+            Tool::changes_metadata("mkfs.xfs")
+                .args(args)
+                .deadline(deadline)
+                .run()?;
         }
     }
     Ok(())
@@ -119,9 +121,17 @@ pub fn grow_online(device: &Path, mount_point: &Path, fs: &str) -> Result<()> {
                         .to_owned(),
                 ));
             }
-            cmd::run_within("resize2fs", [device], deadline_for(device)).map(drop)
+            Tool::changes_metadata("resize2fs")
+                .arg(device)
+                .deadline(deadline_for(device))
+                .run()
+                .map(drop)
         }
-        "xfs" => cmd::run_within("xfs_growfs", [mount_point], deadline_for(device)).map(drop),
+        "xfs" => Tool::changes_metadata("xfs_growfs")
+            .arg(mount_point)
+            .deadline(deadline_for(device))
+            .run()
+            .map(drop),
         other => Err(Error::Precondition(format!(
             "cannot grow a {other} filesystem"
         ))),
@@ -131,11 +141,11 @@ pub fn grow_online(device: &Path, mount_point: &Path, fs: &str) -> Result<()> {
 /// Grow an unmounted ext4 filesystem (resize2fs insists on a fresh check first).
 pub fn grow_offline_ext4(device: &Path) -> Result<()> {
     let deadline = deadline_for(device);
-    let check = cmd::output_within(
-        "e2fsck",
-        [Path::new("-f"), Path::new("-p"), device],
-        deadline,
-    )?;
+    // -p repairs what it safely can: it writes.
+    let check = Tool::changes_metadata("e2fsck")
+        .args([Path::new("-f"), Path::new("-p"), device])
+        .deadline(deadline)
+        .output()?;
     // 0: clean, 1: errors fixed. Anything else needs a human.
     if !matches!(check.status.code(), Some(0 | 1)) {
         return Err(Error::Precondition(format!(
@@ -144,7 +154,11 @@ pub fn grow_offline_ext4(device: &Path) -> Result<()> {
             cmd::failure("e2fsck", &check)
         )));
     }
-    cmd::run_within("resize2fs", [device], deadline).map(drop)
+    Tool::changes_metadata("resize2fs")
+        .arg(device)
+        .deadline(deadline)
+        .run()
+        .map(drop)
 }
 
 const CAP_SYS_RESOURCE: u32 = 24;

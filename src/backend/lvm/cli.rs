@@ -1,10 +1,11 @@
 //! lvm2's command-line tools as typed calls: argument lists (never a shell),
 //! JSON reports decoded with serde, failures turned into domain errors that
-//! keep lvm2's own message.
+//! keep lvm2's own message. The commands run through the node's one runner
+//! ([`crate::node::cmd`]): reports are read-only and killed at their deadline,
+//! every other lvm2 command may change metadata and is never killed.
 
 use std::ffi::OsString;
-use std::io::Read;
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -13,16 +14,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use crate::error::{Error, Result};
+use crate::node::cmd::{Effect, Tool};
 
 /// Environment variable naming the mutating step after which the process
 /// aborts (fault injection for crash-safety tests). Only builds with the
 /// `crash-injection` feature read it.
 #[cfg(feature = "crash-injection")]
 pub const ABORT_AFTER_STEP_ENV: &str = "KENNEL_LVM_ABORT_AFTER_STEP";
-
-/// How long one lvm2 command may run (waiting for lvm2's own locks
-/// included) before it is killed.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How lvm2 is invoked on this host.
 #[derive(Debug)]
@@ -35,7 +33,9 @@ pub struct Lvm {
     /// The PVs lvm2 may scan (`--devices`), once they are known: scanning
     /// every block device of a host costs far more than the command itself.
     devices: OnceLock<Vec<String>>,
-    timeout: Duration,
+    /// The deadline of each command (lvm2's own lock waits included); by
+    /// default `--command-timeout`.
+    timeout: Option<Duration>,
     /// Mutating steps taken so far and the step to abort after (tests).
     steps: AtomicUsize,
     abort_after: Option<usize>,
@@ -53,14 +53,14 @@ impl Lvm {
             no_device_mapper,
             config: (!config.is_empty()).then(|| config.join(" ")),
             devices: OnceLock::new(),
-            timeout: DEFAULT_TIMEOUT,
+            timeout: None,
             steps: AtomicUsize::new(0),
             abort_after: abort_after_step(),
         }
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = Some(timeout);
         self
     }
 
@@ -110,11 +110,12 @@ impl Lvm {
         LvmCmd {
             tool,
             args,
-            timeout: self.timeout,
+            timeout: self.timeout.unwrap_or_else(crate::node::cmd::timeout),
         }
     }
 
-    /// Run a command that changes the system, then count it as a step.
+    /// Run a command that changes the system (never killed, see [`LvmCmd::run`]),
+    /// then count it as a step.
     pub fn change(&self, cmd: LvmCmd) -> Result<Output> {
         let output = cmd.run()?;
         self.step();
@@ -253,97 +254,57 @@ impl LvmCmd {
         line
     }
 
+    /// Run a command that may change metadata (anything but a report:
+    /// lvcreate, lvremove, lvchange, lvextend, vgchange, pvcreate…). It is
+    /// never killed: a kill between a device-mapper suspend and resume leaves
+    /// the device suspended, and after one the outcome is unknown. Past its
+    /// deadline it is logged and waited for.
     pub fn run(self) -> Result<Output> {
-        tracing::debug!(command = %self.display(), "lvm2");
+        self.execute(Effect::ChangesMetadata)
+    }
+
+    /// Run through the node's runner, timed by tool; lvm2's failures become
+    /// domain errors.
+    fn execute(self, effect: Effect) -> Result<Output> {
+        let line = self.display();
+        tracing::debug!(command = %line, ?effect, "lvm2");
         let started = Instant::now();
-        let output = self.run_with_deadline();
+        let output = Tool::new(self.tool, effect)
+            .args(&self.args)
+            // lvm2 warns about every inherited descriptor; they are harmless.
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .deadline(self.timeout)
+            .output();
         super::metrics::observe(self.tool, started.elapsed().as_secs_f64());
-        let output = output?;
+        let output = output.map_err(|e| match e {
+            // Name the whole command line, not just the tool.
+            Error::DeadlineExceeded { after, stderr, .. } => Error::DeadlineExceeded {
+                command: line.clone(),
+                after,
+                stderr,
+            },
+            other => other,
+        })?;
         if output.status.success() {
             Ok(output)
         } else {
             Err(classify(
-                &self.display(),
+                &line,
                 &output.status.to_string(),
                 &String::from_utf8_lossy(&output.stderr),
             ))
         }
     }
 
-    /// Run the tool, killing it if it outlives its deadline.
-    fn run_with_deadline(&self) -> Result<Output> {
-        let mut child = Command::new(self.tool)
-            .args(&self.args)
-            .env("LC_ALL", "C")
-            // lvm2 warns about every inherited descriptor; they are harmless.
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::Command {
-                command: self.tool.to_owned(),
-                status: "not started".to_owned(),
-                stderr: e.to_string(),
-            })?;
-        let stdout = drain(child.stdout.take());
-        let stderr = drain(child.stderr.take());
-        let deadline = Instant::now() + self.timeout;
-        let mut pause = Duration::from_millis(1);
-        let status: ExitStatus = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let stderr = stderr.join().unwrap_or_default();
-                    return Err(Error::Command {
-                        command: self.display(),
-                        status: format!("killed after {:?} (deadline)", self.timeout),
-                        stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
-                    });
-                }
-                Ok(None) => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(20));
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    return Err(Error::Command {
-                        command: self.display(),
-                        status: "lost".to_owned(),
-                        stderr: e.to_string(),
-                    });
-                }
-            }
-        };
-        Ok(Output {
-            status,
-            stdout: stdout.join().unwrap_or_default(),
-            stderr: stderr.join().unwrap_or_default(),
-        })
-    }
-
-    /// Run and decode `{"report": [T, ...]}`.
+    /// Run a report (read-only, killed at its deadline) and decode
+    /// `{"report": [T, ...]}`.
     fn json<T: DeserializeOwned>(self) -> Result<Vec<T>> {
         let line = self.display();
-        let output = self.run()?;
+        let output = self.execute(Effect::ReadOnly)?;
         let doc: Report<T> = serde_json::from_slice(&output.stdout)
             .map_err(|e| Error::Internal(format!("cannot decode the report of `{line}`: {e}")))?;
         Ok(doc.report)
     }
-}
-
-/// Read a child's pipe to the end on a thread (so a full pipe never stalls
-/// the child while its deadline is watched).
-fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_end(&mut buf);
-        }
-        buf
-    })
 }
 
 /// Turn an lvm2 failure into the domain error its message describes,
@@ -674,22 +635,47 @@ mod tests {
     }
 
     #[test]
-    fn a_command_past_its_deadline_is_killed_and_named() {
-        let cmd = LvmCmd {
+    fn lvm2_changes_are_waited_for_past_their_deadline_and_reports_are_killed() {
+        // `sleep` stands in for lvm2: a change that outlives its deadline runs to its end.
+        let change = LvmCmd {
+            tool: "sleep",
+            args: vec!["1".into()],
+            timeout: Duration::from_millis(200),
+        };
+        let started = Instant::now();
+        change.run().expect("a change is waited for");
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        let lvm = Lvm::new(true, true);
+        lvm.change(LvmCmd {
+            tool: "sleep",
+            args: vec!["0.5".into()],
+            timeout: Duration::from_millis(100),
+        })
+        .expect("a counted change is waited for too");
+        assert_eq!(lvm.steps.load(Ordering::SeqCst), 1);
+
+        // A report (how `lvs`, `vgs` and `pvs` run) is killed at its deadline and named.
+        let report = LvmCmd {
             tool: "sleep",
             args: vec!["30".into()],
             timeout: Duration::from_millis(200),
         };
         let started = Instant::now();
-        match cmd.run() {
-            Err(Error::Command {
-                command, status, ..
-            }) => {
+        match report.json::<serde_json::Value>() {
+            Err(Error::DeadlineExceeded { command, after, .. }) => {
                 assert_eq!(command, "sleep 30");
-                assert!(status.contains("deadline"), "{status}");
+                assert_eq!(after, Duration::from_millis(200));
             }
             other => panic!("{other:?}"),
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "not killed");
+        assert!(started.elapsed() < Duration::from_secs(5), "not killed");
+    }
+
+    #[test]
+    fn commands_take_the_configured_deadline() {
+        let lvm = Lvm::new(false, false);
+        assert_eq!(lvm.cmd("lvs").timeout, crate::node::cmd::timeout());
+        let lvm = lvm.with_timeout(Duration::from_secs(7));
+        assert_eq!(lvm.reader().cmd("lvs").timeout, Duration::from_secs(7));
     }
 }

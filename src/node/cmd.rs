@@ -170,6 +170,9 @@ impl Tool {
             stdout: stdout.join().unwrap_or_default(),
             stderr: stderr.join().unwrap_or_default(),
         };
+        if self.effect == Effect::ChangesMetadata {
+            crate::faults::step(&format!("{} ended", self.program));
+        }
         if expired {
             return Err(Error::DeadlineExceeded {
                 command: self.program,

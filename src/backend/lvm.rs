@@ -53,6 +53,7 @@ use crate::volume::{SnapshotId, VolumeId};
 pub mod cli;
 pub mod data;
 pub mod index;
+pub mod metadata;
 pub mod metrics;
 pub mod params;
 pub mod tags;
@@ -1149,6 +1150,7 @@ impl Backend for LvmBackend {
             return Ok(());
         }
         let tag_list = tags::encode(record)?;
+        metadata::ensure_room(&self.index, &self.lvm, &vg, &tag_list)?;
         match &record.source {
             Some(source) => {
                 let source = self.source_lv(source)?;
@@ -1305,6 +1307,7 @@ impl Backend for LvmBackend {
             .volume(&snapshot.source_volume)?
             .ok_or_else(|| Error::VolumeNotFound(snapshot.source_volume.to_string()))?;
         let tag_list = tags::encode(snapshot)?;
+        metadata::ensure_room(&self.index, &self.lvm, &src.row.vg_name, &tag_list)?;
         let name = snapshot.id.as_str();
         if src.row.is_thin() {
             let _building = self.building(name);

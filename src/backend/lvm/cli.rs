@@ -207,7 +207,7 @@ fn abort_after_step() -> Option<usize> {
 const LV_FIELDS: &str =
     "lv_name,vg_name,lv_size,lv_tags,lv_attr,segtype,pool_lv,origin,lv_active,lv_path,data_percent,lv_health_status";
 const SEG_FIELDS: &str = "stripes,seg_start_pe,seg_size_pe,seg_pe_ranges";
-const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,pv_count";
+const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,pv_count,vg_mda_size,vg_mda_free";
 const PVSEG_FIELDS: &str = "pv_name,vg_name,pe_start,pvseg_start,pvseg_size,lv_name";
 
 /// One command line being built.
@@ -509,6 +509,11 @@ pub struct VgRow {
     pub vg_extent_size: u64,
     #[serde(deserialize_with = "number")]
     pub pv_count: u64,
+    /// Its smallest metadata area, and the room left there (see `metadata`).
+    #[serde(default, deserialize_with = "number")]
+    pub vg_mda_size: u64,
+    #[serde(default, deserialize_with = "number")]
+    pub vg_mda_free: u64,
 }
 
 fn number<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 
 use super::cli::{LvRow, LvSegRow, PvSegRow, SegRow, VgRow};
 use super::data::{self, PeRange};
-use super::tags::{self, Decoded};
+use super::metadata;
+use super::tags::{self, Decoded, LvFacts};
 use crate::backend::{SnapshotRecord, VolumeRecord};
 use crate::volume::{SnapshotId, VolumeId};
 
@@ -39,6 +40,9 @@ pub struct Vg {
     pub size: u64,
     pub free_extents: u64,
     pub pvs: Vec<Pv>,
+    /// Its metadata area as lvm2 last reported it, less what Kennel's LVs
+    /// added since (an estimate until the next load).
+    pub metadata: metadata::Area,
 }
 
 /// What an LV is to Kennel.
@@ -100,8 +104,12 @@ fn kind_of(row: &LvRow) -> Kind {
         tracing::error!(lv = %row.lv_name, vg = %row.vg_name, error = %why, "Kennel LV with unreadable tags; skipped");
         Kind::Corrupt(why)
     };
+    let facts = LvFacts {
+        name: &row.lv_name,
+        size: row.lv_size,
+    };
     if let Some(id) = VolumeId::parse(&row.lv_name) {
-        return match tags::decode::<VolumeRecord>(&row.lv_tags) {
+        return match tags::decode::<VolumeRecord>(&row.lv_tags, facts) {
             Ok(Decoded::Record(mut record)) if record.id == id => {
                 record.capacity_bytes = row.lv_size;
                 Kind::Volume(record)
@@ -113,7 +121,7 @@ fn kind_of(row: &LvRow) -> Kind {
         };
     }
     if let Some(id) = SnapshotId::parse(&row.lv_name) {
-        return match tags::decode::<SnapshotRecord>(&row.lv_tags) {
+        return match tags::decode::<SnapshotRecord>(&row.lv_tags, facts) {
             Ok(Decoded::Record(record)) if record.id == id => Kind::Snapshot(record),
             Ok(Decoded::Record(_)) => broken("the record names another snapshot".to_owned()),
             Err(e) => broken(e.to_string()),
@@ -143,6 +151,7 @@ impl Index {
         let mut index = Index::default();
         for vg in vgs {
             let extent = vg.vg_extent_size.max(1);
+            let metadata = metadata::Area::of(&vg);
             index.vgs.insert(
                 vg.vg_name,
                 Vg {
@@ -150,6 +159,7 @@ impl Index {
                     size: vg.vg_size,
                     free_extents: vg.vg_free / extent,
                     pvs: Vec::new(),
+                    metadata,
                 },
             );
         }
@@ -225,14 +235,33 @@ impl Index {
 
     /// Add or replace an LV. Its extents must already be taken (see
     /// [`Index::take_contiguous`]) or accounted with [`Index::take_extents`].
+    /// A new LV's text is taken from the VG's metadata area estimate.
     pub fn insert(&mut self, lv: Lv) {
-        self.lvs
-            .insert((lv.row.vg_name.clone(), lv.row.lv_name.clone()), lv);
+        let key = (lv.row.vg_name.clone(), lv.row.lv_name.clone());
+        if !self.lvs.contains_key(&key) {
+            if let Some(v) = self.vgs.get_mut(&lv.row.vg_name) {
+                v.metadata.take(metadata::lv_bytes(&lv.row.lv_tags));
+            }
+        }
+        self.lvs.insert(key, lv);
+    }
+
+    /// Replace a VG's metadata area figure with one lvm2 just reported.
+    pub fn set_metadata(&mut self, vg: &str, area: metadata::Area) {
+        if let Some(v) = self.vgs.get_mut(vg) {
+            v.metadata = area;
+        }
     }
 
     /// Forget an LV that lvm2 removed, giving its extents back.
     pub fn remove(&mut self, vg: &str, name: &str) -> Option<Lv> {
         let lv = self.lvs.remove(&(vg.to_owned(), name.to_owned()))?;
+        if let Some(v) = self.vgs.get_mut(vg) {
+            if !lv.missing {
+                v.metadata
+                    .give_back(metadata::lv_bytes_at_least(&lv.row.lv_tags));
+            }
+        }
         if lv.missing || lv.row.is_thin() {
             return Some(lv);
         }
@@ -360,7 +389,15 @@ impl Index {
             .map(|(key, lv)| (key.clone(), lv.clone()))
             .collect();
         self.merge_fresh(fresh);
-        self.lvs.extend(newer);
+        for (key, lv) in newer {
+            // Created while lvm2 was read: maybe not in the fresh metadata figure.
+            if !before.lvs.contains_key(&key) {
+                if let Some(v) = self.vgs.get_mut(&key.0) {
+                    v.metadata.take(metadata::lv_bytes(&lv.row.lv_tags));
+                }
+            }
+            self.lvs.insert(key, lv);
+        }
     }
 }
 
@@ -453,6 +490,8 @@ mod tests {
             vg_free: free_extents << 22,
             vg_extent_size: 4 << 20,
             pv_count: 1,
+            vg_mda_size: 1044480,
+            vg_mda_free: 500_000,
         }
     }
 

@@ -73,6 +73,7 @@ pub mod cli;
 mod copies;
 pub mod data;
 pub mod index;
+pub mod metadata;
 pub mod metrics;
 pub mod params;
 mod refresh;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::cli::LvRow;
-use super::index::Lv;
+use super::index::{Kind, Lv};
 use super::LvmBackend;
 use crate::error::{Error, Result};
 
@@ -44,8 +44,10 @@ pub fn device_mapper_available() -> bool {
 }
 
 impl LvmBackend {
-    /// device-mapper mode after a reboot: Kennel's volumes are active from
+    /// device-mapper mode after a reboot: Kennel's LVs are active from
     /// creation to removal, so activate the ones that are not (one command).
+    /// That covers full-copy snapshots and half-built LVs too, whose bytes
+    /// must be reachable to be zeroed when they are removed.
     pub(super) fn activate_all(&self) -> Result<()> {
         if !self.lvm.device_mapper() {
             return Ok(());
@@ -53,7 +55,7 @@ impl LvmBackend {
         let inactive: Vec<String> = self
             .index()
             .lvs()
-            .filter(|lv| lv.volume().is_some() && lv.row.lv_active != "active")
+            .filter(|lv| !lv.missing && lv.row.lv_active != "active" && kept_active(lv))
             .map(|lv| format!("{}/{}", lv.row.vg_name, lv.row.lv_name))
             .collect();
         if inactive.is_empty() {
@@ -86,6 +88,17 @@ impl LvmBackend {
             indexed.row.lv_active = "active".to_owned();
         }
         Ok(())
+    }
+}
+
+/// Whether Kennel keeps this LV active: its volumes, and its snapshots and
+/// half-built LVs that hold their own extents. Thin snapshots are created
+/// inactive (lvm2's activation skip) and hold nothing to zero.
+fn kept_active(lv: &Lv) -> bool {
+    match lv.kind {
+        Kind::Volume(_) => true,
+        Kind::Snapshot(_) | Kind::Pending => !lv.row.is_thin(),
+        Kind::Corrupt(_) | Kind::Foreign => false,
     }
 }
 

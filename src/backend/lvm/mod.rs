@@ -21,10 +21,15 @@
 //! An LV's extents are zeroed (`BLKZEROOUT`) before `lvremove` returns them
 //! to the VG, so free extents of a Kennel VG always read as zeros and a new
 //! LV needs no wipe. The LV still holds its extents while they are zeroed, so
-//! capacity stays honest. This assumes the VG's free space starts zeroed (a
-//! new sparse file or a discarded disk) and that LVs are removed through
-//! Kennel. Thin LVs are not zeroed: the thin pool zeroes blocks on first
-//! write (lvm2's default, `-Zy`).
+//! capacity stays honest. An inactive LV (after a reboot) is activated to be
+//! zeroed; one that still cannot be zeroed is not removed, and the call
+//! fails naming it. At start-up every Kennel LV that holds extents (volumes,
+//! full-copy snapshots, half-built LVs) is activated before the sweep
+//! removes half-built ones. This assumes the VG's free space starts zeroed
+//! (a new sparse file or a discarded disk) and that LVs are removed through
+//! Kennel. Thin LVs are not zeroed by Kennel: their pool zeroes a block when
+//! it is provisioned (`-Zy`, lvm2's default), and Kennel refuses to use a
+//! thin pool made with `-Zn` (FAILED_PRECONDITION naming the pool).
 //!
 //! ## Operations that need more than one command
 //! Clones, restores and full-copy snapshots fill an LV after creating it, so
@@ -215,8 +220,9 @@ impl LvmBackend {
             device_mapper = backend.lvm.device_mapper(),
             "lvm backend ready"
         );
-        backend.sweep()?;
+        // Activate first: the sweep zeroes what it removes, and needs its bytes.
         backend.activate_all()?;
+        backend.sweep()?;
         backend.start_refresh(config.refresh_interval);
         Ok(backend)
     }

@@ -716,3 +716,117 @@ async fn a_thin_pool_that_does_not_zero_new_blocks_is_refused() {
     })
     .await;
 }
+
+/// A device-mapper device squatting an LV's name, so lvm2 cannot activate
+/// the LV; removed when dropped.
+struct Squatter(String);
+
+impl Squatter {
+    fn new(vg: &TestVg, lv: &str) -> Squatter {
+        let squatter = Squatter(dm_name(vg, lv));
+        // The `error` target is built into device-mapper (no module to load).
+        let out = Command::new("dmsetup")
+            .args(["create", &squatter.0, "--table", "0 2048 error"])
+            .output()
+            .expect("dmsetup");
+        assert!(
+            out.status.success(),
+            "dmsetup create {}: {out:?}",
+            squatter.0
+        );
+        squatter
+    }
+}
+
+impl Drop for Squatter {
+    fn drop(&mut self) {
+        let _ = Command::new("dmsetup").args(["remove", &self.0]).output();
+    }
+}
+
+async fn condition(driver: &LvmDriver, id: &str) -> pb::VolumeCondition {
+    driver
+        .controller()
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: id.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ControllerGetVolume {id}: {s:?}"))
+        .into_inner()
+        .status
+        .and_then(|s| s.volume_condition)
+        .expect("a volume condition")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_lv_that_cannot_be_activated_makes_its_volume_unhealthy_not_the_driver() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        let vg = TestVg::with_capacity(256 << 20);
+        let mut driver = LvmDriver::start(&vg).await;
+        let good = driver
+            .create(block_req("good", 16 * MIB, &[]))
+            .await
+            .volume_id;
+        let bad = driver
+            .create(block_req("bad", 16 * MIB, &[]))
+            .await
+            .volume_id;
+
+        // A reboot, after which one LV cannot be activated.
+        driver.kill();
+        lvm_ok("vgchange", &["-an", &vg.name]);
+        let squatter = Squatter::new(&vg, &bad);
+        driver.restart().await;
+
+        // The driver serves the healthy volume.
+        assert!(lv_active(&vg, &good));
+        assert!(!condition(&driver, &good).await.abnormal);
+        driver.stage(&good, block_cap()).await;
+        driver.unstage(&good).await;
+
+        // The other one reports why, and its calls fail naming it.
+        let bad_condition = condition(&driver, &bad).await;
+        assert!(bad_condition.abnormal, "{bad_condition:?}");
+        assert!(
+            bad_condition.message.contains(&bad) && bad_condition.message.contains("activated"),
+            "{bad_condition:?}"
+        );
+        let staging = driver.staging_path(&bad);
+        fs::create_dir_all(&staging).unwrap();
+        let status = driver
+            .node()
+            .node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: bad.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(block_cap()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("NodeStageVolume of an LV that cannot be activated");
+        assert!(status.message().contains(&bad), "{status:?}");
+        // Nor is it removed unzeroed.
+        let status = driver
+            .controller()
+            .delete_volume(pb::DeleteVolumeRequest {
+                volume_id: bad.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("DeleteVolume of an LV that cannot be zeroed");
+        assert!(status.message().contains(&bad), "{status:?}");
+        assert_eq!(vg.lv_field(&bad, "lv_name"), bad, "the LV stays");
+
+        // Once it can be activated, it is used again without a restart.
+        drop(squatter);
+        driver.stage(&bad, block_cap()).await;
+        assert!(lv_active(&vg, &bad));
+        assert!(!condition(&driver, &bad).await.abnormal);
+        driver.unstage(&bad).await;
+        driver.delete(&bad).await;
+        driver.delete(&good).await;
+    })
+    .await;
+}

@@ -58,7 +58,7 @@
 //!   command line, byte copying and zeroing, the in-memory index, lvm2 call
 //!   metrics, StorageClass parameters and the records kept in LV tags.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -117,6 +117,8 @@ pub struct LvmBackend {
     ratio: f64,
     index: Arc<Mutex<Index>>,
     changes: Arc<Changes>,
+    /// LVs (`VG/LV`) whose last activation failed, and why (see `activation`).
+    not_activated: Mutex<BTreeMap<String, String>>,
     /// LVs this process is building right now (pending on purpose).
     in_flight: Mutex<HashSet<String>>,
     /// Held across one LV creation: picking free extents, `lvcreate` and indexing it. Two
@@ -208,6 +210,7 @@ impl LvmBackend {
             ratio: config.thin_overprovision_ratio,
             index: Arc::new(Mutex::new(index)),
             changes: Arc::default(),
+            not_activated: Mutex::default(),
             in_flight: Mutex::new(HashSet::new()),
             creating: Mutex::new(()),
             staged_dir: config.lock_dir.join("lvm-staged"),
@@ -221,8 +224,8 @@ impl LvmBackend {
             "lvm backend ready"
         );
         // Activate first: the sweep zeroes what it removes, and needs its bytes.
-        backend.activate_all()?;
-        backend.sweep()?;
+        backend.activate_all();
+        backend.sweep();
         backend.start_refresh(config.refresh_interval);
         Ok(backend)
     }

@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -34,7 +34,8 @@ pub struct Lvm {
     config: Option<String>,
     /// The PVs lvm2 may scan (`--devices`), once they are known: scanning
     /// every block device of a host costs far more than the command itself.
-    devices: OnceLock<Vec<String>>,
+    /// Shared with readers, and replaced when the VGs' PVs change.
+    devices: Arc<RwLock<Vec<String>>>,
     timeout: Duration,
     /// Mutating steps taken so far and the step to abort after (tests).
     steps: AtomicUsize,
@@ -52,7 +53,7 @@ impl Lvm {
         Lvm {
             no_device_mapper,
             config: (!config.is_empty()).then(|| config.join(" ")),
-            devices: OnceLock::new(),
+            devices: Arc::default(),
             timeout: DEFAULT_TIMEOUT,
             steps: AtomicUsize::new(0),
             abort_after: abort_after_step(),
@@ -64,31 +65,39 @@ impl Lvm {
         self
     }
 
-    /// Another handle with the same options (and PVs), for a reader thread.
+    /// Another handle with the same options (and the same PVs, following
+    /// their changes), for a reader thread.
     pub fn reader(&self) -> Lvm {
-        let devices = OnceLock::new();
-        if let Some(list) = self.devices.get() {
-            let _ = devices.set(list.clone());
-        }
         Lvm {
             no_device_mapper: self.no_device_mapper,
             config: self.config.clone(),
-            devices,
+            devices: self.devices.clone(),
             timeout: self.timeout,
             steps: AtomicUsize::new(0),
             abort_after: None,
         }
     }
 
-    /// From now on every command scans only these PVs.
-    pub fn scope_to(&self, pvs: Vec<String>) {
-        if !pvs.is_empty() {
-            let _ = self.devices.set(pvs);
+    /// A reader that scans every device (to find PVs the list lacks).
+    pub fn unscoped(&self) -> Lvm {
+        Lvm {
+            devices: Arc::default(),
+            ..self.reader()
         }
     }
 
-    pub fn devices(&self) -> &[String] {
-        self.devices.get().map_or(&[], Vec::as_slice)
+    /// From now on every command scans only these PVs.
+    pub fn scope_to(&self, pvs: Vec<String>) {
+        if !pvs.is_empty() {
+            *self.devices.write().unwrap_or_else(|p| p.into_inner()) = pvs;
+        }
+    }
+
+    pub fn devices(&self) -> Vec<String> {
+        self.devices
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn device_mapper(&self) -> bool {

@@ -6,7 +6,8 @@
 //! its own changes, so a volume's whole life costs two lvm2 commands: one
 //! `lvcreate` (record tags included) and one `lvremove`. Stage, publish,
 //! stats, listings and lookups run none. A background refresh picks up
-//! changes made by hand. Every command scans only the VGs' PVs (`--devices`).
+//! changes made by hand. Every command scans only the VGs' PVs (`--devices`),
+//! a list each reload brings up to date (a `vgextend` needs no restart).
 //!
 //! With device-mapper, an LV is created active and stays active until it is
 //! removed (after a reboot, one activation at start-up); the node side uses

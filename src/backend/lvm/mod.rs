@@ -41,11 +41,12 @@
 //!
 //! ## Where things are
 //! - this file: the configuration, the backend's state and start-up
-//!   (`LvmBackend::open`: lock the VGs, load the index, sweep, activate).
+//!   (`LvmBackend::open`: lock the VGs, load the index, activate, sweep).
 //! - [`backend_impl`]: the `Backend` contract, calling into the rooms below.
 //! - [`refresh`]: the index kept in step with lvm2 (reloads, the background
 //!   refresh, lookups that confirm a miss).
-//! - [`activation`]: device-mapper activation, at start-up and on demand.
+//! - [`activation`]: device-mapper activation, at start-up and on demand, and
+//!   the LVs that failed to activate.
 //! - [`allocation`]: creating an LV (`lvcreate`, picking free extents without
 //!   device-mapper, the LVs being built right now).
 //! - [`windows`]: where an LV's bytes are (a loop window over its PV range, or

@@ -410,3 +410,74 @@ fn hostile_tags_never_abort_listing() {
     backend.delete(&garbage).expect("delete");
     assert!(vg.lv(garbage.as_str()).is_some());
 }
+
+/// A second PV (a loop device over a sparse file), removed when dropped.
+struct SparePv {
+    device: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SparePv {
+    fn new(bytes: u64) -> SparePv {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("pv2.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(bytes))
+            .expect("sparse image");
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)
+            .output()
+            .expect("losetup");
+        assert!(out.status.success(), "losetup: {out:?}");
+        let device = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        lvm_ok("pvcreate", &["-y", &device.to_string_lossy()]);
+        SparePv { device, _dir: dir }
+    }
+}
+
+impl Drop for SparePv {
+    fn drop(&mut self) {
+        detach_windows(&self.device);
+        let _ = lvm("pvremove", &["-ff", "-y", &self.device.to_string_lossy()]);
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.device)
+            .output();
+    }
+}
+
+#[test]
+fn a_pv_added_to_the_vg_is_used_without_a_restart() {
+    if !can_run() {
+        return;
+    }
+    // Dropped last: the VG goes first, then the PV it was extended with.
+    let spare = SparePv::new(65 << 20);
+    let vg = TestVg::with_capacity(32 << 20);
+    let locks = tempfile::tempdir().expect("temp dir");
+    let backend = LvmBackend::open(config(&vg, locks.path(), Duration::from_secs(3600)))
+        .expect("open the backend");
+    lvm_ok("vgextend", &[&vg.name, &spare.device.to_string_lossy()]);
+
+    // More than the first PV holds: only the added one has room.
+    let big = record("big", 48 << 20);
+    backend
+        .create(&big)
+        .expect("a volume on the PV added since the start");
+    let devices = vg.lv_field(big.id.as_str(), "devices");
+    assert!(
+        devices.contains(&*spare.device.to_string_lossy()),
+        "placed on the added PV: {devices}"
+    );
+    let small = record("small", 8 << 20);
+    backend.create(&small).expect("a volume on the first PV");
+    for r in [&big, &small] {
+        backend.delete(&r.id).expect("delete");
+    }
+    assert_eq!(
+        backend.index_view(),
+        backend.fresh_index_view().expect("reload"),
+        "the index knows both PVs"
+    );
+}

@@ -333,6 +333,12 @@ impl Backend for LvmBackend {
                 lv.row.vg_name, lv.row.lv_name
             ));
         }
+        if let Some(why) = self.activation_failure(lv) {
+            return Some(format!(
+                "logical volume {}/{} cannot be activated: {why}",
+                lv.row.vg_name, lv.row.lv_name
+            ));
+        }
         if !lv.row.lv_health_status.is_empty() {
             return Some(format!(
                 "logical volume {}/{} reports {}",

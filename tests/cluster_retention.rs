@@ -250,7 +250,9 @@ fn node_loss_not_ready(cluster: &mut Cluster) {
 
 /// The node of a pod dies; its Node object is deleted (or, with
 /// `not_ready`, it stays NotReady with Kennel's driver gone from its
-/// CSINode). After the grace period Kennel deletes the claim and the
+/// CSINode, which is no evidence: the claim is held for several grace
+/// periods, until the administrator taints the node out of service). A
+/// grace period after the evidence appears Kennel deletes the claim and the
 /// waiting pod; the set recreates both on the new node, with a fresh volume.
 fn node_loss(cluster: &mut Cluster, new_node: &str, not_ready: bool) {
     let set = set_with_policy(B, "web", 1, "Retain", "Retain", &[RECREATE]);
@@ -301,6 +303,19 @@ fn node_loss(cluster: &mut Cluster, new_node: &str, not_ready: bool) {
         "--grace-period=0",
     ]);
     cluster.add_node(new_node, B);
+    if not_ready {
+        // NotReady and deregistered for four grace periods: nothing is lost yet.
+        hold_claims(cluster, &ns, &["www-web-0"], 20);
+        let held = claim_pv(cluster, &ns, "www-web-0").expect("claim kept and bound");
+        assert_eq!(held["metadata"]["name"], old_pv_name.as_str());
+        // Kubernetes' own word that the node is down.
+        cluster.kubectl.run(&[
+            "taint",
+            "node",
+            &old_node,
+            "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute",
+        ]);
+    }
     wait_for(
         &format!("web-0 Running on {new_node} with a new claim"),
         180,
@@ -344,6 +359,18 @@ fn node_loss(cluster: &mut Cluster, new_node: &str, not_ready: bool) {
         recreated.iter().any(|m| m.contains("www-web-0")),
         "no ClaimRecreatedAfterNodeLoss event names www-web-0: {recreated:?}\n{}",
         describe(cluster, &ns)
+    );
+    // The warning is logged when the evidence appears, not on every pass.
+    let log = retention_log(cluster);
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("ns={ns} ")) && l.contains("reason=\"NodeLost\""))
+        .collect();
+    assert_eq!(
+        warned.len(),
+        1,
+        "NodeLost logged {} times: {warned:#?}",
+        warned.len()
     );
     finish(cluster, &ns);
 }

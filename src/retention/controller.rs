@@ -13,7 +13,6 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
 };
-use k8s_openapi::api::storage::v1::CSINode;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{self, Controller};
@@ -153,11 +152,7 @@ impl Context {
             &opts,
         );
         // Evidence of node loss is read uncached: a lagging watch must never delete a claim.
-        // Nodes are confirmed first; a node found NotReady may then need its CSINode read.
-        for _ in 0..2 {
-            if plan.unconfirmed_nodes.is_empty() && plan.unconfirmed_drivers.is_empty() {
-                break;
-            }
+        if !plan.unconfirmed_nodes.is_empty() {
             self.confirm_nodes(&plan, nodes).await?;
             plan = policy::plan(
                 Observed {
@@ -173,32 +168,21 @@ impl Context {
         Ok(plan)
     }
 
-    /// Reads the nodes and CSINodes `plan` asks about, uncached, into `nodes`.
+    /// Reads the nodes `plan` asks about, uncached, into `nodes`.
     async fn confirm_nodes(&self, plan: &Plan, nodes: &mut NodeView) -> Result<(), Error> {
-        {
-            let api: Api<Node> = Api::all(self.client.clone());
-            for name in &plan.unconfirmed_nodes {
-                match api.get_opt(name).await {
-                    Ok(Some(node)) => nodes.insert(&node),
-                    Ok(None) => nodes.confirm_gone(name),
-                    Err(source) => {
-                        return Err(Error::Api {
-                            verb: "get",
-                            object: format!("node {name}"),
-                            source,
-                        })
-                    }
+        let api: Api<Node> = Api::all(self.client.clone());
+        for name in &plan.unconfirmed_nodes {
+            match api.get_opt(name).await {
+                Ok(Some(node)) => nodes.insert_fresh(&node),
+                Ok(None) => nodes.confirm_gone(name),
+                Err(source) => {
+                    return Err(Error::Api {
+                        verb: "get",
+                        object: format!("node {name}"),
+                        source,
+                    })
                 }
             }
-        }
-        let api: Api<CSINode> = Api::all(self.client.clone());
-        for name in &plan.unconfirmed_drivers {
-            let csinode = api.get_opt(name).await.map_err(|source| Error::Api {
-                verb: "get",
-                object: format!("csinode {name}"),
-                source,
-            })?;
-            nodes.record_csinode(name, csinode.as_ref(), &self.settings.driver_name);
         }
         Ok(())
     }
@@ -294,6 +278,25 @@ impl Context {
                 .await;
                 (
                     "claim_owners",
+                    write_result(r, "patch", format!("claim {ns}/{claim}")),
+                )
+            }
+            Action::SetClaimAnnotation {
+                claim,
+                resource_version,
+                key,
+                value,
+            } => {
+                let r = conditional_patch(
+                    &claims,
+                    claim,
+                    resource_version,
+                    "annotations",
+                    json!({ *key: value }),
+                )
+                .await;
+                (
+                    "claim_annotation",
                     write_result(r, "patch", format!("claim {ns}/{claim}")),
                 )
             }

@@ -10,9 +10,8 @@ use k8s_openapi::api::core::v1::{
     CSIPersistentVolumeSource, Node, NodeCondition, NodeSelector, NodeSelectorRequirement,
     NodeSelectorTerm, NodeSpec, NodeStatus, NodeSystemInfo, ObjectReference, PersistentVolume,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeSpec, PersistentVolumeStatus,
-    Pod, PodCondition, PodSpec, PodStatus, VolumeNodeAffinity,
+    Pod, PodCondition, PodSpec, PodStatus, Taint, VolumeNodeAffinity,
 };
-use k8s_openapi::api::storage::v1::{CSINode, CSINodeDriver, CSINodeSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 
@@ -309,6 +308,21 @@ pub fn not_ready_since(mut node: Node, since: Timestamp) -> Node {
     node
 }
 
+/// `node` tainted out of service (Kubernetes' non-graceful node shutdown).
+pub fn out_of_service(mut node: Node) -> Node {
+    node.spec
+        .get_or_insert_with(Default::default)
+        .taints
+        .get_or_insert_with(Vec::new)
+        .push(Taint {
+            key: crate::retention::nodeloss::OUT_OF_SERVICE_TAINT.into(),
+            value: Some("nodeshutdown".into()),
+            effect: "NoExecute".into(),
+            ..Default::default()
+        });
+    node
+}
+
 /// `node` cordoned (`kubectl cordon`).
 pub fn cordoned(mut node: Node) -> Node {
     node.spec = Some(NodeSpec {
@@ -316,24 +330,4 @@ pub fn cordoned(mut node: Node) -> Node {
         ..Default::default()
     });
     node
-}
-
-/// The CSINode of `node`, with these drivers registered.
-pub fn csinode(node: &str, drivers: &[&str]) -> CSINode {
-    CSINode {
-        metadata: ObjectMeta {
-            name: Some(node.into()),
-            ..Default::default()
-        },
-        spec: CSINodeSpec {
-            drivers: drivers
-                .iter()
-                .map(|d| CSINodeDriver {
-                    name: (*d).into(),
-                    node_id: node.into(),
-                    ..Default::default()
-                })
-                .collect(),
-        },
-    }
 }

@@ -41,7 +41,8 @@ pub struct RetentionArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub builtin_retention: BuiltinMode,
 
-    /// How long a pod must wait on a lost node before its claim is recreated
+    /// How long after a node's loss is first seen (Node deleted or tainted
+    /// node.kubernetes.io/out-of-service) its pods' claims are recreated
     /// (only for sets annotated kennel.csi.dev/on-node-loss=recreate).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub node_loss_grace: Duration,

@@ -2,23 +2,27 @@
 //!
 //! A Kennel volume lives on one node: csi-provisioner pins its PV there with a required node
 //! affinity on [`TOPOLOGY_KEY`], whose value is the Kubernetes node name. Deleting a claim
-//! deletes its data, so the volume counts as lost only on evidence that the node and its disk
-//! are gone:
-//! - the Node object is deleted (an uncached GET answered 404), or
-//! - the node has been NotReady for longer than the grace period **and** Kennel's driver is no
-//!   longer registered in the node's CSINode (also an uncached GET).
+//! deletes its data, so the volume counts as lost only on Kubernetes' own word that the node is
+//! gone, read uncached:
+//! - the Node object is deleted (a GET answered 404), or
+//! - the node carries the `node.kubernetes.io/out-of-service` taint (non-graceful node
+//!   shutdown: an administrator's statement that the node is down and will not come back as
+//!   it was).
 //!
-//! Nothing else is evidence. A Ready node is never lost, whatever else is true (cordoned,
-//! tainted, a pod that cannot be scheduled there, another machine ID). A machine ID different
-//! from the one recorded when the volume was made is reported, never acted on; an unknown ID on
-//! either side means "cannot tell".
+//! Nothing else is evidence: not NotReady however long, not a driver missing from the node's
+//! CSINode (it is, for a moment, whenever the plugin restarts), not a cordon or another
+//! machine ID. A machine ID different from the one recorded when the volume was made is
+//! reported, never acted on; an unknown ID on either side means "cannot tell".
+//!
+//! The grace period runs from the moment the evidence was first seen, and that moment is kept
+//! in the cluster, on the claim ([`NODE_LOST_ANNOTATION`]): a restarted controller counts from
+//! the same instant instead of from memory, and a node that comes back clears it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, Pod};
-use k8s_openapi::api::storage::v1::CSINode;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
+use serde_json::json;
 
 /// Topology key the Kennel driver reports; its value is the node name.
 pub const TOPOLOGY_KEY: &str = "topology.kennel.csi.dev/node";
@@ -26,24 +30,27 @@ pub const TOPOLOGY_KEY: &str = "topology.kennel.csi.dev/node";
 pub const MACHINE_ID_ATTRIBUTE: &str = "kennel.csi.dev/machine-id";
 /// What drivers before host identity was required recorded when they could not read one.
 const LEGACY_UNKNOWN_ID: &str = "unknown";
+/// The taint that says a node is out of service (Kubernetes' non-graceful node shutdown).
+pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+/// Claim annotation: the node a claim's volume is lost with and when that was first seen, as
+/// JSON `{"node": …, "since": RFC 3339}`.
+pub const NODE_LOST_ANNOTATION: &str = "kennel.csi.dev/node-lost";
 
 /// What the cache (or an uncached GET) says about one existing node.
 #[derive(Clone, Debug, Default)]
 struct NodeFacts {
     machine_id: Option<String>,
-    /// When the Ready condition turned False or Unknown; `None` while Ready or when the node
-    /// reports no readiness at all (cannot tell, so never lost).
-    not_ready_since: Option<Timestamp>,
+    out_of_service: bool,
+    /// Read by an uncached GET in this pass, not from the watch cache.
+    fresh: bool,
 }
 
-/// What the controller knows about nodes: the cached ones, the names an uncached GET confirmed
-/// absent (404), and the CSINodes read uncached.
+/// What the controller knows about nodes: the cached ones, those read again uncached, and the
+/// names an uncached GET confirmed absent (404).
 #[derive(Clone, Debug, Default)]
 pub struct NodeView {
     nodes: BTreeMap<String, NodeFacts>,
     confirmed_gone: BTreeSet<String>,
-    /// Node name → whether Kennel's driver is registered in its CSINode.
-    driver_registered: BTreeMap<String, bool>,
 }
 
 impl NodeView {
@@ -55,45 +62,46 @@ impl NodeView {
         view
     }
 
-    /// Records a node that exists (from the cache or from a GET).
+    /// Records a node as the watch cache shows it.
     pub fn insert(&mut self, node: &Node) {
+        self.record(node, false);
+    }
+
+    /// Records a node as an uncached GET returned it: evidence read here may be acted on.
+    pub fn insert_fresh(&mut self, node: &Node) {
+        self.record(node, true);
+    }
+
+    fn record(&mut self, node: &Node, fresh: bool) {
         let Some(name) = node.metadata.name.clone() else {
             return;
         };
-        let status = node.status.as_ref();
-        let machine_id = status
+        let machine_id = node
+            .status
+            .as_ref()
             .and_then(|s| s.node_info.as_ref())
             .and_then(|i| known_identity(&i.machine_id))
             .map(str::to_owned);
-        let not_ready_since = status
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-            .filter(|c| c.status != "True")
-            .and_then(|c| c.last_transition_time.as_ref())
-            .map(|t| t.0);
+        let out_of_service = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|ts| ts.iter().any(|t| t.key == OUT_OF_SERVICE_TAINT));
         self.confirmed_gone.remove(&name);
         self.nodes.insert(
             name,
             NodeFacts {
                 machine_id,
-                not_ready_since,
+                out_of_service,
+                fresh,
             },
         );
     }
 
     /// Records that an uncached GET for `name` returned 404.
     pub fn confirm_gone(&mut self, name: &str) {
-        if !self.nodes.contains_key(name) {
-            self.confirmed_gone.insert(name.to_string());
-        }
-    }
-
-    /// Records an uncached read of `name`'s CSINode (`None`: it does not exist).
-    pub fn record_csinode(&mut self, name: &str, csinode: Option<&CSINode>, driver: &str) {
-        let registered = csinode
-            .and_then(|c| c.spec.drivers.iter().find(|d| d.name == driver))
-            .is_some();
-        self.driver_registered.insert(name.to_string(), registered);
+        self.nodes.remove(name);
+        self.confirmed_gone.insert(name.to_string());
     }
 }
 
@@ -106,34 +114,27 @@ pub fn known_identity(id: &str) -> Option<&str> {
 /// Whether the node a volume is pinned to still holds that volume.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeVerdict {
-    /// The node exists and nothing shows its disk is gone.
+    /// The node exists and nothing says it is out of service.
     Present,
-    /// NotReady, but not for the whole grace period yet: look again after `remaining`.
-    NotReady { remaining: Duration },
-    /// Missing from the cache: an uncached GET of the Node must confirm it.
+    /// The cache shows the node missing or out of service: an uncached GET of the Node must
+    /// confirm it before anything is decided.
     Unconfirmed,
-    /// NotReady past the grace period: an uncached GET of its CSINode must tell whether
-    /// Kennel's driver is still registered there.
-    DriverUnconfirmed,
     /// A GET confirmed the Node object is gone.
     Deleted,
-    /// NotReady since `since`, past the grace period, and Kennel's driver is gone from its
-    /// CSINode.
-    Abandoned { since: Timestamp },
+    /// A GET confirmed the node carries the out-of-service taint.
+    OutOfService,
 }
 
 impl NodeVerdict {
     pub fn is_lost(&self) -> bool {
-        matches!(self, NodeVerdict::Deleted | NodeVerdict::Abandoned { .. })
+        matches!(self, NodeVerdict::Deleted | NodeVerdict::OutOfService)
     }
 
     /// The evidence, for events and logs.
     pub fn evidence(&self) -> String {
         match self {
             NodeVerdict::Deleted => "its Node object is deleted".to_owned(),
-            NodeVerdict::Abandoned { since } => format!(
-                "it has been NotReady since {since} and Kennel's driver is no longer registered in its CSINode"
-            ),
+            NodeVerdict::OutOfService => format!("it is tainted {OUT_OF_SERVICE_TAINT}"),
             _ => "it is not lost".to_owned(),
         }
     }
@@ -180,29 +181,43 @@ fn recorded_machine_id(pv: &PersistentVolume) -> Option<&str> {
         .and_then(|m| known_identity(m))
 }
 
-/// Judges the node `pv` is pinned to (`node`) against the view, at `now`.
-pub fn verdict(node: &str, view: &NodeView, now: Timestamp, grace: Duration) -> NodeVerdict {
-    let Some(facts) = view.nodes.get(node) else {
-        return if view.confirmed_gone.contains(node) {
-            NodeVerdict::Deleted
-        } else {
-            NodeVerdict::Unconfirmed
-        };
-    };
-    let Some(since) = facts.not_ready_since else {
-        return NodeVerdict::Present;
-    };
-    let waited = Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO);
-    if waited < grace {
-        return NodeVerdict::NotReady {
-            remaining: grace - waited,
-        };
+/// Judges the node a volume is pinned to (`node`) against the view.
+pub fn verdict(node: &str, view: &NodeView) -> NodeVerdict {
+    match view.nodes.get(node) {
+        None if view.confirmed_gone.contains(node) => NodeVerdict::Deleted,
+        None => NodeVerdict::Unconfirmed,
+        Some(facts) if !facts.out_of_service => NodeVerdict::Present,
+        Some(facts) if facts.fresh => NodeVerdict::OutOfService,
+        Some(_) => NodeVerdict::Unconfirmed,
     }
-    match view.driver_registered.get(node) {
-        None => NodeVerdict::DriverUnconfirmed,
-        Some(true) => NodeVerdict::Present,
-        Some(false) => NodeVerdict::Abandoned { since },
-    }
+}
+
+/// When evidence that `claim`'s volume is lost with `node` was first seen, if recorded for
+/// that node (a record naming another node is stale).
+pub fn loss_recorded(claim: &PersistentVolumeClaim, node: &str) -> Option<Timestamp> {
+    let text = claim
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(NODE_LOST_ANNOTATION)?;
+    let record: serde_json::Value = serde_json::from_str(text).ok()?;
+    (record["node"].as_str()? == node)
+        .then(|| record["since"].as_str()?.parse().ok())
+        .flatten()
+}
+
+/// Whether `claim` carries a node-loss record at all.
+pub fn has_loss_record(claim: &PersistentVolumeClaim) -> bool {
+    claim
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(NODE_LOST_ANNOTATION))
+}
+
+/// The annotation value recording that evidence of `node`'s loss was first seen at `since`.
+pub fn loss_record(node: &str, since: Timestamp) -> String {
+    json!({"node": node, "since": since.to_string()}).to_string()
 }
 
 /// The recorded and the current machine ID of `pv`'s node when both are known and differ.

@@ -21,10 +21,8 @@ pub const CLUSTER_RULES: &[(&str, &str, &[&str])] = &[
         "persistentvolumes",
         &["list", "watch", "patch", "delete"],
     ),
-    // Uncached GET confirms a node is gone.
+    // Uncached GET confirms a node is gone or out of service.
     ("", "nodes", &["get", "list", "watch"]),
-    // Uncached GET tells whether a NotReady node still has Kennel's driver registered.
-    ("storage.k8s.io", "csinodes", &["get"]),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 

@@ -18,6 +18,7 @@ use super::{error_policy, reconcile, Context, Error, Settings, REPORTER};
 use crate::retention::fixtures::*;
 use crate::retention::metrics::Metrics;
 use crate::retention::mock_api::{conflict, event_about, expect, not_found, serve, Exchange};
+use crate::retention::nodeloss::NODE_LOST_ANNOTATION;
 use crate::retention::policy::ON_NODE_LOSS_ANNOTATION;
 use crate::retention::rbac;
 
@@ -186,12 +187,43 @@ async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
         ON_NODE_LOSS_ANNOTATION,
         "recreate",
     );
-    let cluster = Cluster {
-        claims: vec![claim(0, vec![]), claim(1, vec![])],
+    let cluster = |claim_1| Cluster {
+        claims: vec![claim(0, vec![]), claim_1],
         pods: vec![pod(0), unschedulable(pod(1), ts(-600))],
         volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
         nodes: vec![node("node-a", "m-a", true)],
     };
+    // First pass: the evidence is new. It is recorded on the claim, announced, and nothing
+    // is deleted however long the pod has waited.
+    let record = crate::retention::nodeloss::loss_record("node-b", ts(0));
+    let script = vec![
+        not_found("GET", "/api/v1/nodes/node-b", "nodes \"node-b\""),
+        expect("GET", SETS, None, to_json(&web)),
+        event_about("NodeLost", "Pod", "web-1"),
+        expect(
+            "PATCH",
+            &format!("{CLAIMS}/data-web-1"),
+            Some(json!({"metadata": {
+                "resourceVersion": "101",
+                "annotations": {NODE_LOST_ANNOTATION: record}
+            }})),
+            to_json(&claim(1, vec![])),
+        ),
+    ];
+    let (result, ctx) = run_scenario(web.clone(), cluster(claim(1, vec![])), script).await;
+    result.expect("reconciled");
+    assert_eq!(ctx.metrics.action_count("claim_delete"), 0);
+
+    // A grace period after the recorded moment (here: a restarted controller that only has
+    // the record), the evidence is read again uncached, then claim and pod are deleted.
+    let mut recorded = claim(1, vec![]);
+    recorded.metadata.annotations = Some(
+        [(
+            NODE_LOST_ANNOTATION.to_string(),
+            crate::retention::nodeloss::loss_record("node-b", ts(-300)),
+        )]
+        .into(),
+    );
     let script = vec![
         not_found("GET", "/api/v1/nodes/node-b", "nodes \"node-b\""),
         expect("GET", SETS, None, to_json(&web)),
@@ -214,7 +246,7 @@ async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
             to_json(&pod(1)),
         ),
     ];
-    let (result, _) = run_scenario(web.clone(), cluster, script).await;
+    let (result, _) = run_scenario(web.clone(), cluster(recorded), script).await;
     result.expect("reconciled");
 
     // Next pass: the claim is gone and its PV released; its node is still gone.
@@ -333,51 +365,65 @@ async fn two_actions_with_one_reason_are_two_readable_events() {
 }
 
 #[tokio::test]
-async fn a_not_ready_node_is_lost_only_once_its_csinode_lacks_the_driver() {
+async fn an_out_of_service_taint_is_read_again_uncached_before_it_is_recorded() {
     let web = annotate(
         set(2, Some(("Retain", "Retain"))),
         ON_NODE_LOSS_ANNOTATION,
         "recreate",
     );
+    let tainted = out_of_service(not_ready_since(node("node-b", "m-b", false), ts(-600)));
     let cluster = || Cluster {
         claims: vec![claim(0, vec![]), claim(1, vec![])],
         pods: vec![pod(0), unschedulable(pod(1), ts(-600))],
         volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
-        nodes: vec![
-            node("node-a", "m-a", true),
-            not_ready_since(node("node-b", "m-b", false), ts(-600)),
-        ],
+        nodes: vec![node("node-a", "m-a", true), tainted.clone()],
     };
-    const CSINODE: &str = "/apis/storage.k8s.io/v1/csinodes/node-b";
-    // The driver is still registered: the node may come back with its disk. Nothing is written.
+    const NODE: &str = "/api/v1/nodes/node-b";
+    // The cache is behind: the taint was removed. Nothing is written.
     let script = vec![expect(
         "GET",
-        CSINODE,
+        NODE,
         None,
-        to_json(&csinode("node-b", &[DRIVER])),
+        to_json(&node("node-b", "m-b", true)),
     )];
     let (result, _) = run_scenario(web.clone(), cluster(), script).await;
     result.expect("reconciled");
 
-    // The driver is gone from the node's CSINode: the claim is recreated, announced first.
+    // The server confirms the taint: the loss is recorded and announced, nothing deleted yet.
     let script = vec![
-        expect("GET", CSINODE, None, to_json(&csinode("node-b", &[]))),
+        expect("GET", NODE, None, to_json(&tainted)),
         expect("GET", SETS, None, to_json(&web)),
-        event_about(
-            "ClaimRecreatedAfterNodeLoss",
-            "PersistentVolumeClaim",
-            "data-web-1",
-        ),
+        event_about("NodeLost", "Pod", "web-1"),
         expect(
-            "DELETE",
+            "PATCH",
             &format!("{CLAIMS}/data-web-1"),
             None,
-            to_json(&claim_terminating(claim(1, vec![]))),
+            to_json(&claim(1, vec![])),
         ),
-        event_about("PodRecreatedAfterNodeLoss", "Pod", "web-1"),
-        expect("DELETE", &format!("{PODS}/web-1"), None, to_json(&pod(1))),
     ];
     let (result, ctx) = run_scenario(web, cluster(), script).await;
     result.expect("reconciled");
-    assert_eq!(ctx.metrics.action_count("claim_delete"), 1);
+    assert_eq!(ctx.metrics.action_count("claim_annotation"), 1);
+    assert_eq!(ctx.metrics.action_count("claim_delete"), 0);
+}
+
+#[tokio::test]
+async fn a_not_ready_node_is_never_lost() {
+    let web = annotate(
+        set(2, Some(("Retain", "Retain"))),
+        ON_NODE_LOSS_ANNOTATION,
+        "recreate",
+    );
+    let cluster = Cluster {
+        claims: vec![claim(0, vec![]), claim(1, vec![])],
+        pods: vec![pod(0), unschedulable(pod(1), ts(-86400))],
+        volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
+        nodes: vec![
+            node("node-a", "m-a", true),
+            not_ready_since(node("node-b", "m-b", false), ts(-86400)),
+        ],
+    };
+    // No request at all: a NotReady node is not evidence, so nothing is read or written.
+    let (result, _) = run_scenario(web, cluster, vec![]).await;
+    result.expect("reconciled");
 }

@@ -164,6 +164,14 @@ pub enum Action {
         resource_version: String,
         owner_references: Vec<OwnerReference>,
     },
+    /// Set (`Some`) or remove (`None`) one annotation of the claim, if its resourceVersion is
+    /// still `resource_version`.
+    SetClaimAnnotation {
+        claim: String,
+        resource_version: String,
+        key: &'static str,
+        value: Option<String>,
+    },
     DeleteClaim {
         claim: String,
         uid: String,
@@ -197,12 +205,9 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Plan again after this long even if nothing changes (a grace period is running).
     pub requeue_after: Option<Duration>,
-    /// Nodes missing from the cache whose absence must be confirmed by an uncached GET before
-    /// anything is decided about their volumes.
+    /// Nodes the cache shows missing or out of service: an uncached GET must confirm it
+    /// before anything is decided about their volumes.
     pub unconfirmed_nodes: Vec<String>,
-    /// NotReady nodes past the grace period whose CSINode must be read (uncached) to learn
-    /// whether Kennel's driver is still registered there.
-    pub unconfirmed_drivers: Vec<String>,
 }
 
 impl Plan {
@@ -234,12 +239,6 @@ impl Plan {
     pub(super) fn unconfirmed(&mut self, node: String) {
         if !self.unconfirmed_nodes.contains(&node) {
             self.unconfirmed_nodes.push(node);
-        }
-    }
-
-    pub(super) fn unconfirmed_driver(&mut self, node: String) {
-        if !self.unconfirmed_drivers.contains(&node) {
-            self.unconfirmed_drivers.push(node);
         }
     }
 }

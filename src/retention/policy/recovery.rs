@@ -3,30 +3,30 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::jiff::Timestamp;
 
 use super::{Action, Plan, Regarding, Scope, ON_NODE_LOSS_ANNOTATION, PROVISIONER_FINALIZER};
 use crate::retention::names::{claim_identity, claim_name, templates};
 use crate::retention::nodeloss::{
-    identity_change, pinned_node, pv_driver, unscheduled_since, verdict, NodeVerdict,
+    has_loss_record, identity_change, loss_record, loss_recorded, pinned_node, pv_driver,
+    unscheduled_since, verdict, NodeVerdict, NODE_LOST_ANNOTATION,
 };
 
-/// Recreates the claims of a pod stuck because its node-local volume's node is gone (see
-/// `nodeloss` for what counts as evidence). Every claim it deletes is named in an event, and
-/// so in the log, before the delete.
-pub(super) fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut Plan) {
-    let Some(since) = unscheduled_since(pod) else {
-        return;
-    };
-    let (Some(pod_name_), Some(pod_uid)) = (pod.metadata.name.clone(), pod.metadata.uid.clone())
-    else {
-        return;
-    };
-    let (now, grace) = (scope.opts.now, scope.opts.node_loss_grace);
-    let mut lost = Vec::new();
+/// One claim of a pod and the node its Kennel volume is pinned to.
+struct PinnedClaim<'a> {
+    claim: &'a PersistentVolumeClaim,
+    name: String,
+    pv: &'a PersistentVolume,
+    node: String,
+}
+
+/// The pod's live claims whose Kennel volume is pinned to one node.
+fn pinned_claims<'a>(scope: &Scope<'a>, ordinal: u32) -> Vec<PinnedClaim<'a>> {
+    let mut found = Vec::new();
     for template in templates(scope.obs.set) {
         let name = claim_name(&template, scope.set_name, ordinal);
-        let Some(claim) = scope.claims.get(name.as_str()) else {
+        let Some(&claim) = scope.claims.get(name.as_str()) else {
             continue;
         };
         if claim.metadata.deletion_timestamp.is_some() {
@@ -46,9 +46,70 @@ pub(super) fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod,
         let Some(node) = pinned_node(pv) else {
             continue;
         };
-        match verdict(&node, scope.obs.nodes, now, grace) {
+        found.push(PinnedClaim {
+            claim,
+            name,
+            pv,
+            node,
+        });
+    }
+    found
+}
+
+/// Removes a node-loss record from a claim whose node turned out not to be lost, so that
+/// evidence seen later starts a new grace period.
+fn clear_record(pinned: &PinnedClaim<'_>, why: &str, plan: &mut Plan) {
+    let Some(rv) = pinned.claim.metadata.resource_version.clone() else {
+        return;
+    };
+    let name = &pinned.name;
+    plan.event(
+        false,
+        "NodeLossCleared",
+        "Annotate",
+        Regarding::Claim(name.clone()),
+        format!(
+            "PersistentVolumeClaim {name}: node {} {why}; its node-loss record is removed",
+            pinned.node
+        ),
+    );
+    plan.actions.push(Action::SetClaimAnnotation {
+        claim: name.clone(),
+        resource_version: rv,
+        key: NODE_LOST_ANNOTATION,
+        value: None,
+    });
+}
+
+/// Recreates the claims of a pod stuck because its node-local volume's node is gone (see
+/// `nodeloss` for what counts as evidence). The grace period starts when the evidence is
+/// first seen, recorded on the claim; the warning is published when that happens, not on
+/// every pass. Every claim it deletes is named in an event, and so in the log, before the
+/// delete.
+pub(super) fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut Plan) {
+    let (Some(pod_name_), Some(pod_uid)) = (pod.metadata.name.clone(), pod.metadata.uid.clone())
+    else {
+        return;
+    };
+    let pinned = pinned_claims(scope, ordinal);
+    if unscheduled_since(pod).is_none() {
+        // The pod found a node: whatever was recorded, its volume is not lost.
+        for p in pinned.iter().filter(|p| has_loss_record(p.claim)) {
+            clear_record(p, "serves its pod again", plan);
+        }
+        return;
+    }
+    let (now, grace) = (scope.opts.now, scope.opts.node_loss_grace);
+    // (claim, verdict, when the evidence was first seen, if recorded)
+    let mut lost = Vec::new();
+    for p in &pinned {
+        match verdict(&p.node, scope.obs.nodes) {
             NodeVerdict::Present => {
-                if let Some((recorded, current)) = identity_change(pv, &node, scope.obs.nodes) {
+                if has_loss_record(p.claim) {
+                    clear_record(p, "is back", plan);
+                }
+                if let Some((recorded, current)) = identity_change(p.pv, &p.node, scope.obs.nodes) {
+                    let (name, node) = (&p.name, &p.node);
                     plan.event(
                         true,
                         "NodeIdentityChanged",
@@ -60,23 +121,39 @@ pub(super) fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod,
                     );
                 }
             }
-            NodeVerdict::NotReady { remaining } => plan.requeue(remaining),
-            NodeVerdict::Unconfirmed => plan.unconfirmed(node),
-            NodeVerdict::DriverUnconfirmed => plan.unconfirmed_driver(node),
-            v @ (NodeVerdict::Deleted | NodeVerdict::Abandoned { .. }) => {
-                lost.push((*claim, node, v))
+            NodeVerdict::Unconfirmed => plan.unconfirmed(p.node.clone()),
+            v @ (NodeVerdict::Deleted | NodeVerdict::OutOfService) => {
+                lost.push((p, v, loss_recorded(p.claim, &p.node)))
             }
         }
     }
     if lost.is_empty() {
         return;
     }
+    // New evidence is written down before anything else: the grace period runs from here.
+    let mut records = Vec::new();
+    let mut since = Timestamp::MIN;
+    for (p, _, recorded) in &lost {
+        let seen = match recorded {
+            Some(at) => *at,
+            None => {
+                let Some(rv) = p.claim.metadata.resource_version.clone() else {
+                    return;
+                };
+                records.push(Action::SetClaimAnnotation {
+                    claim: p.name.clone(),
+                    resource_version: rv,
+                    key: NODE_LOST_ANNOTATION,
+                    value: Some(loss_record(&p.node, now)),
+                });
+                now
+            }
+        };
+        since = since.max(seen);
+    }
     let what: Vec<String> = lost
         .iter()
-        .map(|(c, node, v)| {
-            let claim = c.metadata.name.as_deref().unwrap_or_default();
-            format!("{claim} on node {node} ({})", v.evidence())
-        })
+        .map(|(p, v, _)| format!("{} on node {} ({})", p.name, p.node, v.evidence()))
         .collect();
     let recreate = scope
         .obs
@@ -86,60 +163,57 @@ pub(super) fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod,
         .as_ref()
         .and_then(|a| a.get(ON_NODE_LOSS_ANNOTATION))
         .is_some_and(|v| v == "recreate");
-    if !recreate {
-        plan.event(
-            true,
-            "NodeLost",
-            "Wait",
-            Regarding::Pod(pod_name_.clone()),
-            format!(
-                "pod {pod_name_} cannot be scheduled: its volume is lost with its node: {}; waiting (annotate the StatefulSet {ON_NODE_LOSS_ANNOTATION}=recreate to recreate the claim elsewhere)",
-                what.join(", ")
-            ),
-        );
-        return;
-    }
+    let newly_seen = !records.is_empty();
     let waited = Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO);
-    if waited < grace {
-        plan.requeue(grace - waited);
-        // An absolute deadline keeps the message the same on every pass, so a merged event
-        // series never shows a stale countdown.
-        let deadline = since.checked_add(grace).map_or_else(
-            |_| "the end of the grace period".to_owned(),
-            |t| t.to_string(),
-        );
-        plan.event(
-            true,
-            "NodeLost",
-            "Wait",
-            Regarding::Pod(pod_name_.clone()),
-            format!(
-                "pod {pod_name_} cannot be scheduled: its volume is lost with its node: {}; recreating the claim at {deadline} unless the node returns",
-                what.join(", ")
-            ),
-        );
+    if !recreate || newly_seen || waited < grace {
+        if recreate {
+            // At least a second: a claim is never deleted in the pass that recorded it.
+            plan.requeue(grace.saturating_sub(waited).max(Duration::from_secs(1)));
+        }
+        if newly_seen {
+            let next = if recreate {
+                let deadline = since.checked_add(grace).map_or_else(
+                    |_| "the end of the grace period".to_owned(),
+                    |t| t.to_string(),
+                );
+                format!("recreating the claim at {deadline} unless the node returns")
+            } else {
+                format!("waiting (annotate the StatefulSet {ON_NODE_LOSS_ANNOTATION}=recreate to recreate the claim elsewhere)")
+            };
+            plan.event(
+                true,
+                "NodeLost",
+                "Wait",
+                Regarding::Pod(pod_name_.clone()),
+                format!(
+                    "pod {pod_name_} cannot be scheduled: its volume is lost with its node: {}; {next}",
+                    what.join(", ")
+                ),
+            );
+        }
+        plan.actions.extend(records);
         return;
     }
-    for (claim, node, verdict) in &lost {
-        let (Some(name), Some(uid), Some(rv)) = (
-            claim.metadata.name.clone(),
-            claim.metadata.uid.clone(),
-            claim.metadata.resource_version.clone(),
+    for (p, verdict, _) in &lost {
+        let (Some(uid), Some(rv)) = (
+            p.claim.metadata.uid.clone(),
+            p.claim.metadata.resource_version.clone(),
         ) else {
             continue;
         };
+        let (name, node) = (&p.name, &p.node);
         plan.event(
             true,
             "ClaimRecreatedAfterNodeLoss",
             "DeleteClaim",
             Regarding::Claim(name.clone()),
             format!(
-                "deleting PersistentVolumeClaim {name} of pod {pod_name_}: its volume was on node {node}, and {}; the StatefulSet makes a new claim on a live node",
+                "deleting PersistentVolumeClaim {name} of pod {pod_name_}: its volume was on node {node}, and {} (first seen {since}); the StatefulSet makes a new claim on a live node",
                 verdict.evidence()
             ),
         );
         plan.actions.push(Action::DeleteClaim {
-            claim: name,
+            claim: name.clone(),
             uid,
             resource_version: rv,
         });
@@ -200,12 +274,7 @@ pub(super) fn clean_stale_volume(scope: &Scope<'_>, pv: &PersistentVolume, plan:
     let Some(node) = pinned_node(pv) else {
         return;
     };
-    match verdict(
-        &node,
-        scope.obs.nodes,
-        scope.opts.now,
-        scope.opts.node_loss_grace,
-    ) {
+    match verdict(&node, scope.obs.nodes) {
         NodeVerdict::Deleted => {}
         NodeVerdict::Unconfirmed => {
             plan.unconfirmed(node);

@@ -6,9 +6,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
 use super::*;
 use crate::retention::fixtures::*;
-use crate::retention::nodeloss::NodeView;
+use crate::retention::nodeloss::{NodeView, NODE_LOST_ANNOTATION, OUT_OF_SERVICE_TAINT};
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::api::storage::v1::CSINode;
+use k8s_openapi::jiff::Timestamp;
 
 const GRACE: Duration = Duration::from_secs(300);
 
@@ -29,8 +29,8 @@ struct World {
     volumes: Vec<PersistentVolume>,
     nodes: Vec<Node>,
     gone: Vec<&'static str>,
-    /// CSINodes read uncached (`None`: the GET answered 404).
-    csinodes: Vec<(&'static str, Option<CSINode>)>,
+    /// Nodes as an uncached GET returns them.
+    fresh: Vec<Node>,
 }
 
 fn world(set: StatefulSet, claims: Vec<PersistentVolumeClaim>, pods: Vec<Pod>) -> World {
@@ -41,7 +41,7 @@ fn world(set: StatefulSet, claims: Vec<PersistentVolumeClaim>, pods: Vec<Pod>) -
         volumes: vec![],
         nodes: vec![],
         gone: vec![],
-        csinodes: vec![],
+        fresh: vec![],
     }
 }
 
@@ -54,8 +54,8 @@ impl World {
         for name in &self.gone {
             nodes.confirm_gone(name);
         }
-        for (name, csinode) in &self.csinodes {
-            nodes.record_csinode(name, csinode.as_ref(), DRIVER);
+        for node in &self.fresh {
+            nodes.insert_fresh(node);
         }
         plan(
             Observed {
@@ -86,6 +86,26 @@ impl World {
                     assert_eq!(c.metadata.resource_version.as_ref(), Some(resource_version));
                     c.metadata.owner_references =
                         (!owner_references.is_empty()).then(|| owner_references.clone());
+                    let next: u64 = resource_version.parse::<u64>().expect("numeric") + 1000;
+                    c.metadata.resource_version = Some(next.to_string());
+                }
+                Action::SetClaimAnnotation {
+                    claim,
+                    resource_version,
+                    key,
+                    value,
+                } => {
+                    let c = self
+                        .claims
+                        .iter_mut()
+                        .find(|c| c.metadata.name.as_deref() == Some(claim.as_str()))
+                        .expect("claim exists");
+                    assert_eq!(c.metadata.resource_version.as_ref(), Some(resource_version));
+                    let notes = c.metadata.annotations.get_or_insert_with(Default::default);
+                    match value {
+                        Some(v) => notes.insert(key.to_string(), v.clone()),
+                        None => notes.remove(*key),
+                    };
                     let next: u64 = resource_version.parse::<u64>().expect("numeric") + 1000;
                     c.metadata.resource_version = Some(next.to_string());
                 }
@@ -650,12 +670,17 @@ fn node_loss_world(annotation: Option<&str>) -> World {
 }
 
 fn recreated(p: &Plan) -> bool {
+    recreated_at(p, "1101")
+}
+
+/// The claim and then the pod deleted, the claim at resourceVersion `rv`.
+fn recreated_at(p: &Plan, rv: &str) -> bool {
     writes(p)
         == vec![
             &Action::DeleteClaim {
                 claim: "data-web-1".into(),
                 uid: claim_uid(1),
-                resource_version: "101".into(),
+                resource_version: rv.into(),
             },
             &Action::DeletePod {
                 pod: "web-1".into(),
@@ -664,33 +689,136 @@ fn recreated(p: &Plan) -> bool {
         ]
 }
 
+/// The write that records, at `now`, that data-web-1's node is lost.
+fn records_loss(p: &Plan, now: Timestamp) -> bool {
+    writes(p)
+        == vec![&Action::SetClaimAnnotation {
+            claim: "data-web-1".into(),
+            resource_version: "101".into(),
+            key: NODE_LOST_ANNOTATION,
+            value: Some(crate::retention::nodeloss::loss_record("node-b", now)),
+        }]
+}
+
+fn at(seconds: i64) -> Options {
+    let mut o = opts(false);
+    o.now = ts(seconds);
+    o
+}
+
 #[test]
-fn node_deleted_recreates_the_claim_after_grace() {
+fn node_deleted_recreates_the_claim_a_grace_period_after_it_was_first_seen() {
     let mut w = node_loss_world(Some("recreate"));
     w.gone = vec!["node-b"];
-    let p = w.plan(&opts(false));
+    // The pod has waited far longer than the grace period, but the evidence is new: it is
+    // recorded on the claim, announced once, and the grace period starts now.
+    let p = w.plan(&at(0));
+    assert!(records_loss(&p, ts(0)), "{p:?}");
+    assert_eq!(reasons(&p), vec!["NodeLost"]);
+    assert_eq!(p.requeue_after, Some(Duration::from_secs(300)));
+    w.apply(&p);
+    // Inside the grace period: nothing written, nothing said again, back when it ends.
+    let p = w.plan(&at(60));
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert_eq!(p.requeue_after, Some(Duration::from_secs(240)));
+    // Past it, from the recorded moment (a restarted controller counts the same).
+    let p = w.plan(&at(300));
     assert!(recreated(&p), "{p:?}");
     assert_eq!(
         reasons(&p),
         vec!["ClaimRecreatedAfterNodeLoss", "PodRecreatedAfterNodeLoss"]
     );
-    // Inside the grace period: wait, report, and come back when it ends.
-    w.pods[1] = unschedulable(pod(1), ts(-60));
-    let p = w.plan(&opts(false));
-    assert!(writes(&p).is_empty());
-    assert_eq!(reasons(&p), vec!["NodeLost"]);
-    assert_eq!(p.requeue_after, Some(Duration::from_secs(240)));
 }
 
 #[test]
-fn node_loss_waits_by_default() {
+fn node_loss_waits_by_default_and_says_so_once() {
     for annotation in [None, Some("wait"), Some("yes")] {
         let mut w = node_loss_world(annotation);
         w.gone = vec!["node-b"];
-        let p = w.plan(&opts(false));
-        assert!(writes(&p).is_empty(), "{annotation:?}");
+        let p = w.plan(&at(0));
+        assert!(records_loss(&p, ts(0)), "{annotation:?}: {p:?}");
         assert_eq!(reasons(&p), vec!["NodeLost"]);
+        assert_eq!(p.requeue_after, None);
+        w.apply(&p);
+        for later in [10, 3600, 86400] {
+            assert_eq!(w.plan(&at(later)), Plan::default(), "{annotation:?}");
+        }
     }
+}
+
+#[test]
+fn out_of_service_taint_is_evidence_once_read_uncached() {
+    let mut w = node_loss_world(Some("recreate"));
+    let tainted = out_of_service(not_ready_since(node("node-b", "m-b", false), ts(-600)));
+    // The watch cache alone never decides.
+    w.nodes.push(tainted.clone());
+    let p = w.plan(&at(0));
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert_eq!(p.unconfirmed_nodes, vec!["node-b".to_string()]);
+    // The uncached read says the taint is gone again: nothing happens.
+    w.fresh = vec![node("node-b", "m-b", true)];
+    assert_eq!(w.plan(&at(0)), Plan::default());
+    // The uncached read confirms it: recorded now, recreated a grace period later.
+    w.fresh = vec![tainted];
+    let p = w.plan(&at(0));
+    assert!(records_loss(&p, ts(0)), "{p:?}");
+    let m = messages(&p, "NodeLost");
+    assert!(m[0].contains(OUT_OF_SERVICE_TAINT), "{m:?}");
+    w.apply(&p);
+    assert!(recreated(&w.plan(&at(300))));
+}
+
+#[test]
+fn a_node_that_comes_back_clears_the_record_and_restarts_the_clock() {
+    let mut w = node_loss_world(Some("recreate"));
+    w.gone = vec!["node-b"];
+    let p = w.plan(&at(0));
+    w.apply(&p);
+    // The node registers again before the grace period ends.
+    w.gone.clear();
+    w.nodes.push(node("node-b", "m-b", true));
+    let p = w.plan(&at(200));
+    assert_eq!(reasons(&p), vec!["NodeLossCleared"]);
+    assert_eq!(
+        writes(&p),
+        vec![&Action::SetClaimAnnotation {
+            claim: "data-web-1".into(),
+            resource_version: "1101".into(),
+            key: NODE_LOST_ANNOTATION,
+            value: None,
+        }]
+    );
+    w.apply(&p);
+    // Deleted again later: a new grace period from then, not from the first sighting.
+    w.nodes.pop();
+    w.gone = vec!["node-b"];
+    let p = w.plan(&at(400));
+    assert_eq!(reasons(&p), vec!["NodeLost"]);
+    w.apply(&p);
+    assert!(w.plan(&at(600)).actions.is_empty());
+    assert!(recreated_at(&w.plan(&at(700)), "3101"));
+}
+
+#[test]
+fn a_record_for_another_node_is_stale() {
+    let mut w = node_loss_world(Some("recreate"));
+    w.gone = vec!["node-b"];
+    w.claims[1]
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            NODE_LOST_ANNOTATION.into(),
+            crate::retention::nodeloss::loss_record("node-x", ts(-3600)),
+        );
+    let p = w.plan(&at(0));
+    assert!(
+        matches!(
+            writes(&p)[..],
+            [Action::SetClaimAnnotation { value: Some(_), .. }]
+        ),
+        "{p:?}"
+    );
 }
 
 /// The events' messages, by reason.
@@ -745,11 +873,9 @@ fn ready_node_is_never_lost_whatever_else_is_true() {
         let mut w = node_loss_world(Some("recreate"));
         w.nodes.push(n);
         w.volumes[1] = pv(1, "node-b", recorded);
-        // Even an old CSINode read saying the driver is gone changes nothing.
-        w.csinodes = vec![("node-b", None)];
         let p = w.plan(&opts(false));
         assert!(writes(&p).is_empty(), "{case}: {p:?}");
-        assert!(p.unconfirmed_nodes.is_empty() && p.unconfirmed_drivers.is_empty());
+        assert!(p.unconfirmed_nodes.is_empty());
         let expected: Vec<&str> = if reported {
             vec!["NodeIdentityChanged"]
         } else {
@@ -775,40 +901,23 @@ fn unknown_identity_on_either_side_is_cannot_tell() {
 }
 
 #[test]
-fn not_ready_node_is_lost_only_past_grace_with_its_driver_gone() {
+fn not_ready_is_never_evidence_however_long() {
+    // The kubelet is gone for a day and the driver is missing from the node's CSINode (its
+    // plugin restarts): the node may come back with its disk. Nothing is recorded or deleted.
     let mut w = node_loss_world(Some("recreate"));
-    // NotReady for a minute: wait, and look again when the grace period ends.
-    w.nodes
-        .push(not_ready_since(node("node-b", "m-b", false), ts(-60)));
-    let p = w.plan(&opts(false));
-    assert!(p.actions.is_empty(), "{p:?}");
-    assert_eq!(p.requeue_after, Some(Duration::from_secs(240)));
-    // NotReady past the grace period: the CSINode must be read before anything happens.
-    w.nodes[1] = not_ready_since(node("node-b", "m-b", false), ts(-600));
-    let p = w.plan(&opts(false));
-    assert!(p.actions.is_empty(), "{p:?}");
-    assert_eq!(p.unconfirmed_drivers, vec!["node-b".to_string()]);
-    // Kennel's driver still registered: the node may come back with its disk.
-    w.csinodes = vec![("node-b", Some(csinode("node-b", &[DRIVER])))];
-    assert_eq!(w.plan(&opts(false)), Plan::default());
-    // Driver gone from the CSINode (or the CSINode gone): lost.
-    for gone in [Some(csinode("node-b", &["other.csi"])), None] {
-        w.csinodes = vec![("node-b", gone)];
-        let p = w.plan(&opts(false));
-        assert!(recreated(&p), "{p:?}");
-        let m = messages(&p, "ClaimRecreatedAfterNodeLoss");
-        assert!(
-            m[0].contains("NotReady since") && m[0].contains("CSINode"),
-            "{m:?}"
-        );
-    }
+    let down = not_ready_since(node("node-b", "m-b", false), ts(-86400));
+    w.nodes.push(down.clone());
+    w.fresh = vec![down];
+    assert_eq!(w.plan(&at(0)), Plan::default());
 }
 
 #[test]
 fn deletions_are_announced_before_they_happen() {
     let mut w = node_loss_world(Some("recreate"));
     w.gone = vec!["node-b"];
-    let p = w.plan(&opts(false));
+    let p = w.plan(&at(0));
+    w.apply(&p);
+    let p = w.plan(&at(300));
     let position =
         |pred: &dyn Fn(&Action) -> bool| p.actions.iter().position(pred).expect("action present");
     let claim_event = position(&|a| {
@@ -826,20 +935,6 @@ fn deletions_are_announced_before_they_happen() {
         claim_event < claim_delete && pod_event < pod_delete,
         "{p:?}"
     );
-}
-
-#[test]
-fn node_lost_message_is_the_same_on_every_pass() {
-    let mut w = node_loss_world(Some("recreate"));
-    w.gone = vec!["node-b"];
-    w.pods[1] = unschedulable(pod(1), ts(-60));
-    let first = messages(&w.plan(&opts(false)), "NodeLost");
-    let mut later = opts(false);
-    later.now = ts(30);
-    let second = messages(&w.plan(&later), "NodeLost");
-    assert_eq!(first.len(), 1);
-    assert_eq!(first, second);
-    assert!(first[0].contains(&ts(240).to_string()), "{first:?}");
 }
 
 #[test]

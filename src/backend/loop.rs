@@ -410,9 +410,19 @@ impl Backend for LoopBackend {
     fn health(&self, record: &VolumeRecord) -> Option<String> {
         let image = self.volumes.image_path(&record.id);
         match fs::metadata(&image) {
-            Err(e) => Some(format!("image {} unreadable: {e}", image.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
+                "image file {} is gone (deleted outside Kennel): a staged volume's data is \
+                 still readable through its loop device until it is unstaged, so copy it off \
+                 now; otherwise the data is lost unless the file is restored",
+                image.display()
+            )),
+            Err(e) => Some(format!(
+                "image file {} cannot be read: {e}",
+                image.display()
+            )),
             Ok(meta) if meta.len() < record.capacity_bytes => Some(format!(
-                "image {} is {} bytes, expected {}",
+                "image file {} is {} bytes, not {}: it was truncated outside Kennel and the \
+                 data past its end is lost; restore the image from a backup",
                 image.display(),
                 meta.len(),
                 record.capacity_bytes

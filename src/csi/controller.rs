@@ -35,7 +35,7 @@ impl ControllerService {
 fn condition(abnormal: Option<String>) -> pb::VolumeCondition {
     pb::VolumeCondition {
         abnormal: abnormal.is_some(),
-        message: abnormal.unwrap_or_else(|| "volume is healthy".to_owned()),
+        message: abnormal.unwrap_or_else(|| crate::csi::metrics::HEALTHY.to_owned()),
     }
 }
 

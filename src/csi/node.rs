@@ -174,7 +174,7 @@ impl Node for NodeService {
                 abnormal: report.abnormal.is_some(),
                 message: report
                     .abnormal
-                    .unwrap_or_else(|| "volume is healthy".to_owned()),
+                    .unwrap_or_else(|| crate::csi::metrics::HEALTHY.to_owned()),
             }),
         }))
     }

@@ -5,6 +5,7 @@ pub mod cmd;
 pub mod copy;
 pub mod freeze;
 pub mod fs;
+pub mod fs_health;
 pub mod host_path;
 pub mod identity;
 pub mod loopdev;

@@ -13,6 +13,7 @@ use nix::mount::MsFlags;
 use crate::backend::{Backend, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
 use crate::node::fs as filesystem;
+use crate::node::fs_health;
 use crate::node::host_path::{HostPath, KubeletDir};
 use crate::node::loopdev::{self, LoopIndex};
 use crate::node::mount::{self, MountEntry, PathState};
@@ -250,7 +251,7 @@ impl NodeOps {
             };
             let abnormal = match b.health(&record) {
                 Some(problem) => Some(problem),
-                None if state.is_filesystem_of(number) => went_read_only(&record, &state)?,
+                None if state.is_filesystem_of(number) => filesystem_trouble(&state, &device)?,
                 None => None,
             };
             Ok(StatsReport { stats, abnormal })
@@ -618,20 +619,20 @@ fn is_mounted_anywhere(device: &Path) -> bool {
         .unwrap_or(true)
 }
 
-/// A staging mount whose filesystem went read-only although the volume is
-/// writable: it hit errors (`errors=remount-ro`). One read of mountinfo, for
-/// the superblock's own options.
-fn went_read_only(record: &VolumeRecord, state: &PathState) -> Result<Option<String>> {
-    let writable = record
-        .capabilities
-        .iter()
-        .all(|c| !c.access_mode.read_only());
-    if !writable || !state.read_only {
+/// A filesystem that hit errors, or went read-only after them
+/// (`errors=remount-ro`). One sysfs read; the mount table only when that or
+/// the path itself says something is wrong.
+fn filesystem_trouble(state: &PathState, device: &Path) -> Result<Option<String>> {
+    let errors = fs_health::ext4_errors(state.dev);
+    if errors.unwrap_or(0) == 0 && !state.read_only {
         return Ok(None);
     }
-    let super_ro = mount::mounts()?
-        .into_iter()
-        .find(|m| m.mount_id == state.mount_id)
-        .is_some_and(|m| m.super_options.iter().any(|o| o == "ro"));
-    Ok(super_ro.then(|| "filesystem was remounted read-only after errors".to_owned()))
+    let mounts = mount::mounts()?;
+    // Shut down rather than read-only on some kernels: an error since this
+    // mount of an errors=remount-ro filesystem is the same thing.
+    let read_only = fs_health::went_read_only(&mounts, state.dev)
+        || (errors.unwrap_or(0) > 0
+            && fs_health::remounts_read_only_on_errors(&mounts, state.dev)
+            && fs_health::ext4_error_since_mount(device, state.dev));
+    Ok(fs_health::describe(errors, read_only))
 }

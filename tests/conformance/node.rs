@@ -1376,3 +1376,88 @@ async fn unpublish_waits_out_a_brief_holder_and_reports_a_lasting_one() {
     })
     .await
 }
+
+/// Make ext4 on the device mounted at `staging` record an error, the way the
+/// kernel does when it finds damaged metadata (its own sysfs test hook).
+fn trigger_ext4_error(staging: &Path) {
+    let mount = mounts_at(staging).pop().expect("staged mount");
+    assert_eq!(mount.fs_type, "ext4");
+    let device = fs::canonicalize(format!("/sys/dev/block/{}", mount.dev)).expect("sysfs device");
+    let name = device.file_name().expect("device name").to_owned();
+    let hook = Path::new("/sys/fs/ext4")
+        .join(name)
+        .join("trigger_fs_error");
+    fs::write(&hook, "kennel test: damaged metadata").expect("trigger an ext4 error");
+}
+
+/// A filesystem that hit errors is an abnormal volume: read-only after them
+/// (`errors=remount-ro`), or still writable with errors recorded (ext4's
+/// default, `errors=continue`). The messages say what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_that_hit_errors_is_abnormal() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start().await;
+        let mut remount_ro = mount_cap("ext4");
+        if let Some(pb::volume_capability::AccessType::Mount(m)) = &mut remount_ro.access_type {
+            m.mount_flags = vec!["errors=remount-ro".to_owned()];
+        }
+        for (name, cap, expect) in [
+            ("pvc-errors-ro", remount_ro, "went read-only after errors ("),
+            (
+                "pvc-errors-continue",
+                mount_cap("ext4"),
+                "recorded 1 error(s)",
+            ),
+        ] {
+            let id = td.create(name, 32 * MIB, cap.clone()).await.volume_id;
+            let staging = td.stage(&id, cap.clone()).await;
+            let target = td.publish(&id, cap.clone(), false).await;
+            let healthy = td
+                .node()
+                .node_get_volume_stats(stats_req(&id, &target))
+                .await
+                .expect("stats")
+                .into_inner();
+            assert!(!healthy.volume_condition.expect("condition").abnormal);
+
+            trigger_ext4_error(&staging);
+            for path in [&target, &staging] {
+                // ext4 records the error, and on some kernels goes read-only, from a work queue.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                let condition = loop {
+                    let condition = td
+                        .node()
+                        .node_get_volume_stats(stats_req(&id, path))
+                        .await
+                        .expect("stats")
+                        .into_inner()
+                        .volume_condition
+                        .expect("condition");
+                    if condition.message.contains(expect) || std::time::Instant::now() > deadline {
+                        break condition;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                };
+                assert!(condition.abnormal, "{name}: {condition:?}");
+                assert!(condition.message.contains(expect), "{name}: {condition:?}");
+                assert!(
+                    condition.message.contains("e2fsck"),
+                    "{name}: {condition:?}"
+                );
+            }
+            let write = fs::write(target.join("after-the-error"), b"x");
+            assert_eq!(
+                write.is_err(),
+                name == "pvc-errors-ro",
+                "{name}: writes after the error: {write:?}"
+            );
+            td.unpublish(&id, false).await;
+            td.unstage(&id).await;
+            td.delete(&id).await;
+        }
+    })
+    .await
+}

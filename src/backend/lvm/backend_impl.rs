@@ -325,19 +325,10 @@ impl Backend for LvmBackend {
         let Some(lv) = index.find(record.id.as_str()) else {
             return Some(format!("logical volume {} is missing", record.id));
         };
-        if lv.missing {
-            return Some(format!(
-                "logical volume {}/{} is missing (removed outside Kennel)",
-                lv.row.vg_name, lv.row.lv_name
-            ));
-        }
-        if !lv.row.lv_health_status.is_empty() {
-            return Some(format!(
-                "logical volume {}/{} reports {}",
-                lv.row.vg_name, lv.row.lv_name, lv.row.lv_health_status
-            ));
-        }
-        None
+        let pool = (!lv.row.pool_lv.is_empty())
+            .then(|| index.get(&lv.row.vg_name, &lv.row.pool_lv))
+            .flatten();
+        super::health::problem(lv, pool, self.lvm.device_mapper())
     }
 
     fn default_fs_type(&self, record: &VolumeRecord) -> Option<FsType> {

@@ -13,10 +13,12 @@ use nix::mount::MsFlags;
 use crate::backend::{Backend, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
 use crate::node::fs as filesystem;
+use crate::node::fs_group;
 use crate::node::fs_health;
 use crate::node::host_path::{HostPath, KubeletDir};
 use crate::node::loopdev::{self, LoopIndex};
 use crate::node::mount::{self, MountEntry, PathState};
+use crate::node::selinux;
 use crate::volume::capacity::CapacityRange;
 use crate::volume::controller::{parse_known, run_blocking};
 use crate::volume::spec::{AccessMode, AccessType, Capability, FsType};
@@ -47,6 +49,8 @@ pub struct PublishRequest {
     pub target_path: PathBuf,
     pub capability: Capability,
     pub read_only: bool,
+    /// Group to give a Filesystem volume's files (the pod's fsGroup).
+    pub mount_group: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +72,7 @@ struct Publication {
     target: HostPath,
     capability: Capability,
     read_only: bool,
+    mount_group: Option<u32>,
 }
 
 impl NodeOps {
@@ -165,6 +170,7 @@ impl NodeOps {
             target: self.kubelet.locate(&req.target_path, "target_path")?,
             capability: req.capability,
             read_only: req.read_only,
+            mount_group: req.mount_group,
         };
         let id = parse_known(&req.volume_id)?;
         let stacked = self.stacked.clone();
@@ -474,7 +480,9 @@ fn stage_filesystem(
     if needs_growth && fs_name == "ext4" && !cap.access_mode.read_only() {
         filesystem::grow_offline_ext4(device)?;
     }
-    staging.mount_device(device, &fs_name, &options)?;
+    staging
+        .mount_device(device, &fs_name, &options)
+        .map_err(|e| label_refused(&options, e))?;
     if needs_growth && fs_name == "xfs" && !cap.access_mode.read_only() {
         if let Err(e) = filesystem::grow_online(device, staging.path(), &fs_name) {
             let _ = staging.unmount_all();
@@ -482,6 +490,27 @@ fn stage_filesystem(
         }
     }
     Ok(())
+}
+
+/// The volume's files made group `gid`'s (fsGroup), unless its root already is.
+fn give_to_group(root: &Path, gid: u32) -> Result<()> {
+    if fs_group::root_matches(root, gid)? {
+        return Ok(());
+    }
+    fs_group::apply(root, gid)
+}
+
+/// A mount with an SELinux label that failed where SELinux is off: say so
+/// (the kernel only logs "Unknown parameter 'context'").
+fn label_refused(options: &mount::MountOptions, e: Error) -> Error {
+    match options.data.iter().find(|o| selinux::is_label_option(o)) {
+        Some(label) if !selinux::enabled() => Error::Precondition(format!(
+            "the kernel refused mount option {label} ({e}): SELinux is not enabled on this \
+             node, and the kubelet sends that option only where it is; check the node's \
+             SELinux state"
+        )),
+        _ => e,
+    }
 }
 
 fn publish(b: &dyn Backend, stacked: &LoopIndex, id: &VolumeId, req: &Publication) -> Result<()> {
@@ -535,6 +564,11 @@ fn publish(b: &dyn Backend, stacked: &LoopIndex, id: &VolumeId, req: &Publicatio
     match &req.capability.access_type {
         AccessType::Mount { mount_flags, .. } => {
             let extra = mount::parse_options(mount_flags)?.flags & !MsFlags::MS_RDONLY;
+            // Before the bind, so a retry after a failure applies it again; through
+            // the staging mount, as the target is read-only when published so.
+            if let Some(gid) = req.mount_group.filter(|_| !read_only) {
+                give_to_group(req.staging.path(), gid)?;
+            }
             req.target.ensure_dir()?;
             req.target.bind_from_path(&source, read_only, extra)
         }

@@ -116,7 +116,13 @@ async fn node_get_capabilities() {
             })
             .collect();
         use node_service_capability::rpc::Type as R;
-        for wanted in [R::StageUnstageVolume, R::GetVolumeStats, R::ExpandVolume] {
+        for wanted in [
+            R::StageUnstageVolume,
+            R::GetVolumeStats,
+            R::ExpandVolume,
+            R::VolumeCondition,
+            R::VolumeMountGroup,
+        ] {
             assert!(
                 rpcs.contains(&(wanted as i32)),
                 "{wanted:?} missing: {resp:?}"
@@ -1458,6 +1464,134 @@ async fn a_filesystem_that_hit_errors_is_abnormal() {
             td.unstage(&id).await;
             td.delete(&id).await;
         }
+    })
+    .await
+}
+
+/// A Filesystem capability with these mount flags and mount group.
+fn mount_cap_with(flags: &[&str], group: &str) -> pb::VolumeCapability {
+    let mut cap = mount_cap("ext4");
+    if let Some(pb::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+        m.mount_flags = flags.iter().map(|f| f.to_string()).collect();
+        m.volume_mount_group = group.to_owned();
+    }
+    cap
+}
+
+/// The kubelet's SELinux label (`seLinuxMount: true`) reaches the mount call
+/// whole, categories and all: where SELinux runs the filesystem carries it;
+/// on a node without SELinux the kernel refuses the option and the answer
+/// names it. A label that could smuggle other options in is refused first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selinux_context_reaches_the_mount_call() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start().await;
+        let label = "context=\"system_u:object_r:container_file_t:s0:c1,c2\"";
+        let labelled = mount_cap_with(&["noatime", label], "");
+        let id = td
+            .create("pvc-selinux", 32 * MIB, labelled.clone())
+            .await
+            .volume_id;
+        fs::create_dir_all(td.staging_path(&id)).unwrap();
+
+        let smuggled = mount_cap_with(&["context=\"system_u:object_r:t:s0:c1,exec\""], "");
+        let refused = td
+            .node()
+            .node_stage_volume(td.stage_req(&id, smuggled))
+            .await;
+        let status = refused.expect_err("a label with an option in it");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("c1,exec"), "{status:?}");
+
+        let selinux = Path::new("/sys/fs/selinux/enforce").exists();
+        let staged = td
+            .node()
+            .node_stage_volume(td.stage_req(&id, labelled.clone()))
+            .await;
+        if selinux {
+            staged.expect("stage with the pod's label");
+            let mount = the_mount(&td.staging_path(&id));
+            let super_options = fs::read_to_string("/proc/self/mountinfo").unwrap();
+            assert!(
+                super_options.contains("container_file_t:s0:c1,c2"),
+                "label not on the mount {mount:?}"
+            );
+        } else {
+            let status = staged.expect_err("no SELinux here: the kernel refuses the option");
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            assert!(
+                status.message().contains(label) && status.message().contains("SELinux"),
+                "{status:?}"
+            );
+            assert!(mounts_at(&td.staging_path(&id)).is_empty());
+            // Without the label the volume stages; publishing with it binds the same mount.
+            td.stage(&id, mount_cap_with(&["noatime"], "")).await;
+        }
+        let target = td.publish(&id, labelled.clone(), false).await;
+        assert_eq!(the_mount(&target).dev, the_mount(&td.staging_path(&id)).dev);
+        td.unpublish(&id, false).await;
+        td.unstage(&id).await;
+        td.delete(&id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+/// NodePublish with `volume_mount_group` (the pod's fsGroup, delegated by the
+/// kubelet): the volume's files and directories become the group's, readable
+/// and writable by it, and new files inherit the group (setgid directories).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_mount_group_gives_the_files_to_the_pods_group() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let td = TestDriver::start().await;
+        let plain = mount_cap_with(&[], "");
+        let id = td
+            .create("pvc-fsgroup", 32 * MIB, plain.clone())
+            .await
+            .volume_id;
+        let staging = td.stage(&id, mount_cap_with(&[], "4321")).await;
+        // Data written before: root's, private.
+        fs::create_dir(staging.join("db")).unwrap();
+        write_file(&staging.join("db/table"), b"rows");
+        fs::set_permissions(staging.join("db/table"), PermissionsExt::from_mode(0o600)).unwrap();
+
+        let bad = td
+            .node()
+            .node_publish_volume(td.publish_req(&id, mount_cap_with(&[], "staff"), false))
+            .await;
+        let status = bad.expect_err("a group name is no GID");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("staff"), "{status:?}");
+
+        let target = td.publish(&id, mount_cap_with(&[], "4321"), false).await;
+        for (path, bits) in [
+            (target.clone(), 0o2070),
+            (target.join("db"), 0o2070),
+            (target.join("db/table"), 0o060),
+        ] {
+            let meta = fs::metadata(&path).unwrap();
+            assert_eq!(meta.gid(), 4321, "{}", path.display());
+            assert_eq!(
+                meta.mode() & bits,
+                bits,
+                "{}: {:o}",
+                path.display(),
+                meta.mode()
+            );
+        }
+        write_file(&target.join("db/new"), b"later");
+        assert_eq!(fs::metadata(target.join("db/new")).unwrap().gid(), 4321);
+        td.unpublish(&id, false).await;
+        td.unstage(&id).await;
+        td.delete(&id).await;
+        td.assert_no_leaks();
     })
     .await
 }

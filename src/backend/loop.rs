@@ -18,6 +18,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::node::loopdev::{self, LoopIndex, Window};
 use crate::node::{copy, freeze, mount};
 use crate::volume::capacity::MIB;
+use crate::volume::limits::IoLimits;
 use crate::volume::spec::unknown_param;
 use crate::volume::{SnapshotId, VolumeId};
 
@@ -327,6 +328,18 @@ impl Backend for LoopBackend {
         file.sync_all().ctx("fsync", &image)?;
         record.capacity_bytes = new_size;
         self.volumes.commit(&record)?;
+        Ok(record)
+    }
+
+    fn set_io_limits(&self, id: &VolumeId, limits: IoLimits) -> Result<VolumeRecord> {
+        let mut record = self
+            .volumes
+            .get(id)
+            .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+        if record.params.io_limits != limits {
+            record.params.io_limits = limits;
+            self.volumes.commit(&record)?;
+        }
         Ok(record)
     }
 

@@ -76,6 +76,7 @@ pub fn changes_state(rpc: &str) -> bool {
         "CreateVolume"
             | "DeleteVolume"
             | "ControllerExpandVolume"
+            | "ControllerModifyVolume"
             | "NodeExpandVolume"
             | "CreateSnapshot"
             | "DeleteSnapshot"

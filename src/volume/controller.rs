@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use crate::backend::{Backend, ContentSource, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, Result};
 use crate::volume::capacity::{choose_size, CapacityRange, GIB};
+use crate::volume::limits::IoLimits;
 use crate::volume::spec::{segment_matches, Capability, CreateRequest, Segment, VolumeParams};
 use crate::volume::work::Work;
 use crate::volume::{token, SnapshotId, VolumeId};
@@ -258,6 +259,36 @@ impl Controller {
             .await
     }
 
+    /// Change a volume's mutable parameters (its I/O limits); keys left out
+    /// keep their values. Idempotent.
+    pub async fn modify(
+        &self,
+        raw_id: &str,
+        params: BTreeMap<String, String>,
+    ) -> Result<VolumeRecord> {
+        let id = parse_known(raw_id)?;
+        if params.is_empty() {
+            return Err(Error::invalid("mutable_parameters are required"));
+        }
+        // Checked before the volume is looked up: a bad key is the caller's to fix.
+        IoLimits::default().apply(&params)?;
+        let this = self.clone();
+        let keys = vec![id.as_str().to_owned()];
+        self.work
+            .run(keys, async move {
+                this.blocking(move |b| {
+                    crate::faults::step("modify: locked");
+                    let record = b
+                        .get(&id)?
+                        .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+                    let limits = record.params.io_limits.apply(&params)?;
+                    b.set_io_limits(&id, limits)
+                })
+                .await
+            })
+            .await
+    }
+
     /// Snapshot a volume; idempotent by name.
     pub async fn create_snapshot(&self, name: String, raw_source: &str) -> Result<SnapshotRecord> {
         crate::volume::spec::validate_name(&name)?;
@@ -485,6 +516,13 @@ mod tests {
         }
         fn expand(&self, id: &VolumeId, new_size: u64) -> Result<VolumeRecord> {
             self.inner.expand(id, new_size)
+        }
+        fn set_io_limits(
+            &self,
+            id: &VolumeId,
+            limits: crate::volume::limits::IoLimits,
+        ) -> Result<VolumeRecord> {
+            self.inner.set_io_limits(id, limits)
         }
         fn capacity(&self, params: &BTreeMap<String, String>) -> Result<PoolCapacity> {
             self.inner.capacity(params)

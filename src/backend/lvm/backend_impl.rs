@@ -13,6 +13,7 @@ use super::params::{Layout, LvmParams};
 use super::{tags, LvmBackend};
 use crate::backend::{Backend, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
+use crate::volume::limits::IoLimits;
 use crate::volume::spec::FsType;
 use crate::volume::{SnapshotId, VolumeId};
 
@@ -61,7 +62,7 @@ impl Backend for LvmBackend {
         {
             return Ok(());
         }
-        let tag_list = tags::encode(record)?;
+        let tag_list = super::limits::encode(record)?;
         match &record.source {
             Some(source) => {
                 let source = self.source_lv(source)?;
@@ -318,6 +319,10 @@ impl Backend for LvmBackend {
         };
         let (pv, window) = self.window(&lv)?;
         self.current_window(&pv, window).map(drop)
+    }
+
+    fn set_io_limits(&self, id: &VolumeId, limits: IoLimits) -> Result<VolumeRecord> {
+        self.store_io_limits(id, limits)
     }
 
     fn health(&self, record: &VolumeRecord) -> Option<String> {

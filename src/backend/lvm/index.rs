@@ -42,6 +42,8 @@ pub struct Vg {
 }
 
 /// What an LV is to Kennel.
+// One per LV, held in place in the index: boxing the record would only add a pointer chase.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
     Volume(VolumeRecord),
@@ -104,6 +106,7 @@ fn kind_of(row: &LvRow) -> Kind {
         return match tags::decode::<VolumeRecord>(&row.lv_tags) {
             Ok(Decoded::Record(mut record)) if record.id == id => {
                 record.capacity_bytes = row.lv_size;
+                record.params.io_limits = super::limits::from_tags(&row.lv_tags);
                 Kind::Volume(record)
             }
             Ok(Decoded::Record(_)) => broken("the record names another volume".to_owned()),

@@ -9,6 +9,7 @@ pub mod fs_group;
 pub mod fs_health;
 pub mod host_path;
 pub mod identity;
+pub mod io_throttle;
 pub mod loopdev;
 pub mod mount;
 pub mod selinux;

@@ -16,6 +16,7 @@ use crate::node::fs as filesystem;
 use crate::node::fs_group;
 use crate::node::fs_health;
 use crate::node::host_path::{HostPath, KubeletDir};
+use crate::node::io_throttle;
 use crate::node::loopdev::{self, LoopIndex};
 use crate::node::mount::{self, MountEntry, PathState};
 use crate::node::selinux;
@@ -35,6 +36,8 @@ pub struct NodeOps {
     /// Read-only loop devices stacked on staged devices for read-only Block
     /// publications, by the device they sit on.
     stacked: Arc<LoopIndex>,
+    /// The blkio cgroup hierarchy of the kubelet's pods (I/O limits).
+    blkio: PathBuf,
 }
 
 pub struct StageRequest {
@@ -85,7 +88,37 @@ impl NodeOps {
             work,
             kubelet,
             stacked: Arc::new(stacked),
+            blkio: io_throttle::DEFAULT_BLKIO_DIR.into(),
         })
+    }
+
+    /// Apply I/O limits in this blkio hierarchy instead of the default.
+    pub fn with_blkio_dir(mut self, blkio: PathBuf) -> Self {
+        self.blkio = blkio;
+        self
+    }
+
+    /// Apply a volume's I/O limits to every pod this node publishes it to
+    /// (after ControllerModifyVolume). A volume not attached here has none.
+    pub async fn apply_io_limits(&self, record: VolumeRecord) -> Result<()> {
+        let kubelet = self.kubelet.root().to_owned();
+        let blkio = self.blkio.clone();
+        run_blocking(self.backend.clone(), move |b| {
+            let Some(device) = b.attached_device(&record.id)? else {
+                return Ok(());
+            };
+            let number = mount::device_number(&device)?;
+            let targets: Vec<PathBuf> = mount::mounts()?
+                .into_iter()
+                .filter(|m| m.dev == number || is_block_bind(m, &device).unwrap_or(false))
+                .map(|m| m.mount_point)
+                .collect();
+            for target in targets {
+                throttle_pod(&kubelet, &blkio, &target, number, &record)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     pub fn kubelet_dir(&self) -> &KubeletDir {
@@ -175,13 +208,24 @@ impl NodeOps {
         let id = parse_known(&req.volume_id)?;
         let stacked = self.stacked.clone();
         let backend = self.backend.clone();
+        let (kubelet, blkio) = (self.kubelet.root().to_owned(), self.blkio.clone());
         let keys = vec![id.as_str().to_owned()];
         self.work
             .run(keys, async move {
                 run_blocking(backend, move |b| {
                     crate::faults::step("publish: locked");
-                    known(b, &id)?;
-                    publish(b, &stacked, &id, &publication)
+                    let record = known(b, &id)?;
+                    publish(b, &stacked, &id, &publication)?;
+                    let device = b
+                        .attached_device(&id)?
+                        .ok_or_else(|| Error::Internal(format!("volume {id} lost its device")))?;
+                    throttle_pod(
+                        &kubelet,
+                        &blkio,
+                        publication.target.path(),
+                        mount::device_number(&device)?,
+                        &record,
+                    )
                 })
                 .await
             })
@@ -488,6 +532,25 @@ fn stage_filesystem(
             let _ = staging.unmount_all();
             return Err(e);
         }
+    }
+    Ok(())
+}
+
+/// The volume's I/O limits on the cgroup of the pod `target` publishes it
+/// to (limits left out cleared). A path that is no pod's, or a pod without a
+/// blkio cgroup (not cgroup v1), is left alone.
+fn throttle_pod(
+    kubelet: &Path,
+    blkio: &Path,
+    target: &Path,
+    device: (u32, u32),
+    record: &VolumeRecord,
+) -> Result<()> {
+    let Some(uid) = io_throttle::pod_uid(kubelet, target) else {
+        return Ok(());
+    };
+    for cgroup in io_throttle::pod_cgroups(blkio, &uid) {
+        io_throttle::apply(&cgroup, device, &record.params.io_limits)?;
     }
     Ok(())
 }

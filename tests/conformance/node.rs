@@ -1595,3 +1595,144 @@ async fn volume_mount_group_gives_the_files_to_the_pods_group() {
     })
     .await
 }
+
+/// A real blkio cgroup hierarchy for a test, with one pod's cgroup in it the
+/// way the kubelet's cgroupfs driver lays it out; removed on drop.
+struct PodCgroup {
+    root: std::path::PathBuf,
+    pod: std::path::PathBuf,
+}
+
+impl PodCgroup {
+    fn new(uid: &str) -> Option<PodCgroup> {
+        let blkio = Path::new("/sys/fs/cgroup/blkio");
+        // The VM lane's guest has no cgroup v1; the same suite runs this on the host.
+        if std::env::var("KENNEL_VM_LANE").as_deref() == Ok("1") {
+            return None;
+        }
+        if !blkio.join("blkio.throttle.write_bps_device").exists() {
+            cannot_run("cgroup v1 blkio is not mounted at /sys/fs/cgroup/blkio");
+            return None;
+        }
+        let root = blkio.join(format!("kennel-test-{}-{uid}", std::process::id()));
+        let pod = root.join(format!("kubepods/burstable/pod{uid}"));
+        fs::create_dir_all(&pod).expect("create a blkio cgroup");
+        Some(PodCgroup { root, pod })
+    }
+
+    /// The rule for `dev` ("major:minor") in one throttle file, if any.
+    fn rule(&self, file: &str, dev: &str) -> Option<u64> {
+        let text = fs::read_to_string(self.pod.join(file)).expect("read throttle file");
+        text.lines().find_map(|l| {
+            let (d, v) = l.split_once(' ')?;
+            (d == dev).then(|| v.parse().expect("a number"))
+        })
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for dir in [
+            self.pod.clone(),
+            self.root.join("kubepods/burstable"),
+            self.root.join("kubepods"),
+            self.root.clone(),
+        ] {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// I/O limits reach the cgroup of the pod a volume is published to: set on
+/// NodePublish from the limits given at creation, changed by
+/// ControllerModifyVolume, cleared by 0; and a direct write from the pod's
+/// cgroup is held to the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_limits_reach_the_pods_blkio_cgroup() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    let uid = "6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f";
+    let Some(cgroup) = PodCgroup::new(uid) else {
+        return;
+    };
+    with_timeout(T, async {
+        let opts = DriverOpts {
+            extra_args: vec![
+                "--blkio-cgroup-dir".to_owned(),
+                cgroup.root.display().to_string(),
+            ],
+            ..DriverOpts::default()
+        };
+        let td = TestDriver::start_with(opts).await;
+        let cap = mount_cap("ext4");
+        let mut req = create_req("pvc-throttled", 32 * MIB, vec![cap.clone()]);
+        req.mutable_parameters = [("writeBytesPerSecond".to_owned(), "1Mi".to_owned())].into();
+        let id = td
+            .controller()
+            .create_volume(req)
+            .await
+            .expect("create")
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        let staging = td.stage(&id, cap.clone()).await;
+        let dev = mounts_at(&staging).pop().expect("staged").dev;
+        // Where the kubelet publishes a pod's CSI volume.
+        let pod_dir = td.root.join(format!("pods/{uid}/volumes/kubernetes.io~csi/pv-throttled"));
+        fs::create_dir_all(&pod_dir).unwrap();
+        let target = pod_dir.join("mount");
+        let mut publish = td.publish_req(&id, cap.clone(), false);
+        publish.target_path = target.display().to_string();
+        td.node()
+            .node_publish_volume(publish)
+            .await
+            .expect("publish into the pod");
+        assert_eq!(
+            cgroup.rule("blkio.throttle.write_bps_device", &dev),
+            Some(1 << 20)
+        );
+        assert_eq!(cgroup.rule("blkio.throttle.read_iops_device", &dev), None);
+
+        // 3 MiB written directly from the pod's cgroup take at least ~2 s at 1 MiB/s.
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("echo $$ > \"$1\" && exec dd if=/dev/zero of=\"$2\" bs=64k count=48 oflag=direct status=none")
+            .arg("sh")
+            .arg(cgroup.pod.join("cgroup.procs"))
+            .arg(target.join("data"))
+            .output()
+            .expect("dd");
+        assert!(out.status.success(), "{out:?}");
+        let took = started.elapsed();
+        assert!(took.as_secs_f64() >= 1.8, "3 MiB at 1 MiB/s took {took:?}");
+
+        td.controller()
+            .controller_modify_volume(pb::ControllerModifyVolumeRequest {
+                volume_id: id.clone(),
+                mutable_parameters: [
+                    ("writeBytesPerSecond".to_owned(), "0".to_owned()),
+                    ("readIOPS".to_owned(), "100".to_owned()),
+                ]
+                .into(),
+                ..Default::default()
+            })
+            .await
+            .expect("modify");
+        assert_eq!(cgroup.rule("blkio.throttle.write_bps_device", &dev), None);
+        assert_eq!(cgroup.rule("blkio.throttle.read_iops_device", &dev), Some(100));
+
+        td.node()
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .expect("unpublish");
+        td.unstage(&id).await;
+        td.delete(&id).await;
+    })
+    .await
+}

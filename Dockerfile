@@ -17,12 +17,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM debian:trixie-slim
 # The host tools the code runs (tests/dockerfile.rs finds them in src/ and checks this list):
 # filesystems (mkfs, fsck, resize, blkid probe), lvm2 for the LVM backend, and the tools
-# `kennel bench` times as its baseline (losetup, mount, umount, rm).
+# `kennel bench` times as its baseline (losetup, mount, umount, rm). lvm2 runs helpers of
+# its own (tests/dockerfile.rs reads them from lvm2's configuration): thin_check,
+# thin_repair and thin_dump (thin-provisioning-tools, only recommended by lvm2, so not
+# pulled in here) whenever it activates or repairs a thin pool, and dmeventd to monitor it.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       e2fsprogs \
       xfsprogs \
       lvm2 \
+      thin-provisioning-tools \
+      dmeventd \
       util-linux \
       mount \
       coreutils \

@@ -394,13 +394,15 @@ impl ControllerRpc for ControllerService {
         let change = Change::begin("volume modified")
             .volume(&req.volume_id)
             .claim(self.driver.telemetry.claim(&req.volume_id));
-        let record = self
-            .driver
-            .controller
-            .modify(&req.volume_id, req.mutable_parameters)
-            .await?;
         // The controller runs on the volume's node: its pods get the new limits now.
-        self.driver.node.apply_io_limits(record).await?;
+        self.driver
+            .controller
+            .modify(
+                &req.volume_id,
+                req.mutable_parameters,
+                self.driver.node.io_limits_applier(),
+            )
+            .await?;
         change.done();
         Ok(Response::new(pb::ControllerModifyVolumeResponse {}))
     }

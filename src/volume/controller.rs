@@ -131,16 +131,11 @@ impl Controller {
         let Some(id) = VolumeId::parse(raw_id) else {
             return Ok(());
         };
-        let this = self.clone();
-        self.work
-            .run(vec![id.as_str().to_owned()], async move {
-                this.blocking(move |b| {
-                    crate::faults::step("delete: locked");
-                    b.delete(&id)
-                })
-                .await
-            })
-            .await
+        self.exclusive(vec![id.as_str().to_owned()], move |b| {
+            crate::faults::step("delete: locked");
+            b.delete(&id)
+        })
+        .await
     }
 
     pub async fn get(&self, raw_id: &str) -> Result<VolumeStatus> {
@@ -233,38 +228,36 @@ impl Controller {
     pub async fn expand(&self, raw_id: &str, range: CapacityRange) -> Result<u64> {
         let id = parse_known(raw_id)?;
         let granularity = self.backend.granularity();
-        let this = self.clone();
-        let keys = vec![id.as_str().to_owned()];
-        self.work
-            .run(keys, async move {
-                this.blocking(move |b| {
-                    crate::faults::step("expand: locked");
-                    let record = b
-                        .get(&id)?
-                        .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
-                    if range.limit != 0 && record.capacity_bytes > range.limit {
-                        return Err(Error::OutOfRange(format!(
-                            "volume is already {} bytes, above the limit of {} bytes",
-                            record.capacity_bytes, range.limit
-                        )));
-                    }
-                    if record.capacity_bytes >= range.required {
-                        return Ok(record.capacity_bytes);
-                    }
-                    let size = choose_size(range, granularity, granularity, record.capacity_bytes)?;
-                    Ok(b.expand(&id, size)?.capacity_bytes)
-                })
-                .await
-            })
-            .await
+        self.exclusive(vec![id.as_str().to_owned()], move |b| {
+            crate::faults::step("expand: locked");
+            let record = b
+                .get(&id)?
+                .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+            if range.limit != 0 && record.capacity_bytes > range.limit {
+                return Err(Error::OutOfRange(format!(
+                    "volume is already {} bytes, above the limit of {} bytes",
+                    record.capacity_bytes, range.limit
+                )));
+            }
+            if record.capacity_bytes >= range.required {
+                return Ok(record.capacity_bytes);
+            }
+            let size = choose_size(range, granularity, granularity, record.capacity_bytes)?;
+            Ok(b.expand(&id, size)?.capacity_bytes)
+        })
+        .await
     }
 
     /// Change a volume's mutable parameters (its I/O limits); keys left out
-    /// keep their values. Idempotent.
+    /// keep their values. Idempotent. `apply` puts the stored limits into
+    /// effect (the pods of this node, see `NodeOps::io_limits_applier`) in
+    /// the same locked task: a publish meanwhile never applies stale limits,
+    /// and a caller that gives up still leaves them stored and applied.
     pub async fn modify(
         &self,
         raw_id: &str,
         params: BTreeMap<String, String>,
+        apply: impl FnOnce(&dyn Backend, &VolumeRecord) -> Result<()> + Send + 'static,
     ) -> Result<VolumeRecord> {
         let id = parse_known(raw_id)?;
         if params.is_empty() {
@@ -272,21 +265,17 @@ impl Controller {
         }
         // Checked before the volume is looked up: a bad key is the caller's to fix.
         IoLimits::default().apply(&params)?;
-        let this = self.clone();
-        let keys = vec![id.as_str().to_owned()];
-        self.work
-            .run(keys, async move {
-                this.blocking(move |b| {
-                    crate::faults::step("modify: locked");
-                    let record = b
-                        .get(&id)?
-                        .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
-                    let limits = record.params.io_limits.apply(&params)?;
-                    b.set_io_limits(&id, limits)
-                })
-                .await
-            })
-            .await
+        self.exclusive(vec![id.as_str().to_owned()], move |b| {
+            crate::faults::step("modify: locked");
+            let record = b
+                .get(&id)?
+                .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+            let limits = record.params.io_limits.apply(&params)?;
+            let record = b.set_io_limits(&id, limits)?;
+            apply(b, &record)?;
+            Ok(record)
+        })
+        .await
     }
 
     /// Snapshot a volume; idempotent by name.
@@ -297,8 +286,7 @@ impl Controller {
         }
         let source = parse_known(raw_source)?;
         let keys = vec![format!("snapshot:{name}"), source.as_str().to_owned()];
-        let this = self.clone();
-        self.work.run(keys, async move { this.blocking(move |b| {
+        self.exclusive(keys, move |b| {
             crate::faults::step("snapshot: locked");
             if let Some(existing) = b.find_snapshot_by_name(&name)? {
                 if existing.source_volume != source {
@@ -321,7 +309,6 @@ impl Controller {
             tracing::debug!(snapshot_id = %snapshot.id, volume_id = %snapshot.source_volume, "snapshot created");
             Ok(snapshot)
         })
-        .await })
         .await
     }
 
@@ -333,16 +320,11 @@ impl Controller {
         let Some(id) = SnapshotId::parse(raw_id) else {
             return Ok(());
         };
-        let this = self.clone();
-        self.work
-            .run(vec![id.as_str().to_owned()], async move {
-                this.blocking(move |b| {
-                    crate::faults::step("delete snapshot: locked");
-                    b.delete_snapshot(&id)
-                })
-                .await
-            })
-            .await
+        self.exclusive(vec![id.as_str().to_owned()], move |b| {
+            crate::faults::step("delete snapshot: locked");
+            b.delete_snapshot(&id)
+        })
+        .await
     }
 
     /// Snapshots, optionally only one or only those of one volume.
@@ -365,6 +347,18 @@ impl Controller {
             })
             .await?;
         token::page(all, |s| &s.id, starting_token, max_entries)
+    }
+
+    /// Run `work` on the blocking pool holding `keys` until it ends, whatever happens to the
+    /// caller (see [`Work`]).
+    async fn exclusive<T: Send + 'static>(
+        &self,
+        keys: Vec<String>,
+        work: impl FnOnce(&dyn Backend) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.work
+            .run(keys, run_blocking(self.backend.clone(), work))
+            .await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -673,5 +667,51 @@ mod tests {
             .await
             .unwrap();
         controller.delete(source.id.as_str()).await.unwrap();
+    }
+
+    /// A modify whose caller gives up still stores and applies the limits, holding the
+    /// volume's lock to the end: a publish or another modify meanwhile is told it is busy.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_modify_outlives_its_caller_under_the_volumes_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, gate) = controller(dir.path());
+        let volume = controller.create(request("pvc-io", None)).await.unwrap();
+        let params: BTreeMap<String, String> = [("writeIOPS".to_owned(), "100".to_owned())].into();
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (applied_tx, applied) = std::sync::mpsc::channel::<IoLimits>();
+        let apply = move |_: &dyn Backend, record: &VolumeRecord| {
+            entered_tx.send(()).unwrap();
+            released.recv().unwrap();
+            applied_tx.send(record.params.io_limits).unwrap();
+            Ok(())
+        };
+        let caller = controller.modify(volume.id.as_str(), params.clone(), apply);
+        // The caller's deadline passes while the limits are being applied.
+        let gave_up = tokio::time::timeout(Duration::from_millis(200), caller).await;
+        assert!(gave_up.is_err(), "the modify cannot have finished yet");
+        tokio::task::spawn_blocking(move || entered.recv().unwrap())
+            .await
+            .unwrap();
+        let retry = controller
+            .modify(
+                volume.id.as_str(),
+                params,
+                |_: &dyn Backend, _: &VolumeRecord| Ok(()),
+            )
+            .await;
+        assert!(matches!(retry, Err(Error::Busy(_))), "{retry:?}");
+
+        release.send(()).unwrap();
+        let limits = tokio::task::spawn_blocking(move || applied.recv().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            limits.write_iops,
+            Some(100),
+            "the stored limits are applied"
+        );
+        let stored = gate.inner.get(&volume.id).unwrap().unwrap();
+        assert_eq!(stored.params.io_limits, limits);
     }
 }

@@ -36,14 +36,6 @@ pub struct IoLimits {
     pub write_iops: Option<u64>,
 }
 
-/// Short names in the compact form (an LVM tag's value).
-const SHORT: [(&str, &str); 4] = [
-    ("rb", READ_BPS),
-    ("wb", WRITE_BPS),
-    ("ri", READ_IOPS),
-    ("wi", WRITE_IOPS),
-];
-
 impl IoLimits {
     pub fn is_empty(&self) -> bool {
         *self == IoLimits::default()
@@ -90,28 +82,6 @@ impl IoLimits {
             .into_iter()
             .filter_map(|(k, v)| Some((k.to_owned(), v?.to_string())))
             .collect()
-    }
-
-    /// Compact form for an LVM tag (`rb1048576+wi100`); empty when unlimited.
-    pub fn to_compact(&self) -> String {
-        let values = self.values();
-        SHORT
-            .iter()
-            .zip(values)
-            .filter_map(|((short, _), (_, v))| Some(format!("{short}{}", v?)))
-            .collect::<Vec<_>>()
-            .join("+")
-    }
-
-    /// Read [`IoLimits::to_compact`]'s form; `None` if it is not one.
-    pub fn from_compact(text: &str) -> Option<IoLimits> {
-        let mut limits = IoLimits::default();
-        for part in text.split('+').filter(|p| !p.is_empty()) {
-            let (short, long) = SHORT.iter().find(|(s, _)| part.starts_with(s))?;
-            let value: u64 = part[short.len()..].parse().ok()?;
-            *limits.slot(long)? = Some(value).filter(|v| *v > 0);
-        }
-        Some(limits)
     }
 }
 
@@ -192,26 +162,16 @@ mod tests {
     }
 
     #[test]
-    fn the_compact_form_round_trips_and_fits_a_tag() {
+    fn only_set_limits_become_parameters() {
         let l = IoLimits {
             read_bps: Some(1 << 20),
             write_iops: Some(100),
             ..Default::default()
         };
-        assert_eq!(l.to_compact(), "rb1048576+wi100");
-        assert_eq!(IoLimits::from_compact(&l.to_compact()), Some(l));
-        assert_eq!(IoLimits::from_compact(""), Some(IoLimits::default()));
-        assert_eq!(IoLimits::from_compact("xx1"), None);
-        let all = IoLimits {
-            read_bps: Some(u64::MAX),
-            write_bps: Some(u64::MAX),
-            read_iops: Some(u64::MAX),
-            write_iops: Some(u64::MAX),
-        };
-        assert!(all.to_compact().len() + "kennel.csi.dev/io=".len() < 128);
         assert_eq!(
             l.to_params(),
             params(&[(READ_BPS, "1048576"), (WRITE_IOPS, "100")])
         );
+        assert!(IoLimits::default().to_params().is_empty());
     }
 }

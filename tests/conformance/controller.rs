@@ -1010,7 +1010,7 @@ async fn controller_get_volume() {
 }
 
 /// The I/O limits a volume stores, as the backend keeps them on the host: the
-/// loop backend's record file, or the LV's short `io` tag.
+/// loop backend's record file, or the LV's short `kio=` tag; as `rb10485760+wi100`.
 fn stored_io_limits(td: &TestDriver, id: &str) -> String {
     match &td.vg {
         None => {
@@ -1029,9 +1029,30 @@ fn stored_io_limits(td: &TestDriver, id: &str) -> String {
             .expect("the LV")
             .tags
             .iter()
-            .find_map(|t| t.strip_prefix("kennel.csi.dev/io=").map(str::to_owned))
+            .find_map(|t| t.strip_prefix("kio=").map(tag_numbers))
             .unwrap_or_default(),
     }
+}
+
+/// An LV's `kio=` value with its byte rates' binary suffixes (`rb10m`) written out.
+fn tag_numbers(value: &str) -> String {
+    value
+        .split('+')
+        .map(|part| {
+            let (key, raw) = part.split_at(2);
+            let (digits, shift) = match raw.strip_suffix(|c: char| c.is_ascii_alphabetic()) {
+                Some(digits) => {
+                    let suffix = raw.chars().last().unwrap();
+                    let at = "kmgtpe".find(suffix).expect("a binary suffix");
+                    (digits, 10 * (at as u32 + 1))
+                }
+                None => (raw, 0),
+            };
+            let number: u64 = digits.parse().expect("a number");
+            format!("{key}{}", number << shift)
+        })
+        .collect::<Vec<_>>()
+        .join("+")
 }
 
 fn modify_req(id: &str, pairs: &[(&str, &str)]) -> pb::ControllerModifyVolumeRequest {

@@ -62,7 +62,9 @@ impl Backend for LvmBackend {
         {
             return Ok(());
         }
+        // The record's chunks and, with limits, their tag: all in the one `lvcreate`.
         let tag_list = super::limits::encode(record)?;
+        super::metadata::ensure_room(&self.index, &self.lvm, &vg, &tag_list)?;
         match &record.source {
             Some(source) => {
                 let source = self.source_lv(source)?;
@@ -185,6 +187,7 @@ impl Backend for LvmBackend {
             .volume(&snapshot.source_volume)?
             .ok_or_else(|| Error::VolumeNotFound(snapshot.source_volume.to_string()))?;
         let tag_list = tags::encode(snapshot)?;
+        super::metadata::ensure_room(&self.index, &self.lvm, &src.row.vg_name, &tag_list)?;
         let name = snapshot.id.as_str();
         if src.row.is_thin() {
             let _building = self.building(name);
@@ -333,7 +336,8 @@ impl Backend for LvmBackend {
         let pool = (!lv.row.pool_lv.is_empty())
             .then(|| index.get(&lv.row.vg_name, &lv.row.pool_lv))
             .flatten();
-        super::health::problem(lv, pool, self.lvm.device_mapper())
+        let activation = self.activation_failure(lv);
+        super::health::problem(lv, pool, self.lvm.device_mapper(), activation.as_deref())
     }
 
     fn default_fs_type(&self, record: &VolumeRecord) -> Option<FsType> {

@@ -1,7 +1,9 @@
 //! Why a volume's LV is unhealthy, read from the index alone (no lvm2 call):
 //! `lv_attr`, `lv_active` and `lv_health_status` as the last refresh saw
-//! them, for the LV and, for a thin volume, its pool. Each answer says what
-//! a person can do about it.
+//! them, for the LV and, for a thin volume, its pool, and the error of the
+//! LV's last failed activation (see `activation`). This is the one place
+//! that decides an LV volume's condition; each answer says what a person can
+//! do about it.
 
 use super::index::Lv;
 
@@ -22,8 +24,14 @@ fn full_name(lv: &Lv) -> String {
 
 /// The problem with a volume's LV, if any. `pool` is the thin pool of a
 /// thin volume (when indexed); `device_mapper` says whether LVs are meant
-/// to be active (device-mapper mode keeps every volume active).
-pub fn problem(lv: &Lv, pool: Option<&Lv>, device_mapper: bool) -> Option<String> {
+/// to be active (device-mapper mode keeps every volume active);
+/// `activation` is why the driver's last activation of the LV failed.
+pub fn problem(
+    lv: &Lv,
+    pool: Option<&Lv>,
+    device_mapper: bool,
+    activation: Option<&str>,
+) -> Option<String> {
     let name = full_name(lv);
     if lv.missing {
         return Some(format!(
@@ -59,8 +67,16 @@ pub fn problem(lv: &Lv, pool: Option<&Lv>, device_mapper: bool) -> Option<String
     }
     // `lv_active` is what the driver keeps current (it activates LVs itself);
     // `lv_attr` is as the last refresh read it, or empty for an LV made since.
+    let inactive = lv.row.lv_active != "active";
+    if let Some(why) = activation.filter(|_| inactive) {
+        // Its calls retry the activation: fixing the cause is enough.
+        return Some(format!(
+            "logical volume {name} cannot be activated: {why}; the volume cannot be used \
+             until it can (its next stage or delete tries again)"
+        ));
+    }
     let state = match attr(lv, STATE) {
-        _ if lv.row.lv_active != "active" => Some("inactive"),
+        _ if inactive => Some("inactive"),
         's' => Some("suspended"),
         'S' | 'I' => Some("invalid"),
         'd' => Some("present without tables"),
@@ -167,17 +183,23 @@ mod tests {
     #[test]
     fn a_healthy_lv_has_no_problem_in_either_mode() {
         assert_eq!(
-            problem(&linear("-wi-a-----", "active", ""), None, true),
+            problem(&linear("-wi-a-----", "active", ""), None, true, None),
             None
         );
         // Without device-mapper lvm2 activates nothing: inactive is normal.
-        assert_eq!(problem(&linear("-wi-------", "", ""), None, false), None);
-        let thin = lv("kv-t", "Vwi-aotz--", "thin", "active", "");
-        assert_eq!(problem(&thin, Some(&pool("twi-aotz--", "")), true), None);
-        // Just created (no lv_attr read yet), or activated since the last refresh.
-        assert_eq!(problem(&linear("", "active", ""), None, true), None);
         assert_eq!(
-            problem(&linear("-wi-------", "active", ""), None, true),
+            problem(&linear("-wi-------", "", ""), None, false, None),
+            None
+        );
+        let thin = lv("kv-t", "Vwi-aotz--", "thin", "active", "");
+        assert_eq!(
+            problem(&thin, Some(&pool("twi-aotz--", "")), true, None),
+            None
+        );
+        // Just created (no lv_attr read yet), or activated since the last refresh.
+        assert_eq!(problem(&linear("", "active", ""), None, true, None), None);
+        assert_eq!(
+            problem(&linear("-wi-------", "active", ""), None, true, None),
             None
         );
     }
@@ -186,23 +208,43 @@ mod tests {
     fn a_missing_lv_says_it_was_removed() {
         let mut gone = linear("-wi-a-----", "active", "");
         gone.missing = true;
-        let why = problem(&gone, None, true).unwrap();
+        let why = problem(&gone, None, true, None).unwrap();
         assert!(why.contains("vg0/kv-a is missing"), "{why}");
     }
 
     #[test]
     fn an_inactive_lv_is_a_problem_only_with_device_mapper() {
-        let why = problem(&linear("-wi-------", "", ""), None, true).unwrap();
+        let why = problem(&linear("-wi-------", "", ""), None, true, None).unwrap();
         assert!(why.contains("vg0/kv-a is inactive"), "{why}");
         assert!(why.contains("lvchange -ay vg0/kv-a"), "{why}");
-        let why = problem(&linear("-wi-s-----", "active", ""), None, true).unwrap();
+        let why = problem(&linear("-wi-s-----", "active", ""), None, true, None).unwrap();
         assert!(why.contains("suspended"), "{why}");
+    }
+
+    #[test]
+    fn a_failed_activation_says_why_while_the_lv_is_inactive() {
+        let why = "Device vg0-kv--a already exists";
+        let inactive = linear("-wi-------", "", "");
+        let said = problem(&inactive, None, true, Some(why)).unwrap();
+        assert!(said.contains("vg0/kv-a cannot be activated"), "{said}");
+        assert!(said.contains(why), "{said}");
+        assert!(
+            !said.contains("is inactive"),
+            "one message, not two: {said}"
+        );
+        // Activated since (by hand, or by a later call): healthy again.
+        let active = linear("-wi-a-----", "active", "");
+        assert_eq!(problem(&active, None, true, Some(why)), None);
+        // A missing PV is the cause to report: lvm2 refuses to activate a partial LV.
+        let partial = linear("-wi-----p-", "", "partial");
+        let said = problem(&partial, None, true, Some(why)).unwrap();
+        assert!(said.contains("is partial"), "{said}");
     }
 
     #[test]
     fn a_partial_lv_names_the_missing_pv() {
         for (active, dm) in [("active", true), ("", false)] {
-            let why = problem(&linear("-wi-a---p-", active, "partial"), None, dm).unwrap();
+            let why = problem(&linear("-wi-a---p-", active, "partial"), None, dm, None).unwrap();
             assert!(why.contains("vg0/kv-a is partial"), "{why}");
             assert!(why.contains("physical volume"), "{why}");
         }
@@ -217,23 +259,24 @@ mod tests {
             ("twi-aotzF-", "failed", "failed"),
             ("tri-aotz--", "", "is read-only"),
         ] {
-            let why = problem(&thin, Some(&pool(attr, health)), true).unwrap();
+            let why = problem(&thin, Some(&pool(attr, health)), true, None).unwrap();
             assert!(why.contains("thin pool vg0/pool"), "{why}");
             assert!(why.contains(expect), "{attr}: {why}");
         }
         let failed = lv("kv-t", "Vwi-aotzF-", "thin", "active", "failed");
-        let why = problem(&failed, Some(&pool("twi-aotz--", "")), true).unwrap();
+        let why = problem(&failed, Some(&pool("twi-aotz--", "")), true, None).unwrap();
         assert!(why.contains("thin volume vg0/kv-t failed"), "{why}");
     }
 
     #[test]
     fn a_read_only_lv_and_other_health_states_are_reported() {
-        let why = problem(&linear("-ri-a-----", "active", ""), None, true).unwrap();
+        let why = problem(&linear("-ri-a-----", "active", ""), None, true, None).unwrap();
         assert!(why.contains("read-only"), "{why}");
         let why = problem(
             &linear("-wi-a-----", "active", "refresh needed"),
             None,
             true,
+            None,
         )
         .unwrap();
         assert!(why.contains("refresh needed"), "{why}");

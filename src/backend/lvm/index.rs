@@ -707,6 +707,34 @@ mod tests {
     }
 
     #[test]
+    fn a_replaced_lv_whose_tags_grew_takes_the_difference_from_the_metadata_area() {
+        let mut index = Index::build(vec![vg_row(80)], vec![pvseg(0, 80, "")], vec![]);
+        let free = |index: &Index| index.vg("vg").map(|v| v.metadata.free);
+        let start = free(&index).expect("the VG");
+        let (_, row) = owned_lv(0);
+        let lv = Lv::new(row.split().0, &[]);
+        let added = metadata::lv_bytes(&lv.row.lv_tags);
+        index.insert(lv.clone());
+        assert_eq!(free(&index), Some(start - added));
+        // The same LV again (reactivated, say): nothing more.
+        index.insert(lv.clone());
+        assert_eq!(free(&index), Some(start - added));
+        // Limits added: their tag's bytes; lifted: nothing back until lvm2's next figure.
+        let mut limited = lv.clone();
+        limited.row.lv_tags.push("kio=rb1m".to_owned());
+        index.insert(limited);
+        assert_eq!(
+            free(&index),
+            Some(start - added - "kio=rb1m".len() as u64 - 4)
+        );
+        index.insert(lv);
+        assert_eq!(
+            free(&index),
+            Some(start - added - "kio=rb1m".len() as u64 - 4)
+        );
+    }
+
+    #[test]
     fn a_volumes_io_limits_are_read_from_their_tag() {
         let (id, mut row) = owned_lv(0);
         row.lv_tags.push("kio=rb1m+ri500".to_owned());

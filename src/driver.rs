@@ -81,6 +81,10 @@ pub struct DriverArgs {
     /// without root) turn this off; there is no flag for it.
     #[arg(skip = true)]
     pub require_shared_kubelet_dir: bool,
+    /// The cgroup v1 blkio hierarchy holding the kubelet's pod cgroups, where
+    /// volumes' I/O limits are applied.
+    #[arg(long, default_value = crate::node::io_throttle::DEFAULT_BLKIO_DIR)]
+    pub blkio_cgroup_dir: PathBuf,
     /// Reported in NodeGetInfo (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub max_volumes_per_node: i64,
@@ -192,7 +196,8 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         name: args.driver_name.clone(),
         granularity: backend.granularity(),
         controller: Controller::new(backend.clone(), work.clone(), identity),
-        node: NodeOps::new(backend, work.clone(), kubelet)?,
+        node: NodeOps::new(backend, work.clone(), kubelet)?
+            .with_blkio_dir(args.blkio_cgroup_dir.clone()),
         work,
         max_volumes_per_node: args.max_volumes_per_node,
         telemetry: Arc::new(Telemetry::for_classes(
@@ -222,6 +227,7 @@ impl DriverArgs {
             lvm_refresh_seconds: crate::backend::lvm::DEFAULT_REFRESH.as_secs(),
             kubelet_dir: dir.join("kubelet"),
             require_shared_kubelet_dir: true,
+            blkio_cgroup_dir: crate::node::io_throttle::DEFAULT_BLKIO_DIR.into(),
             max_volumes_per_node: 0,
             command_timeout: crate::node::cmd::DEFAULT_TIMEOUT,
             freeze_budget: crate::node::freeze::DEFAULT_BUDGET,

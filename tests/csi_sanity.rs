@@ -129,6 +129,10 @@ fn sanity(backend: Backend, access: &str) {
         .arg(format!("--csi.testvolumeaccesstype={access}"))
         .arg(format!("--csi.testvolumesize={}", 64 << 20))
         .arg(format!("--csi.testvolumeexpandsize={}", 128 << 20))
+        .arg(format!(
+            "--csi.testvolumemutableparameters={}/tests/csi-sanity/mutable-parameters.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
         .arg("--ginkgo.no-color")
         .arg("--ginkgo.timeout=8m");
     let started = std::time::Instant::now();

@@ -744,20 +744,6 @@ impl Drop for Squatter {
     }
 }
 
-async fn condition(driver: &LvmDriver, id: &str) -> pb::VolumeCondition {
-    driver
-        .controller()
-        .controller_get_volume(pb::ControllerGetVolumeRequest {
-            volume_id: id.to_owned(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("ControllerGetVolume {id}: {s:?}"))
-        .into_inner()
-        .status
-        .and_then(|s| s.volume_condition)
-        .expect("a volume condition")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_lv_that_cannot_be_activated_makes_its_volume_unhealthy_not_the_driver() {
     if !dm_can_run() {
@@ -783,17 +769,21 @@ async fn an_lv_that_cannot_be_activated_makes_its_volume_unhealthy_not_the_drive
 
         // The driver serves the healthy volume.
         assert!(lv_active(&vg, &good));
-        assert!(!condition(&driver, &good).await.abnormal);
+        assert!(!driver.condition(&good).await.abnormal);
         driver.stage(&good, block_cap()).await;
         driver.unstage(&good).await;
 
         // The other one reports why, and its calls fail naming it.
-        let bad_condition = condition(&driver, &bad).await;
+        let bad_condition = driver.condition(&bad).await;
         assert!(bad_condition.abnormal, "{bad_condition:?}");
         assert!(
-            bad_condition.message.contains(&bad) && bad_condition.message.contains("activated"),
+            bad_condition.message.contains(&bad)
+                && bad_condition.message.contains("cannot be activated"),
             "{bad_condition:?}"
         );
+        driver
+            .assert_condition_metric(&bad, &bad_condition.message)
+            .await;
         let staging = driver.staging_path(&bad);
         fs::create_dir_all(&staging).unwrap();
         let status = driver
@@ -823,10 +813,126 @@ async fn an_lv_that_cannot_be_activated_makes_its_volume_unhealthy_not_the_drive
         drop(squatter);
         driver.stage(&bad, block_cap()).await;
         assert!(lv_active(&vg, &bad));
-        assert!(!condition(&driver, &bad).await.abnormal);
+        assert!(!driver.condition(&bad).await.abnormal);
         driver.unstage(&bad).await;
         driver.delete(&bad).await;
         driver.delete(&good).await;
+    })
+    .await;
+}
+
+/// The driver with a fast index refresh, for faults made by hand.
+async fn watching_driver(vg: &TestVg) -> LvmDriver {
+    LvmDriver::start_with_args(
+        vec![vg.name.clone()],
+        vec![],
+        vec!["--lvm-refresh-seconds".into(), "1".into()],
+    )
+    .await
+}
+
+/// An LV deactivated behind the driver's back is an abnormal volume whose
+/// message says how to bring it back; once active again it is healthy.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_inactive_lv_is_abnormal_until_activated() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        let vg = TestVg::with_capacity(256 << 20);
+        let driver = watching_driver(&vg).await;
+        let id = driver
+            .create(create_req("inactive", 16 * MIB, &[]))
+            .await
+            .volume_id;
+        assert!(!driver.condition(&id).await.abnormal);
+        let name = format!("{}/{id}", vg.name);
+        lvm_ok("lvchange", &["-an", &name]);
+        let condition = driver.abnormal_condition(&id, 30).await;
+        assert!(
+            condition.message.contains(&format!("{name} is inactive"))
+                && condition.message.contains(&format!("lvchange -ay {name}")),
+            "{condition:?}"
+        );
+        driver
+            .assert_condition_metric(&id, &condition.message)
+            .await;
+        lvm_ok("lvchange", &["-ay", &name]);
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(30 * timeout_scale());
+        while driver.condition(&id).await.abnormal {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still abnormal once active"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        driver.delete(&id).await;
+    })
+    .await;
+}
+
+/// A thin pool that ran out of data space makes its volumes abnormal, in
+/// ListVolumes, ControllerGetVolume and NodeGetVolumeStats alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_thin_pool_makes_its_volumes_abnormal() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        let vg = TestVg::with_capacity(256 << 20);
+        thin_pool(&vg, "8m");
+        // Fail writes at once when full instead of queueing them for 60 s.
+        lvm_ok(
+            "lvchange",
+            &["--errorwhenfull", "y", &format!("{}/{POOL}", vg.name)],
+        );
+        let driver = LvmDriver::start_with_args(
+            vec![vg.name.clone()],
+            vec![],
+            vec![
+                "--lvm-refresh-seconds".into(),
+                "1".into(),
+                "--thin-overprovision-ratio".into(),
+                "10".into(),
+            ],
+        )
+        .await;
+        let id = driver
+            .create(block_req("thin-full", 32 * MIB, &thin_params()))
+            .await
+            .volume_id;
+        assert!(!driver.condition(&id).await.abnormal);
+        driver.stage(&id, block_cap()).await;
+        let target = driver.publish(&id, block_cap()).await;
+        // More than the pool holds: the writes past its end fail.
+        let filled = std::panic::catch_unwind(|| fill(&target, 16 << 20, 0xab));
+        assert!(filled.is_err(), "16 MiB fit in an 8 MiB pool");
+        let condition = driver.abnormal_condition(&id, 30).await;
+        let pool = format!("{}/{POOL}", vg.name);
+        assert!(
+            condition
+                .message
+                .contains(&format!("thin pool {pool} is out of data space")),
+            "{condition:?}"
+        );
+        let stats = driver
+            .node()
+            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                volume_id: id.clone(),
+                volume_path: target.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .expect("NodeGetVolumeStats")
+            .into_inner();
+        assert_eq!(stats.volume_condition, Some(condition.clone()));
+        driver
+            .assert_condition_metric(&id, &condition.message)
+            .await;
+        driver.unpublish(&id, true).await;
+        driver.unstage(&id).await;
+        driver.delete(&id).await;
     })
     .await;
 }

@@ -14,6 +14,7 @@ use kennel::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use kennel::backend::{Backend, VolumeRecord};
 use kennel::csi::pb;
 use kennel::volume::capacity::CapacityRange;
+use kennel::volume::limits::IoLimits;
 use kennel::volume::VolumeId;
 use lvm_support::*;
 
@@ -360,6 +361,69 @@ fn volumes_written_by_earlier_drivers_are_still_served() {
     );
     backend.delete(&old.id).expect("delete the old volume");
     assert!(vg.lv(id).is_none());
+}
+
+/// I/O limits live in one `kio=` tag beside the record, compact or written
+/// by an earlier driver: lvm2 takes it, a restart reads it back, a change
+/// swaps it and the record's tags stay as they are.
+#[test]
+fn io_limits_are_a_tag_beside_compact_and_earlier_records() {
+    if !can_run() {
+        return;
+    }
+    let vg = TestVg::new("1G");
+    let locks = tempfile::tempdir().expect("temp dir");
+    let open = || {
+        LvmBackend::open(config(&vg, locks.path(), Duration::from_secs(3600)))
+            .expect("open the backend")
+    };
+    let old_id = "kv-3f9a0c2b7d1e4f5a6b8c9d0e";
+    let mut args = vec!["-an", "-Zn", "-Wn", "-y", "-L", "8m", "-n", old_id];
+    for tag in LEGACY_TAGS {
+        args.extend(["--addtag", tag]);
+    }
+    args.push(&vg.name);
+    lvm_ok("lvcreate", &args);
+    let limited = IoLimits {
+        read_bps: Some(10 << 20),
+        write_iops: Some(100),
+        ..Default::default()
+    };
+    let mut fresh = record("pvc-limited", 8 << 20);
+    fresh.params.io_limits = limited;
+    let backend = open();
+    backend.create(&fresh).expect("create with limits");
+    let io_tags = |id: &str| -> Vec<String> {
+        let tags = vg.lv(id).expect("the LV").tags;
+        tags.into_iter().filter(|t| t.starts_with("kio=")).collect()
+    };
+    assert_eq!(io_tags(fresh.id.as_str()), vec!["kio=rb10m+wi100"]);
+    let old = VolumeId::parse(old_id).expect("an ID");
+    let other = IoLimits {
+        write_bps: Some(5_000_000),
+        ..Default::default()
+    };
+    backend
+        .set_io_limits(&old, other)
+        .expect("limit the old volume");
+    assert_eq!(io_tags(old_id), vec!["kio=wb5000000"]);
+    drop(backend);
+
+    let backend = open();
+    let got = |id: &VolumeId| backend.get(id).expect("get").expect("the volume");
+    assert_eq!(got(&fresh.id).params.io_limits, limited);
+    let old_record = got(&old);
+    assert_eq!(old_record.params.io_limits, other);
+    assert_eq!(old_record.params.pvc_name.as_deref(), Some("data-web-0"));
+    // Lifted: the tag goes, the record's tags stay.
+    backend
+        .set_io_limits(&old, IoLimits::default())
+        .expect("lift the limits");
+    assert!(io_tags(old_id).is_empty());
+    assert_eq!(vg.lv(old_id).expect("old LV").tags.len(), LEGACY_TAGS.len());
+    drop(backend);
+    let again = open().get(&old).expect("get").expect("the volume");
+    assert_eq!(again.params.io_limits, IoLimits::default());
 }
 
 #[test]

@@ -45,6 +45,7 @@ fn k8s_record(i: usize) -> VolumeRecord {
             pvc_namespace: Some("default".into()),
             pv_name: Some(name),
             backend: Default::default(),
+            ..Default::default()
         },
         node_id: host,
         machine_id: "0123456789abcdef0123456789abcdef".into(),

@@ -849,6 +849,8 @@ fn storage_classes_match_the_driver() {
         assert_eq!(spec.pod_info_on_mount, Some(true));
         assert_eq!(spec.storage_capacity, Some(true));
         assert_eq!(spec.fs_group_policy.as_deref(), Some("File"));
+        // One filesystem per volume: mounts with -o context= instead of a recursive relabel.
+        assert_eq!(spec.se_linux_mount, Some(true));
         assert_eq!(
             spec.volume_lifecycle_modes,
             Some(vec!["Persistent".to_owned()])

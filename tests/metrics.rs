@@ -407,6 +407,111 @@ async fn metrics_move_with_a_ctl_lifecycle() {
 }
 
 /// Text logs written to a file (as in a container) carry no ANSI colour codes.
+/// The `kennel_volume_condition` series of `id` with `message`, as text encodes it.
+fn condition_series(id: &str, claim: &str, message: &str) -> String {
+    let message = message.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        "kennel_volume_condition{{backend=\"loop\",volume_id=\"{id}\",claim=\"{claim}\",message=\"{message}\"}}"
+    )
+}
+
+/// A loop image truncated, then deleted, behind a staged and published volume: `kennel ctl
+/// list` (ListVolumes), `kennel ctl stats` (NodeGetVolumeStats) and the metric all say so, with
+/// one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_image_shows_in_ctl_and_the_condition_metric() {
+    if (!nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists())
+        && skip::cannot_run("needs root and loop devices")
+    {
+        return;
+    }
+    let (_tmp, dir) = temp_dir("kennel-metrics-");
+    let Some(driver) = start(&dir, "json").await else {
+        return;
+    };
+    let (e, addr) = (driver.endpoint.clone(), driver.addr);
+    let staging = dir.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = dir.join("target").display().to_string();
+    let staging = staging.display().to_string();
+    let created = ctl(
+        &e,
+        &[
+            "create",
+            "damaged",
+            "--size",
+            "32Mi",
+            "--param",
+            "csi.storage.k8s.io/pvc/name=data-db-0",
+            "--param",
+            "csi.storage.k8s.io/pvc/namespace=shop",
+        ],
+    );
+    let id = created["volume_id"].as_str().expect("volume_id").to_owned();
+    ctl(
+        &e,
+        &["stage", &id, "--staging", &staging, "--fs-type", "ext4"],
+    );
+    ctl(
+        &e,
+        &[
+            "publish",
+            &id,
+            "--staging",
+            &staging,
+            "--target",
+            &target,
+            "--fs-type",
+            "ext4",
+        ],
+    );
+    scrape_until(
+        addr,
+        &condition_series(&id, "shop/data-db-0", "volume is healthy"),
+        0.0,
+    )
+    .await;
+    assert_eq!(
+        ctl(&e, &["stats", &id, "--path", &target])["abnormal"],
+        false
+    );
+
+    let image = dir.join("loop").join(format!("{id}.img"));
+    for (damage, expect) in [
+        ("truncated", "is 16777216 bytes, not 33554432"),
+        ("gone", "is gone"),
+    ] {
+        match damage {
+            "truncated" => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .unwrap()
+                .set_len(16 << 20)
+                .unwrap(),
+            _ => std::fs::remove_file(&image).unwrap(),
+        }
+        let listed = ctl(&e, &["list"]);
+        let entry = &listed["volumes"][0];
+        assert_eq!(entry["abnormal"], true, "{damage}: {listed}");
+        let message = entry["condition"].as_str().unwrap().to_owned();
+        assert!(message.contains(expect), "{damage}: {message}");
+        let stats = ctl(&e, &["stats", &id, "--path", &target]);
+        assert_eq!(stats["abnormal"], true, "{damage}: {stats}");
+        assert_eq!(stats["message"], message.as_str(), "{damage}");
+        // Any call that may change state prompts an observation: a no-op delete.
+        ctl(&e, &["delete", "kv-000000000000000000000000"]);
+        scrape_until(
+            addr,
+            &condition_series(&id, "shop/data-db-0", &message),
+            1.0,
+        )
+        .await;
+    }
+    ctl(&e, &["unpublish", &id, "--target", &target]);
+    ctl(&e, &["unstage", &id, "--staging", &staging]);
+    ctl(&e, &["delete", &id]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_log_in_a_file_has_no_colour_codes() {
     let (_tmp, dir) = temp_dir("kennel-log-");

@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 /// The suites the guest runs, in order (device-mapper-only tests first).
 const SUITES: &[&str] = &[
     "lvm_dm",
+    "lvm_health",
     "lvm_index",
     "lvm_node",
     "lvm_controller",

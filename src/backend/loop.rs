@@ -18,6 +18,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::node::loopdev::{self, LoopIndex, Window};
 use crate::node::{copy, freeze, mount};
 use crate::volume::capacity::MIB;
+use crate::volume::limits::IoLimits;
 use crate::volume::spec::unknown_param;
 use crate::volume::{SnapshotId, VolumeId};
 
@@ -330,6 +331,18 @@ impl Backend for LoopBackend {
         Ok(record)
     }
 
+    fn set_io_limits(&self, id: &VolumeId, limits: IoLimits) -> Result<VolumeRecord> {
+        let mut record = self
+            .volumes
+            .get(id)
+            .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+        if record.params.io_limits != limits {
+            record.params.io_limits = limits;
+            self.volumes.commit(&record)?;
+        }
+        Ok(record)
+    }
+
     fn capacity(&self, _params: &BTreeMap<String, String>) -> Result<PoolCapacity> {
         self.pool()
     }
@@ -410,9 +423,19 @@ impl Backend for LoopBackend {
     fn health(&self, record: &VolumeRecord) -> Option<String> {
         let image = self.volumes.image_path(&record.id);
         match fs::metadata(&image) {
-            Err(e) => Some(format!("image {} unreadable: {e}", image.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
+                "image file {} is gone (deleted outside Kennel): a staged volume's data is \
+                 still readable through its loop device until it is unstaged, so copy it off \
+                 now; otherwise the data is lost unless the file is restored",
+                image.display()
+            )),
+            Err(e) => Some(format!(
+                "image file {} cannot be read: {e}",
+                image.display()
+            )),
             Ok(meta) if meta.len() < record.capacity_bytes => Some(format!(
-                "image {} is {} bytes, expected {}",
+                "image file {} is {} bytes, not {}: it was truncated outside Kennel and the \
+                 data past its end is lost; restore the image from a backup",
                 image.display(),
                 meta.len(),
                 record.capacity_bytes

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::volume::capacity::CapacityRange;
+use crate::volume::limits::IoLimits;
 use crate::volume::spec::{Capability, FsType, VolumeParams};
 use crate::volume::{SnapshotId, VolumeId};
 
@@ -81,6 +82,8 @@ pub trait Backend: Send + Sync + 'static {
     fn delete(&self, id: &VolumeId) -> Result<()>;
     /// Grow a volume's storage to `new_size` bytes.
     fn expand(&self, id: &VolumeId, new_size: u64) -> Result<VolumeRecord>;
+    /// Store a volume's new I/O limits durably (idempotent).
+    fn set_io_limits(&self, id: &VolumeId, limits: IoLimits) -> Result<VolumeRecord>;
     /// Room for a new volume with these backend-specific parameters.
     fn capacity(&self, params: &BTreeMap<String, String>) -> Result<PoolCapacity>;
     /// Refuse backend-specific StorageClass keys this backend does not know.

@@ -12,6 +12,7 @@ use crate::csi::pb::{
 };
 use crate::csi::server::Driver;
 use crate::error::Error;
+use crate::volume::limits::IoLimits;
 use crate::volume::spec::{self, CreateRequest, VolumeParams};
 
 pub struct ControllerService {
@@ -35,7 +36,7 @@ impl ControllerService {
 fn condition(abnormal: Option<String>) -> pb::VolumeCondition {
     pb::VolumeCondition {
         abnormal: abnormal.is_some(),
-        message: abnormal.unwrap_or_else(|| "volume is healthy".to_owned()),
+        message: abnormal.unwrap_or_else(|| crate::csi::metrics::HEALTHY.to_owned()),
     }
 }
 
@@ -60,7 +61,8 @@ impl ControllerRpc for ControllerService {
             .as_ref()
             .map(convert::content_source)
             .transpose()?;
-        let params = VolumeParams::parse(&req.parameters)?;
+        let mut params = VolumeParams::parse(&req.parameters)?;
+        params.io_limits = IoLimits::default().apply(&req.mutable_parameters)?;
         let requisite = req
             .accessibility_requirements
             .map(|t| t.requisite.into_iter().map(|s| s.segments).collect())
@@ -146,6 +148,9 @@ impl ControllerRpc for ControllerService {
                 None
             }
         };
+        if let Err(e) = IoLimits::default().apply(&req.mutable_parameters) {
+            refusal.get_or_insert(e.to_string());
+        }
         // Existence first: an unknown volume is NOT_FOUND whatever else is wrong.
         let verdict = self
             .driver
@@ -167,7 +172,7 @@ impl ControllerRpc for ControllerService {
                     volume_context: req.volume_context,
                     volume_capabilities: req.volume_capabilities,
                     parameters: req.parameters,
-                    mutable_parameters: Default::default(),
+                    mutable_parameters: req.mutable_parameters,
                 }),
                 message: String::new(),
             },
@@ -244,6 +249,7 @@ impl ControllerRpc for ControllerService {
             Type::GetVolume,
             Type::VolumeCondition,
             Type::SingleNodeMultiWriter,
+            Type::ModifyVolume,
         ]
         .into_iter()
         .map(|t| pb::ControllerServiceCapability {
@@ -376,10 +382,28 @@ impl ControllerRpc for ControllerService {
         }))
     }
 
+    #[instrument(skip_all, fields(rpc = "ControllerModifyVolume", volume_id = %request.get_ref().volume_id))]
     async fn controller_modify_volume(
         &self,
-        _: Request<pb::ControllerModifyVolumeRequest>,
+        request: Request<pb::ControllerModifyVolumeRequest>,
     ) -> Result<Response<pb::ControllerModifyVolumeResponse>, Status> {
-        Err(unimplemented("ControllerModifyVolume"))
+        let req = request.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(Error::invalid("volume_id is required").into());
+        }
+        let change = Change::begin("volume modified")
+            .volume(&req.volume_id)
+            .claim(self.driver.telemetry.claim(&req.volume_id));
+        // The controller runs on the volume's node: its pods get the new limits now.
+        self.driver
+            .controller
+            .modify(
+                &req.volume_id,
+                req.mutable_parameters,
+                self.driver.node.io_limits_applier(),
+            )
+            .await?;
+        change.done();
+        Ok(Response::new(pb::ControllerModifyVolumeResponse {}))
     }
 }

@@ -28,6 +28,29 @@ impl From<CapabilityError> for Error {
     }
 }
 
+/// The group a Filesystem publication's files are given (`volume_mount_group`,
+/// a numeric GID as the kubelet sends the pod's fsGroup); `None` when unset.
+pub fn mount_group(cap: Option<&pb::VolumeCapability>) -> Result<Option<u32>> {
+    use pb::volume_capability::AccessType as Pb;
+    let Some(Pb::Mount(m)) = cap.and_then(|c| c.access_type.as_ref()) else {
+        return Ok(None);
+    };
+    if m.volume_mount_group.is_empty() {
+        return Ok(None);
+    }
+    m.volume_mount_group
+        .parse::<u32>()
+        .ok()
+        .filter(|gid| *gid != u32::MAX)
+        .map(Some)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "volume_mount_group {:?} is not a numeric group ID",
+                m.volume_mount_group
+            ))
+        })
+}
+
 pub fn capability(cap: &pb::VolumeCapability) -> std::result::Result<Capability, CapabilityError> {
     use pb::volume_capability::AccessType as Pb;
     let access_type = match &cap.access_type {
@@ -37,17 +60,10 @@ pub fn capability(cap: &pb::VolumeCapability) -> std::result::Result<Capability,
             )))
         }
         Some(Pb::Block(_)) => AccessType::Block,
-        Some(Pb::Mount(m)) => {
-            if !m.volume_mount_group.is_empty() {
-                return Err(CapabilityError::Unsupported(Error::invalid(
-                    "volume_mount_group is not supported (fsGroupPolicy File lets the kubelet apply it)",
-                )));
-            }
-            AccessType::Mount {
-                fs_type: FsType::parse(&m.fs_type).map_err(CapabilityError::Unsupported)?,
-                mount_flags: m.mount_flags.clone(),
-            }
-        }
+        Some(Pb::Mount(m)) => AccessType::Mount {
+            fs_type: FsType::parse(&m.fs_type).map_err(CapabilityError::Unsupported)?,
+            mount_flags: m.mount_flags.clone(),
+        },
     };
     let mode = cap
         .access_mode

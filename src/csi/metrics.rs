@@ -76,6 +76,7 @@ pub fn changes_state(rpc: &str) -> bool {
         "CreateVolume"
             | "DeleteVolume"
             | "ControllerExpandVolume"
+            | "ControllerModifyVolume"
             | "NodeExpandVolume"
             | "CreateSnapshot"
             | "DeleteSnapshot"
@@ -146,6 +147,9 @@ pub struct Observation {
     pub pools: BTreeMap<String, PoolCapacity>,
     /// `namespace/name` of each volume's claim, when the provisioner passed it.
     pub claims: HashMap<String, String>,
+    /// Each volume's condition, by ID: why its storage is unhealthy, if it is
+    /// (what ListVolumes reports).
+    pub conditions: BTreeMap<String, Option<String>>,
 }
 
 impl Default for Observation {
@@ -155,6 +159,7 @@ impl Default for Observation {
             volumes: BTreeMap::new(),
             pools: BTreeMap::new(),
             claims: HashMap::new(),
+            conditions: BTreeMap::new(),
         }
     }
 }
@@ -167,6 +172,9 @@ pub struct Telemetry {
     observed: RwLock<Option<Observation>>,
     changed: Notify,
 }
+
+/// The condition message of a healthy volume, as CSI calls report it.
+pub const HEALTHY: &str = "volume is healthy";
 
 /// How often the backend is observed when nothing changes (its pool may be shared).
 pub const OBSERVE_PERIOD: Duration = Duration::from_secs(30);
@@ -230,7 +238,9 @@ pub fn observe(
         Ok(list) => {
             next.volumes.clear();
             next.claims.clear();
+            next.conditions.clear();
             for v in &list {
+                next.conditions.insert(v.id.to_string(), backend.health(v));
                 let e = next.volumes.entry(volume_class(v)).or_default();
                 e.0 += 1;
                 e.1 += v.capacity_bytes;
@@ -444,6 +454,24 @@ impl Collector for SnapshotCollector {
                 }),
             )?;
         }
+        gauge_family(
+            &mut encoder,
+            "kennel_volume_condition",
+            "1 when a volume's storage is unhealthy (message says why and what to do), else 0.",
+            o.conditions.iter().map(|(id, abnormal)| {
+                let claim = o.claims.get(id).map_or("", String::as_str);
+                let message = abnormal.as_deref().unwrap_or(HEALTHY);
+                (
+                    vec![
+                        ("backend", backend),
+                        ("volume_id", id.as_str()),
+                        ("claim", claim),
+                        ("message", message),
+                    ],
+                    i64::from(abnormal.is_some()),
+                )
+            }),
+        )?;
         Ok(())
     }
 }
@@ -620,6 +648,14 @@ mod tests {
             volumes: [("fast".to_owned(), (2, 40))].into(),
             pools: [("fast".to_owned(), pool)].into(),
             claims: [("v1".to_owned(), "ns/data-0".to_owned())].into(),
+            conditions: [
+                ("v1".to_owned(), None),
+                (
+                    "v2".to_owned(),
+                    Some("thin pool vg/pool is out of data space".to_owned()),
+                ),
+            ]
+            .into(),
         });
         assert_eq!(exporter.ready(), Ok(()));
         assert_eq!(telemetry.claim("v1").as_deref(), Some("ns/data-0"));
@@ -630,6 +666,8 @@ mod tests {
             "kennel_volume_bytes{backend=\"lvm\",class=\"fast\"} 40\n",
             "kennel_pool_free_bytes{backend=\"lvm\",device_class=\"fast\"} 60\n",
             "# TYPE kennel_pool_capacity_bytes gauge\n",
+            "kennel_volume_condition{backend=\"lvm\",volume_id=\"v1\",claim=\"ns/data-0\",message=\"volume is healthy\"} 0\n",
+            "kennel_volume_condition{backend=\"lvm\",volume_id=\"v2\",claim=\"\",message=\"thin pool vg/pool is out of data space\"} 1\n",
         ] {
             assert!(out.contains(line), "{line} missing from\n{out}");
         }

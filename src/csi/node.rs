@@ -60,6 +60,8 @@ impl Node for NodeService {
         require_id(&req.volume_id)?;
         let staging_path = host_path(&req.staging_target_path, "staging_target_path")?;
         let capability = convert::required_capability(req.volume_capability.as_ref())?;
+        // Checked here, applied on publish (where the kubelet expects the files' group).
+        convert::mount_group(req.volume_capability.as_ref())?;
         let change = Change::begin("volume staged")
             .volume(&req.volume_id)
             .claim(claim_in(&req.volume_context))
@@ -107,6 +109,7 @@ impl Node for NodeService {
         let staging_path = host_path(&req.staging_target_path, "staging_target_path")?;
         let target_path = host_path(&req.target_path, "target_path")?;
         let capability = convert::required_capability(req.volume_capability.as_ref())?;
+        let mount_group = convert::mount_group(req.volume_capability.as_ref())?;
         let change = Change::begin("volume published")
             .volume(&req.volume_id)
             .claim(claim_in(&req.volume_context))
@@ -121,6 +124,7 @@ impl Node for NodeService {
                 target_path,
                 capability,
                 read_only: req.readonly,
+                mount_group,
             })
             .await?;
         change.done();
@@ -174,7 +178,7 @@ impl Node for NodeService {
                 abnormal: report.abnormal.is_some(),
                 message: report
                     .abnormal
-                    .unwrap_or_else(|| "volume is healthy".to_owned()),
+                    .unwrap_or_else(|| crate::csi::metrics::HEALTHY.to_owned()),
             }),
         }))
     }
@@ -217,6 +221,7 @@ impl Node for NodeService {
             Type::ExpandVolume,
             Type::VolumeCondition,
             Type::SingleNodeMultiWriter,
+            Type::VolumeMountGroup,
         ]
         .into_iter()
         .map(|t| pb::NodeServiceCapability {

@@ -9,6 +9,7 @@ use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::error::{Error, IoContext, Result};
+use crate::node::selinux;
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 
@@ -289,12 +290,23 @@ pub fn parse_options(options: &[String]) -> Result<MountOptions> {
     };
     for option in options
         .iter()
-        .flat_map(|o| o.split(','))
+        .flat_map(|o| split_options(o))
         .filter(|o| !o.is_empty())
     {
         if option.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(Error::invalid(format!(
                 "mount option {option:?} contains whitespace or control characters"
+            )));
+        }
+        // Quotes belong to SELinux labels only, which must be well formed.
+        if selinux::is_label_option(option) {
+            selinux::check_label_option(option)?;
+            parsed.data.push(option.to_owned());
+            continue;
+        }
+        if option.contains('"') {
+            return Err(Error::invalid(format!(
+                "mount option {option:?} contains a quote"
             )));
         }
         let flag = match option {
@@ -324,6 +336,25 @@ pub fn parse_options(options: &[String]) -> Result<MountOptions> {
         parsed.flags |= flag;
     }
     Ok(parsed)
+}
+
+/// Split a comma-separated option list, keeping commas inside double quotes
+/// (an SELinux label's categories: `context="…:s0:c1,c2"`).
+fn split_options(list: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in list.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                parts.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&list[start..]);
+    parts
 }
 
 pub fn mount_device(
@@ -448,5 +479,12 @@ garbage line
         );
         assert!(parse_options(&["bind".into()]).is_err());
         assert!(parse_options(&["a b".into()]).is_err());
+        // An SELinux label keeps its categories; it cannot smuggle options in.
+        let label = "context=\"system_u:object_r:container_file_t:s0:c1,c2\"";
+        let opts = parse_options(&[format!("noatime,{label}")]).unwrap();
+        assert_eq!(opts.data, vec![label.to_owned()]);
+        assert_eq!(opts.flags, MsFlags::MS_NOATIME);
+        assert!(parse_options(&["context=\"system_u:object_r:t:s0:c1,exec\"".into()]).is_err());
+        assert!(parse_options(&["data=\"x,y\"".into()]).is_err());
     }
 }

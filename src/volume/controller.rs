@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use crate::backend::{Backend, ContentSource, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, Result};
 use crate::volume::capacity::{choose_size, CapacityRange, GIB};
+use crate::volume::limits::IoLimits;
 use crate::volume::spec::{segment_matches, Capability, CreateRequest, Segment, VolumeParams};
 use crate::volume::work::Work;
 use crate::volume::{token, SnapshotId, VolumeId};
@@ -247,6 +248,36 @@ impl Controller {
         .await
     }
 
+    /// Change a volume's mutable parameters (its I/O limits); keys left out
+    /// keep their values. Idempotent. `apply` puts the stored limits into
+    /// effect (the pods of this node, see `NodeOps::io_limits_applier`) in
+    /// the same locked task: a publish meanwhile never applies stale limits,
+    /// and a caller that gives up still leaves them stored and applied.
+    pub async fn modify(
+        &self,
+        raw_id: &str,
+        params: BTreeMap<String, String>,
+        apply: impl FnOnce(&dyn Backend, &VolumeRecord) -> Result<()> + Send + 'static,
+    ) -> Result<VolumeRecord> {
+        let id = parse_known(raw_id)?;
+        if params.is_empty() {
+            return Err(Error::invalid("mutable_parameters are required"));
+        }
+        // Checked before the volume is looked up: a bad key is the caller's to fix.
+        IoLimits::default().apply(&params)?;
+        self.exclusive(vec![id.as_str().to_owned()], move |b| {
+            crate::faults::step("modify: locked");
+            let record = b
+                .get(&id)?
+                .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+            let limits = record.params.io_limits.apply(&params)?;
+            let record = b.set_io_limits(&id, limits)?;
+            apply(b, &record)?;
+            Ok(record)
+        })
+        .await
+    }
+
     /// Snapshot a volume; idempotent by name.
     pub async fn create_snapshot(&self, name: String, raw_source: &str) -> Result<SnapshotRecord> {
         crate::volume::spec::validate_name(&name)?;
@@ -480,6 +511,13 @@ mod tests {
         fn expand(&self, id: &VolumeId, new_size: u64) -> Result<VolumeRecord> {
             self.inner.expand(id, new_size)
         }
+        fn set_io_limits(
+            &self,
+            id: &VolumeId,
+            limits: crate::volume::limits::IoLimits,
+        ) -> Result<VolumeRecord> {
+            self.inner.set_io_limits(id, limits)
+        }
         fn capacity(&self, params: &BTreeMap<String, String>) -> Result<PoolCapacity> {
             self.inner.capacity(params)
         }
@@ -629,5 +667,51 @@ mod tests {
             .await
             .unwrap();
         controller.delete(source.id.as_str()).await.unwrap();
+    }
+
+    /// A modify whose caller gives up still stores and applies the limits, holding the
+    /// volume's lock to the end: a publish or another modify meanwhile is told it is busy.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_modify_outlives_its_caller_under_the_volumes_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, gate) = controller(dir.path());
+        let volume = controller.create(request("pvc-io", None)).await.unwrap();
+        let params: BTreeMap<String, String> = [("writeIOPS".to_owned(), "100".to_owned())].into();
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (applied_tx, applied) = std::sync::mpsc::channel::<IoLimits>();
+        let apply = move |_: &dyn Backend, record: &VolumeRecord| {
+            entered_tx.send(()).unwrap();
+            released.recv().unwrap();
+            applied_tx.send(record.params.io_limits).unwrap();
+            Ok(())
+        };
+        let caller = controller.modify(volume.id.as_str(), params.clone(), apply);
+        // The caller's deadline passes while the limits are being applied.
+        let gave_up = tokio::time::timeout(Duration::from_millis(200), caller).await;
+        assert!(gave_up.is_err(), "the modify cannot have finished yet");
+        tokio::task::spawn_blocking(move || entered.recv().unwrap())
+            .await
+            .unwrap();
+        let retry = controller
+            .modify(
+                volume.id.as_str(),
+                params,
+                |_: &dyn Backend, _: &VolumeRecord| Ok(()),
+            )
+            .await;
+        assert!(matches!(retry, Err(Error::Busy(_))), "{retry:?}");
+
+        release.send(()).unwrap();
+        let limits = tokio::task::spawn_blocking(move || applied.recv().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            limits.write_iops,
+            Some(100),
+            "the stored limits are applied"
+        );
+        let stored = gate.inner.get(&volume.id).unwrap().unwrap();
+        assert_eq!(stored.params.io_limits, limits);
     }
 }

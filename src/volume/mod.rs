@@ -3,6 +3,7 @@
 pub mod capacity;
 pub mod controller;
 pub mod id;
+pub mod limits;
 pub mod locks;
 pub mod node;
 pub mod spec;

@@ -13,9 +13,13 @@ use nix::mount::MsFlags;
 use crate::backend::{Backend, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
 use crate::node::fs as filesystem;
+use crate::node::fs_group;
+use crate::node::fs_health;
 use crate::node::host_path::{HostPath, KubeletDir};
+use crate::node::io_throttle;
 use crate::node::loopdev::{self, LoopIndex};
 use crate::node::mount::{self, MountEntry, PathState};
+use crate::node::selinux;
 use crate::volume::capacity::CapacityRange;
 use crate::volume::controller::{parse_known, run_blocking};
 use crate::volume::spec::{AccessMode, AccessType, Capability, FsType};
@@ -32,6 +36,8 @@ pub struct NodeOps {
     /// Read-only loop devices stacked on staged devices for read-only Block
     /// publications, by the device they sit on.
     stacked: Arc<LoopIndex>,
+    /// The blkio cgroup hierarchy of the kubelet's pods (I/O limits).
+    blkio: PathBuf,
 }
 
 pub struct StageRequest {
@@ -46,6 +52,8 @@ pub struct PublishRequest {
     pub target_path: PathBuf,
     pub capability: Capability,
     pub read_only: bool,
+    /// Group to give a Filesystem volume's files (the pod's fsGroup).
+    pub mount_group: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +75,7 @@ struct Publication {
     target: HostPath,
     capability: Capability,
     read_only: bool,
+    mount_group: Option<u32>,
 }
 
 impl NodeOps {
@@ -79,7 +88,25 @@ impl NodeOps {
             work,
             kubelet,
             stacked: Arc::new(stacked),
+            blkio: io_throttle::DEFAULT_BLKIO_DIR.into(),
         })
+    }
+
+    /// Apply I/O limits in this blkio hierarchy instead of the default.
+    pub fn with_blkio_dir(mut self, blkio: PathBuf) -> Self {
+        self.blkio = blkio;
+        self
+    }
+
+    /// What puts a volume's stored I/O limits into effect on this node:
+    /// every pod it is published to here (none when it is not attached).
+    /// ControllerModifyVolume runs it under the volume's lock, after storing
+    /// the limits.
+    pub fn io_limits_applier(
+        &self,
+    ) -> impl FnOnce(&dyn Backend, &VolumeRecord) -> Result<()> + Send + 'static {
+        let (kubelet, blkio) = (self.kubelet.root().to_owned(), self.blkio.clone());
+        move |b, record| apply_io_limits(b, &kubelet, &blkio, record)
     }
 
     pub fn kubelet_dir(&self) -> &KubeletDir {
@@ -164,13 +191,25 @@ impl NodeOps {
             target: self.kubelet.locate(&req.target_path, "target_path")?,
             capability: req.capability,
             read_only: req.read_only,
+            mount_group: req.mount_group,
         };
         let id = parse_known(&req.volume_id)?;
         let stacked = self.stacked.clone();
+        let (kubelet, blkio) = (self.kubelet.root().to_owned(), self.blkio.clone());
         self.exclusive(id.as_str().to_owned(), move |b| {
             crate::faults::step("publish: locked");
-            known(b, &id)?;
-            publish(b, &stacked, &id, &publication)
+            let record = known(b, &id)?;
+            publish(b, &stacked, &id, &publication)?;
+            let device = b
+                .attached_device(&id)?
+                .ok_or_else(|| Error::Internal(format!("volume {id} lost its device")))?;
+            throttle_pod(
+                &kubelet,
+                &blkio,
+                publication.target.path(),
+                mount::device_number(&device)?,
+                &record,
+            )
         })
         .await
     }
@@ -238,7 +277,7 @@ impl NodeOps {
             };
             let abnormal = match b.health(&record) {
                 Some(problem) => Some(problem),
-                None if state.is_filesystem_of(number) => went_read_only(&record, &state)?,
+                None if state.is_filesystem_of(number) => filesystem_trouble(&state, &device)?,
                 None => None,
             };
             Ok(StatsReport { stats, abnormal })
@@ -455,7 +494,9 @@ fn stage_filesystem(
     if needs_growth && fs_name == "ext4" && !cap.access_mode.read_only() {
         filesystem::grow_offline_ext4(device)?;
     }
-    staging.mount_device(device, &fs_name, &options)?;
+    staging
+        .mount_device(device, &fs_name, &options)
+        .map_err(|e| label_refused(&options, e))?;
     if needs_growth && fs_name == "xfs" && !cap.access_mode.read_only() {
         if let Err(e) = filesystem::grow_online(device, staging.path(), &fs_name) {
             let _ = staging.unmount_all();
@@ -463,6 +504,69 @@ fn stage_filesystem(
         }
     }
     Ok(())
+}
+
+/// The volume's I/O limits on the cgroups of every pod this node publishes
+/// it to.
+fn apply_io_limits(
+    b: &dyn Backend,
+    kubelet: &Path,
+    blkio: &Path,
+    record: &VolumeRecord,
+) -> Result<()> {
+    let Some(device) = b.attached_device(&record.id)? else {
+        return Ok(());
+    };
+    let number = mount::device_number(&device)?;
+    let targets: Vec<PathBuf> = mount::mounts()?
+        .into_iter()
+        .filter(|m| m.dev == number || is_block_bind(m, &device).unwrap_or(false))
+        .map(|m| m.mount_point)
+        .collect();
+    for target in targets {
+        throttle_pod(kubelet, blkio, &target, number, record)?;
+    }
+    Ok(())
+}
+
+/// The volume's I/O limits on the cgroup of the pod `target` publishes it
+/// to (limits left out cleared). A path that is no pod's, or a pod without a
+/// blkio cgroup (not cgroup v1), is left alone.
+fn throttle_pod(
+    kubelet: &Path,
+    blkio: &Path,
+    target: &Path,
+    device: (u32, u32),
+    record: &VolumeRecord,
+) -> Result<()> {
+    let Some(uid) = io_throttle::pod_uid(kubelet, target) else {
+        return Ok(());
+    };
+    for cgroup in io_throttle::pod_cgroups(blkio, &uid) {
+        io_throttle::apply(&cgroup, device, &record.params.io_limits)?;
+    }
+    Ok(())
+}
+
+/// The volume's files made group `gid`'s (fsGroup), unless its root already is.
+fn give_to_group(root: &Path, gid: u32) -> Result<()> {
+    if fs_group::root_matches(root, gid)? {
+        return Ok(());
+    }
+    fs_group::apply(root, gid)
+}
+
+/// A mount with an SELinux label that failed where SELinux is off: say so
+/// (the kernel only logs "Unknown parameter 'context'").
+fn label_refused(options: &mount::MountOptions, e: Error) -> Error {
+    match options.data.iter().find(|o| selinux::is_label_option(o)) {
+        Some(label) if !selinux::enabled() => Error::Precondition(format!(
+            "the kernel refused mount option {label} ({e}): SELinux is not enabled on this \
+             node, and the kubelet sends that option only where it is; check the node's \
+             SELinux state"
+        )),
+        _ => e,
+    }
 }
 
 fn publish(b: &dyn Backend, stacked: &LoopIndex, id: &VolumeId, req: &Publication) -> Result<()> {
@@ -516,6 +620,11 @@ fn publish(b: &dyn Backend, stacked: &LoopIndex, id: &VolumeId, req: &Publicatio
     match &req.capability.access_type {
         AccessType::Mount { mount_flags, .. } => {
             let extra = mount::parse_options(mount_flags)?.flags & !MsFlags::MS_RDONLY;
+            // Before the bind, so a retry after a failure applies it again; through
+            // the staging mount, as the target is read-only when published so.
+            if let Some(gid) = req.mount_group.filter(|_| !read_only) {
+                give_to_group(req.staging.path(), gid)?;
+            }
             req.target.ensure_dir()?;
             req.target.bind_from_path(&source, read_only, extra)
         }
@@ -600,20 +709,20 @@ fn is_mounted_anywhere(device: &Path) -> bool {
         .unwrap_or(true)
 }
 
-/// A staging mount whose filesystem went read-only although the volume is
-/// writable: it hit errors (`errors=remount-ro`). One read of mountinfo, for
-/// the superblock's own options.
-fn went_read_only(record: &VolumeRecord, state: &PathState) -> Result<Option<String>> {
-    let writable = record
-        .capabilities
-        .iter()
-        .all(|c| !c.access_mode.read_only());
-    if !writable || !state.read_only {
+/// A filesystem that hit errors, or went read-only after them
+/// (`errors=remount-ro`). One sysfs read; the mount table only when that or
+/// the path itself says something is wrong.
+fn filesystem_trouble(state: &PathState, device: &Path) -> Result<Option<String>> {
+    let errors = fs_health::ext4_errors(state.dev);
+    if errors.unwrap_or(0) == 0 && !state.read_only {
         return Ok(None);
     }
-    let super_ro = mount::mounts()?
-        .into_iter()
-        .find(|m| m.mount_id == state.mount_id)
-        .is_some_and(|m| m.super_options.iter().any(|o| o == "ro"));
-    Ok(super_ro.then(|| "filesystem was remounted read-only after errors".to_owned()))
+    let mounts = mount::mounts()?;
+    // Shut down rather than read-only on some kernels: an error since this
+    // mount of an errors=remount-ro filesystem is the same thing.
+    let read_only = fs_health::went_read_only(&mounts, state.dev)
+        || (errors.unwrap_or(0) > 0
+            && fs_health::remounts_read_only_on_errors(&mounts, state.dev)
+            && fs_health::ext4_error_since_mount(device, state.dev));
+    Ok(fs_health::describe(errors, read_only))
 }

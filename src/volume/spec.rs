@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::volume::capacity::CapacityRange;
+use crate::volume::limits::IoLimits;
 
 /// Filesystems Kennel formats and grows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +107,9 @@ pub struct VolumeParams {
     /// Backend-specific keys (LVM layout, device class...).
     #[serde(default)]
     pub backend: BTreeMap<String, String>,
+    /// I/O limits: the mutable parameters (see `volume::limits`).
+    #[serde(default, skip_serializing_if = "IoLimits::is_empty")]
+    pub io_limits: IoLimits,
 }
 
 pub const PARAM_MKFS_DISCARD: &str = "mkfsDiscard";

@@ -1008,3 +1008,162 @@ async fn controller_get_volume() {
     })
     .await
 }
+
+/// The I/O limits a volume stores, as the backend keeps them on the host: the
+/// loop backend's record file, or the LV's short `kio=` tag; as `rb10485760+wi100`.
+fn stored_io_limits(td: &TestDriver, id: &str) -> String {
+    match &td.vg {
+        None => {
+            let record = fs::read_to_string(td.loop_dir.join(format!("{id}.json"))).unwrap();
+            let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+            let limits = &record["params"]["io_limits"];
+            ["read_bps", "write_bps", "read_iops", "write_iops"]
+                .iter()
+                .zip(["rb", "wb", "ri", "wi"])
+                .filter_map(|(k, short)| Some(format!("{short}{}", limits[*k].as_u64()?)))
+                .collect::<Vec<_>>()
+                .join("+")
+        }
+        Some(vg) => vg
+            .lv(id)
+            .expect("the LV")
+            .tags
+            .iter()
+            .find_map(|t| t.strip_prefix("kio=").map(tag_numbers))
+            .unwrap_or_default(),
+    }
+}
+
+/// An LV's `kio=` value with its byte rates' binary suffixes (`rb10m`) written out.
+fn tag_numbers(value: &str) -> String {
+    value
+        .split('+')
+        .map(|part| {
+            let (key, raw) = part.split_at(2);
+            let (digits, shift) = match raw.strip_suffix(|c: char| c.is_ascii_alphabetic()) {
+                Some(digits) => {
+                    let suffix = raw.chars().last().unwrap();
+                    let at = "kmgtpe".find(suffix).expect("a binary suffix");
+                    (digits, 10 * (at as u32 + 1))
+                }
+                None => (raw, 0),
+            };
+            let number: u64 = digits.parse().expect("a number");
+            format!("{key}{}", number << shift)
+        })
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+fn modify_req(id: &str, pairs: &[(&str, &str)]) -> pb::ControllerModifyVolumeRequest {
+    pb::ControllerModifyVolumeRequest {
+        volume_id: id.to_owned(),
+        mutable_parameters: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// ModifyVolume (VolumeAttributesClass): I/O limits given at creation and
+/// changed later are stored with the volume and survive a restart; a key
+/// left out keeps its value, 0 removes one; unknown keys and bad values are
+/// INVALID_ARGUMENT naming the parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modify_volume_stores_io_limits_durably() {
+    with_timeout(T, async {
+        let mut td = TestDriver::start_with(DriverOpts::sparse("256MiB")).await;
+        let caps = td
+            .controller()
+            .controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        use controller_service_capability::rpc::Type as R;
+        assert!(controller_rpcs(&caps).contains(&(R::ModifyVolume as i32)));
+
+        let mut req = create_req("pvc-limits", 16 * MIB, vec![mount_cap("ext4")]);
+        req.mutable_parameters = [("readBytesPerSeconds".to_owned(), "1".to_owned())].into();
+        let refused = td.controller().create_volume(req.clone()).await;
+        let status = refused.expect_err("unknown mutable parameter");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("readBytesPerSeconds"),
+            "{status:?}"
+        );
+
+        req.mutable_parameters = [("readBytesPerSecond".to_owned(), "10Mi".to_owned())].into();
+        let id = td
+            .controller()
+            .create_volume(req)
+            .await
+            .expect("create with limits")
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        assert_eq!(stored_io_limits(&td, &id), "rb10485760");
+
+        td.controller()
+            .controller_modify_volume(modify_req(&id, &[("writeIOPS", "100")]))
+            .await
+            .expect("modify");
+        assert_eq!(stored_io_limits(&td, &id), "rb10485760+wi100");
+        // Again: idempotent.
+        td.controller()
+            .controller_modify_volume(modify_req(&id, &[("writeIOPS", "100")]))
+            .await
+            .expect("modify again");
+
+        td.restart().await;
+        td.controller()
+            .controller_modify_volume(modify_req(
+                &id,
+                &[("readBytesPerSecond", "0"), ("readIOPS", "1k")],
+            ))
+            .await
+            .expect("modify after a restart");
+        assert_eq!(stored_io_limits(&td, &id), "ri1000+wi100");
+
+        for (pairs, names) in [
+            (vec![("fsType", "xfs")], "fsType"),
+            (vec![("writeIOPS", "lots")], "writeIOPS"),
+        ] {
+            let status = td
+                .controller()
+                .controller_modify_volume(modify_req(&id, &pairs))
+                .await
+                .expect_err("refused");
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains(names), "{status:?}");
+        }
+        assert_code(
+            td.controller()
+                .controller_modify_volume(modify_req(&id, &[]))
+                .await,
+            Code::InvalidArgument,
+            "no mutable parameters",
+        );
+        assert_code(
+            td.controller()
+                .controller_modify_volume(modify_req("", &[("readIOPS", "1")]))
+                .await,
+            Code::InvalidArgument,
+            "no volume id",
+        );
+        assert_code(
+            td.controller()
+                .controller_modify_volume(modify_req(
+                    "kv-000000000000000000000000",
+                    &[("readIOPS", "1")],
+                ))
+                .await,
+            Code::NotFound,
+            "unknown volume",
+        );
+        assert_eq!(stored_io_limits(&td, &id), "ri1000+wi100");
+        td.delete(&id).await;
+    })
+    .await
+}

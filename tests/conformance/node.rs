@@ -116,7 +116,13 @@ async fn node_get_capabilities() {
             })
             .collect();
         use node_service_capability::rpc::Type as R;
-        for wanted in [R::StageUnstageVolume, R::GetVolumeStats, R::ExpandVolume] {
+        for wanted in [
+            R::StageUnstageVolume,
+            R::GetVolumeStats,
+            R::ExpandVolume,
+            R::VolumeCondition,
+            R::VolumeMountGroup,
+        ] {
             assert!(
                 rpcs.contains(&(wanted as i32)),
                 "{wanted:?} missing: {resp:?}"
@@ -1373,6 +1379,360 @@ async fn unpublish_waits_out_a_brief_holder_and_reports_a_lasting_one() {
         td.unstage(id).await;
         td.delete(id).await;
         td.assert_no_leaks();
+    })
+    .await
+}
+
+/// Make ext4 on the device mounted at `staging` record an error, the way the
+/// kernel does when it finds damaged metadata (its own sysfs test hook).
+fn trigger_ext4_error(staging: &Path) {
+    let mount = mounts_at(staging).pop().expect("staged mount");
+    assert_eq!(mount.fs_type, "ext4");
+    let device = fs::canonicalize(format!("/sys/dev/block/{}", mount.dev)).expect("sysfs device");
+    let name = device.file_name().expect("device name").to_owned();
+    let hook = Path::new("/sys/fs/ext4")
+        .join(name)
+        .join("trigger_fs_error");
+    fs::write(&hook, "kennel test: damaged metadata").expect("trigger an ext4 error");
+}
+
+/// A filesystem that hit errors is an abnormal volume: read-only after them
+/// (`errors=remount-ro`), or still writable with errors recorded (ext4's
+/// default, `errors=continue`). The messages say what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_that_hit_errors_is_abnormal() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start().await;
+        let mut remount_ro = mount_cap("ext4");
+        if let Some(pb::volume_capability::AccessType::Mount(m)) = &mut remount_ro.access_type {
+            m.mount_flags = vec!["errors=remount-ro".to_owned()];
+        }
+        for (name, cap, expect) in [
+            ("pvc-errors-ro", remount_ro, "went read-only after errors ("),
+            (
+                "pvc-errors-continue",
+                mount_cap("ext4"),
+                "recorded 1 error(s)",
+            ),
+        ] {
+            let id = td.create(name, 32 * MIB, cap.clone()).await.volume_id;
+            let staging = td.stage(&id, cap.clone()).await;
+            let target = td.publish(&id, cap.clone(), false).await;
+            let healthy = td
+                .node()
+                .node_get_volume_stats(stats_req(&id, &target))
+                .await
+                .expect("stats")
+                .into_inner();
+            assert!(!healthy.volume_condition.expect("condition").abnormal);
+
+            trigger_ext4_error(&staging);
+            for path in [&target, &staging] {
+                // ext4 records the error, and on some kernels goes read-only, from a work queue.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                let condition = loop {
+                    let condition = td
+                        .node()
+                        .node_get_volume_stats(stats_req(&id, path))
+                        .await
+                        .expect("stats")
+                        .into_inner()
+                        .volume_condition
+                        .expect("condition");
+                    if condition.message.contains(expect) || std::time::Instant::now() > deadline {
+                        break condition;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                };
+                assert!(condition.abnormal, "{name}: {condition:?}");
+                assert!(condition.message.contains(expect), "{name}: {condition:?}");
+                assert!(
+                    condition.message.contains("e2fsck"),
+                    "{name}: {condition:?}"
+                );
+            }
+            let write = fs::write(target.join("after-the-error"), b"x");
+            assert_eq!(
+                write.is_err(),
+                name == "pvc-errors-ro",
+                "{name}: writes after the error: {write:?}"
+            );
+            td.unpublish(&id, false).await;
+            td.unstage(&id).await;
+            td.delete(&id).await;
+        }
+    })
+    .await
+}
+
+/// A Filesystem capability with these mount flags and mount group.
+fn mount_cap_with(flags: &[&str], group: &str) -> pb::VolumeCapability {
+    let mut cap = mount_cap("ext4");
+    if let Some(pb::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+        m.mount_flags = flags.iter().map(|f| f.to_string()).collect();
+        m.volume_mount_group = group.to_owned();
+    }
+    cap
+}
+
+/// The kubelet's SELinux label (`seLinuxMount: true`) reaches the mount call
+/// whole, categories and all: where SELinux runs the filesystem carries it;
+/// on a node without SELinux the kernel refuses the option and the answer
+/// names it. A label that could smuggle other options in is refused first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selinux_context_reaches_the_mount_call() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let td = TestDriver::start().await;
+        let label = "context=\"system_u:object_r:container_file_t:s0:c1,c2\"";
+        let labelled = mount_cap_with(&["noatime", label], "");
+        let id = td
+            .create("pvc-selinux", 32 * MIB, labelled.clone())
+            .await
+            .volume_id;
+        fs::create_dir_all(td.staging_path(&id)).unwrap();
+
+        let smuggled = mount_cap_with(&["context=\"system_u:object_r:t:s0:c1,exec\""], "");
+        let refused = td
+            .node()
+            .node_stage_volume(td.stage_req(&id, smuggled))
+            .await;
+        let status = refused.expect_err("a label with an option in it");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("c1,exec"), "{status:?}");
+
+        let selinux = Path::new("/sys/fs/selinux/enforce").exists();
+        let staged = td
+            .node()
+            .node_stage_volume(td.stage_req(&id, labelled.clone()))
+            .await;
+        if selinux {
+            staged.expect("stage with the pod's label");
+            let mount = the_mount(&td.staging_path(&id));
+            let super_options = fs::read_to_string("/proc/self/mountinfo").unwrap();
+            assert!(
+                super_options.contains("container_file_t:s0:c1,c2"),
+                "label not on the mount {mount:?}"
+            );
+        } else {
+            let status = staged.expect_err("no SELinux here: the kernel refuses the option");
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            assert!(
+                status.message().contains(label) && status.message().contains("SELinux"),
+                "{status:?}"
+            );
+            assert!(mounts_at(&td.staging_path(&id)).is_empty());
+            // Without the label the volume stages; publishing with it binds the same mount.
+            td.stage(&id, mount_cap_with(&["noatime"], "")).await;
+        }
+        let target = td.publish(&id, labelled.clone(), false).await;
+        assert_eq!(the_mount(&target).dev, the_mount(&td.staging_path(&id)).dev);
+        td.unpublish(&id, false).await;
+        td.unstage(&id).await;
+        td.delete(&id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+/// NodePublish with `volume_mount_group` (the pod's fsGroup, delegated by the
+/// kubelet): the volume's files and directories become the group's, readable
+/// and writable by it, and new files inherit the group (setgid directories).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_mount_group_gives_the_files_to_the_pods_group() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let td = TestDriver::start().await;
+        let plain = mount_cap_with(&[], "");
+        let id = td
+            .create("pvc-fsgroup", 32 * MIB, plain.clone())
+            .await
+            .volume_id;
+        let staging = td.stage(&id, mount_cap_with(&[], "4321")).await;
+        // Data written before: root's, private.
+        fs::create_dir(staging.join("db")).unwrap();
+        write_file(&staging.join("db/table"), b"rows");
+        fs::set_permissions(staging.join("db/table"), PermissionsExt::from_mode(0o600)).unwrap();
+
+        let bad = td
+            .node()
+            .node_publish_volume(td.publish_req(&id, mount_cap_with(&[], "staff"), false))
+            .await;
+        let status = bad.expect_err("a group name is no GID");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("staff"), "{status:?}");
+
+        let target = td.publish(&id, mount_cap_with(&[], "4321"), false).await;
+        for (path, bits) in [
+            (target.clone(), 0o2070),
+            (target.join("db"), 0o2070),
+            (target.join("db/table"), 0o060),
+        ] {
+            let meta = fs::metadata(&path).unwrap();
+            assert_eq!(meta.gid(), 4321, "{}", path.display());
+            assert_eq!(
+                meta.mode() & bits,
+                bits,
+                "{}: {:o}",
+                path.display(),
+                meta.mode()
+            );
+        }
+        write_file(&target.join("db/new"), b"later");
+        assert_eq!(fs::metadata(target.join("db/new")).unwrap().gid(), 4321);
+        td.unpublish(&id, false).await;
+        td.unstage(&id).await;
+        td.delete(&id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}
+
+/// A real blkio cgroup hierarchy for a test, with one pod's cgroup in it the
+/// way the kubelet's cgroupfs driver lays it out; removed on drop.
+struct PodCgroup {
+    root: std::path::PathBuf,
+    pod: std::path::PathBuf,
+}
+
+impl PodCgroup {
+    fn new(uid: &str) -> Option<PodCgroup> {
+        let blkio = Path::new("/sys/fs/cgroup/blkio");
+        // The VM lane's guest has no cgroup v1; the same suite runs this on the host.
+        if std::env::var("KENNEL_VM_LANE").as_deref() == Ok("1") {
+            return None;
+        }
+        if !blkio.join("blkio.throttle.write_bps_device").exists() {
+            cannot_run("cgroup v1 blkio is not mounted at /sys/fs/cgroup/blkio");
+            return None;
+        }
+        let root = blkio.join(format!("kennel-test-{}-{uid}", std::process::id()));
+        let pod = root.join(format!("kubepods/burstable/pod{uid}"));
+        fs::create_dir_all(&pod).expect("create a blkio cgroup");
+        Some(PodCgroup { root, pod })
+    }
+
+    /// The rule for `dev` ("major:minor") in one throttle file, if any.
+    fn rule(&self, file: &str, dev: &str) -> Option<u64> {
+        let text = fs::read_to_string(self.pod.join(file)).expect("read throttle file");
+        text.lines().find_map(|l| {
+            let (d, v) = l.split_once(' ')?;
+            (d == dev).then(|| v.parse().expect("a number"))
+        })
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for dir in [
+            self.pod.clone(),
+            self.root.join("kubepods/burstable"),
+            self.root.join("kubepods"),
+            self.root.clone(),
+        ] {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// I/O limits reach the cgroup of the pod a volume is published to: set on
+/// NodePublish from the limits given at creation, changed by
+/// ControllerModifyVolume, cleared by 0; and a direct write from the pod's
+/// cgroup is held to the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_limits_reach_the_pods_blkio_cgroup() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    let uid = "6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f";
+    let Some(cgroup) = PodCgroup::new(uid) else {
+        return;
+    };
+    with_timeout(T, async {
+        let opts = DriverOpts {
+            extra_args: vec![
+                "--blkio-cgroup-dir".to_owned(),
+                cgroup.root.display().to_string(),
+            ],
+            ..DriverOpts::default()
+        };
+        let td = TestDriver::start_with(opts).await;
+        let cap = mount_cap("ext4");
+        let mut req = create_req("pvc-throttled", 32 * MIB, vec![cap.clone()]);
+        req.mutable_parameters = [("writeBytesPerSecond".to_owned(), "1Mi".to_owned())].into();
+        let id = td
+            .controller()
+            .create_volume(req)
+            .await
+            .expect("create")
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        let staging = td.stage(&id, cap.clone()).await;
+        let dev = mounts_at(&staging).pop().expect("staged").dev;
+        // Where the kubelet publishes a pod's CSI volume.
+        let pod_dir = td.root.join(format!("pods/{uid}/volumes/kubernetes.io~csi/pv-throttled"));
+        fs::create_dir_all(&pod_dir).unwrap();
+        let target = pod_dir.join("mount");
+        let mut publish = td.publish_req(&id, cap.clone(), false);
+        publish.target_path = target.display().to_string();
+        td.node()
+            .node_publish_volume(publish)
+            .await
+            .expect("publish into the pod");
+        assert_eq!(
+            cgroup.rule("blkio.throttle.write_bps_device", &dev),
+            Some(1 << 20)
+        );
+        assert_eq!(cgroup.rule("blkio.throttle.read_iops_device", &dev), None);
+
+        // 3 MiB written directly from the pod's cgroup take at least ~2 s at 1 MiB/s.
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("echo $$ > \"$1\" && exec dd if=/dev/zero of=\"$2\" bs=64k count=48 oflag=direct status=none")
+            .arg("sh")
+            .arg(cgroup.pod.join("cgroup.procs"))
+            .arg(target.join("data"))
+            .output()
+            .expect("dd");
+        assert!(out.status.success(), "{out:?}");
+        let took = started.elapsed();
+        assert!(took.as_secs_f64() >= 1.8, "3 MiB at 1 MiB/s took {took:?}");
+
+        td.controller()
+            .controller_modify_volume(pb::ControllerModifyVolumeRequest {
+                volume_id: id.clone(),
+                mutable_parameters: [
+                    ("writeBytesPerSecond".to_owned(), "0".to_owned()),
+                    ("readIOPS".to_owned(), "100".to_owned()),
+                ]
+                .into(),
+                ..Default::default()
+            })
+            .await
+            .expect("modify");
+        assert_eq!(cgroup.rule("blkio.throttle.write_bps_device", &dev), None);
+        assert_eq!(cgroup.rule("blkio.throttle.read_iops_device", &dev), Some(100));
+
+        td.node()
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .expect("unpublish");
+        td.unstage(&id).await;
+        td.delete(&id).await;
     })
     .await
 }

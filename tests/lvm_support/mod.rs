@@ -295,6 +295,96 @@ impl LvmDriver {
         target
     }
 
+    /// The driver's /metrics text.
+    pub async fn metrics_text(&self) -> String {
+        scrape(self.metrics).await
+    }
+
+    /// A volume's condition as ListVolumes and ControllerGetVolume report it
+    /// (they must agree; a refresh of the index between the two calls gets
+    /// one more try).
+    pub async fn condition(&self, id: &str) -> pb::VolumeCondition {
+        let (listed, got) = self.conditions(id).await;
+        if listed == got {
+            return listed;
+        }
+        let (listed, got) = self.conditions(id).await;
+        assert_eq!(listed, got, "ListVolumes and ControllerGetVolume disagree");
+        listed
+    }
+
+    async fn conditions(&self, id: &str) -> (pb::VolumeCondition, pb::VolumeCondition) {
+        let listed = self
+            .controller()
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .expect("ListVolumes")
+            .into_inner()
+            .entries
+            .into_iter()
+            .find(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == id))
+            .and_then(|e| e.status?.volume_condition)
+            .unwrap_or_else(|| panic!("ListVolumes has no condition for {id}"));
+        let got = self
+            .controller()
+            .controller_get_volume(pb::ControllerGetVolumeRequest {
+                volume_id: id.to_owned(),
+            })
+            .await
+            .expect("ControllerGetVolume")
+            .into_inner()
+            .status
+            .and_then(|s| s.volume_condition)
+            .expect("ControllerGetVolume condition");
+        (listed, got)
+    }
+
+    /// Wait (bounded) until the volume's condition is abnormal, for the index
+    /// refresh to notice a fault; the condition then.
+    pub async fn abnormal_condition(&self, id: &str, secs: u64) -> pb::VolumeCondition {
+        let deadline = Instant::now() + Duration::from_secs(secs * timeout_scale());
+        loop {
+            let condition = self.condition(id).await;
+            if condition.abnormal {
+                return condition;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} still reported healthy: {condition:?}\n{}",
+                self.log_tail(20)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Wait (bounded) until /metrics shows `kennel_volume_condition` of `id`
+    /// as 1 with `message`. A no-op DeleteVolume prompts a new observation.
+    pub async fn assert_condition_metric(&self, id: &str, message: &str) {
+        let series = format!(
+            "volume_id=\"{id}\",claim=\"\",message=\"{}\"}} 1",
+            message.replace('\\', "\\\\").replace('"', "\\\"")
+        );
+        let deadline = Instant::now() + Duration::from_secs(20 * timeout_scale());
+        loop {
+            let _ = self
+                .controller()
+                .delete_volume(pb::DeleteVolumeRequest {
+                    volume_id: "kv-000000000000000000000000".to_owned(),
+                    secrets: Default::default(),
+                })
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let text = self.metrics_text().await;
+            if text.contains(&series) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no kennel_volume_condition series ending {series} in\n{text}"
+            );
+        }
+    }
+
     pub async fn unpublish(&self, id: &str, block: bool) {
         self.node()
             .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {

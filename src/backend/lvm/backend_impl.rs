@@ -13,6 +13,7 @@ use super::params::{Layout, LvmParams};
 use super::{tags, LvmBackend};
 use crate::backend::{Backend, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
+use crate::volume::limits::IoLimits;
 use crate::volume::spec::FsType;
 use crate::volume::{SnapshotId, VolumeId};
 
@@ -61,7 +62,8 @@ impl Backend for LvmBackend {
         {
             return Ok(());
         }
-        let tag_list = tags::encode(record)?;
+        // The record's chunks and, with limits, their tag: all in the one `lvcreate`.
+        let tag_list = super::limits::encode(record)?;
         super::metadata::ensure_room(&self.index, &self.lvm, &vg, &tag_list)?;
         match &record.source {
             Some(source) => {
@@ -322,30 +324,20 @@ impl Backend for LvmBackend {
         self.current_window(&pv, window).map(drop)
     }
 
+    fn set_io_limits(&self, id: &VolumeId, limits: IoLimits) -> Result<VolumeRecord> {
+        self.store_io_limits(id, limits)
+    }
+
     fn health(&self, record: &VolumeRecord) -> Option<String> {
         let index = self.index();
         let Some(lv) = index.find(record.id.as_str()) else {
             return Some(format!("logical volume {} is missing", record.id));
         };
-        if lv.missing {
-            return Some(format!(
-                "logical volume {}/{} is missing (removed outside Kennel)",
-                lv.row.vg_name, lv.row.lv_name
-            ));
-        }
-        if let Some(why) = self.activation_failure(lv) {
-            return Some(format!(
-                "logical volume {}/{} cannot be activated: {why}",
-                lv.row.vg_name, lv.row.lv_name
-            ));
-        }
-        if !lv.row.lv_health_status.is_empty() {
-            return Some(format!(
-                "logical volume {}/{} reports {}",
-                lv.row.vg_name, lv.row.lv_name, lv.row.lv_health_status
-            ));
-        }
-        None
+        let pool = (!lv.row.pool_lv.is_empty())
+            .then(|| index.get(&lv.row.vg_name, &lv.row.pool_lv))
+            .flatten();
+        let activation = self.activation_failure(lv);
+        super::health::problem(lv, pool, self.lvm.device_mapper(), activation.as_deref())
     }
 
     fn default_fs_type(&self, record: &VolumeRecord) -> Option<FsType> {

@@ -49,6 +49,8 @@ pub struct Vg {
 }
 
 /// What an LV is to Kennel.
+// One per LV, held in place in the index: boxing the record would only add a pointer chase.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
     Volume(VolumeRecord),
@@ -115,6 +117,7 @@ fn kind_of(row: &LvRow) -> Kind {
         return match tags::decode::<VolumeRecord>(&row.lv_tags, facts) {
             Ok(Decoded::Record(mut record)) if record.id == id => {
                 record.capacity_bytes = row.lv_size;
+                record.params.io_limits = super::limits::from_tags(&row.lv_name, &row.lv_tags);
                 Kind::Volume(record)
             }
             Ok(Decoded::Record(_)) => broken("the record names another volume".to_owned()),
@@ -254,13 +257,17 @@ impl Index {
 
     /// Add or replace an LV. Its extents must already be taken (see
     /// [`Index::take_contiguous`]) or accounted with [`Index::take_extents`].
-    /// A new LV's text is taken from the VG's metadata area estimate.
+    /// A new LV's text is taken from the VG's metadata area estimate, and so
+    /// is what a replaced LV's text grew by.
     pub fn insert(&mut self, lv: Lv) {
         let key = (lv.row.vg_name.clone(), lv.row.lv_name.clone());
-        if !self.lvs.contains_key(&key) {
-            if let Some(v) = self.vgs.get_mut(&lv.row.vg_name) {
-                v.metadata.take(metadata::lv_bytes(&lv.row.lv_tags));
-            }
+        let before = self
+            .lvs
+            .get(&key)
+            .map_or(0, |old| metadata::lv_bytes(&old.row.lv_tags));
+        if let Some(v) = self.vgs.get_mut(&lv.row.vg_name) {
+            v.metadata
+                .take(metadata::lv_bytes(&lv.row.lv_tags).saturating_sub(before));
         }
         if let Ok(place) = &lv.place {
             // Its reservation, if it had one, is an LV now.
@@ -697,6 +704,61 @@ mod tests {
             "{kinds:?}"
         );
         assert!(index.lvs().all(|lv| lv.volume().is_none()));
+    }
+
+    #[test]
+    fn a_replaced_lv_whose_tags_grew_takes_the_difference_from_the_metadata_area() {
+        let mut index = Index::build(vec![vg_row(80)], vec![pvseg(0, 80, "")], vec![]);
+        let free = |index: &Index| index.vg("vg").map(|v| v.metadata.free);
+        let start = free(&index).expect("the VG");
+        let (_, row) = owned_lv(0);
+        let lv = Lv::new(row.split().0, &[]);
+        let added = metadata::lv_bytes(&lv.row.lv_tags);
+        index.insert(lv.clone());
+        assert_eq!(free(&index), Some(start - added));
+        // The same LV again (reactivated, say): nothing more.
+        index.insert(lv.clone());
+        assert_eq!(free(&index), Some(start - added));
+        // Limits added: their tag's bytes; lifted: nothing back until lvm2's next figure.
+        let mut limited = lv.clone();
+        limited.row.lv_tags.push("kio=rb1m".to_owned());
+        index.insert(limited);
+        assert_eq!(
+            free(&index),
+            Some(start - added - "kio=rb1m".len() as u64 - 4)
+        );
+        index.insert(lv);
+        assert_eq!(
+            free(&index),
+            Some(start - added - "kio=rb1m".len() as u64 - 4)
+        );
+    }
+
+    #[test]
+    fn a_volumes_io_limits_are_read_from_their_tag() {
+        let (id, mut row) = owned_lv(0);
+        row.lv_tags.push("kio=rb1m+ri500".to_owned());
+        let (damaged_id, mut damaged) = owned_lv(10);
+        damaged.lv_tags.push("kio=rb1m+rb2m".to_owned());
+        let index = Index::build(
+            vec![vg_row(80)],
+            vec![pvseg(0, 20, "x"), pvseg(20, 80, "")],
+            vec![row, damaged],
+        );
+        let limits = |id: &VolumeId| {
+            index
+                .find(id.as_str())
+                .and_then(Lv::volume)
+                .map(|v| v.params.io_limits)
+        };
+        let expected = crate::volume::limits::IoLimits {
+            read_bps: Some(1 << 20),
+            read_iops: Some(500),
+            ..Default::default()
+        };
+        assert_eq!(limits(&id), Some(expected));
+        // A tag that cannot be read costs the limits, never the volume.
+        assert_eq!(limits(&damaged_id), Some(Default::default()));
     }
 
     #[test]

@@ -177,6 +177,7 @@ mod tests {
                 pvc_namespace: Some("production".into()),
                 pv_name: Some(name),
                 backend: Default::default(),
+                ..Default::default()
             },
             node_id: "ip-10-0-12-34.eu-west-1.compute.internal".into(),
             machine_id: "0123456789abcdef0123456789abcdef".into(),

@@ -56,6 +56,9 @@
 //! - [`removal`]: zeroing an LV and removing it.
 //! - [`sweep`]: removing the half-built LVs of interrupted calls.
 //! - [`capacity`]: free space of a VG and room in a thin pool.
+//! - [`health`]: why a volume's LV is unhealthy, from the index and the
+//!   activation failures.
+//! - [`limits`]: a volume's I/O limits, in a short tag of their own.
 //! - [`cli`], [`data`], [`index`], [`metrics`], [`params`], [`tags`]: lvm2's
 //!   command line, byte copying and zeroing, the in-memory index, lvm2 call
 //!   metrics, StorageClass parameters and the records kept in LV tags.
@@ -79,7 +82,9 @@ mod capacity;
 pub mod cli;
 mod copies;
 pub mod data;
+mod health;
 pub mod index;
+mod limits;
 pub mod metadata;
 pub mod metrics;
 pub mod params;

@@ -9,6 +9,7 @@
 //! k0/2=npvc-8f0e...              chunk 0 of 2 of the record's text
 //! k1/2=...t1796250875            chunk 1 of 2
 //! kennel.csi.dev/pending         the LV is still being filled (see below)
+//! kio=rb10m+wi100                the volume's I/O limits, if any (see `limits`)
 //! ```
 //!
 //! lvm2 keeps every tag in the VG's metadata area, which is small (1 MiB by
@@ -245,6 +246,7 @@ mod tests {
                 pvc_namespace: Some("default".into()),
                 pv_name: Some("pvc-8f0e3c2a-1b2c-4d5e-9f00-123456789abc".into()),
                 backend: [("deviceClass".to_owned(), "fast".to_owned())].into(),
+                ..Default::default()
             },
             node_id: "worker-1".into(),
             machine_id: "0123456789abcdef0123456789abcdef".into(),
@@ -312,6 +314,7 @@ mod tests {
                 (hostile.clone(), String::new()),
             ]
             .into(),
+            ..Default::default()
         };
         rec.node_id = "node.example.com".into();
         rec.machine_id = hostile;

@@ -443,6 +443,8 @@ impl RecordText for VolumeRecord {
                 pvc_namespace: f.text('q')?,
                 pv_name,
                 backend,
+                // Kept in a tag of their own (see `limits`), read beside the record.
+                io_limits: Default::default(),
             },
             node_id: f.required('o')?,
             machine_id: f.required('m')?,

@@ -11,17 +11,20 @@ use super::procs::run_with_input;
 #[derive(Clone)]
 pub struct Kubectl {
     pub kubeconfig: PathBuf,
+    /// The kubectl binary: `kubectl` on PATH unless the cluster brings its own.
+    pub program: PathBuf,
 }
 
 impl Kubectl {
     pub fn new(kubeconfig: &Path) -> Kubectl {
         Kubectl {
             kubeconfig: kubeconfig.to_owned(),
+            program: PathBuf::from("kubectl"),
         }
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("kubectl");
+        let mut cmd = Command::new(&self.program);
         cmd.arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .arg("--request-timeout=30s")

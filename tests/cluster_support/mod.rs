@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+pub use bins::K8s;
 pub use host::RunNames;
 pub use kube::Kubectl;
 pub use node_plugin::{Backend, NodePlugin};
@@ -47,6 +48,8 @@ pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// How the control plane is configured.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOpts {
+    /// The Kubernetes release (and the sidecars tested with it).
+    pub k8s: K8s,
     /// `--feature-gates` for the API server and controller manager.
     pub feature_gates: Option<String>,
     /// The controller manager's `--node-monitor-grace-period` (default 40s).
@@ -54,11 +57,11 @@ pub struct ClusterOpts {
 }
 
 /// Whether this host can run the cluster; if not, fail (or skip loudly).
-pub fn can_run_cluster() -> bool {
+pub fn can_run_cluster(k8s: K8s) -> bool {
     if !nix::unistd::geteuid().is_root() {
         return !cannot_run("the cluster tests need root");
     }
-    if let Some(why) = bins::missing(bins::CLUSTER_BINARIES) {
+    if let Some(why) = bins::missing(k8s, k8s.cluster_binaries()) {
         return !cannot_run(&why);
     }
     for tool in [
@@ -155,7 +158,12 @@ impl Cluster {
             root,
         };
         // From here on, a panic drops `cluster`, which tears everything down.
-        cluster.bins = bins::install(bins::CLUSTER_BINARIES, &cluster.root.join("bin"));
+        let k8s = cluster.opts.k8s;
+        cluster.bins = bins::install(k8s, k8s.cluster_binaries(), &cluster.root.join("bin"));
+        // A client of the cluster's own release where there is one (kubectl's skew policy).
+        if let Some(kubectl) = cluster.bins.get("kubectl") {
+            cluster.kubectl.program = kubectl.clone();
+        }
         cluster.start_etcd();
         cluster.start_containerd();
         cluster.start_control_plane();
@@ -166,7 +174,8 @@ impl Cluster {
         cluster.wait_node_ready();
         cluster.boot_time = started.elapsed();
         report(&format!(
-            "cluster up in {:.1}s ({})",
+            "Kubernetes {} cluster up in {:.1}s ({})",
+            cluster.opts.k8s.version(),
             cluster.boot_time.as_secs_f64(),
             cluster.root.display()
         ));
@@ -459,7 +468,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             host::save_sysctls(&self.root.join("sysctls.saved"));
             host::create_cgroup_root(&self.names.cgroup);
         }
-        let config = json!({
+        let mut config = json!({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
             "address": self.node_ip,
@@ -494,6 +503,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "shutdownGracePeriod": "0s",
             "resolvConf": "/etc/resolv.conf",
         });
+        if self.opts.k8s == K8s::V1_36 {
+            // 1.36 refuses cgroup v1 hosts by default; this machine mounts v1 controllers.
+            config["failCgroupV1"] = json!(false);
+        }
         let config_file = self.root.join(format!("kubelet-{name}.json"));
         std::fs::write(&config_file, config.to_string()).expect("write kubelet config");
         let mut cmd = self.bin("kubelet");
@@ -809,7 +822,7 @@ pub type Scenario = (&'static str, fn(&mut Cluster));
 /// timed and caught, so one failing does not hide the others), tear it
 /// down, then fail naming every failed scenario.
 pub fn run_scenarios(opts: ClusterOpts, backend: Backend, scenarios: &[Scenario]) {
-    if !can_run_cluster() {
+    if !can_run_cluster(opts.k8s) {
         return;
     }
     let filter = std::env::var("KENNEL_CLUSTER_SCENARIOS").ok();

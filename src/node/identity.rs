@@ -21,6 +21,16 @@ pub fn host_identity() -> Result<String> {
     identity_from(&MACHINE_ID_FILES.map(Path::new), Path::new(BOOT_ID_FILE))
 }
 
+/// As `host_identity`, reading the machine ID from `files` instead (all of
+/// `MACHINE_ID_FILES` when empty).
+pub fn host_identity_from(files: &[std::path::PathBuf]) -> Result<String> {
+    if files.is_empty() {
+        return host_identity();
+    }
+    let files: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+    identity_from(&files, Path::new(BOOT_ID_FILE))
+}
+
 fn identity_from(machine_id_files: &[&Path], boot_id_file: &Path) -> Result<String> {
     if let Some(id) = machine_id_files.iter().find_map(|p| read_id(p)) {
         return Ok(id);

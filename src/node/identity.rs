@@ -101,6 +101,20 @@ mod tests {
     }
 
     #[test]
+    fn named_files_replace_the_default_locations() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let machine = dir.path().join("machine-id");
+        fs::write(&machine, "0123456789abcdef0123456789abcdef\n").expect("test setup");
+        let id = host_identity_from(std::slice::from_ref(&machine)).expect("named file");
+        assert_eq!(id, "0123456789abcdef0123456789abcdef");
+        // A host without the file (the DaemonSet mounts its /etc): the boot ID, not an error.
+        let boot = fs::read_to_string(BOOT_ID_FILE).expect("boot id");
+        let id = host_identity_from(&[dir.path().join("missing")]).expect("boot ID fallback");
+        assert_eq!(id, boot.trim());
+        assert_eq!(host_identity_from(&[]).ok(), host_identity().ok());
+    }
+
+    #[test]
     fn this_host_has_an_identity() {
         let id = host_identity().expect("a Linux host has at least a boot ID");
         assert_ne!(id, "unknown");

@@ -24,6 +24,7 @@ fn retention_with_builtin_off() {
             k8s: K8s::V1_28,
             feature_gates: Some("StatefulSetAutoDeletePVC=false".to_owned()),
             node_monitor_grace: Some(Duration::from_secs(15)),
+            ..ClusterOpts::default()
         },
         B,
         &[

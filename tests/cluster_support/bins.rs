@@ -58,6 +58,7 @@ impl K8s {
                 "kube-scheduler",
                 "kubelet",
                 "kubectl",
+                "kube-proxy",
                 "csi-provisioner",
                 "csi-node-driver-registrar",
                 "pause",

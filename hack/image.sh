@@ -98,6 +98,8 @@ CONF
   step "base image $qualified"
 fi
 
+# A build that stops making progress fails with its log instead of hanging the caller.
+build_timeout=${KENNEL_IMAGE_BUILD_TIMEOUT:-1800}
 args=(--pull=never --isolation=chroot --layers=false -f "$PWD/Dockerfile" -t "$tag")
 if [ -n "$binary" ]; then
   context="$work/context"
@@ -105,11 +107,11 @@ if [ -n "$binary" ]; then
   mkdir -p "$context"
   # Only the binary goes into the context; debug info stays out of the image.
   strip -o "$context/kennel" "$binary"
-  buildah build "${args[@]}" --build-arg KENNEL_BINARY_FROM=prebuilt \
+  timeout "$build_timeout" buildah build "${args[@]}" --build-arg KENNEL_BINARY_FROM=prebuilt \
     --build-arg KENNEL_BINARY=kennel "$context" >"$work/build.log" 2>&1 ||
     { tail -n 30 "$work/build.log" >&2; exit 1; }
 else
-  buildah build "${args[@]}" . >"$work/build.log" 2>&1 ||
+  timeout "$build_timeout" buildah build "${args[@]}" . >"$work/build.log" 2>&1 ||
     { tail -n 30 "$work/build.log" >&2; exit 1; }
 fi
 step "built $tag"

@@ -44,6 +44,14 @@ pub struct BenchArgs {
     /// throwaway volume group, beside the loop backend.
     #[arg(long, value_enum, default_value = "loop")]
     pub backend: BenchBackend,
+    /// With --backend lvm: fill the volume group with N volumes first, then
+    /// report lvm2's call time and the VG's metadata use at that scale.
+    #[arg(long, value_name = "N")]
+    pub volumes: Option<usize>,
+    /// With --volumes: the PV's lvm2 metadata area (`pvcreate --metadatasize`);
+    /// lvm2's default (1020 KiB) otherwise.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub metadata_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

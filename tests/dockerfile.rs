@@ -1,8 +1,13 @@
 //! The Dockerfile cannot be built here (no container engine), so check it as text: every host
-//! program the code runs, found by reading src/, is installed by the runtime stage.
+//! program the code runs, found by reading src/, and every helper lvm2 itself runs, found in
+//! lvm2's configuration, is installed by the runtime stage.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[path = "common/skip.rs"]
+mod skip;
 
 /// Which Debian package ships each program Kennel may run.
 const PROVIDERS: &[(&str, &str)] = &[
@@ -49,6 +54,31 @@ const PROVIDERS: &[(&str, &str)] = &[
     ("sync", "coreutils"),
 ];
 
+/// What the image needs for one of lvm2's own helper programs.
+enum Helper {
+    /// Installed from this Debian package.
+    Package(&'static str),
+    /// Not needed, and why.
+    Unused(&'static str),
+}
+
+/// lvm2's helpers (its `*executable` settings), by program name.
+const LVM2_HELPERS: &[(&str, Helper)] = &[
+    // Run when lvm2 activates, checks or repairs a thin pool (Kennel's thin layout).
+    ("thin_check", Helper::Package("thin-provisioning-tools")),
+    ("thin_repair", Helper::Package("thin-provisioning-tools")),
+    ("thin_dump", Helper::Package("thin-provisioning-tools")),
+    // Same package; run for cache LVs another tool may keep in a VG Kennel shares.
+    ("cache_check", Helper::Package("thin-provisioning-tools")),
+    ("cache_repair", Helper::Package("thin-provisioning-tools")),
+    ("cache_dump", Helper::Package("thin-provisioning-tools")),
+    // Monitors thin pools (autoextend) when monitoring is on.
+    ("dmeventd", Helper::Package("dmeventd")),
+    ("fsadm", Helper::Package("lvm2")),
+    ("lvresize_fs_helper", Helper::Package("lvm2")),
+    ("vdoformat", Helper::Unused("Kennel never creates VDO LVs")),
+];
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -80,26 +110,31 @@ fn literal_after(text: &str, call: &str) -> Vec<String> {
 }
 
 /// Every program named by a literal passed to the ways the code starts processes:
-/// `cmd::run`, `cmd::output` (and `cmd::failure`, which names the program that failed),
-/// `Command::new`, the benchmark's `tool(&[...])`, and the lvm2 command builder's `.cmd("...")`.
+/// the one runner's `Tool::read_only`, `Tool::changes_metadata` and `Tool::new` (and
+/// `cmd::failure`, which names the program that failed), `Command::new`, the benchmark's
+/// `tool(&[...])`, and the lvm2 command builder's `.cmd("...")`.
 fn programs_in_source() -> BTreeMap<String, Vec<String>> {
     let mut files = Vec::new();
     rust_files(&root().join("src"), &mut files);
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
+        // A file's unit tests run stand-in programs the image never needs.
+        let text = match text.find("#[cfg(test)]\nmod tests") {
+            Some(end) => &text[..end],
+            None => &text[..],
+        };
         let rel = file.strip_prefix(root()).unwrap().display().to_string();
         for call in [
-            "cmd::run(",
-            "cmd::run_within(",
-            "cmd::output(",
-            "cmd::output_within(",
+            "Tool::read_only(",
+            "Tool::changes_metadata(",
+            "Tool::new(",
             "cmd::failure(",
             "Command::new(",
             "tool(&[",
             ".cmd(",
         ] {
-            for program in literal_after(&text, call) {
+            for program in literal_after(text, call) {
                 out.entry(program).or_default().push(rel.clone());
             }
         }
@@ -191,6 +226,69 @@ fn runtime_image_installs_every_program_the_code_runs() {
             installed.contains(*package),
             "{program} (run in {files:?}) needs {package}, which the Dockerfile does not install"
         );
+    }
+}
+
+/// Every helper program lvm2 may run, read from its defaults (`lvmconfig --type default`):
+/// (setting, program path) for each `...executable` setting. None without lvm2.
+fn lvm2_helpers() -> Option<Vec<(String, String)>> {
+    let out = Command::new("lvmconfig")
+        .args(["--type", "default"])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .env("LC_ALL", "C")
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let mut section: Vec<String> = Vec::new();
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // Settings left at their default are printed commented out.
+        let line = line.trim().trim_start_matches('#').trim();
+        if let Some(name) = line.strip_suffix('{') {
+            section.push(name.trim().to_owned());
+        } else if line == "}" {
+            section.pop();
+        } else if let Some((key, value)) = line.split_once('=') {
+            let value = value.trim().trim_matches('"');
+            if key.trim().ends_with("executable") && value.starts_with('/') {
+                let mut setting = section.clone();
+                setting.push(key.trim().to_owned());
+                found.push((setting.join("/"), value.to_owned()));
+            }
+        }
+    }
+    Some(found)
+}
+
+#[test]
+fn runtime_image_installs_what_lvm2_itself_runs() {
+    let Some(helpers) = lvm2_helpers() else {
+        skip::cannot_run("lvmconfig (lvm2) is not installed (hack/setup.sh installs it)");
+        return;
+    };
+    assert!(
+        helpers
+            .iter()
+            .any(|(setting, _)| setting == "global/thin_check_executable"),
+        "lvmconfig's defaults were not understood: {helpers:?}"
+    );
+    let known: BTreeMap<&str, &Helper> = LVM2_HELPERS.iter().map(|(p, h)| (*p, h)).collect();
+    let (_, installed, _) = dockerfile();
+    for (setting, path) in helpers {
+        let program = path.rsplit('/').next().unwrap_or(&path);
+        match known.get(program) {
+            Some(Helper::Package(package)) => assert!(
+                installed.contains(*package),
+                "lvm2 runs {path} ({setting}): the Dockerfile must install {package}"
+            ),
+            Some(Helper::Unused(why)) => eprintln!("{path} ({setting}) not installed: {why}"),
+            None => panic!(
+                "lvm2 runs {path} ({setting}): say in tests/dockerfile.rs LVM2_HELPERS which \
+                 package ships it, or why the image needs none"
+            ),
+        }
     }
 }
 

@@ -566,3 +566,267 @@ async fn a_new_volume_never_shows_a_deleted_volumes_bytes() {
     })
     .await;
 }
+
+/// A stage that ends at once (a block volume) and the device's first
+/// non-zero byte, if any.
+async fn first_non_zero(driver: &LvmDriver, id: &str, bytes: u64) -> Option<u64> {
+    driver.stage(id, block_cap()).await;
+    let device = driver.publish(id, block_cap()).await;
+    let found = non_zero(&device, bytes);
+    driver.unpublish(id, true).await;
+    driver.unstage(id).await;
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_reboot_deleted_volumes_snapshots_and_half_built_clones_return_zeroed() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        const SIZE: i64 = 32 * MIB;
+        let vg = TestVg::with_capacity(256 << 20);
+        let mut driver = LvmDriver::start(&vg).await;
+
+        // A tenant's volume full of a pattern, and a full copy of it.
+        let id = driver
+            .create(block_req("tenant", SIZE, &[]))
+            .await
+            .volume_id;
+        driver.stage(&id, block_cap()).await;
+        let device = driver.publish(&id, block_cap()).await;
+        fill(&device, SIZE as u64, 0xa5);
+        driver.unpublish(&id, true).await;
+        driver.unstage(&id).await;
+        let snap = driver.snapshot("tenant-snap", &id).await.snapshot_id;
+        assert_eq!(vg.lv_field(&snap, "segtype"), "linear", "a full copy");
+
+        // A clone left half-built: the driver dies after its copy (step 2),
+        // before the pending tag goes.
+        driver
+            .restart_with(vec![(
+                kennel::backend::lvm::cli::ABORT_AFTER_STEP_ENV.to_owned(),
+                "2".to_owned(),
+            )])
+            .await;
+        let call = driver
+            .controller()
+            .create_volume(from_volume(block_req("half", SIZE, &[]), &id))
+            .await;
+        assert!(call.is_err(), "{call:?}");
+        assert!(driver.wait_exit(20).is_some(), "the driver died mid-clone");
+        let half: Vec<String> = vg
+            .lvs()
+            .into_iter()
+            .filter(|lv| lv.tags.iter().any(|t| t == PENDING_TAG))
+            .map(|lv| lv.name)
+            .collect();
+        assert_eq!(half.len(), 1, "one half-built clone: {:#?}", vg.lvs());
+
+        // A reboot: every LV inactive; then the driver starts again.
+        lvm_ok("vgchange", &["-an", &vg.name]);
+        for lv in [&id, &snap, &half[0]] {
+            assert!(!lv_active(&vg, lv), "{lv} inactive after the reboot");
+        }
+        driver.restart().await;
+        assert_eq!(
+            vg.lv_field(&half[0], "lv_name"),
+            "",
+            "the half-built clone is swept"
+        );
+        assert!(
+            lv_active(&vg, &snap),
+            "the full-copy snapshot is active again"
+        );
+
+        // The tenant leaves.
+        driver
+            .controller()
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: snap.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("DeleteSnapshot");
+        driver.delete(&id).await;
+        assert!(vg.lvs().is_empty(), "{:#?}", vg.lvs());
+
+        // The next tenants, in all of the freed space, read zeros.
+        let mut made = Vec::new();
+        loop {
+            let req = block_req(&format!("next-{}", made.len()), SIZE, &[]);
+            match driver.controller().create_volume(req).await {
+                Ok(resp) => made.push(resp.into_inner().volume.expect("volume").volume_id),
+                Err(s) if s.code() == Code::ResourceExhausted => break,
+                Err(s) => panic!("CreateVolume: {s:?}\n{}", driver.log_tail(30)),
+            }
+        }
+        assert!(
+            made.len() >= 3,
+            "the freed space holds three volumes: {made:?}"
+        );
+        for next in &made {
+            assert_eq!(
+                first_non_zero(&driver, next, SIZE as u64).await,
+                None,
+                "{next} shows a deleted tenant's bytes"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thin_pool_that_does_not_zero_new_blocks_is_refused() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        let vg = TestVg::with_capacity(256 << 20);
+        lvm_ok(
+            "lvcreate",
+            &[
+                "-y",
+                "-Zn",
+                "-L",
+                "64m",
+                "-T",
+                &format!("{}/{POOL}", vg.name),
+            ],
+        );
+        let driver = LvmDriver::start(&vg).await;
+        let msg = assert_code(
+            driver
+                .controller()
+                .create_volume(block_req("thin", 16 * MIB, &thin_params()))
+                .await,
+            Code::FailedPrecondition,
+            "a thin pool made with -Zn",
+        );
+        assert!(msg.contains(POOL) && msg.contains("-Zn"), "{msg}");
+        assert_eq!(vg.lvs().len(), 1, "nothing created: {:#?}", vg.lvs());
+
+        // Once the pool zeroes, it is used (no restart needed).
+        lvm_ok("lvchange", &["-Zy", &format!("{}/{POOL}", vg.name)]);
+        let vol = driver
+            .create(block_req("thin", 16 * MIB, &thin_params()))
+            .await;
+        assert_eq!(vg.lv_field(&vol.volume_id, "pool_lv"), POOL);
+        driver.delete(&vol.volume_id).await;
+    })
+    .await;
+}
+
+/// A device-mapper device squatting an LV's name, so lvm2 cannot activate
+/// the LV; removed when dropped.
+struct Squatter(String);
+
+impl Squatter {
+    fn new(vg: &TestVg, lv: &str) -> Squatter {
+        let squatter = Squatter(dm_name(vg, lv));
+        // The `error` target is built into device-mapper (no module to load).
+        let out = Command::new("dmsetup")
+            .args(["create", &squatter.0, "--table", "0 2048 error"])
+            .output()
+            .expect("dmsetup");
+        assert!(
+            out.status.success(),
+            "dmsetup create {}: {out:?}",
+            squatter.0
+        );
+        squatter
+    }
+}
+
+impl Drop for Squatter {
+    fn drop(&mut self) {
+        let _ = Command::new("dmsetup").args(["remove", &self.0]).output();
+    }
+}
+
+async fn condition(driver: &LvmDriver, id: &str) -> pb::VolumeCondition {
+    driver
+        .controller()
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: id.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ControllerGetVolume {id}: {s:?}"))
+        .into_inner()
+        .status
+        .and_then(|s| s.volume_condition)
+        .expect("a volume condition")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_lv_that_cannot_be_activated_makes_its_volume_unhealthy_not_the_driver() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        let vg = TestVg::with_capacity(256 << 20);
+        let mut driver = LvmDriver::start(&vg).await;
+        let good = driver
+            .create(block_req("good", 16 * MIB, &[]))
+            .await
+            .volume_id;
+        let bad = driver
+            .create(block_req("bad", 16 * MIB, &[]))
+            .await
+            .volume_id;
+
+        // A reboot, after which one LV cannot be activated.
+        driver.kill();
+        lvm_ok("vgchange", &["-an", &vg.name]);
+        let squatter = Squatter::new(&vg, &bad);
+        driver.restart().await;
+
+        // The driver serves the healthy volume.
+        assert!(lv_active(&vg, &good));
+        assert!(!condition(&driver, &good).await.abnormal);
+        driver.stage(&good, block_cap()).await;
+        driver.unstage(&good).await;
+
+        // The other one reports why, and its calls fail naming it.
+        let bad_condition = condition(&driver, &bad).await;
+        assert!(bad_condition.abnormal, "{bad_condition:?}");
+        assert!(
+            bad_condition.message.contains(&bad) && bad_condition.message.contains("activated"),
+            "{bad_condition:?}"
+        );
+        let staging = driver.staging_path(&bad);
+        fs::create_dir_all(&staging).unwrap();
+        let status = driver
+            .node()
+            .node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: bad.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(block_cap()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("NodeStageVolume of an LV that cannot be activated");
+        assert!(status.message().contains(&bad), "{status:?}");
+        // Nor is it removed unzeroed.
+        let status = driver
+            .controller()
+            .delete_volume(pb::DeleteVolumeRequest {
+                volume_id: bad.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("DeleteVolume of an LV that cannot be zeroed");
+        assert!(status.message().contains(&bad), "{status:?}");
+        assert_eq!(vg.lv_field(&bad, "lv_name"), bad, "the LV stays");
+
+        // Once it can be activated, it is used again without a restart.
+        drop(squatter);
+        driver.stage(&bad, block_cap()).await;
+        assert!(lv_active(&vg, &bad));
+        assert!(!condition(&driver, &bad).await.abnormal);
+        driver.unstage(&bad).await;
+        driver.delete(&bad).await;
+        driver.delete(&good).await;
+    })
+    .await;
+}

@@ -299,6 +299,69 @@ fn an_lv_removed_by_hand_is_reported_not_fatal() {
     assert!(backend.get(&kept.id).expect("get").is_some());
 }
 
+/// Tags as the driver wrote them before its compact format (hex of the
+/// record's JSON), for volume `kv-3f9a0c2b7d1e4f5a6b8c9d0e`.
+const LEGACY_TAGS: [&str; 15] = [
+    "kennel.csi.dev",
+    "kennel.csi.dev/n=13",
+    "kennel.csi.dev/r0=7b226964223a226b762d336639613063326237643165346635613662386339643065222c226e616d65223a227076632d",
+    "kennel.csi.dev/r1=38663065336332612d316232632d346435652d396630302d313233343536373839616263222c2263617061636974795f",
+    "kennel.csi.dev/r2=6279746573223a313037333734313832342c22726571756573746564223a7b227265717569726564223a313037333734",
+    "kennel.csi.dev/r3=313832342c226c696d6974223a307d2c226361706162696c6974696573223a5b7b226163636573735f74797065223a7b",
+    "kennel.csi.dev/r4=226b696e64223a226d6f756e74222c2266735f74797065223a2265787434222c226d6f756e745f666c616773223a5b22",
+    "kennel.csi.dev/r5=6e6f6174696d65225d7d2c226163636573735f6d6f6465223a2253696e676c654e6f6465577269746572227d5d2c2270",
+    "kennel.csi.dev/r6=6172616d73223a7b226d6b66735f64697363617264223a66616c73652c227076635f6e616d65223a22646174612d7765",
+    "kennel.csi.dev/r7=622d30222c227076635f6e616d657370616365223a2264656661756c74222c2270765f6e616d65223a227076632d3866",
+    "kennel.csi.dev/r8=3065336332612d316232632d346435652d396630302d313233343536373839616263222c226261636b656e64223a7b22",
+    "kennel.csi.dev/r9=646576696365436c617373223a2266617374227d7d2c226e6f64655f6964223a22776f726b65722d31222c226d616368",
+    "kennel.csi.dev/r10=696e655f6964223a223031323334353637383961626364656630313233343536373839616263646566222c2263726561",
+    "kennel.csi.dev/r11=7465645f756e6978223a313739363235303837352c22736f75726365223a7b22736e617073686f74223a226b732d3061",
+    "kennel.csi.dev/r12=31623263336434653566366737683869396a306b316c227d7d",
+];
+
+#[test]
+fn volumes_written_by_earlier_drivers_are_still_served() {
+    if !can_run() {
+        return;
+    }
+    let vg = TestVg::new("1G");
+    let locks = tempfile::tempdir().expect("temp dir");
+    let id = "kv-3f9a0c2b7d1e4f5a6b8c9d0e";
+    let mut args = vec!["-an", "-Zn", "-Wn", "-y", "-L", "8m", "-n", id];
+    for tag in LEGACY_TAGS {
+        args.extend(["--addtag", tag]);
+    }
+    args.push(&vg.name);
+    lvm_ok("lvcreate", &args);
+    let backend = LvmBackend::open(config(&vg, locks.path(), Duration::from_secs(3600)))
+        .expect("open the backend");
+    let name = "pvc-8f0e3c2a-1b2c-4d5e-9f00-123456789abc";
+    let old = backend
+        .find_by_name(name)
+        .expect("find")
+        .expect("the old volume is found by its name");
+    assert_eq!(old.id.as_str(), id);
+    assert_eq!(old.capacity_bytes, 8 << 20, "the LV's size");
+    assert_eq!(old.params.pvc_name.as_deref(), Some("data-web-0"));
+    assert_eq!(old.node_id, "worker-1");
+    // A new volume beside it gets the compact tags; both are listed.
+    let fresh = record("pvc-new", 8 << 20);
+    backend.create(&fresh).expect("create");
+    let tags = vg.lv(fresh.id.as_str()).expect("new LV").tags;
+    assert!(
+        tags.iter().all(|t| !t.starts_with("kennel.csi.dev/r")),
+        "{tags:?}"
+    );
+    assert_eq!(backend.list().expect("list").len(), 2);
+    assert_eq!(
+        vg.lv(id).expect("old LV").tags.len(),
+        LEGACY_TAGS.len(),
+        "old tags are left as they are"
+    );
+    backend.delete(&old.id).expect("delete the old volume");
+    assert!(vg.lv(id).is_none());
+}
+
 #[test]
 fn hostile_tags_never_abort_listing() {
     if !can_run() {
@@ -346,4 +409,75 @@ fn hostile_tags_never_abort_listing() {
     // Skipped, not adopted: deleting by its ID leaves the LV alone.
     backend.delete(&garbage).expect("delete");
     assert!(vg.lv(garbage.as_str()).is_some());
+}
+
+/// A second PV (a loop device over a sparse file), removed when dropped.
+struct SparePv {
+    device: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SparePv {
+    fn new(bytes: u64) -> SparePv {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("pv2.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(bytes))
+            .expect("sparse image");
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)
+            .output()
+            .expect("losetup");
+        assert!(out.status.success(), "losetup: {out:?}");
+        let device = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        lvm_ok("pvcreate", &["-y", &device.to_string_lossy()]);
+        SparePv { device, _dir: dir }
+    }
+}
+
+impl Drop for SparePv {
+    fn drop(&mut self) {
+        detach_windows(&self.device);
+        let _ = lvm("pvremove", &["-ff", "-y", &self.device.to_string_lossy()]);
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.device)
+            .output();
+    }
+}
+
+#[test]
+fn a_pv_added_to_the_vg_is_used_without_a_restart() {
+    if !can_run() {
+        return;
+    }
+    // Dropped last: the VG goes first, then the PV it was extended with.
+    let spare = SparePv::new(65 << 20);
+    let vg = TestVg::with_capacity(32 << 20);
+    let locks = tempfile::tempdir().expect("temp dir");
+    let backend = LvmBackend::open(config(&vg, locks.path(), Duration::from_secs(3600)))
+        .expect("open the backend");
+    lvm_ok("vgextend", &[&vg.name, &spare.device.to_string_lossy()]);
+
+    // More than the first PV holds: only the added one has room.
+    let big = record("big", 48 << 20);
+    backend
+        .create(&big)
+        .expect("a volume on the PV added since the start");
+    let devices = vg.lv_field(big.id.as_str(), "devices");
+    assert!(
+        devices.contains(&*spare.device.to_string_lossy()),
+        "placed on the added PV: {devices}"
+    );
+    let small = record("small", 8 << 20);
+    backend.create(&small).expect("a volume on the first PV");
+    for r in [&big, &small] {
+        backend.delete(&r.id).expect("delete");
+    }
+    assert_eq!(
+        backend.index_view(),
+        backend.fresh_index_view().expect("reload"),
+        "the index knows both PVs"
+    );
 }

@@ -17,7 +17,16 @@ use crate::csi::client::CsiClient;
 use crate::node::loopdev;
 use crate::volume::capacity::MIB;
 
+mod scale;
+
 pub(super) async fn measure(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
+    if let Some(volumes) = args.volumes {
+        return scale::measure(args, dir, volumes).await;
+    }
+    ensure!(
+        args.metadata_size.is_none(),
+        "--metadata-size goes with --volumes"
+    );
     let kind = if args.filesystem {
         "ext4 Filesystem"
     } else {
@@ -30,7 +39,7 @@ pub(super) async fn measure(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> 
         args.concurrency
     );
     let pool = args.size * args.concurrency as u64 * 2 + 256 * MIB;
-    let vg = ThrowawayVg::create(dir, pool)?;
+    let vg = ThrowawayVg::create(dir, pool, None)?;
     println!(
         "volume group {} on {} ({} MiB, device-mapper: {})",
         vg.name,
@@ -127,7 +136,7 @@ pub(super) async fn measure(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn start_lvm_driver(
+pub(super) async fn start_lvm_driver(
     dir: &Path,
     vg: &str,
     metrics: std::net::SocketAddr,
@@ -166,8 +175,8 @@ async fn start_lvm_driver(
     }
 }
 
-/// `kennel_lvm_commands_total` by command, from the driver's /metrics.
-async fn lvm_commands(addr: std::net::SocketAddr) -> anyhow::Result<BTreeMap<String, u64>> {
+/// The driver's /metrics page.
+pub(super) async fn metrics_text(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
         .write_all(
@@ -177,7 +186,13 @@ async fn lvm_commands(addr: std::net::SocketAddr) -> anyhow::Result<BTreeMap<Str
         .await?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw).await?;
-    Ok(raw
+    Ok(raw)
+}
+
+/// `kennel_lvm_commands_total` by command, from the driver's /metrics.
+async fn lvm_commands(addr: std::net::SocketAddr) -> anyhow::Result<BTreeMap<String, u64>> {
+    Ok(metrics_text(addr)
+        .await?
         .lines()
         .filter_map(|l| l.strip_prefix("kennel_lvm_commands_total{command=\""))
         .filter_map(|rest| {
@@ -188,14 +203,15 @@ async fn lvm_commands(addr: std::net::SocketAddr) -> anyhow::Result<BTreeMap<Str
 }
 
 /// A VG on a sparse file behind a loop device; removed on drop.
-struct ThrowawayVg {
+pub(super) struct ThrowawayVg {
     name: String,
     pv: PathBuf,
     lvm: Lvm,
 }
 
 impl ThrowawayVg {
-    fn create(dir: &Path, bytes: u64) -> anyhow::Result<Self> {
+    /// With `metadata_size`, the PV gets a metadata area of that size.
+    fn create(dir: &Path, bytes: u64, metadata_size: Option<u64>) -> anyhow::Result<Self> {
         let image = dir.join("bench-pv.img");
         std::fs::File::create(&image)?.set_len(bytes)?;
         let pv = loopdev::attach(
@@ -215,7 +231,11 @@ impl ThrowawayVg {
             lvm,
         };
         let pv_name = vg.pv.display().to_string();
-        vg.lvm.cmd("pvcreate").args(["-y", &pv_name]).run()?;
+        let mut pvcreate = vg.lvm.cmd("pvcreate").arg("-y");
+        if let Some(size) = metadata_size {
+            pvcreate = pvcreate.arg("--metadatasize").arg(format!("{size}b"));
+        }
+        pvcreate.arg(&pv_name).run()?;
         vg.lvm
             .cmd("vgcreate")
             .args([vg.name.as_str(), &pv_name])

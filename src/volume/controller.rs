@@ -130,16 +130,11 @@ impl Controller {
         let Some(id) = VolumeId::parse(raw_id) else {
             return Ok(());
         };
-        let this = self.clone();
-        self.work
-            .run(vec![id.as_str().to_owned()], async move {
-                this.blocking(move |b| {
-                    crate::faults::step("delete: locked");
-                    b.delete(&id)
-                })
-                .await
-            })
-            .await
+        self.exclusive(vec![id.as_str().to_owned()], move |b| {
+            crate::faults::step("delete: locked");
+            b.delete(&id)
+        })
+        .await
     }
 
     pub async fn get(&self, raw_id: &str) -> Result<VolumeStatus> {
@@ -232,30 +227,24 @@ impl Controller {
     pub async fn expand(&self, raw_id: &str, range: CapacityRange) -> Result<u64> {
         let id = parse_known(raw_id)?;
         let granularity = self.backend.granularity();
-        let this = self.clone();
-        let keys = vec![id.as_str().to_owned()];
-        self.work
-            .run(keys, async move {
-                this.blocking(move |b| {
-                    crate::faults::step("expand: locked");
-                    let record = b
-                        .get(&id)?
-                        .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
-                    if range.limit != 0 && record.capacity_bytes > range.limit {
-                        return Err(Error::OutOfRange(format!(
-                            "volume is already {} bytes, above the limit of {} bytes",
-                            record.capacity_bytes, range.limit
-                        )));
-                    }
-                    if record.capacity_bytes >= range.required {
-                        return Ok(record.capacity_bytes);
-                    }
-                    let size = choose_size(range, granularity, granularity, record.capacity_bytes)?;
-                    Ok(b.expand(&id, size)?.capacity_bytes)
-                })
-                .await
-            })
-            .await
+        self.exclusive(vec![id.as_str().to_owned()], move |b| {
+            crate::faults::step("expand: locked");
+            let record = b
+                .get(&id)?
+                .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+            if range.limit != 0 && record.capacity_bytes > range.limit {
+                return Err(Error::OutOfRange(format!(
+                    "volume is already {} bytes, above the limit of {} bytes",
+                    record.capacity_bytes, range.limit
+                )));
+            }
+            if record.capacity_bytes >= range.required {
+                return Ok(record.capacity_bytes);
+            }
+            let size = choose_size(range, granularity, granularity, record.capacity_bytes)?;
+            Ok(b.expand(&id, size)?.capacity_bytes)
+        })
+        .await
     }
 
     /// Snapshot a volume; idempotent by name.
@@ -266,8 +255,7 @@ impl Controller {
         }
         let source = parse_known(raw_source)?;
         let keys = vec![format!("snapshot:{name}"), source.as_str().to_owned()];
-        let this = self.clone();
-        self.work.run(keys, async move { this.blocking(move |b| {
+        self.exclusive(keys, move |b| {
             crate::faults::step("snapshot: locked");
             if let Some(existing) = b.find_snapshot_by_name(&name)? {
                 if existing.source_volume != source {
@@ -290,7 +278,6 @@ impl Controller {
             tracing::debug!(snapshot_id = %snapshot.id, volume_id = %snapshot.source_volume, "snapshot created");
             Ok(snapshot)
         })
-        .await })
         .await
     }
 
@@ -302,16 +289,11 @@ impl Controller {
         let Some(id) = SnapshotId::parse(raw_id) else {
             return Ok(());
         };
-        let this = self.clone();
-        self.work
-            .run(vec![id.as_str().to_owned()], async move {
-                this.blocking(move |b| {
-                    crate::faults::step("delete snapshot: locked");
-                    b.delete_snapshot(&id)
-                })
-                .await
-            })
-            .await
+        self.exclusive(vec![id.as_str().to_owned()], move |b| {
+            crate::faults::step("delete snapshot: locked");
+            b.delete_snapshot(&id)
+        })
+        .await
     }
 
     /// Snapshots, optionally only one or only those of one volume.
@@ -334,6 +316,18 @@ impl Controller {
             })
             .await?;
         token::page(all, |s| &s.id, starting_token, max_entries)
+    }
+
+    /// Run `work` on the blocking pool holding `keys` until it ends, whatever happens to the
+    /// caller (see [`Work`]).
+    async fn exclusive<T: Send + 'static>(
+        &self,
+        keys: Vec<String>,
+        work: impl FnOnce(&dyn Backend) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.work
+            .run(keys, run_blocking(self.backend.clone(), work))
+            .await
     }
 
     async fn blocking<T: Send + 'static>(

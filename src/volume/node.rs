@@ -94,66 +94,66 @@ impl NodeOps {
             .map_err(|_| Error::NotFound(format!("volume path {} does not exist", path.display())))
     }
 
+    /// Run `work` on the blocking pool holding the volume's lock until it ends, whatever
+    /// happens to the caller (see [`Work`]).
+    async fn exclusive<T: Send + 'static>(
+        &self,
+        key: String,
+        work: impl FnOnce(&dyn Backend) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.work
+            .run(vec![key], run_blocking(self.backend.clone(), work))
+            .await
+    }
+
     pub async fn stage(&self, req: StageRequest) -> Result<()> {
         let staging = self
             .kubelet
             .locate(&req.staging_path, "staging_target_path")?;
         let id = parse_known(&req.volume_id)?;
-        let backend = self.backend.clone();
-        let keys = vec![id.as_str().to_owned()];
-        self.work
-            .run(keys, async move {
-                run_blocking(backend, move |b| {
-                    crate::faults::step("stage: locked");
-                    let record = known(b, &id)?;
-                    stage(b, &record, &staging, &req.capability)
-                })
-                .await
-            })
-            .await
+        self.exclusive(id.as_str().to_owned(), move |b| {
+            crate::faults::step("stage: locked");
+            let record = known(b, &id)?;
+            stage(b, &record, &staging, &req.capability)
+        })
+        .await
     }
 
     pub async fn unstage(&self, raw_id: &str, staging_path: PathBuf) -> Result<()> {
         let staging = self.kubelet.locate(&staging_path, "staging_target_path")?;
         let id = parse_known(raw_id)?;
         let stacked = self.stacked.clone();
-        let backend = self.backend.clone();
-        let keys = vec![id.as_str().to_owned()];
-        self.work
-            .run(keys, async move {
-                run_blocking(backend, move |b| {
-                    crate::faults::step("unstage: locked");
-                    let device = b.attached_device(&id)?;
-                    let block_file = staging.join(BLOCK_STAGING_FILE);
-                    if b.get(&id)?.is_none() {
-                        // The record is gone: still take down what is this volume's here.
-                        let holds = |path: &HostPath| -> Result<bool> {
-                            Ok(match (path.mount_state()?, device.as_deref()) {
-                                (Some(state), Some(device)) => {
-                                    holds_device(&state, mount::device_number(device)?)
-                                }
-                                _ => false,
-                            })
-                        };
-                        if !holds(&staging)? && !holds(&block_file)? {
-                            return Err(Error::VolumeNotFound(id.to_string()));
+        self.exclusive(id.as_str().to_owned(), move |b| {
+            crate::faults::step("unstage: locked");
+            let device = b.attached_device(&id)?;
+            let block_file = staging.join(BLOCK_STAGING_FILE);
+            if b.get(&id)?.is_none() {
+                // The record is gone: still take down what is this volume's here.
+                let holds = |path: &HostPath| -> Result<bool> {
+                    Ok(match (path.mount_state()?, device.as_deref()) {
+                        (Some(state), Some(device)) => {
+                            holds_device(&state, mount::device_number(device)?)
                         }
-                        tracing::warn!(volume_id = %id, "volume has no record; unstaging what is left of it");
-                    }
-                    ensure_ours_or_unmounted(&block_file, device.as_deref())?;
-                    ensure_ours_or_unmounted(&staging, device.as_deref())?;
-                    block_file.unmount_all()?;
-                    block_file.remove()?;
-                    staging.unmount_all()?;
-                    // Read-only devices of Block publications that were never unpublished.
-                    if let Some(device) = device {
-                        stacked.detach_all(&canonical(&device)?)?;
-                    }
-                    b.detach(&id)
-                })
-                .await
-            })
-            .await
+                        _ => false,
+                    })
+                };
+                if !holds(&staging)? && !holds(&block_file)? {
+                    return Err(Error::VolumeNotFound(id.to_string()));
+                }
+                tracing::warn!(volume_id = %id, "volume has no record; unstaging what is left of it");
+            }
+            ensure_ours_or_unmounted(&block_file, device.as_deref())?;
+            ensure_ours_or_unmounted(&staging, device.as_deref())?;
+            block_file.unmount_all()?;
+            block_file.remove()?;
+            staging.unmount_all()?;
+            // Read-only devices of Block publications that were never unpublished.
+            if let Some(device) = device {
+                stacked.detach_all(&canonical(&device)?)?;
+            }
+            b.detach(&id)
+        })
+        .await
     }
 
     pub async fn publish(&self, req: PublishRequest) -> Result<()> {
@@ -167,60 +167,48 @@ impl NodeOps {
         };
         let id = parse_known(&req.volume_id)?;
         let stacked = self.stacked.clone();
-        let backend = self.backend.clone();
-        let keys = vec![id.as_str().to_owned()];
-        self.work
-            .run(keys, async move {
-                run_blocking(backend, move |b| {
-                    crate::faults::step("publish: locked");
-                    known(b, &id)?;
-                    publish(b, &stacked, &id, &publication)
-                })
-                .await
-            })
-            .await
+        self.exclusive(id.as_str().to_owned(), move |b| {
+            crate::faults::step("publish: locked");
+            known(b, &id)?;
+            publish(b, &stacked, &id, &publication)
+        })
+        .await
     }
 
     pub async fn unpublish(&self, raw_id: &str, target_path: PathBuf) -> Result<()> {
         let target = self.kubelet.locate(&target_path, "target_path")?;
         let id = parse_known(raw_id)?;
         let stacked = self.stacked.clone();
-        let backend = self.backend.clone();
-        let keys = vec![id.as_str().to_owned()];
-        self.work
-            .run(keys, async move {
-                run_blocking(backend, move |b| {
-                    crate::faults::step("unpublish: locked");
-                    let device = b.attached_device(&id)?;
-                    let state = target.mount_state()?;
-                    let stacked_device = match (&device, &state) {
-                        (Some(device), Some(state)) => stacked_read_only_device(state, device)?,
-                        _ => None,
-                    };
-                    if b.get(&id)?.is_none() {
-                        // The record is gone: still take down what is this volume's here.
-                        let holds = match (&device, &state) {
-                            (Some(device), Some(state)) => {
-                                holds_device(state, mount::device_number(device)?)
-                                    || stacked_device.is_some()
-                            }
-                            _ => false,
-                        };
-                        if !holds {
-                            return Err(Error::VolumeNotFound(id.to_string()));
-                        }
-                        tracing::warn!(volume_id = %id, "volume has no record; unpublishing what is left of it");
+        self.exclusive(id.as_str().to_owned(), move |b| {
+            crate::faults::step("unpublish: locked");
+            let device = b.attached_device(&id)?;
+            let state = target.mount_state()?;
+            let stacked_device = match (&device, &state) {
+                (Some(device), Some(state)) => stacked_read_only_device(state, device)?,
+                _ => None,
+            };
+            if b.get(&id)?.is_none() {
+                // The record is gone: still take down what is this volume's here.
+                let holds = match (&device, &state) {
+                    (Some(device), Some(state)) => {
+                        holds_device(state, mount::device_number(device)?)
+                            || stacked_device.is_some()
                     }
-                    ensure_ours_or_unmounted(&target, device.as_deref())?;
-                    target.unmount_all()?;
-                    if let (Some(device), Some(ro_device)) = (device, stacked_device) {
-                        stacked.detach(&canonical(&device)?, &ro_device)?;
-                    }
-                    target.remove()
-                })
-                .await
-            })
-            .await
+                    _ => false,
+                };
+                if !holds {
+                    return Err(Error::VolumeNotFound(id.to_string()));
+                }
+                tracing::warn!(volume_id = %id, "volume has no record; unpublishing what is left of it");
+            }
+            ensure_ours_or_unmounted(&target, device.as_deref())?;
+            target.unmount_all()?;
+            if let (Some(device), Some(ro_device)) = (device, stacked_device) {
+                stacked.detach(&canonical(&device)?, &ro_device)?;
+            }
+            target.remove()
+        })
+        .await
     }
 
     pub async fn stats(&self, raw_id: &str, volume_path: PathBuf) -> Result<StatsReport> {
@@ -267,36 +255,30 @@ impl NodeOps {
     ) -> Result<u64> {
         let path = self.volume_path(&volume_path)?;
         let id = parse_known(raw_id)?;
-        let backend = self.backend.clone();
-        let keys = vec![id.as_str().to_owned()];
-        self.work
-            .run(keys, async move {
-                run_blocking(backend, move |b| {
-                    crate::faults::step("expand: locked");
-                    let record = known(b, &id)?;
-                    let state = require_existing(&path)?;
-                    let device = b.attached_device(&id)?.ok_or_else(|| {
-                        Error::Precondition(format!("volume {id} is not staged on this node"))
-                    })?;
-                    b.refresh_device(&id)?;
-                    let size = loopdev::device_size(&device)?;
-                    if !range.admits(size) && range.required > record.capacity_bytes {
-                        return Err(Error::OutOfRange(format!(
-                            "volume is {size} bytes; expand it in the controller first"
-                        )));
-                    }
-                    // Already grown (e.g. offline, on the last stage): nothing to ask the kernel.
-                    if state.is_filesystem_of(mount::device_number(&device)?) {
-                        let fs_bytes = filesystem::filesystem_bytes(&device)?;
-                        if fs_bytes.is_none_or(|bytes| bytes < size) {
-                            filesystem::grow_online(&device, path.path(), &state.fs_type)?;
-                        }
-                    }
-                    Ok(size)
-                })
-                .await
-            })
-            .await
+        self.exclusive(id.as_str().to_owned(), move |b| {
+            crate::faults::step("expand: locked");
+            let record = known(b, &id)?;
+            let state = require_existing(&path)?;
+            let device = b.attached_device(&id)?.ok_or_else(|| {
+                Error::Precondition(format!("volume {id} is not staged on this node"))
+            })?;
+            b.refresh_device(&id)?;
+            let size = loopdev::device_size(&device)?;
+            if !range.admits(size) && range.required > record.capacity_bytes {
+                return Err(Error::OutOfRange(format!(
+                    "volume is {size} bytes; expand it in the controller first"
+                )));
+            }
+            // Already grown (e.g. offline, on the last stage): nothing to ask the kernel.
+            if state.is_filesystem_of(mount::device_number(&device)?) {
+                let fs_bytes = filesystem::filesystem_bytes(&device)?;
+                if fs_bytes.is_none_or(|bytes| bytes < size) {
+                    filesystem::grow_online(&device, path.path(), &state.fs_type)?;
+                }
+            }
+            Ok(size)
+        })
+        .await
     }
 }
 

@@ -97,7 +97,9 @@ pub fn retention_problems(log: &str) -> Vec<String> {
         .filter(|l| {
             l.contains(" WARN ")
                 || l.contains(" ERROR ")
-                || l.contains("403")
+                // Only an API status names a refusal: a bare "403" also
+                // turns up inside timestamps and UIDs.
+                || l.contains("code: 403")
                 || l.contains("Forbidden")
         })
         .map(str::to_owned)

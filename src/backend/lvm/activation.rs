@@ -1,13 +1,14 @@
 //! device-mapper activation: which mode the node side uses, activating
-//! Kennel's LVs at start-up (after a reboot) and one LV on demand, and the
-//! device nodes of active LVs.
+//! Kennel's LVs at start-up (after a reboot) and one LV on demand, the LVs
+//! that failed to activate (one such LV makes its volume unhealthy, never
+//! the driver), and the device nodes of active LVs.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::cli::LvRow;
-use super::index::Lv;
+use super::index::{Kind, Lv};
 use super::LvmBackend;
 use crate::error::{Error, Result};
 
@@ -44,48 +45,110 @@ pub fn device_mapper_available() -> bool {
 }
 
 impl LvmBackend {
-    /// device-mapper mode after a reboot: Kennel's volumes are active from
+    /// device-mapper mode after a reboot: Kennel's LVs are active from
     /// creation to removal, so activate the ones that are not (one command).
-    pub(super) fn activate_all(&self) -> Result<()> {
+    /// That covers full-copy snapshots and half-built LVs too, whose bytes
+    /// must be reachable to be zeroed when they are removed. An LV that
+    /// fails to activate is noted (its volume reports it in `health`, its
+    /// calls retry the activation and fail naming it); the others are
+    /// served as usual.
+    pub(super) fn activate_all(&self) {
         if !self.lvm.device_mapper() {
-            return Ok(());
+            return;
         }
-        let inactive: Vec<String> = self
+        let inactive: Vec<Lv> = self
             .index()
             .lvs()
-            .filter(|lv| lv.volume().is_some() && lv.row.lv_active != "active")
-            .map(|lv| format!("{}/{}", lv.row.vg_name, lv.row.lv_name))
+            .filter(|lv| !lv.missing && lv.row.lv_active != "active" && kept_active(lv))
+            .cloned()
             .collect();
         if inactive.is_empty() {
-            return Ok(());
+            return;
         }
         let _change = self.changing();
-        self.lvm
+        let all = self
+            .lvm
             .cmd("lvchange")
             .args(["-ay", "-K", "--"])
-            .args(&inactive)
-            .run()?;
-        let mut index = self.index();
-        for full in &inactive {
-            if let Some((vg, name)) = full.split_once('/') {
-                if let Some(lv) = index.get_mut(vg, name) {
-                    lv.row.lv_active = "active".to_owned();
+            .args(inactive.iter().map(full_name))
+            .run();
+        match all {
+            Ok(_) => {
+                for lv in &inactive {
+                    self.activated(lv);
+                }
+            }
+            Err(e) => {
+                // lvm2 activates what it can and fails as a whole: find which, one by one.
+                tracing::warn!(error = %e, "not every LV could be activated; activating them one by one");
+                for lv in &inactive {
+                    if let Err(e) = self.activate(lv) {
+                        tracing::error!(lv = %full_name(lv), error = %e, "an LV cannot be activated; its volume is unusable until it can");
+                    }
                 }
             }
         }
-        Ok(())
     }
 
+    /// Activate one LV. A failure is noted for `health` and names the LV.
     pub(super) fn activate(&self, lv: &Lv) -> Result<()> {
-        self.lvm
+        let done = self
+            .lvm
             .cmd("lvchange")
             .args(["-ay", "-K", "--"])
-            .arg(format!("{}/{}", lv.row.vg_name, lv.row.lv_name))
-            .run()?;
+            .arg(full_name(lv))
+            .run();
+        match done {
+            Ok(_) => {
+                self.activated(lv);
+                Ok(())
+            }
+            Err(e) => {
+                let why = e.to_string();
+                self.not_activated
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(full_name(lv), why.clone());
+                Err(Error::Internal(format!(
+                    "logical volume {} cannot be activated: {why}",
+                    full_name(lv)
+                )))
+            }
+        }
+    }
+
+    fn activated(&self, lv: &Lv) {
+        self.not_activated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&full_name(lv));
         if let Some(indexed) = self.index().get_mut(&lv.row.vg_name, &lv.row.lv_name) {
             indexed.row.lv_active = "active".to_owned();
         }
-        Ok(())
+    }
+
+    /// Why an LV could not be activated, if its last activation failed.
+    pub(super) fn activation_failure(&self, lv: &Lv) -> Option<String> {
+        self.not_activated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&full_name(lv))
+            .cloned()
+    }
+}
+
+fn full_name(lv: &Lv) -> String {
+    format!("{}/{}", lv.row.vg_name, lv.row.lv_name)
+}
+
+/// Whether Kennel keeps this LV active: its volumes, and its snapshots and
+/// half-built LVs that hold their own extents. Thin snapshots are created
+/// inactive (lvm2's activation skip) and hold nothing to zero.
+fn kept_active(lv: &Lv) -> bool {
+    match lv.kind {
+        Kind::Volume(_) => true,
+        Kind::Snapshot(_) | Kind::Pending => !lv.row.is_thin(),
+        Kind::Corrupt(_) | Kind::Foreign => false,
     }
 }
 

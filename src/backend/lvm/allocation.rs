@@ -37,9 +37,19 @@ impl LvmBackend {
     pub(super) fn lvcreate(&self, vg: &str, name: &str, size: u64, new: &New<'_>) -> Result<Lv> {
         let _one_at_a_time = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         match self.try_lvcreate(vg, name, size, new) {
-            // The extent map was stale (an LV made by hand): reload, retry once.
+            // The extent map was stale (an LV made by hand, a PV added): reload, retry once.
             Err(Error::Exhausted(_)) if !self.lvm.device_mapper() => {
                 self.reload()?;
+                self.try_lvcreate(vg, name, size, new)
+            }
+            // lvm2 places LVs itself, but refuses a VG with a PV `--devices` lacks
+            // (`vgextend` since the list was made): retry once if a reload finds one.
+            Err(e @ (Error::Exhausted(_) | Error::Command { .. })) => {
+                let devices = self.lvm.devices();
+                self.reload()?;
+                if self.lvm.devices() == devices {
+                    return Err(e);
+                }
                 self.try_lvcreate(vg, name, size, new)
             }
             other => other,

@@ -62,6 +62,7 @@ impl Backend for LvmBackend {
             return Ok(());
         }
         let tag_list = tags::encode(record)?;
+        super::metadata::ensure_room(&self.index, &self.lvm, &vg, &tag_list)?;
         match &record.source {
             Some(source) => {
                 let source = self.source_lv(source)?;
@@ -184,6 +185,7 @@ impl Backend for LvmBackend {
             .volume(&snapshot.source_volume)?
             .ok_or_else(|| Error::VolumeNotFound(snapshot.source_volume.to_string()))?;
         let tag_list = tags::encode(snapshot)?;
+        super::metadata::ensure_room(&self.index, &self.lvm, &src.row.vg_name, &tag_list)?;
         let name = snapshot.id.as_str();
         if src.row.is_thin() {
             let _building = self.building(name);
@@ -328,6 +330,12 @@ impl Backend for LvmBackend {
         if lv.missing {
             return Some(format!(
                 "logical volume {}/{} is missing (removed outside Kennel)",
+                lv.row.vg_name, lv.row.lv_name
+            ));
+        }
+        if let Some(why) = self.activation_failure(lv) {
+            return Some(format!(
+                "logical volume {}/{} cannot be activated: {why}",
                 lv.row.vg_name, lv.row.lv_name
             ));
         }

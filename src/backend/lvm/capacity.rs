@@ -1,5 +1,7 @@
 //! Capacity: the free space of a VG, a thin pool named by a layout, and the
-//! room a thin pool has left under the overprovisioning ratio.
+//! room a thin pool has left under the overprovisioning ratio. A thin pool
+//! that does not zero newly provisioned blocks (`-Zn`) is refused: Kennel
+//! does not zero thin volumes itself, it relies on the pool.
 
 use std::collections::BTreeMap;
 
@@ -79,12 +81,27 @@ impl LvmBackend {
                     lv.row
                 }),
         };
-        row.filter(LvRow::is_thin_pool).ok_or_else(|| {
+        let row = row.filter(LvRow::is_thin_pool).ok_or_else(|| {
             Error::invalid(format!(
                 "parameter {:?}: no thin pool {pool:?} in volume group {vg:?}",
                 params::THIN_POOL
             ))
-        })
+        })?;
+        if zeroes_new_blocks(&row) {
+            return Ok(row);
+        }
+        // Perhaps changed since it was indexed (`lvchange -Zy`): ask before refusing.
+        if let Some(fresh) = self
+            .fetch(&[vg.to_owned()], pool)?
+            .into_iter()
+            .find(|lv| lv.row.is_thin_pool() && zeroes_new_blocks(&lv.row))
+        {
+            self.index().insert(fresh.clone());
+            return Ok(fresh.row);
+        }
+        Err(Error::Precondition(format!(
+            "thin pool {vg}/{pool} does not zero new blocks (made with -Zn): a new thin volume could read a deleted one's data; Kennel uses only pools that zero them (lvchange -Zy {vg}/{pool})"
+        )))
     }
 
     /// Room for more thin volumes in `pool`.
@@ -142,6 +159,13 @@ fn thin_pool_room(pool: &LvRow, provisioned: u64, ratio: f64, granularity: u64) 
     }
 }
 
+/// Whether a thin pool overwrites newly provisioned blocks with zeros
+/// (`-Zy`; the eighth `lv_attr` character is `z`), so a block a deleted
+/// thin volume wrote never reaches the next one.
+fn zeroes_new_blocks(pool: &LvRow) -> bool {
+    pool.lv_attr.chars().nth(7) == Some('z')
+}
+
 fn round_down(bytes: u64, granularity: u64) -> u64 {
     bytes / granularity * granularity
 }
@@ -180,6 +204,16 @@ mod tests {
         // Promised past the limit (a ratio lowered since): nothing, not an underflow.
         let room = thin_pool_room(&pool(Some(0.0), ""), 3 << 30, 2.0, MIB);
         assert_eq!(room.available_bytes, 0);
+    }
+
+    #[test]
+    fn a_pool_that_does_not_zero_new_blocks_is_told_apart() {
+        assert!(zeroes_new_blocks(&pool(None, "")));
+        let mut no_zeroing = pool(None, "");
+        no_zeroing.lv_attr = "twi-aot---".into();
+        assert!(!zeroes_new_blocks(&no_zeroing));
+        no_zeroing.lv_attr = String::new();
+        assert!(!zeroes_new_blocks(&no_zeroing));
     }
 
     #[test]

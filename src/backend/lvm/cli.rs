@@ -7,7 +7,7 @@
 use std::ffi::OsString;
 use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -32,7 +32,8 @@ pub struct Lvm {
     config: Option<String>,
     /// The PVs lvm2 may scan (`--devices`), once they are known: scanning
     /// every block device of a host costs far more than the command itself.
-    devices: OnceLock<Vec<String>>,
+    /// Shared with readers, and replaced when the VGs' PVs change.
+    devices: Arc<RwLock<Vec<String>>>,
     /// The deadline of each command (lvm2's own lock waits included); by
     /// default `--command-timeout`.
     timeout: Option<Duration>,
@@ -52,7 +53,7 @@ impl Lvm {
         Lvm {
             no_device_mapper,
             config: (!config.is_empty()).then(|| config.join(" ")),
-            devices: OnceLock::new(),
+            devices: Arc::default(),
             timeout: None,
             steps: AtomicUsize::new(0),
             abort_after: abort_after_step(),
@@ -64,31 +65,39 @@ impl Lvm {
         self
     }
 
-    /// Another handle with the same options (and PVs), for a reader thread.
+    /// Another handle with the same options (and the same PVs, following
+    /// their changes), for a reader thread.
     pub fn reader(&self) -> Lvm {
-        let devices = OnceLock::new();
-        if let Some(list) = self.devices.get() {
-            let _ = devices.set(list.clone());
-        }
         Lvm {
             no_device_mapper: self.no_device_mapper,
             config: self.config.clone(),
-            devices,
+            devices: self.devices.clone(),
             timeout: self.timeout,
             steps: AtomicUsize::new(0),
             abort_after: None,
         }
     }
 
-    /// From now on every command scans only these PVs.
-    pub fn scope_to(&self, pvs: Vec<String>) {
-        if !pvs.is_empty() {
-            let _ = self.devices.set(pvs);
+    /// A reader that scans every device (to find PVs the list lacks).
+    pub fn unscoped(&self) -> Lvm {
+        Lvm {
+            devices: Arc::default(),
+            ..self.reader()
         }
     }
 
-    pub fn devices(&self) -> &[String] {
-        self.devices.get().map_or(&[], Vec::as_slice)
+    /// From now on every command scans only these PVs.
+    pub fn scope_to(&self, pvs: Vec<String>) {
+        if !pvs.is_empty() {
+            *self.devices.write().unwrap_or_else(|p| p.into_inner()) = pvs;
+        }
+    }
+
+    pub fn devices(&self) -> Vec<String> {
+        self.devices
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn device_mapper(&self) -> bool {
@@ -207,7 +216,7 @@ fn abort_after_step() -> Option<usize> {
 const LV_FIELDS: &str =
     "lv_name,vg_name,lv_size,lv_tags,lv_attr,segtype,pool_lv,origin,lv_active,lv_path,data_percent,lv_health_status";
 const SEG_FIELDS: &str = "stripes,seg_start_pe,seg_size_pe,seg_pe_ranges";
-const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,pv_count";
+const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,pv_count,vg_mda_size,vg_mda_free";
 const PVSEG_FIELDS: &str = "pv_name,vg_name,pe_start,pvseg_start,pvseg_size,lv_name";
 
 /// One command line being built.
@@ -324,6 +333,11 @@ pub fn classify(command: &str, status: &str, stderr: &str) -> Error {
         || has("free space in thin pool")
     {
         Error::Exhausted(message)
+    } else if has("exceeds maximum metadata size") {
+        // Two creates that both passed the metadata check: the second finds the area full.
+        Error::Exhausted(format!(
+            "the volume group's metadata area is full ({message}); see the README's \"Volumes per volume group\""
+        ))
     } else if has("already exists in volume group") {
         Error::AlreadyExists(message)
     } else if has("number of stripes") || has("stripe size") || has("invalid stripe") {
@@ -509,6 +523,11 @@ pub struct VgRow {
     pub vg_extent_size: u64,
     #[serde(deserialize_with = "number")]
     pub pv_count: u64,
+    /// Its smallest metadata area, and the room left there (see `metadata`).
+    #[serde(default, deserialize_with = "number")]
+    pub vg_mda_size: u64,
+    #[serde(default, deserialize_with = "number")]
+    pub vg_mda_free: u64,
 }
 
 fn number<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
@@ -579,6 +598,14 @@ mod tests {
                 "Logical Volume \"x\" already exists in volume group \"vg\""
             ),
             Error::AlreadyExists(_)
+        ));
+        assert!(matches!(
+            classify(
+                "lvcreate",
+                "5",
+                "  VG vg metadata on /dev/loop3 (521713 bytes) exceeds maximum metadata size (521472 bytes)\n  Failed to write VG vg.\n"
+            ),
+            Error::Exhausted(m) if m.contains("metadata area")
         ));
         assert!(matches!(
             classify(

@@ -88,7 +88,7 @@ impl LvmBackend {
             self.require_device_mapper("copying a thin volume or snapshot")?;
         }
         let _building = self.building(name);
-        self.sweep()?;
+        self.sweep();
         if let Layout::Thin { pool } = &params.layout {
             let pool_row = self.pool(vg, pool)?;
             self.check_thin_room(&pool_row, size)?;

@@ -55,6 +55,22 @@ pub fn contiguous_range(segments: &[SegRow]) -> std::result::Result<PeRange, Str
     whole.ok_or_else(|| "it has no segments".to_owned())
 }
 
+/// Every PV range an LV's segments occupy, whatever their type (a striped
+/// segment lists one range per stripe).
+pub fn pv_ranges(segments: &[SegRow]) -> std::result::Result<Vec<PeRange>, String> {
+    let mut ranges = Vec::new();
+    for seg in segments {
+        for raw in seg.seg_pe_ranges.split_whitespace() {
+            ranges
+                .push(parse_range(raw).ok_or_else(|| format!("unexpected extent range {raw:?}"))?);
+        }
+    }
+    if ranges.is_empty() {
+        return Err("it has no extents on a PV".to_owned());
+    }
+    Ok(ranges)
+}
+
 /// Bytes `[offset, offset + len)` of a block device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ByteRange {
@@ -198,6 +214,31 @@ mod tests {
         thin.segtype = "thin".into();
         assert!(contiguous_range(&[thin]).is_err());
         assert!(contiguous_range(&[]).is_err());
+    }
+
+    #[test]
+    fn every_range_of_every_segment_is_found_for_zeroing() {
+        let mut striped = seg(0, 4, "/dev/a:0-1 /dev/b:3-4");
+        striped.stripes = 2;
+        striped.segtype = "striped".into();
+        let ranges = pv_ranges(&[striped, seg(4, 2, "/dev/a:7-8")]).expect("test setup");
+        let found: Vec<(String, u64, u64)> = ranges
+            .iter()
+            .map(|r| (r.pv.display().to_string(), r.first, r.count))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("/dev/a".to_owned(), 0, 2),
+                ("/dev/b".to_owned(), 3, 2),
+                ("/dev/a".to_owned(), 7, 2)
+            ]
+        );
+        // Nothing to zero is not "zeroed": a thin LV's segment names no PV.
+        let mut thin = seg(0, 2, "");
+        thin.segtype = "thin".into();
+        assert!(pv_ranges(&[thin]).is_err());
+        assert!(pv_ranges(&[seg(0, 2, "/dev/a:x")]).is_err());
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 
 use super::cli::{LvRow, LvSegRow, PvSegRow, SegRow, VgRow};
 use super::data::{self, PeRange};
-use super::tags::{self, Decoded};
+use super::metadata;
+use super::tags::{self, Decoded, LvFacts};
 use crate::backend::{SnapshotRecord, VolumeRecord};
 use crate::volume::{SnapshotId, VolumeId};
 
@@ -38,7 +39,13 @@ pub struct Vg {
     pub extent_size: u64,
     pub size: u64,
     pub free_extents: u64,
+    /// PVs in the VG's metadata, found or not (see [`Index::lacks_pvs`]).
+    pub pv_count: u64,
+    /// The PVs found.
     pub pvs: Vec<Pv>,
+    /// Its metadata area as lvm2 last reported it, less what Kennel's LVs
+    /// added since (an estimate until the next load).
+    pub metadata: metadata::Area,
 }
 
 /// What an LV is to Kennel.
@@ -100,8 +107,12 @@ fn kind_of(row: &LvRow) -> Kind {
         tracing::error!(lv = %row.lv_name, vg = %row.vg_name, error = %why, "Kennel LV with unreadable tags; skipped");
         Kind::Corrupt(why)
     };
+    let facts = LvFacts {
+        name: &row.lv_name,
+        size: row.lv_size,
+    };
     if let Some(id) = VolumeId::parse(&row.lv_name) {
-        return match tags::decode::<VolumeRecord>(&row.lv_tags) {
+        return match tags::decode::<VolumeRecord>(&row.lv_tags, facts) {
             Ok(Decoded::Record(mut record)) if record.id == id => {
                 record.capacity_bytes = row.lv_size;
                 Kind::Volume(record)
@@ -113,7 +124,7 @@ fn kind_of(row: &LvRow) -> Kind {
         };
     }
     if let Some(id) = SnapshotId::parse(&row.lv_name) {
-        return match tags::decode::<SnapshotRecord>(&row.lv_tags) {
+        return match tags::decode::<SnapshotRecord>(&row.lv_tags, facts) {
             Ok(Decoded::Record(record)) if record.id == id => Kind::Snapshot(record),
             Ok(Decoded::Record(_)) => broken("the record names another snapshot".to_owned()),
             Err(e) => broken(e.to_string()),
@@ -134,6 +145,9 @@ fn kind_of(row: &LvRow) -> Kind {
 pub struct Index {
     vgs: BTreeMap<String, Vg>,
     lvs: BTreeMap<(String, String), Lv>,
+    /// Extents taken for an LV whose `lvcreate` has not been indexed yet: a
+    /// reload meanwhile may read them as free, and must not offer them again.
+    reserved: Vec<(String, PeRange)>,
 }
 
 impl Index {
@@ -143,13 +157,16 @@ impl Index {
         let mut index = Index::default();
         for vg in vgs {
             let extent = vg.vg_extent_size.max(1);
+            let metadata = metadata::Area::of(&vg);
             index.vgs.insert(
                 vg.vg_name,
                 Vg {
                     extent_size: extent,
                     size: vg.vg_size,
                     free_extents: vg.vg_free / extent,
+                    pv_count: vg.pv_count,
                     pvs: Vec::new(),
+                    metadata,
                 },
             );
         }
@@ -157,6 +174,10 @@ impl Index {
             let Some(vg) = index.vgs.get_mut(&seg.vg_name) else {
                 continue;
             };
+            if seg.pv_name.starts_with('[') {
+                // `[unknown]`: a PV of the metadata lvm2 did not find; nothing to place there.
+                continue;
+            }
             let pv = match vg.pvs.iter_mut().position(|p| p.name == seg.pv_name) {
                 Some(i) => &mut vg.pvs[i],
                 None => {
@@ -197,6 +218,14 @@ impl Index {
         self.vgs.get(name)
     }
 
+    /// Whether a VG has PVs lvm2 did not find (a `vgextend` with a PV the
+    /// `--devices` list lacks, or a PV that is gone).
+    pub fn lacks_pvs(&self) -> bool {
+        self.vgs
+            .values()
+            .any(|vg| (vg.pvs.len() as u64) < vg.pv_count)
+    }
+
     /// Every PV of the indexed VGs, as lvm2 names them.
     pub fn pv_names(&self) -> Vec<String> {
         self.vgs
@@ -225,14 +254,38 @@ impl Index {
 
     /// Add or replace an LV. Its extents must already be taken (see
     /// [`Index::take_contiguous`]) or accounted with [`Index::take_extents`].
+    /// A new LV's text is taken from the VG's metadata area estimate.
     pub fn insert(&mut self, lv: Lv) {
-        self.lvs
-            .insert((lv.row.vg_name.clone(), lv.row.lv_name.clone()), lv);
+        let key = (lv.row.vg_name.clone(), lv.row.lv_name.clone());
+        if !self.lvs.contains_key(&key) {
+            if let Some(v) = self.vgs.get_mut(&lv.row.vg_name) {
+                v.metadata.take(metadata::lv_bytes(&lv.row.lv_tags));
+            }
+        }
+        if let Ok(place) = &lv.place {
+            // Its reservation, if it had one, is an LV now.
+            self.reserved
+                .retain(|(vg, range)| !(vg == &lv.row.vg_name && range == place));
+        }
+        self.lvs.insert(key, lv);
+    }
+
+    /// Replace a VG's metadata area figure with one lvm2 just reported.
+    pub fn set_metadata(&mut self, vg: &str, area: metadata::Area) {
+        if let Some(v) = self.vgs.get_mut(vg) {
+            v.metadata = area;
+        }
     }
 
     /// Forget an LV that lvm2 removed, giving its extents back.
     pub fn remove(&mut self, vg: &str, name: &str) -> Option<Lv> {
         let lv = self.lvs.remove(&(vg.to_owned(), name.to_owned()))?;
+        if let Some(v) = self.vgs.get_mut(vg) {
+            if !lv.missing {
+                v.metadata
+                    .give_back(metadata::lv_bytes_at_least(&lv.row.lv_tags));
+            }
+        }
         if lv.missing || lv.row.is_thin() {
             return Some(lv);
         }
@@ -270,11 +323,13 @@ impl Index {
                     };
                 }
                 v.free_extents = v.free_extents.saturating_sub(count);
-                return Some(PeRange {
+                let range = PeRange {
                     pv: PathBuf::from(&pv.name),
                     first: run.first,
                     count,
-                });
+                };
+                self.reserved.push((vg.to_owned(), range.clone()));
+                return Some(range);
             }
         }
         None
@@ -282,6 +337,7 @@ impl Index {
 
     /// Give back a reservation that was never used.
     pub fn give_back(&mut self, vg: &str, range: &PeRange) {
+        self.reserved.retain(|(v, r)| !(v == vg && r == range));
         if let Some(v) = self.vgs.get_mut(vg) {
             let name = range.pv.to_string_lossy();
             if let Some(pv) = v.pvs.iter_mut().find(|p| p.name == name) {
@@ -340,7 +396,31 @@ impl Index {
                 fresh.lvs.insert(key.clone(), gone);
             }
         }
+        let reserved = std::mem::take(&mut self.reserved);
         *self = fresh;
+        for (vg, range) in &reserved {
+            self.hold(vg, range);
+        }
+        self.reserved = reserved;
+    }
+
+    /// Take a reservation's extents out of a fresh free map (those still
+    /// free there: its `lvcreate` may have run before the reload read them).
+    fn hold(&mut self, vg: &str, range: &PeRange) {
+        let Some(v) = self.vgs.get_mut(vg) else {
+            return;
+        };
+        let name = range.pv.to_string_lossy();
+        if let Some(pv) = v.pvs.iter_mut().find(|p| p.name == name) {
+            let held = carve(
+                &mut pv.free,
+                Extents {
+                    first: range.first,
+                    count: range.count,
+                },
+            );
+            v.free_extents = v.free_extents.saturating_sub(held);
+        }
     }
 
     /// Merge a reload that other changes may have raced: `before` is the
@@ -360,7 +440,15 @@ impl Index {
             .map(|(key, lv)| (key.clone(), lv.clone()))
             .collect();
         self.merge_fresh(fresh);
-        self.lvs.extend(newer);
+        for (key, lv) in newer {
+            // Created while lvm2 was read: maybe not in the fresh metadata figure.
+            if !before.lvs.contains_key(&key) {
+                if let Some(v) = self.vgs.get_mut(&key.0) {
+                    v.metadata.take(metadata::lv_bytes(&lv.row.lv_tags));
+                }
+            }
+            self.lvs.insert(key, lv);
+        }
     }
 }
 
@@ -414,6 +502,35 @@ impl Index {
     }
 }
 
+/// Take a run out of a sorted free list; how many of its extents were free.
+fn carve(free: &mut Vec<Extents>, run: Extents) -> u64 {
+    let (start, end) = (run.first, run.first + run.count);
+    let mut kept = Vec::with_capacity(free.len() + 1);
+    let mut carved = 0;
+    for r in free.drain(..) {
+        let (a, b) = (r.first, r.first + r.count);
+        if b <= start || a >= end {
+            kept.push(r);
+            continue;
+        }
+        if a < start {
+            kept.push(Extents {
+                first: a,
+                count: start - a,
+            });
+        }
+        if b > end {
+            kept.push(Extents {
+                first: end,
+                count: b - end,
+            });
+        }
+        carved += b.min(end) - a.max(start);
+    }
+    *free = kept;
+    carved
+}
+
 /// Put a run back into a sorted free list, merging neighbours.
 fn release(free: &mut Vec<Extents>, run: Extents) {
     let at = free.partition_point(|r| r.first < run.first);
@@ -453,6 +570,8 @@ mod tests {
             vg_free: free_extents << 22,
             vg_extent_size: 4 << 20,
             pv_count: 1,
+            vg_mda_size: 1044480,
+            vg_mda_free: 500_000,
         }
     }
 
@@ -494,6 +613,59 @@ mod tests {
         index.give_back("vg", &big);
         index.give_back("vg", &small);
         assert_eq!(index.view(true), before);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_extents_reserved_meanwhile() {
+        let reports = || (vec![vg_row(100)], vec![pvseg(0, 100, "")]);
+        let (vgs, pvsegs) = reports();
+        let mut index = Index::build(vgs, pvsegs, vec![]);
+        // A reload reads lvm2 while an `lvcreate` holds a reservation.
+        let before = index.clone();
+        let reserved = index.take_contiguous("vg", 10).expect("room");
+        let (vgs, pvsegs) = reports();
+        index.merge_reload(&before, Index::build(vgs, pvsegs, vec![]));
+        assert_eq!(index.vg("vg").map(|v| v.free_extents), Some(90));
+        let next = index.take_contiguous("vg", 10).expect("room");
+        assert!(
+            next.first >= reserved.first + reserved.count,
+            "{reserved:?} offered again as {next:?}"
+        );
+        // The background refresh keeps them too.
+        let (vgs, pvsegs) = reports();
+        index.merge_fresh(Index::build(vgs, pvsegs, vec![]));
+        assert_eq!(index.vg("vg").map(|v| v.free_extents), Some(80));
+        // Given back, a reservation ends: the next reload frees its extents.
+        index.give_back("vg", &next);
+        let (vgs, pvsegs) = reports();
+        index.merge_fresh(Index::build(vgs, pvsegs, vec![]));
+        assert_eq!(index.vg("vg").map(|v| v.free_extents), Some(90));
+        // Created and indexed, it ends too; lvm2's report then holds the LV.
+        let mut lv = Lv::new(lvseg("made", vec![], 0, 10).split().0, &[]);
+        lv.place = Ok(reserved);
+        index.insert(lv);
+        let pvsegs = vec![pvseg(0, 10, "made"), pvseg(10, 90, "")];
+        index.merge_fresh(Index::build(
+            vec![vg_row(90)],
+            pvsegs,
+            vec![lvseg("made", vec![], 0, 10)],
+        ));
+        assert_eq!(index.vg("vg").map(|v| v.free_extents), Some(90));
+        assert!(index.reserved.is_empty());
+    }
+
+    #[test]
+    fn a_pv_lvm2_did_not_find_is_noticed_and_never_offered() {
+        let mut vg = vg_row(100);
+        vg.pv_count = 2;
+        let mut unknown = pvseg(0, 50, "");
+        unknown.pv_name = "[unknown]".into();
+        let mut index = Index::build(vec![vg], vec![pvseg(0, 50, ""), unknown], vec![]);
+        assert!(index.lacks_pvs());
+        assert_eq!(index.pv_names(), vec!["/dev/loop7".to_owned()]);
+        assert!(index.take_contiguous("vg", 51).is_none());
+        let complete = Index::build(vec![vg_row(50)], vec![pvseg(0, 50, "")], vec![]);
+        assert!(!complete.lacks_pvs());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! its own changes, so a volume's whole life costs two lvm2 commands: one
 //! `lvcreate` (record tags included) and one `lvremove`. Stage, publish,
 //! stats, listings and lookups run none. A background refresh picks up
-//! changes made by hand. Every command scans only the VGs' PVs (`--devices`).
+//! changes made by hand. Every command scans only the VGs' PVs (`--devices`),
+//! a list each reload brings up to date (a `vgextend` needs no restart).
 //!
 //! With device-mapper, an LV is created active and stays active until it is
 //! removed (after a reboot, one activation at start-up); the node side uses
@@ -21,10 +22,15 @@
 //! An LV's extents are zeroed (`BLKZEROOUT`) before `lvremove` returns them
 //! to the VG, so free extents of a Kennel VG always read as zeros and a new
 //! LV needs no wipe. The LV still holds its extents while they are zeroed, so
-//! capacity stays honest. This assumes the VG's free space starts zeroed (a
-//! new sparse file or a discarded disk) and that LVs are removed through
-//! Kennel. Thin LVs are not zeroed: the thin pool zeroes blocks on first
-//! write (lvm2's default, `-Zy`).
+//! capacity stays honest. An inactive LV (after a reboot) is activated to be
+//! zeroed; one that still cannot be zeroed is not removed, and the call
+//! fails naming it. At start-up every Kennel LV that holds extents (volumes,
+//! full-copy snapshots, half-built LVs) is activated before the sweep
+//! removes half-built ones. This assumes the VG's free space starts zeroed
+//! (a new sparse file or a discarded disk) and that LVs are removed through
+//! Kennel. Thin LVs are not zeroed by Kennel: their pool zeroes a block when
+//! it is provisioned (`-Zy`, lvm2's default), and Kennel refuses to use a
+//! thin pool made with `-Zn` (FAILED_PRECONDITION naming the pool).
 //!
 //! ## Operations that need more than one command
 //! Clones, restores and full-copy snapshots fill an LV after creating it, so
@@ -35,11 +41,12 @@
 //!
 //! ## Where things are
 //! - this file: the configuration, the backend's state and start-up
-//!   (`LvmBackend::open`: lock the VGs, load the index, sweep, activate).
+//!   (`LvmBackend::open`: lock the VGs, load the index, activate, sweep).
 //! - [`backend_impl`]: the `Backend` contract, calling into the rooms below.
 //! - [`refresh`]: the index kept in step with lvm2 (reloads, the background
 //!   refresh, lookups that confirm a miss).
-//! - [`activation`]: device-mapper activation, at start-up and on demand.
+//! - [`activation`]: device-mapper activation, at start-up and on demand, and
+//!   the LVs that failed to activate.
 //! - [`allocation`]: creating an LV (`lvcreate`, picking free extents without
 //!   device-mapper, the LVs being built right now).
 //! - [`windows`]: where an LV's bytes are (a loop window over its PV range, or
@@ -53,7 +60,7 @@
 //!   command line, byte copying and zeroing, the in-memory index, lvm2 call
 //!   metrics, StorageClass parameters and the records kept in LV tags.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -73,6 +80,7 @@ pub mod cli;
 mod copies;
 pub mod data;
 pub mod index;
+pub mod metadata;
 pub mod metrics;
 pub mod params;
 mod refresh;
@@ -112,6 +120,8 @@ pub struct LvmBackend {
     ratio: f64,
     index: Arc<Mutex<Index>>,
     changes: Arc<Changes>,
+    /// LVs (`VG/LV`) whose last activation failed, and why (see `activation`).
+    not_activated: Mutex<BTreeMap<String, String>>,
     /// LVs this process is building right now (pending on purpose).
     in_flight: Mutex<HashSet<String>>,
     /// Held across one LV creation: picking free extents, `lvcreate` and indexing it. Two
@@ -203,6 +213,7 @@ impl LvmBackend {
             ratio: config.thin_overprovision_ratio,
             index: Arc::new(Mutex::new(index)),
             changes: Arc::default(),
+            not_activated: Mutex::default(),
             in_flight: Mutex::new(HashSet::new()),
             creating: Mutex::new(()),
             staged_dir: config.lock_dir.join("lvm-staged"),
@@ -215,8 +226,9 @@ impl LvmBackend {
             device_mapper = backend.lvm.device_mapper(),
             "lvm backend ready"
         );
-        backend.sweep()?;
-        backend.activate_all()?;
+        // Activate first: the sweep zeroes what it removes, and needs its bytes.
+        backend.activate_all();
+        backend.sweep();
         backend.start_refresh(config.refresh_interval);
         Ok(backend)
     }

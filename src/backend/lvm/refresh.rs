@@ -1,7 +1,8 @@
 //! The index kept in step with lvm2: a change in progress keeps the
 //! background refresh off, a reload after changes whose effect the driver
 //! does not compute itself, the periodic refresh that notices changes made
-//! by hand, and lookups that confirm a miss with one targeted `lvs`.
+//! by hand, and lookups that confirm a miss with one targeted `lvs`. A load
+//! also keeps lvm2's `--devices` list following the VGs' PVs.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -151,8 +152,34 @@ impl LvmBackend {
     }
 }
 
-/// Read the three reports of one index round.
+/// Load the index, and keep `--devices` following the VGs' PVs: a VG
+/// extended (`vgextend`) with a PV the list lacks looks incomplete to lvm2,
+/// so its PVs are looked for on every device once, and the list replaced.
 pub(super) fn load(lvm: &Lvm, vgs: &[String]) -> Result<Index> {
+    let scoped = read(lvm, vgs);
+    let known = lvm.devices();
+    if known.is_empty() {
+        return scoped;
+    }
+    if let Ok(index) = &scoped {
+        if !index.lacks_pvs() {
+            let pvs = index.pv_names();
+            if pvs != known {
+                // A PV left the VG (`vgreduce`): stop scanning it.
+                lvm.scope_to(pvs);
+            }
+            return scoped;
+        }
+    }
+    let index = read(&lvm.unscoped(), vgs)?;
+    let pvs = index.pv_names();
+    tracing::info!(before = %known.join(","), now = %pvs.join(","), "the volume groups' PVs changed; lvm2 now scans these");
+    lvm.scope_to(pvs);
+    Ok(index)
+}
+
+/// Read the three reports of one index round.
+fn read(lvm: &Lvm, vgs: &[String]) -> Result<Index> {
     let vg_rows = lvm.vgs(vgs)?;
     let pvsegs = lvm.pv_segments(vgs)?;
     let lvsegs = lvm.lv_segments(vgs, None)?;

@@ -1,13 +1,15 @@
 //! The start-up sweep: LVs still pending are debris of interrupted calls
 //! (by anyone but this process's running builds) and are zeroed and removed.
+//! It runs at start-up (after activation) and before each copy is built.
 
 use super::index::{Kind, Lv};
 use super::LvmBackend;
-use crate::error::Result;
 
 impl LvmBackend {
     /// Remove LVs whose creation was interrupted (pending, not being built).
-    pub(super) fn sweep(&self) -> Result<()> {
+    /// One that cannot be removed (nor zeroed) stays, reported; it is never
+    /// served, and the next sweep tries again.
+    pub(super) fn sweep(&self) {
         let busy = self
             .in_flight
             .lock()
@@ -22,8 +24,9 @@ impl LvmBackend {
         for lv in debris {
             tracing::warn!(lv = %lv.row.lv_name, vg = %lv.row.vg_name, "removing the LV of an interrupted operation");
             let _change = self.changing();
-            self.remove_lv(&lv)?;
+            if let Err(e) = self.remove_lv(&lv) {
+                tracing::error!(lv = %lv.row.lv_name, vg = %lv.row.vg_name, error = %e, "cannot remove the LV of an interrupted operation; it stays until the next sweep");
+            }
         }
-        Ok(())
     }
 }

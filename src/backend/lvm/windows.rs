@@ -13,25 +13,6 @@ use crate::error::{Error, IoContext, Result};
 use crate::node::loopdev::{self, Window};
 
 impl LvmBackend {
-    /// Where an LV's bytes can be written without activating anything.
-    pub(super) fn bytes_of(&self, lv: &Lv) -> Option<ByteRange> {
-        if self.lvm.device_mapper() {
-            let device = lv_device(&lv.row);
-            let reachable = lv.row.lv_active == "active" && !lv.row.is_thin() && device.exists();
-            reachable.then_some(ByteRange {
-                device,
-                offset: 0,
-                len: lv.row.lv_size,
-            })
-        } else {
-            self.window(lv).ok().map(|(device, window)| ByteRange {
-                device,
-                offset: window.offset,
-                len: window.size_limit,
-            })
-        }
-    }
-
     /// Run `work` with the LV's bytes reachable: its active device-mapper
     /// device (activated first if needed), or its PV range.
     pub(super) fn with_bytes<T>(

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Bring up the test suite's one-node cluster (etcd, control plane, containerd, kubelet and
 # Kennel's node plugin on the loop backend) and keep it until Enter is pressed, then tear it down
-# as the tests do. Run as root after hack/setup.sh. The Kubernetes binaries come from
-# KENNEL_K8S_BIN (default: the nearest shared/k8s/bin beside the repository).
+# as the tests do. Run as root after hack/setup.sh. The Kubernetes binaries (v1.36 by default)
+# come from KENNEL_K8S_DIR (default: the nearest shared/k8s beside the repository).
 #
 #   hack/cluster.sh            # hold the cluster; prints the KUBECONFIG to use
 #   hack/cluster.sh seed-lvm   # run scenarios of the seed target by name, holding first

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install what the one-node cluster tests need besides the Kubernetes binaries (those come from
 # KENNEL_K8S_BIN, see README "Running the cluster tests"): etcd, containerd, runc, the CNI
-# plugins, a static busybox for the test image, and zstd for the compressed binaries.
+# plugins, a static busybox for the test image, zstd for the compressed binaries, and buildah,
+# debootstrap and strip for Kennel's own image (hack/image.sh).
 # The harness runs its own etcd and containerd on its own sockets, ports and directories, so the
 # packages' system services are kept from starting during the install and never used.
 set -euo pipefail
 
-packages=(etcd-server containerd runc containernetworking-plugins busybox-static zstd openssl)
+packages=(etcd-server containerd runc containernetworking-plugins busybox-static zstd openssl
+  buildah debootstrap binutils)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -36,7 +38,7 @@ for svc in etcd containerd; do
   fi
 done
 
-for tool in etcd containerd ctr runc zstd busybox kubectl; do
+for tool in etcd containerd ctr runc zstd busybox kubectl buildah debootstrap strip; do
   command -v "$tool" >/dev/null || { echo "error: $tool not found (kubectl is not packaged in Debian: install it from https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
 done
 for plugin in bridge host-local loopback portmap; do

@@ -104,6 +104,11 @@ pub struct DriverArgs {
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz on this address, e.g. 0.0.0.0:9808.
     #[arg(long, env = "KENNEL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the host's machine ID is read (repeatable, the first valid one wins); by default
+    /// /etc/machine-id, then /var/lib/dbus/machine-id. The node DaemonSet mounts the host's /etc
+    /// read-only and names its file here: a hostPath of the file itself fails on hosts without it.
+    #[arg(long = "machine-id-file", value_name = "PATH")]
+    pub machine_id_files: Vec<PathBuf>,
 }
 
 fn parse_device_class(raw: &str) -> std::result::Result<DeviceClass, String> {
@@ -187,7 +192,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
         node_id,
-        machine_id: crate::node::identity::host_identity()?,
+        machine_id: crate::node::identity::host_identity_from(&args.machine_id_files)?,
     };
     // One set of locks and running operations for both services: a volume's controller and
     // node calls are serialized with each other too.
@@ -232,6 +237,7 @@ impl DriverArgs {
             command_timeout: crate::node::cmd::DEFAULT_TIMEOUT,
             freeze_budget: crate::node::freeze::DEFAULT_BUDGET,
             metrics_addr: None,
+            machine_id_files: Vec::new(),
         }
     }
 }

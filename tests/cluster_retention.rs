@@ -11,7 +11,7 @@ use std::time::Duration;
 use cluster_support::procs::wait_for;
 use cluster_support::retention::*;
 use cluster_support::workload::*;
-use cluster_support::{run_scenarios, Backend, Cluster, ClusterOpts};
+use cluster_support::{run_scenarios, Backend, Cluster, ClusterOpts, K8s};
 use serde_json::json;
 
 const B: Backend = Backend::Loop;
@@ -20,8 +20,11 @@ const B: Backend = Backend::Loop;
 fn retention_with_builtin_off() {
     run_scenarios(
         ClusterOpts {
+            // Built-in retention can be turned off only before 1.32: the oldest tested release.
+            k8s: K8s::V1_28,
             feature_gates: Some("StatefulSetAutoDeletePVC=false".to_owned()),
             node_monitor_grace: Some(Duration::from_secs(15)),
+            ..ClusterOpts::default()
         },
         B,
         &[

@@ -1,9 +1,11 @@
-//! `kennel retention` beside Kubernetes' own StatefulSet PVC retention (on
-//! by default in 1.28): Kennel must detect it, stay passive where it acts
-//! and never fight it.
+//! `kennel retention` beside Kubernetes' own StatefulSet PVC retention, on
+//! the default (current) release where it is GA and cannot be turned off:
+//! Kennel must detect it, stay passive where it acts, never fight it, and
+//! refuse `--builtin-retention=off` unless forced.
 
 mod cluster_support;
 
+use cluster_support::procs::{run, tail, wait_for};
 use cluster_support::retention::*;
 use cluster_support::workload::*;
 use cluster_support::{run_scenarios, Backend, Cluster, ClusterOpts};
@@ -16,18 +18,47 @@ fn retention_beside_the_builtin() {
         ClusterOpts::default(),
         B,
         &[
+            ("off-refused-where-ga", off_refused_where_ga),
             ("builtin-on-detected", builtin_on_detected),
             ("builtin-acts-kennel-passive", builtin_acts_kennel_passive),
         ],
     );
 }
 
-fn builtin_on_detected(cluster: &mut Cluster) {
-    start_retention(cluster);
+fn off_refused_where_ga(cluster: &mut Cluster) {
+    let out = run(retention_command(cluster, &["--builtin-retention=off"]), 60);
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "--builtin-retention=off started on a cluster where the built-in is GA:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("--builtin-retention=off refused")
+            && stderr.contains("--force-builtin-retention-off"),
+        "the refusal must say why and how to force it:\n{stderr}"
+    );
+    // Forced (a cluster without the StatefulSet controller): it runs, writing itself.
+    start_retention_with(
+        cluster,
+        &["--builtin-retention=off", "--force-builtin-retention-off"],
+    );
     let log = retention_log(cluster);
     assert!(
-        log.contains("rule=WhereFieldKept"),
-        "on v1.28 (gate beta, on by default) --builtin-retention auto must leave sets whose policy field the API server keeps to Kubernetes:\n{log}"
+        log.contains("rule=Never"),
+        "forced off must write itself:\n{log}"
+    );
+    stop_retention(cluster);
+}
+
+fn builtin_on_detected(cluster: &mut Cluster) {
+    start_retention(cluster);
+    let logs = cluster.logs.join("kennel-retention.log");
+    wait_for(
+        "kennel retention to state the rule for a GA server",
+        30,
+        || retention_log(cluster).contains("rule=Always").then_some(()),
+        || tail(&logs, 20),
     );
 }
 
@@ -46,7 +77,7 @@ fn builtin_acts_kennel_passive(cluster: &mut Cluster) {
         .expect("set");
     assert_eq!(
         stored["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"], "Delete",
-        "the API server keeps the policy field with the gate on"
+        "the API server keeps the policy field (GA)"
     );
     cluster
         .kubectl

@@ -35,7 +35,7 @@ fn can_run(backend: Backend) -> bool {
     if !nix::unistd::geteuid().is_root() {
         return !cannot_run("csi-sanity against the driver needs root (loop devices, mounts)");
     }
-    if let Some(why) = bins::missing(&["csi-sanity"]) {
+    if let Some(why) = bins::missing(bins::K8s::default(), &["csi-sanity"]) {
         return !cannot_run(&why);
     }
     if !Path::new("/dev/loop-control").exists() {
@@ -90,7 +90,8 @@ fn sanity(backend: Backend, access: &str) {
         storage: None,
         kubelet: None,
     };
-    let bin = bins::install(&["csi-sanity"], &root.join("bin"))["csi-sanity"].clone();
+    let bin = bins::install(bins::K8s::default(), &["csi-sanity"], &root.join("bin"))["csi-sanity"]
+        .clone();
     let kubelet = root.join("kubelet");
     run_state.kubelet = Some(
         kennel::node::mount::SharedMount::new(&kubelet).expect("kubelet dir on a shared mount"),

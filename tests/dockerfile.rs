@@ -296,7 +296,13 @@ fn runtime_image_installs_what_lvm2_itself_runs() {
 fn dockerfile_is_multi_stage_with_pinned_bases() {
     let (stages, _, last) = dockerfile();
     assert!(stages.len() >= 2, "multi-stage build expected: {stages:?}");
+    let names: BTreeSet<&str> = stages.iter().filter_map(|(_, n)| n.as_deref()).collect();
     for (image, _) in &stages {
+        // Not a base image: scratch, an earlier stage, or the build argument naming one
+        // (KENNEL_BINARY_FROM: `build`, or `prebuilt` for a binary built outside).
+        if image == "scratch" || names.contains(image.as_str()) || image.starts_with("${") {
+            continue;
+        }
         let (_, tag) = image
             .rsplit_once(':')
             .unwrap_or_else(|| panic!("{image}: no tag"));

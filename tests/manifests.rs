@@ -1,6 +1,7 @@
-//! deploy/ without kustomize or a cluster: every document parses into its k8s-openapi type and
-//! survives a round trip unchanged (a misspelt key fails), the overlays render by applying their
-//! JSON patches here, and the rendered objects agree with each other and with the driver's flags.
+//! deploy/ without a cluster: every document parses into its k8s-openapi type and survives a
+//! round trip unchanged (a misspelt key fails), the kustomizations render with the real
+//! `kubectl kustomize` of the Kubernetes release the cluster tests run, and the rendered objects
+//! agree with each other and with the driver's flags.
 //! The RBAC tests check each ClusterRole against what its component calls, rule by rule.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,6 +17,13 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+#[allow(dead_code)]
+#[path = "cluster_support/bins.rs"]
+mod bins;
+#[allow(dead_code)]
+#[path = "common/skip.rs"]
+mod skip;
 
 const DRIVER_NAME: &str = "kennel.csi.dev";
 const NAMESPACE: &str = "kennel-system";
@@ -249,83 +257,69 @@ fn a_misspelt_key_is_caught() {
     assert!(caught.is_err(), "volumeBindingMod must not pass");
 }
 
-/// Apply RFC 6902 `add` / `replace` operations (the ones deploy/ uses).
-fn apply_patch(doc: &mut Value, ops: &[PatchOp], origin: &str) {
-    for op in ops {
-        let (parent, last) = op.path.rsplit_once('/').expect("patch path");
-        let value = op.value.clone().expect("patch value");
-        let target = doc
-            .pointer_mut(parent)
-            .unwrap_or_else(|| panic!("{origin}: {} does not exist", op.path));
-        match (op.op.as_str(), target) {
-            ("add", Value::Array(items)) if last == "-" => items.push(value),
-            ("add", Value::Array(items)) => {
-                let i: usize = last.parse().expect("index");
-                assert!(i <= items.len(), "{origin}: {} out of range", op.path);
-                items.insert(i, value);
-            }
-            ("add" | "replace", Value::Object(map)) => {
-                if op.op == "replace" {
-                    assert!(map.contains_key(last), "{origin}: nothing at {}", op.path);
-                }
-                map.insert(last.to_owned(), value);
-            }
-            (other, _) => panic!("{origin}: unsupported op {other} at {}", op.path),
+/// kubectl v1.36 (kustomize v5.8), decompressed once into the target's temp dir; None (after a
+/// loud skip) where it cannot be found.
+fn kubectl() -> Option<PathBuf> {
+    static KUBECTL: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let found = KUBECTL.get_or_init(|| {
+        if let Some(why) = bins::missing(bins::K8s::V1_36, &["kubectl"]) {
+            return Err(why);
+        }
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kubectl-v1.36");
+        let work = dir.join(format!("tmp-{}", std::process::id()));
+        let binary = bins::install(bins::K8s::V1_36, &["kubectl"], &work)
+            .remove("kubectl")
+            .expect("kubectl installed");
+        if !binary.starts_with(&work) {
+            let _ = std::fs::remove_dir_all(&work);
+            return Ok(binary);
+        }
+        // Parallel test processes each decompress; the rename makes one of them the copy.
+        let path = dir.join("kubectl");
+        std::fs::rename(&binary, &path).expect("place kubectl");
+        let _ = std::fs::remove_dir_all(&work);
+        Ok(path)
+    });
+    match found {
+        Ok(path) => Some(path.clone()),
+        Err(why) => {
+            skip::cannot_run(why);
+            None
         }
     }
 }
 
-/// Render a kustomization the way kustomize would for deploy/'s features: resources (files or
-/// directories), JSON patches by target. Labels and namespaces are already in the files.
-fn render(dir: &Path) -> Vec<Value> {
-    let file = dir.join("kustomization.yaml");
-    let origin = file.display().to_string();
-    let k: Kustomization = serde_json::from_value(documents(&file).remove(0)).expect(&origin);
-    let mut out = Vec::new();
-    for resource in &k.resources {
-        let path = dir.join(resource);
-        assert!(
-            path.exists(),
-            "{origin}: resource {resource} does not exist"
-        );
-        if path.is_dir() {
-            out.extend(render(&path));
-        } else {
-            out.extend(documents(&path));
-        }
-    }
-    for patch in &k.patches {
-        let path = dir.join(&patch.path);
-        assert!(
-            path.exists(),
-            "{origin}: patch {} does not exist",
-            patch.path
-        );
-        let ops: Vec<PatchOp> =
-            serde_json::from_value(documents(&path).remove(0)).expect("JSON patch");
-        let api = format!("{}/{}", patch.target.group, patch.target.version);
-        let targets: Vec<&mut Value> = out
-            .iter_mut()
-            .filter(|d| kind_of(d) == (api.clone(), patch.target.kind.clone()))
-            .filter(|d| name_of(d) == patch.target.name)
-            .collect();
-        assert_eq!(
-            targets.len(),
-            1,
-            "{origin}: patch target {:?}",
-            patch.target
-        );
-        for target in targets {
-            apply_patch(target, &ops, &path.display().to_string());
-        }
-    }
-    out
+/// `kubectl kustomize dir`: what `kubectl apply -k dir` would send. None when the test must
+/// stop (kubectl missing and skips allowed).
+fn render(dir: &Path) -> Option<Vec<Value>> {
+    let kubectl = kubectl()?;
+    let out = std::process::Command::new(kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8 output");
+    Some(
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|doc| {
+                let value = serde_yaml::Value::deserialize(doc).expect("kustomize output is YAML");
+                serde_json::to_value(value).expect("kustomize output is JSON-compatible")
+            })
+            .filter(|v| !v.is_null())
+            .collect(),
+    )
 }
 
-fn overlays() -> Vec<(&'static str, Vec<Value>)> {
+fn overlays() -> Option<Vec<(&'static str, Vec<Value>)>> {
     ["loop", "lvm"]
         .into_iter()
-        .map(|o| (o, render(&deploy_dir().join("overlays").join(o))))
+        .map(|o| Some((o, render(&deploy_dir().join("overlays").join(o))?)))
         .collect()
 }
 
@@ -352,7 +346,7 @@ fn kustomizations_reference_existing_files_and_render() {
         deploy_dir().join("overlays/loop"),
         deploy_dir().join("overlays/lvm"),
     ] {
-        let docs = render(&dir);
+        let Some(docs) = render(&dir) else { return };
         assert!(!docs.is_empty(), "{} renders nothing", dir.display());
         let mut seen = BTreeSet::new();
         for doc in &docs {
@@ -457,7 +451,8 @@ fn backend_known(name: &str) -> bool {
 
 #[test]
 fn node_daemonset_is_consistent() {
-    for (overlay, docs) in overlays() {
+    let Some(overlays) = overlays() else { return };
+    for (overlay, docs) in overlays {
         let ds: DaemonSet = find(&docs, "DaemonSet", "kennel-node");
         let pod = pod(&ds);
         let kennel = &pod.containers[0];
@@ -542,26 +537,33 @@ fn node_daemonset_is_consistent() {
         );
         assert!(mounts.contains_key("/dev"));
         // The host's machine ID, read-only: without it every volume would record the image's.
-        let machine_id = kennel
+        // The host's /etc is mounted, not the file: a file hostPath (type File) keeps the pod
+        // from starting on a host without one, where the driver has a fallback.
+        let machine_id_file = flag(kennel, "machine-id-file").expect("--machine-id-file");
+        let host_etc = kennel
             .volume_mounts
             .iter()
             .flatten()
-            .find(|m| m.mount_path == "/etc/machine-id")
-            .expect("/etc/machine-id mounted in kennel");
+            .find(|m| Path::new(&machine_id_file).parent() == Some(Path::new(&m.mount_path)))
+            .unwrap_or_else(|| panic!("{overlay}: {machine_id_file}'s directory is not mounted"));
         assert_eq!(
-            machine_id.read_only,
+            host_etc.read_only,
             Some(true),
-            "{overlay}: machine-id read-only"
+            "{overlay}: the host's /etc is read-only"
         );
-        let machine_id_host = pod
+        let host_etc_path = pod
             .volumes
             .iter()
             .flatten()
-            .find(|v| v.name == machine_id.name)
+            .find(|v| v.name == host_etc.name)
             .and_then(|v| v.host_path.clone())
-            .expect("machine-id is a hostPath");
-        assert_eq!(machine_id_host.path, "/etc/machine-id");
-        assert_eq!(machine_id_host.type_.as_deref(), Some("File"));
+            .expect("the host's /etc is a hostPath");
+        assert_eq!(host_etc_path.path, "/etc");
+        assert_eq!(host_etc_path.type_.as_deref(), Some("Directory"));
+        assert!(
+            machine_id_file.ends_with("/machine-id"),
+            "{machine_id_file}"
+        );
         let backend_mounts: &[&str] = match overlay {
             "loop" => &["/var/lib/kennel/loop"],
             _ => &["/etc/lvm", "/run/lvm"],
@@ -605,7 +607,6 @@ fn node_daemonset_is_consistent() {
             "--enable-capacity=true",
             "--capacity-ownerref-level=1",
             "--extra-create-metadata=true",
-            "--feature-gates=Topology=true",
         ] {
             assert!(
                 args(provisioner).iter().any(|a| a == f),
@@ -651,7 +652,8 @@ fn node_daemonset_is_consistent() {
 
 #[test]
 fn probes_point_at_served_ports() {
-    for (overlay, docs) in overlays() {
+    let Some(overlays) = overlays() else { return };
+    for (overlay, docs) in overlays {
         let ds: DaemonSet = find(&docs, "DaemonSet", "kennel-node");
         let dep: Deployment = find(&docs, "Deployment", "kennel-retention");
         let pods = [pod(&ds), dep.spec.unwrap().template.spec.unwrap()];
@@ -685,7 +687,7 @@ fn probes_point_at_served_ports() {
                     let ok: &[&str] = if server
                         .image
                         .as_deref()
-                        .is_some_and(|i| i.starts_with("kennel:"))
+                        .is_some_and(|i| i.contains("/kennel:"))
                     {
                         &["/healthz", "/readyz", "/metrics"]
                     } else {
@@ -732,7 +734,8 @@ fn images_are_pinned_to_exact_versions() {
                 .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
     };
     let mut images = BTreeSet::new();
-    for (_, docs) in overlays() {
+    let Some(overlays) = overlays() else { return };
+    for (_, docs) in overlays {
         let ds: DaemonSet = find(&docs, "DaemonSet", "kennel-node");
         let dep: Deployment = find(&docs, "Deployment", "kennel-retention");
         for pod in [pod(&ds), dep.spec.unwrap().template.spec.unwrap()] {
@@ -756,7 +759,13 @@ fn images_are_pinned_to_exact_versions() {
             tag != "latest" && semver(tag),
             "{image}: tag is not an exact version"
         );
-        if repo == "kennel" || repo.ends_with("/kennel") {
+        // A short name is resolved by each runtime its own way (containerd: docker.io/library).
+        let registry = repo.split('/').next().unwrap();
+        assert!(
+            repo.contains('/') && (registry.contains('.') || registry == "localhost"),
+            "{image}: name the registry"
+        );
+        if repo.ends_with("/kennel") {
             assert_eq!(
                 tag,
                 env!("CARGO_PKG_VERSION"),
@@ -779,6 +788,81 @@ fn images_are_pinned_to_exact_versions() {
     }
 }
 
+/// Every container image in `docs` (DaemonSets, Deployments).
+fn images_in(docs: &[Value]) -> BTreeSet<String> {
+    let mut images = BTreeSet::new();
+    for doc in docs {
+        let pod = doc.pointer("/spec/template/spec");
+        for list in ["containers", "initContainers"] {
+            for c in pod
+                .and_then(|p| p.get(list))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                images.insert(c["image"].as_str().expect("image").to_owned());
+            }
+        }
+    }
+    images
+}
+
+/// `path` relative to `base` (kustomize refuses absolute resource paths).
+fn relative(path: &Path, base: &Path) -> PathBuf {
+    let path: Vec<_> = path.components().collect();
+    let base: Vec<_> = base.components().collect();
+    let common = path.iter().zip(&base).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..base.len() {
+        out.push("..");
+    }
+    out.extend(&path[common..]);
+    out
+}
+
+#[test]
+fn an_images_override_moves_every_kennel_container_to_a_registry() {
+    // What deploy/kustomization.yaml documents for a user's registry.
+    let overlay = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("registry-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&overlay).unwrap();
+    let deploy = std::fs::canonicalize(deploy_dir()).unwrap();
+    let base = std::fs::canonicalize(&overlay).unwrap();
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "resources:\n  - {}\nimages:\n  - name: localhost/kennel\n    newName: registry.example.com/storage/kennel\n    newTag: 0.1.0\n",
+            relative(&deploy, &base).display()
+        ),
+    )
+    .unwrap();
+    let rendered = render(&overlay);
+    std::fs::remove_dir_all(&overlay).unwrap();
+    let Some(docs) = rendered else { return };
+    let Some(shipped) = render(&deploy_dir()) else {
+        return;
+    };
+    let kennel_images = |docs: &[Value]| -> Vec<String> {
+        images_in(docs)
+            .into_iter()
+            .filter(|i| i.contains("/kennel:"))
+            .collect()
+    };
+    assert_eq!(kennel_images(&shipped), ["localhost/kennel:0.1.0"]);
+    assert_eq!(
+        kennel_images(&docs),
+        ["registry.example.com/storage/kennel:0.1.0"]
+    );
+    // The sidecars stay as shipped.
+    let sidecars = |docs: &[Value]| -> BTreeSet<String> {
+        images_in(docs)
+            .into_iter()
+            .filter(|i| !i.contains("/kennel:"))
+            .collect()
+    };
+    assert_eq!(sidecars(&docs), sidecars(&shipped));
+}
+
 #[test]
 fn storage_classes_match_the_driver() {
     let expect = [
@@ -786,7 +870,8 @@ fn storage_classes_match_the_driver() {
         ("lvm", vec!["kennel-lvm", "kennel-lvm-thin"]),
     ];
     let lvm_keys = ["type", "thinPool", "deviceClass", "stripes", "stripeSize"];
-    for ((overlay, docs), (_, names)) in overlays().into_iter().zip(expect) {
+    let Some(overlays) = overlays() else { return };
+    for ((overlay, docs), (_, names)) in overlays.into_iter().zip(expect) {
         let classes: Vec<StorageClass> = all(&docs, "StorageClass");
         let found: Vec<&str> = classes
             .iter()
@@ -860,7 +945,9 @@ fn storage_classes_match_the_driver() {
 
 #[test]
 fn retention_deployment_runs_one_leader_elected_replica() {
-    let docs = render(&deploy_dir());
+    let Some(docs) = render(&deploy_dir()) else {
+        return;
+    };
     let dep: Deployment = find(&docs, "Deployment", "kennel-retention");
     let spec = dep.spec.unwrap();
     assert_eq!(spec.replicas, Some(1));
@@ -917,7 +1004,8 @@ fn examples_use_kennel() {
         .storage_class_name
         .clone()
         .unwrap();
-    let defined: BTreeSet<String> = overlays()
+    let Some(overlays) = overlays() else { return };
+    let defined: BTreeSet<String> = overlays
         .iter()
         .flat_map(|(_, docs)| all::<StorageClass>(docs, "StorageClass"))
         .filter_map(|sc| sc.metadata.name)
@@ -1128,7 +1216,9 @@ fn granted_to(docs: &[Value], account: &str) -> BTreeMap<(String, String), Grant
 
 #[test]
 fn rbac_node_sidecars_get_exactly_their_documented_needs() {
-    let docs = render(&deploy_dir());
+    let Some(docs) = render(&deploy_dir()) else {
+        return;
+    };
     let got = granted_to(&docs, &format!("{NAMESPACE}/kennel-node"));
     let want: BTreeMap<(String, String), Grants> = [
         ("ClusterRole", "kennel-provisioner", PROVISIONER),
@@ -1156,7 +1246,9 @@ fn rbac_node_sidecars_get_exactly_their_documented_needs() {
 #[test]
 fn rbac_retention_gets_exactly_what_the_code_calls() {
     use kennel::retention::rbac::{CLUSTER_RULES, NAMESPACE_RULES};
-    let docs = render(&deploy_dir());
+    let Some(docs) = render(&deploy_dir()) else {
+        return;
+    };
     let got = granted_to(&docs, &format!("{NAMESPACE}/kennel-retention"));
     let want: BTreeMap<(String, String), Grants> = [
         ("ClusterRole", "kennel-retention", CLUSTER_RULES),
@@ -1170,7 +1262,9 @@ fn rbac_retention_gets_exactly_what_the_code_calls() {
 
 #[test]
 fn rbac_every_service_account_is_used_and_bound() {
-    let docs = render(&deploy_dir());
+    let Some(docs) = render(&deploy_dir()) else {
+        return;
+    };
     let accounts: BTreeSet<String> = all::<ServiceAccount>(&docs, "ServiceAccount")
         .into_iter()
         .map(|sa| {

@@ -58,7 +58,7 @@ impl Crowd {
                 Err(e) => return Err(e.into()),
             };
             crowd.created.push(number);
-            if crowd.created.len() % 2 == 0 {
+            if crowd.created.len().is_multiple_of(2) {
                 let image = root.join(format!("scratch-{number}.img"));
                 fs::File::create(&image)?.set_len(MIB)?;
                 loopdev::attach_to(&device, &image)?;

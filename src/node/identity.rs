@@ -21,6 +21,16 @@ pub fn host_identity() -> Result<String> {
     identity_from(&MACHINE_ID_FILES.map(Path::new), Path::new(BOOT_ID_FILE))
 }
 
+/// As `host_identity`, reading the machine ID from `files` instead (all of
+/// `MACHINE_ID_FILES` when empty).
+pub fn host_identity_from(files: &[std::path::PathBuf]) -> Result<String> {
+    if files.is_empty() {
+        return host_identity();
+    }
+    let files: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+    identity_from(&files, Path::new(BOOT_ID_FILE))
+}
+
 fn identity_from(machine_id_files: &[&Path], boot_id_file: &Path) -> Result<String> {
     if let Some(id) = machine_id_files.iter().find_map(|p| read_id(p)) {
         return Ok(id);
@@ -88,6 +98,20 @@ mod tests {
             matches!(&err, Error::Precondition(m) if m.contains("/etc/machine-id")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn named_files_replace_the_default_locations() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let machine = dir.path().join("machine-id");
+        fs::write(&machine, "0123456789abcdef0123456789abcdef\n").expect("test setup");
+        let id = host_identity_from(std::slice::from_ref(&machine)).expect("named file");
+        assert_eq!(id, "0123456789abcdef0123456789abcdef");
+        // A host without the file (the DaemonSet mounts its /etc): the boot ID, not an error.
+        let boot = fs::read_to_string(BOOT_ID_FILE).expect("boot id");
+        let id = host_identity_from(&[dir.path().join("missing")]).expect("boot ID fallback");
+        assert_eq!(id, boot.trim());
+        assert_eq!(host_identity_from(&[]).ok(), host_identity().ok());
     }
 
     #[test]

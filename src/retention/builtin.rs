@@ -82,6 +82,26 @@ impl BuiltinRule {
     }
 }
 
+/// `--builtin-retention=off` where the built-in controller cannot be turned off (1.32+) would
+/// make Kennel a second writer of the claims' owner references: refused unless `forced` (a
+/// cluster that runs without Kubernetes' StatefulSet controller).
+pub fn check_off_allowed(
+    mode: BuiltinMode,
+    forced: bool,
+    major: &str,
+    minor: &str,
+) -> Result<(), String> {
+    if mode != BuiltinMode::Off || forced {
+        return Ok(());
+    }
+    match parse_version(major, minor) {
+        Some(v) if v >= GA_FROM => Err(format!(
+            "--builtin-retention=off refused: on Kubernetes {major}.{minor} the StatefulSet controller always enforces persistentVolumeClaimRetentionPolicy (GA since 1.32), so Kennel would be a second writer of the same claims' owner references; use --builtin-retention=auto, or add --force-builtin-retention-off if this cluster runs without Kubernetes' StatefulSet controller"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Parses `/version`'s `major`/`minor`; providers append suffixes such as `32+`.
 pub fn parse_version(major: &str, minor: &str) -> Option<(u32, u32)> {
     fn leading_number(s: &str) -> Option<u32> {
@@ -119,6 +139,20 @@ mod tests {
         assert_eq!(auto("1", "22"), Never);
         assert_eq!(BuiltinMode::On.resolve("1", "20"), Always);
         assert_eq!(BuiltinMode::Off.resolve("1", "33"), Never);
+    }
+
+    #[test]
+    fn off_is_refused_where_the_built_in_is_ga_unless_forced() {
+        let off = BuiltinMode::Off;
+        let err = check_off_allowed(off, false, "1", "36").expect_err("refused on 1.36");
+        assert!(err.contains("--force-builtin-retention-off"), "{err}");
+        assert!(check_off_allowed(off, false, "1", "32+").is_err());
+        assert!(check_off_allowed(off, true, "1", "36").is_ok());
+        // Before GA an administrator can turn the gate off: Kennel must then write.
+        assert!(check_off_allowed(off, false, "1", "31").is_ok());
+        assert!(check_off_allowed(off, false, "1", "28").is_ok());
+        assert!(check_off_allowed(BuiltinMode::Auto, false, "1", "36").is_ok());
+        assert!(check_off_allowed(BuiltinMode::On, false, "1", "36").is_ok());
     }
 
     #[test]

@@ -41,6 +41,12 @@ pub struct RetentionArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub builtin_retention: BuiltinMode,
 
+    /// Accept --builtin-retention=off on a server where the built-in retention is GA (1.32+),
+    /// where it is refused otherwise: only for clusters that run without Kubernetes'
+    /// StatefulSet controller, or two controllers write the same claims' owner references.
+    #[arg(long)]
+    pub force_builtin_retention_off: bool,
+
     /// How long after a node's loss is first seen (Node deleted or tainted
     /// node.kubernetes.io/out-of-service) its pods' claims are recreated
     /// (only for sets annotated kennel.csi.dev/on-node-loss=recreate).
@@ -122,6 +128,13 @@ pub async fn run(args: RetentionArgs) -> anyhow::Result<()> {
         .apiserver_version()
         .await
         .context("reading the API server version")?;
+    builtin::check_off_allowed(
+        args.builtin_retention,
+        args.force_builtin_retention_off,
+        &version.major,
+        &version.minor,
+    )
+    .map_err(anyhow::Error::msg)?;
     let builtin = args
         .builtin_retention
         .resolve(&version.major, &version.minor);
@@ -206,6 +219,7 @@ mod tests {
         assert!(!a.sweep_orphaned_claims);
         assert_eq!(a.driver_name, "kennel.csi.dev");
         assert!(a.leader_election);
+        assert!(!a.force_builtin_retention_off);
     }
 
     #[test]

@@ -318,7 +318,7 @@ pub fn teardown(root: &Path, names: &RunNames) -> Vec<String> {
 
 /// The kubelet 1.28 keeps pod logs in /var/log/pods/NAMESPACE_POD_UID and
 /// links them from /var/log/containers: remove the run's.
-fn remove_pod_logs(namespace_prefix: &str) {
+pub fn remove_pod_logs(namespace_prefix: &str) {
     if let Ok(dir) = std::fs::read_dir("/var/log/pods") {
         for e in dir.flatten() {
             if e.file_name()

@@ -48,6 +48,16 @@ pub fn busybox_archive(work: &Path) -> PathBuf {
     archive(work, "busybox", &rootfs, BUSYBOX_IMAGE, &[], &["/bin/sh"])
 }
 
+/// An image of one static binary as `/<name>`, its entrypoint (as the
+/// kubernetes-csi images are built).
+pub fn binary_archive(work: &Path, name: &str, binary: &Path, tag: &str) -> PathBuf {
+    let rootfs = work.join(format!("{name}-rootfs"));
+    std::fs::create_dir_all(&rootfs).expect("create rootfs");
+    std::fs::copy(binary, rootfs.join(name)).expect("copy binary");
+    let entrypoint = format!("/{name}");
+    archive(work, name, &rootfs, tag, &[&entrypoint], &[])
+}
+
 fn archive(
     work: &Path,
     name: &str,

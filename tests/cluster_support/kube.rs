@@ -11,17 +11,20 @@ use super::procs::run_with_input;
 #[derive(Clone)]
 pub struct Kubectl {
     pub kubeconfig: PathBuf,
+    /// The kubectl binary: `kubectl` on PATH unless the cluster brings its own.
+    pub program: PathBuf,
 }
 
 impl Kubectl {
     pub fn new(kubeconfig: &Path) -> Kubectl {
         Kubectl {
             kubeconfig: kubeconfig.to_owned(),
+            program: PathBuf::from("kubectl"),
         }
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("kubectl");
+        let mut cmd = Command::new(&self.program);
         cmd.arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .arg("--request-timeout=30s")
@@ -111,7 +114,12 @@ impl Kubectl {
 pub fn yaml_documents(file: &Path) -> Vec<Value> {
     let text =
         std::fs::read_to_string(file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
-    serde_yaml::Deserializer::from_str(&text)
+    yaml_str_documents(&text)
+}
+
+/// Parse every document of a YAML text into JSON values.
+pub fn yaml_str_documents(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
         .filter_map(|doc| {
             let value = <Value as serde::Deserialize>::deserialize(doc).expect("valid YAML");
             (!value.is_null()).then_some(value)

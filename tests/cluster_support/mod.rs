@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+pub use bins::K8s;
 pub use host::RunNames;
 pub use kube::Kubectl;
 pub use node_plugin::{Backend, NodePlugin};
@@ -47,18 +48,24 @@ pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// How the control plane is configured.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOpts {
+    /// The Kubernetes release (and the sidecars tested with it).
+    pub k8s: K8s,
     /// `--feature-gates` for the API server and controller manager.
     pub feature_gates: Option<String>,
     /// The controller manager's `--node-monitor-grace-period` (default 40s).
     pub node_monitor_grace: Option<Duration>,
+    /// Kennel runs from `deploy/`, applied by the test: no host-process node plugin, and pods
+    /// reach the API server through the `kubernetes` Service (kube-proxy, the API server on the
+    /// node's address, a gateway on the pod bridge), as in a real cluster.
+    pub deployed: bool,
 }
 
 /// Whether this host can run the cluster; if not, fail (or skip loudly).
-pub fn can_run_cluster() -> bool {
+pub fn can_run_cluster(k8s: K8s) -> bool {
     if !nix::unistd::geteuid().is_root() {
         return !cannot_run("the cluster tests need root");
     }
-    if let Some(why) = bins::missing(bins::CLUSTER_BINARIES) {
+    if let Some(why) = bins::missing(k8s, k8s.cluster_binaries()) {
         return !cannot_run(&why);
     }
     for tool in [
@@ -107,6 +114,11 @@ pub struct Cluster {
     containerd: Option<Daemon>,
     kubelet: Option<Daemon>,
     pub plugin: Option<NodePlugin>,
+    kube_proxy: Option<Daemon>,
+    /// The `iptables`/`ip6tables` that had no KUBE-FIREWALL chain before kube-proxy made one.
+    firewall_chain_added: Vec<&'static str>,
+    /// The pods' subnet on the CNI bridge.
+    pub pod_subnet: String,
     /// Other processes a scenario started (e.g. `kennel retention`).
     pub extra: Vec<Daemon>,
     /// Node plugins of lost nodes: their storage stays until teardown.
@@ -147,6 +159,9 @@ impl Cluster {
             containerd: None,
             kubelet: None,
             plugin: None,
+            kube_proxy: None,
+            firewall_chain_added: Vec::new(),
+            pod_subnet: String::new(),
             extra: Vec::new(),
             retired: Vec::new(),
             keep_logs: false,
@@ -155,18 +170,29 @@ impl Cluster {
             root,
         };
         // From here on, a panic drops `cluster`, which tears everything down.
-        cluster.bins = bins::install(bins::CLUSTER_BINARIES, &cluster.root.join("bin"));
+        let k8s = cluster.opts.k8s;
+        cluster.bins = bins::install(k8s, k8s.cluster_binaries(), &cluster.root.join("bin"));
+        // A client of the cluster's own release where there is one (kubectl's skew policy).
+        if let Some(kubectl) = cluster.bins.get("kubectl") {
+            cluster.kubectl.program = kubectl.clone();
+        }
         cluster.start_etcd();
         cluster.start_containerd();
         cluster.start_control_plane();
         cluster.import_images();
         cluster.start_kubelet();
         cluster.install_kennel_objects();
-        cluster.start_plugin(backend);
-        cluster.wait_node_ready();
+        if cluster.opts.deployed {
+            cluster.start_kube_proxy();
+            cluster.wait_node_only();
+        } else {
+            cluster.start_plugin(backend);
+            cluster.wait_node_ready();
+        }
         cluster.boot_time = started.elapsed();
         report(&format!(
-            "cluster up in {:.1}s ({})",
+            "Kubernetes {} cluster up in {:.1}s ({})",
+            cluster.opts.k8s.version(),
             cluster.boot_time.as_secs_f64(),
             cluster.root.display()
         ));
@@ -214,13 +240,16 @@ impl Cluster {
             200 + rand::random::<u8>() % 50,
             rand::random::<u8>()
         );
+        self.pod_subnet = subnet.clone();
         let conflist = json!({
             "cniVersion": "0.4.0",
             "name": format!("kennel-{}", self.names.id),
             "plugins": [{
                 "type": "bridge",
                 "bridge": self.names.bridge,
-                "isGateway": false,
+                // Deployed: pods reach the node (and the API server behind the Service).
+                "isGateway": self.opts.deployed,
+                "isDefaultGateway": self.opts.deployed,
                 "ipMasq": false,
                 "hairpinMode": false,
                 "ipam": {
@@ -291,6 +320,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             &[
                 "127.0.0.1",
                 "10.0.0.1",
+                &self.node_ip,
                 "localhost",
                 "kubernetes",
                 "kubernetes.default",
@@ -304,7 +334,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "--etcd-servers=http://127.0.0.1:{}",
             self.etcd_port
         ))
-        .arg("--bind-address=127.0.0.1")
+        // Deployed, pods reach it on the node's address through the `kubernetes` Service.
+        .arg(if self.opts.deployed {
+            "--bind-address=0.0.0.0"
+        } else {
+            "--bind-address=127.0.0.1"
+        })
         .arg(format!("--secure-port={api_port}"))
         .arg(format!("--advertise-address={}", self.node_ip))
         .arg(format!("--tls-cert-file={}", apiserver_cert.cert.display()))
@@ -335,7 +370,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             pki.ca_cert.display()
         ))
         .arg("--kubelet-preferred-address-types=InternalIP")
-        .arg("--endpoint-reconciler-type=none")
+        .arg(if self.opts.deployed {
+            "--endpoint-reconciler-type=lease"
+        } else {
+            "--endpoint-reconciler-type=none"
+        })
         .arg("--profiling=false")
         .arg("--allow-privileged=true");
         if let Some(gates) = &self.opts.feature_gates {
@@ -459,7 +498,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             host::save_sysctls(&self.root.join("sysctls.saved"));
             host::create_cgroup_root(&self.names.cgroup);
         }
-        let config = json!({
+        let mut config = json!({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
             "address": self.node_ip,
@@ -494,6 +533,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "shutdownGracePeriod": "0s",
             "resolvConf": "/etc/resolv.conf",
         });
+        if self.opts.k8s == K8s::V1_36 {
+            // 1.36 refuses cgroup v1 hosts by default; this machine mounts v1 controllers.
+            config["failCgroupV1"] = json!(false);
+        }
         let config_file = self.root.join(format!("kubelet-{name}.json"));
         std::fs::write(&config_file, config.to_string()).expect("write kubelet config");
         let mut cmd = self.bin("kubelet");
@@ -530,6 +573,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             || self.kubectl.get(&["namespace", "default"]),
             || procs::tail(&self.logs.join("kube-apiserver.log"), 20),
         );
+        if self.opts.deployed {
+            return;
+        }
         for file in [
             "base/namespace.yaml",
             "base/csidriver.yaml",
@@ -540,6 +586,84 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         ] {
             self.kubectl.apply_file(&deploy.join(file));
         }
+    }
+
+    /// kube-proxy (iptables): Services, above all `kubernetes`, reach their endpoints.
+    fn start_kube_proxy(&mut self) {
+        // kube-proxy adds a filter chain its --cleanup leaves behind: note where it is new.
+        self.firewall_chain_added = ["iptables", "ip6tables"]
+            .into_iter()
+            .filter(|tool| !firewall_chain_exists(tool))
+            .collect();
+        let mut cmd = self.bin("kube-proxy");
+        cmd.arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
+            .arg(format!("--hostname-override={}", self.node_name))
+            .arg("--proxy-mode=iptables")
+            .arg(format!("--cluster-cidr={}", self.pod_subnet))
+            // Leave the host's conntrack settings alone.
+            .arg("--conntrack-max-per-core=0")
+            .arg("--conntrack-tcp-timeout-established=0")
+            .arg("--conntrack-tcp-timeout-close-wait=0")
+            .arg(format!("--healthz-bind-address=127.0.0.1:{}", free_port()))
+            .arg(format!("--metrics-bind-address=127.0.0.1:{}", free_port()))
+            .arg("--v=2");
+        self.kube_proxy = Some(Daemon::spawn("kube-proxy", cmd, &self.logs));
+    }
+
+    /// Stop kube-proxy and remove the rules it wrote.
+    fn stop_kube_proxy(&mut self) {
+        if let Some(mut proxy) = self.kube_proxy.take() {
+            proxy.stop(Duration::from_secs(5));
+            let mut cleanup = self.bin("kube-proxy");
+            cleanup.arg("--cleanup").arg("--proxy-mode=iptables");
+            let out = run(cleanup, 60);
+            if !out.status.success() {
+                eprintln!(
+                    "kube-proxy --cleanup: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        for tool in std::mem::take(&mut self.firewall_chain_added) {
+            if !firewall_chain_exists(tool) {
+                continue;
+            }
+            for hook in ["INPUT", "OUTPUT"] {
+                let mut cmd = Command::new(tool);
+                cmd.args(["-w", "-D", hook, "-j", "KUBE-FIREWALL"]);
+                run(cmd, 30);
+            }
+            for flag in ["-F", "-X"] {
+                let mut cmd = Command::new(tool);
+                cmd.args(["-w", flag, "KUBE-FIREWALL"]);
+                run(cmd, 30);
+            }
+        }
+    }
+
+    /// Node Ready (no driver expected yet).
+    pub fn wait_node_only(&mut self) {
+        let name = self.node_name.clone();
+        let kubectl = self.kubectl.clone();
+        let logs = self.logs.clone();
+        wait_for(
+            &format!("node {name} Ready"),
+            120,
+            || {
+                if let Some(k) = self.kubelet.as_mut() {
+                    k.assert_running();
+                }
+                let node = kubectl.get(&["node", &name])?;
+                (kube::condition(&node, "Ready") == Some("True")).then_some(())
+            },
+            || procs::tail(&logs.join("kubelet.log"), 30),
+        );
+    }
+
+    /// Import a docker-archive into the node's containerd.
+    pub fn import_image(&self, archive: &Path) {
+        let archive = archive.to_str().expect("utf-8 path").to_owned();
+        run_ok(self.ctr(&["images", "import", &archive]), 300);
     }
 
     /// A token of `kennel-system/<account>`, in a kubeconfig, so a process
@@ -749,6 +873,11 @@ impl Drop for Cluster {
         self.stop_kubelet();
         let plugin = self.stop_plugin();
         let retired = std::mem::take(&mut self.retired);
+        self.stop_kube_proxy();
+        if self.opts.deployed {
+            // deploy/'s pods live in kennel-system, not in a namespace named after the run.
+            host::remove_pod_logs("kennel-system_");
+        }
         // Containers and their mounts go before the volume group under them.
         self.containerd.take();
         self.control_plane.clear();
@@ -759,6 +888,13 @@ impl Drop for Cluster {
             panic!("cluster teardown left host state behind: {problems:?}");
         }
     }
+}
+
+/// Whether `tool` (iptables or ip6tables) has the filter chain KUBE-FIREWALL.
+fn firewall_chain_exists(tool: &str) -> bool {
+    let mut cmd = Command::new(tool);
+    cmd.args(["-w", "-S", "KUBE-FIREWALL"]);
+    run(cmd, 30).status.success()
 }
 
 /// The address of the host's default route, used as the node's IP.
@@ -809,7 +945,7 @@ pub type Scenario = (&'static str, fn(&mut Cluster));
 /// timed and caught, so one failing does not hide the others), tear it
 /// down, then fail naming every failed scenario.
 pub fn run_scenarios(opts: ClusterOpts, backend: Backend, scenarios: &[Scenario]) {
-    if !can_run_cluster() {
+    if !can_run_cluster(opts.k8s) {
         return;
     }
     let filter = std::env::var("KENNEL_CLUSTER_SCENARIOS").ok();

@@ -18,16 +18,28 @@ pub const NODE_LOSS_GRACE: &str = "5s";
 
 /// Start (or restart) `kennel retention`; its log accumulates across restarts.
 pub fn start_retention(cluster: &mut Cluster) {
-    stop_retention(cluster);
+    start_retention_with(cluster, &[]);
+}
+
+/// `kennel retention` under the kennel-retention ServiceAccount, with `extra` flags.
+pub fn retention_command(cluster: &Cluster, extra: &[&str]) -> Command {
     let kubeconfig = cluster.service_account_kubeconfig("kennel-retention");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kennel"));
     cmd.arg("retention")
         .arg("--leader-election=false")
         .arg(format!("--node-loss-grace={NODE_LOSS_GRACE}"))
         .arg("--resync-interval=30s")
+        .args(extra)
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "kennel=debug,info")
         .env("NO_COLOR", "1");
+    cmd
+}
+
+/// Start (or restart) `kennel retention` with `extra` flags.
+pub fn start_retention_with(cluster: &mut Cluster, extra: &[&str]) {
+    stop_retention(cluster);
+    let cmd = retention_command(cluster, extra);
     let daemon = Daemon::spawn("kennel-retention", cmd, &cluster.logs);
     cluster.extra.push(daemon);
     let log = cluster.logs.join("kennel-retention.log");

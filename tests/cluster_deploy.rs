@@ -1,0 +1,453 @@
+//! Kennel the way users run it: its image (`hack/image.sh` from the `Dockerfile`), the
+//! kubernetes-csi sidecars' images, and `kubectl apply -k` of an overlay of `deploy/` that
+//! changes nothing but where the kubelet keeps its files (and the loop images live) on this
+//! test node, on Kubernetes v1.36 with kube-proxy giving pods the API server. The node
+//! DaemonSet runs every container it lists, the retention Deployment runs under its
+//! ServiceAccount, and the seed walk-through passes through that deployment.
+
+mod cluster_support;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cluster_support::procs::{run_ok, wait_for};
+use cluster_support::workload::*;
+use cluster_support::{images, report, run_scenarios, Backend, Cluster, ClusterOpts, REPO};
+use serde_json::{json, Value};
+
+const NS: &str = "kennel-system";
+
+#[test]
+fn deploy_as_shipped() {
+    run_scenarios(
+        ClusterOpts {
+            deployed: true,
+            ..ClusterOpts::default()
+        },
+        Backend::Loop,
+        &[
+            ("apply-to-ready", apply_to_ready),
+            ("seed-through-deploy", seed_through_deploy),
+        ],
+    );
+}
+
+/// `path` relative to `base` (kustomize refuses absolute resource paths).
+fn relative(path: &Path, base: &Path) -> PathBuf {
+    let path: Vec<_> = path.components().collect();
+    let base: Vec<_> = base.components().collect();
+    let common = path.iter().zip(&base).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..base.len() {
+        out.push("..");
+    }
+    out.extend(&path[common..]);
+    out
+}
+
+/// Where the shipped DaemonSet's host paths live on this node.
+fn host_path(cluster: &Cluster, shipped: &str) -> Option<String> {
+    let kubelet = cluster.kubelet_root().display().to_string();
+    let loop_dir = cluster.root.join("loop-deployed").display().to_string();
+    if let Some(rest) = shipped.strip_prefix("/var/lib/kubelet") {
+        return Some(format!("{kubelet}{rest}"));
+    }
+    shipped
+        .strip_prefix("/var/lib/kennel/loop")
+        .map(|rest| format!("{loop_dir}{rest}"))
+}
+
+/// JSON patch ops moving the DaemonSet's kubelet and loop paths to this node's, the same path
+/// inside the containers as on the host (the kubelet names host paths in its CSI calls).
+fn path_ops(cluster: &Cluster, ds: &Value) -> Vec<Value> {
+    let mut ops = Vec::new();
+    let spec = &ds["spec"]["template"]["spec"];
+    for (i, v) in spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .enumerate()
+    {
+        if let Some(path) = v["hostPath"]["path"]
+            .as_str()
+            .and_then(|p| host_path(cluster, p))
+        {
+            ops.push(json!({"op": "replace", "path": format!("/spec/template/spec/volumes/{i}/hostPath/path"), "value": path}));
+        }
+    }
+    for (c, container) in spec["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .enumerate()
+    {
+        for (m, mount) in container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if let Some(path) = mount["mountPath"]
+                .as_str()
+                .and_then(|p| host_path(cluster, p))
+            {
+                ops.push(json!({"op": "replace", "path": format!("/spec/template/spec/containers/{c}/volumeMounts/{m}/mountPath"), "value": path}));
+            }
+        }
+        for (a, arg) in container["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let arg = arg.as_str().expect("arg");
+            let Some((flag, value)) = arg.split_once('=') else {
+                continue;
+            };
+            if let Some(path) = host_path(cluster, value) {
+                ops.push(json!({"op": "replace", "path": format!("/spec/template/spec/containers/{c}/args/{a}"), "value": format!("{flag}={path}")}));
+            }
+        }
+    }
+    ops.push(json!({"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": format!("--kubelet-dir={}", cluster.kubelet_root().display())}));
+    ops
+}
+
+fn rendered(cluster: &Cluster, dir: &Path) -> Vec<Value> {
+    let yaml = cluster
+        .kubectl
+        .run(&["kustomize", dir.to_str().expect("utf-8 path")]);
+    cluster_support::kube::yaml_str_documents(&yaml)
+}
+
+fn images_of(docs: &[Value]) -> Vec<String> {
+    let mut out = Vec::new();
+    for doc in docs {
+        for c in doc["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let image = c["image"].as_str().expect("image").to_owned();
+            if !out.contains(&image) {
+                out.push(image);
+            }
+        }
+    }
+    out
+}
+
+/// The images `deploy/` names, made here: Kennel's by hack/image.sh, each sidecar's from its
+/// binary in shared/k8s/csi (the same release: deploy/ pins what the tests run).
+fn make_images(cluster: &mut Cluster, docs: &[Value]) {
+    let work = cluster.root.join("images");
+    std::fs::create_dir_all(&work).expect("images dir");
+    for image in images_of(docs) {
+        let started = Instant::now();
+        let archive = if image.contains("/kennel:") {
+            let archive = work.join("kennel.tar");
+            let mut cmd = std::process::Command::new(Path::new(REPO).join("hack/image.sh"));
+            cmd.arg("--binary")
+                .arg(env!("CARGO_BIN_EXE_kennel"))
+                .arg("--tag")
+                .arg(&image)
+                .arg("--output")
+                .arg(&archive);
+            run_ok(cmd, 900);
+            archive
+        } else {
+            let (repo, tag) = image.rsplit_once(':').expect("tagged image");
+            let name = repo.rsplit('/').next().expect("image name");
+            let bin = cluster_support::bins::install(
+                cluster_support::K8s::V1_36,
+                &[name],
+                &cluster.root.join("bin"),
+            )
+            .remove(name)
+            .expect("sidecar binary");
+            if name != "livenessprobe" {
+                let mut version = std::process::Command::new(&bin);
+                version.arg("--version");
+                let out = run_ok(version, 30);
+                assert!(
+                    out.contains(tag),
+                    "deploy/ names {image}, the binary is {out}"
+                );
+            }
+            images::binary_archive(&work, name, &bin, &image)
+        };
+        cluster.import_image(&archive);
+        report(&format!(
+            "image {image} made and imported in {:.1}s",
+            started.elapsed().as_secs_f64()
+        ));
+    }
+}
+
+/// kennel-system's objects, and the last lines of every container (its previous run too).
+fn diagnose(cluster: &Cluster) -> String {
+    let mut out = describe(cluster, NS);
+    for pod in cluster.kubectl.list(&["pods", "-n", NS]) {
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        for status in pod["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let container = status["name"].as_str().unwrap_or_default();
+            for previous in ["--previous=false", "--previous=true"] {
+                let logs = cluster.kubectl.try_run(
+                    &[
+                        "logs",
+                        "-n",
+                        NS,
+                        name,
+                        "-c",
+                        container,
+                        "--tail=15",
+                        previous,
+                    ],
+                    None,
+                );
+                out.push_str(&format!(
+                    "---- {name}/{container} {previous}\n{}{}",
+                    String::from_utf8_lossy(&logs.stdout),
+                    String::from_utf8_lossy(&logs.stderr)
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn apply_to_ready(cluster: &mut Cluster) {
+    let deploy = Path::new(REPO).join("deploy");
+    let shipped = rendered(cluster, &deploy);
+    make_images(cluster, &shipped);
+    // A cluster with snapshot support has the CRDs (deploy/ ships none).
+    let crds = Path::new(REPO)
+        .ancestors()
+        .map(|d| d.join("shared/k8s/csi/crd"))
+        .find(|d| d.is_dir())
+        .expect("snapshot CRDs");
+    cluster
+        .kubectl
+        .run(&["apply", "-k", crds.to_str().expect("utf-8 path")]);
+
+    let overlay = cluster.root.join("deploy-overlay");
+    std::fs::create_dir_all(&overlay).expect("overlay dir");
+    let ds = shipped
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("node DaemonSet");
+    std::fs::write(
+        overlay.join("node-paths.json"),
+        serde_json::to_string_pretty(&path_ops(cluster, ds)).expect("json"),
+    )
+    .expect("write patch");
+    let deploy = std::fs::canonicalize(&deploy).expect("deploy dir");
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "# This node's kubelet directory and loop directory; nothing else changes.\nresources:\n  - {}\npatches:\n  - path: node-paths.json\n    target:\n      group: apps\n      version: v1\n      kind: DaemonSet\n      name: kennel-node\n",
+            relative(&deploy, &overlay).display()
+        ),
+    )
+    .expect("write kustomization");
+    // Nothing but paths differ from what users apply.
+    let ours = rendered(cluster, &overlay);
+    assert_eq!(images_of(&ours), images_of(&shipped));
+    assert_eq!(ours.len(), shipped.len());
+
+    let started = Instant::now();
+    cluster
+        .kubectl
+        .run(&["apply", "-k", overlay.to_str().expect("utf-8 path")]);
+    let node = cluster.node_name.clone();
+    let kubectl = cluster.kubectl.clone();
+    wait_for(
+        "the kennel-node pod Ready with every container running",
+        300,
+        || {
+            let pods =
+                kubectl.get(&["pods", "-n", NS, "-l", "app.kubernetes.io/name=kennel-node"])?;
+            let pod = pods["items"].as_array()?.first()?.clone();
+            running_and_ready(&pod).then_some(())
+        },
+        || diagnose(cluster),
+    );
+    let node_ready = started.elapsed();
+    wait_for(
+        &format!("kennel.csi.dev registered in CSINode {node}"),
+        120,
+        || {
+            let csinode = kubectl.get(&["csinode", &node])?;
+            csinode["spec"]["drivers"]
+                .as_array()?
+                .iter()
+                .any(|d| d["name"] == "kennel.csi.dev")
+                .then_some(())
+        },
+        || diagnose(cluster),
+    );
+    let registered = started.elapsed();
+    wait_for(
+        "the kennel-retention pod Ready",
+        300,
+        || {
+            let pods = kubectl.get(&[
+                "pods",
+                "-n",
+                NS,
+                "-l",
+                "app.kubernetes.io/name=kennel-retention",
+            ])?;
+            let pod = pods["items"].as_array()?.first()?.clone();
+            running_and_ready(&pod).then_some(())
+        },
+        || diagnose(cluster),
+    );
+    report(&format!(
+        "apply -k to node plugin Ready {:.1}s, driver registered {:.1}s, retention Ready {:.1}s",
+        node_ready.as_secs_f64(),
+        registered.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    ));
+    // Every container the DaemonSet lists runs, none restarted.
+    let pods = kubectl
+        .get(&["pods", "-n", NS, "-l", "app.kubernetes.io/name=kennel-node"])
+        .expect("node pods");
+    let pod = &pods["items"][0];
+    let listed = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .len();
+    let statuses = pod["status"]["containerStatuses"]
+        .as_array()
+        .expect("container statuses");
+    assert_eq!(statuses.len(), listed);
+    for s in statuses {
+        assert!(
+            s["state"]["running"].is_object() && s["ready"] == true,
+            "{} is not running and ready: {s}",
+            s["name"]
+        );
+        assert_eq!(s["restartCount"], 0, "{} restarted: {s}", s["name"]);
+    }
+    // The retention controller reached the API server from its pod, under its ServiceAccount.
+    let retention_pod = kubectl
+        .get(&[
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/name=kennel-retention",
+        ])
+        .expect("retention pods")["items"][0]["metadata"]["name"]
+        .as_str()
+        .expect("pod name")
+        .to_owned();
+    let log = cluster.kubectl.run(&["logs", "-n", NS, &retention_pod]);
+    assert!(
+        log.contains("built-in StatefulSet retention") && log.contains("leading"),
+        "kennel retention did not start against the API server:\n{log}"
+    );
+}
+
+const HELLO: &str = "hello from webserver-2\n";
+
+fn seed_through_deploy(cluster: &mut Cluster) {
+    let ns = cluster.namespace("seed-deployed");
+    let (service, set) = webserver(Backend::Loop, "webserver", 3);
+    cluster.kubectl.apply(Some(&ns), &service);
+    cluster.kubectl.apply(Some(&ns), &set);
+    let pods = ordinals("webserver", 3);
+    wait_pods_ready(cluster, &ns, &pods, 240);
+    let loop_dir = cluster.root.join("loop-deployed");
+    let mut volumes = Vec::new();
+    for i in 0..3 {
+        let claim = format!("www-webserver-{i}");
+        let pv = claim_pv(cluster, &ns, &claim).unwrap_or_else(|| panic!("{claim} is not bound"));
+        let id = volume_id(&pv);
+        assert!(
+            loop_dir.join(format!("{id}.img")).exists(),
+            "{claim}'s volume {id} has no image in the DaemonSet's loop directory"
+        );
+        let pv_name = pv["metadata"]["name"].as_str().expect("pv name").to_owned();
+        assert_eq!(
+            publish_mounts(cluster, &pv_name).len(),
+            1,
+            "{claim}: publish mount"
+        );
+        volumes.push((pv_name, id));
+    }
+    exec_ok(
+        cluster,
+        &ns,
+        "webserver-2",
+        &["tee", &format!("{WWW}/hello.txt")],
+        Some(HELLO.as_bytes()),
+    );
+    cluster.kubectl.run(&[
+        "scale",
+        "statefulset",
+        "webserver",
+        "-n",
+        &ns,
+        "--replicas=2",
+    ]);
+    wait_pod_gone(cluster, &ns, "webserver-2", 120);
+    let (pv2, id2) = volumes[2].clone();
+    wait_for(
+        "webserver-2's volume unpublished",
+        60,
+        || publish_mounts(cluster, &pv2).is_empty().then_some(()),
+        || describe(cluster, &ns),
+    );
+    assert!(loop_dir.join(format!("{id2}.img")).exists(), "{id2} kept");
+    cluster.kubectl.run(&[
+        "scale",
+        "statefulset",
+        "webserver",
+        "-n",
+        &ns,
+        "--replicas=3",
+    ]);
+    wait_pods_ready(cluster, &ns, &pods, 120);
+    let back = claim_pv(cluster, &ns, "www-webserver-2").expect("claim bound");
+    assert_eq!(back["metadata"]["name"], pv2.as_str());
+    let text = exec_ok(
+        cluster,
+        &ns,
+        "webserver-2",
+        &["cat", &format!("{WWW}/hello.txt")],
+        None,
+    );
+    assert_eq!(text, HELLO);
+    cluster.kubectl.run(&[
+        "delete",
+        "statefulset",
+        "webserver",
+        "-n",
+        &ns,
+        "--wait=true",
+    ]);
+    cluster
+        .kubectl
+        .run(&["delete", "pvc", "--all", "-n", &ns, "--wait=false"]);
+    for (pv, id) in &volumes {
+        wait_for(
+            &format!("PV {pv} and volume {id} deleted"),
+            120,
+            || {
+                (cluster.kubectl.get(&["pv", pv]).is_none()
+                    && !loop_dir.join(format!("{id}.img")).exists())
+                .then_some(())
+            },
+            || describe(cluster, &ns),
+        );
+    }
+    cluster
+        .kubectl
+        .run(&["delete", "namespace", &ns, "--wait=false"]);
+}

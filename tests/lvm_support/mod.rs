@@ -467,6 +467,12 @@ fn spawn(
         cmd.arg("--volume-group").arg(vg);
     }
     cmd.args(args);
+    // The budget guards a workload frozen for a copy; under emulation (the device-mapper VM
+    // lane) a 64 MiB copy alone can take longer than the default 5 s. These tests check what
+    // is copied; conformance/snapshots.rs checks the budget itself.
+    if !args.iter().any(|a| a == "--freeze-budget") {
+        cmd.args(["--freeze-budget", "60s"]);
+    }
     cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RUST_LOG", "kennel=debug,info")
         .stdin(Stdio::null())

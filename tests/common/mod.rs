@@ -484,6 +484,20 @@ impl TestDriver {
         }
     }
 
+    /// The volume's attachments once a detach has settled: a device that another process
+    /// (an lvm2 or blkid scan of every device) still holds is cleared by the kernel when that
+    /// process closes it, which under load can take longer than the driver's own 2 s wait.
+    pub fn attachments_after_release(&self, volume_id: &str) -> Vec<PathBuf> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = self.attachments(volume_id);
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Attach the volume's loop device the way the driver does, as a
     /// driver killed right after attaching leaves it.
     pub fn attach_by_hand(&self, volume_id: &str) -> PathBuf {

@@ -23,7 +23,7 @@ struct Driver {
     endpoint: String,
     addr: SocketAddr,
     /// The driver serves only a kubelet directory on a shared mount.
-    _kubelet: kennel::node::mount::SharedMount,
+    _kubelet: kennel::node::shared_mount::SharedMount,
 }
 
 impl Drop for Driver {
@@ -58,7 +58,7 @@ fn temp_dir(prefix: &str) -> (tempfile::TempDir, PathBuf) {
 
 /// The driver, or `None` where it cannot run (no root for its kubelet mount).
 async fn start(dir: &Path, log_format: &str) -> Option<Driver> {
-    let kubelet = match kennel::node::mount::SharedMount::new(dir) {
+    let kubelet = match kennel::node::shared_mount::SharedMount::new(dir) {
         Ok(kubelet) => kubelet,
         Err(e) if skip::cannot_run(&format!("no shared mount for the kubelet directory: {e}")) => {
             return None;

@@ -12,8 +12,8 @@ use crate::csi::pb::{
 };
 use crate::csi::server::Driver;
 use crate::error::Error;
-use crate::volume::limits::IoLimits;
-use crate::volume::spec::{self, CreateRequest, VolumeParams};
+use crate::model::limits::IoLimits;
+use crate::model::spec::{self, CreateRequest, VolumeParams};
 
 pub struct ControllerService {
     driver: Arc<Driver>,

@@ -10,8 +10,8 @@ use crate::csi::convert;
 use crate::csi::pb::{self, node_server::Node, node_service_capability};
 use crate::csi::server::Driver;
 use crate::error::Error;
+use crate::model::spec::host_path;
 use crate::volume::node::{PublishRequest, StageRequest, VolumeStats};
-use crate::volume::spec::host_path;
 
 pub struct NodeService {
     driver: Arc<Driver>,

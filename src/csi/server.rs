@@ -18,9 +18,9 @@ use crate::csi::pb::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
 use crate::error::{Error, IoContext, Result};
+use crate::model::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
 use crate::volume::controller::Controller;
 use crate::volume::node::NodeOps;
-use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
 use crate::volume::work::Work;
 
 /// Volume context keys naming where a volume's data lives.

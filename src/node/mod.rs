@@ -13,3 +13,4 @@ pub mod io_throttle;
 pub mod loopdev;
 pub mod mount;
 pub mod selinux;
+pub mod shared_mount;

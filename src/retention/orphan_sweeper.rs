@@ -19,8 +19,8 @@ use super::metrics::Metrics;
 use super::orphans::{self, BackendVolume, OrphanClock};
 use crate::csi::client::CsiClient;
 use crate::csi::pb;
-use crate::duration::parse_duration;
-use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
+use crate::model::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
+use humantime::parse_duration;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct OrphanArgs {
@@ -57,7 +57,7 @@ pub async fn run(args: OrphanArgs) -> anyhow::Result<()> {
         });
     }
     let mut sweeper = Sweeper::new(client, args.clone(), metrics);
-    let mut stop = std::pin::pin!(crate::driver::shutdown_signal());
+    let mut stop = std::pin::pin!(crate::shutdown::shutdown_signal());
     loop {
         if let Err(e) = sweeper.pass().await {
             warn!(error = %format!("{e:#}"), "orphan pass failed");

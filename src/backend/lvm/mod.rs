@@ -192,7 +192,7 @@ impl LvmBackend {
             .map(|v| v.extent_size)
             .max()
             .unwrap_or(4 << 20)
-            .max(crate::volume::capacity::MIB);
+            .max(crate::model::capacity::MIB);
         if !granularity.is_power_of_two() {
             return Err(Error::Precondition(format!(
                 "extent size {granularity} is not a power of two"

@@ -8,15 +8,15 @@ use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
 use crate::backend::lvm::params::DeviceClass;
 use crate::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use crate::backend::Backend;
-use crate::csi::metrics::{DriverExporter, Telemetry};
+use crate::csi::driver_metrics::{DriverExporter, Telemetry};
 use crate::csi::server::{self, Driver};
 use crate::error::{Error, IoContext, Result};
 use crate::model::capacity::parse_size;
 use crate::node::host_path::KubeletDir;
 use crate::topology::TOPOLOGY_KEY;
-use crate::volume::controller::{Controller, NodeIdentity};
+use crate::volume::controller_ops::{Controller, NodeIdentity};
 use crate::volume::locks::LockMap;
-use crate::volume::node::NodeOps;
+use crate::volume::node_ops::NodeOps;
 use crate::volume::work::Work;
 
 pub const DEFAULT_DRIVER_NAME: &str = "kennel.csi.dev";
@@ -192,7 +192,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
         node_id,
-        machine_id: crate::node::identity::host_identity_from(&args.machine_id_files)?,
+        machine_id: crate::node::host_identity::host_identity_from(&args.machine_id_files)?,
     };
     // One set of locks and running operations for both services: a volume's controller and
     // node calls are serialized with each other too.
@@ -283,7 +283,7 @@ pub async fn run(args: DriverArgs) -> Result<()> {
         ));
         tracing::info!(addr = %http.local_addr().unwrap_or(addr), "metrics, /healthz and /readyz served");
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_listener(http, exporter).await {
+            if let Err(e) = crate::metrics_endpoint::serve_listener(http, exporter).await {
                 tracing::error!(error = %e, "metrics endpoint stopped");
             }
         });

@@ -8,7 +8,7 @@ pub mod demo;
 pub mod driver;
 pub mod error;
 pub mod faults;
-pub mod metrics;
+pub mod metrics_endpoint;
 pub mod model;
 pub mod node;
 pub mod retention;

@@ -12,7 +12,7 @@ mod skip;
 
 use kennel::csi::client::CsiClient;
 use kennel::csi::pb;
-use kennel::metrics::http_get;
+use kennel::metrics_endpoint::http_get;
 use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kennel");
@@ -602,13 +602,15 @@ async fn dashboard_and_alerts_use_exported_metrics() {
     .await;
     let mut exported = exported_names(&driver_text);
 
-    let retention = std::sync::Arc::new(kennel::retention::metrics::Metrics::default());
+    let retention = std::sync::Arc::new(kennel::retention::retention_metrics::Metrics::default());
     retention.reconciled();
     retention.action("claim_owners");
     retention.failure("conflict");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let retention_addr = listener.local_addr().unwrap();
-    tokio::spawn(kennel::metrics::serve_listener(listener, retention));
+    tokio::spawn(kennel::metrics_endpoint::serve_listener(
+        listener, retention,
+    ));
     let (status, retention_text) = http_get(retention_addr, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     exported.extend(exported_names(&retention_text));

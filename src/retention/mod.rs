@@ -6,7 +6,6 @@
 pub mod builtin;
 pub mod controller;
 pub mod leader;
-pub mod metrics;
 pub mod names;
 pub mod nodeloss;
 pub mod orphan_sweeper;
@@ -14,6 +13,7 @@ pub mod orphans;
 pub mod owners;
 pub mod policy;
 pub mod rbac;
+pub mod retention_metrics;
 
 #[cfg(test)]
 mod fixtures;
@@ -121,11 +121,11 @@ pub async fn run(args: RetentionArgs) -> anyhow::Result<()> {
         "built-in StatefulSet retention: {}",
         builtin.describe()
     );
-    let metrics = Arc::new(metrics::Metrics::default());
+    let metrics = Arc::new(retention_metrics::Metrics::default());
     if let Some(addr) = args.metrics_addr {
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, m).await {
+            if let Err(e) = crate::metrics_endpoint::serve(addr, m).await {
                 warn!(%addr, error = %e, "metrics endpoint stopped");
             }
         });

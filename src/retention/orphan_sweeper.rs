@@ -15,8 +15,8 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
-use super::metrics::Metrics;
 use super::orphans::{self, BackendVolume, OrphanClock};
+use super::retention_metrics::Metrics;
 use crate::csi::client::CsiClient;
 use crate::csi::pb;
 use crate::model::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
@@ -51,7 +51,7 @@ pub async fn run(args: OrphanArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, m).await {
+            if let Err(e) = crate::metrics_endpoint::serve(addr, m).await {
                 warn!(%addr, error = %e, "metrics endpoint stopped");
             }
         });

@@ -1,7 +1,7 @@
 //! The domain: what a request means and what to do about it.
 
-pub mod controller;
+pub mod controller_ops;
 pub mod locks;
-pub mod node;
+pub mod node_ops;
 pub mod token;
 pub mod work;

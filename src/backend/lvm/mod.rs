@@ -86,12 +86,12 @@ mod health;
 pub mod index;
 mod limits;
 pub mod metadata;
-pub mod metrics;
 pub mod params;
 mod refresh;
 mod removal;
 mod sweep;
 pub mod tags;
+pub mod tool_metrics;
 mod windows;
 
 pub use activation::{device_mapper_available, Activation};

@@ -16,11 +16,11 @@ use tower_test::mock::{self, Handle};
 
 use super::{error_policy, reconcile, Context, Error, Settings, REPORTER};
 use crate::retention::fixtures::*;
-use crate::retention::metrics::Metrics;
 use crate::retention::mock_api::{conflict, event_about, expect, not_found, serve, Exchange};
 use crate::retention::nodeloss::NODE_LOST_ANNOTATION;
 use crate::retention::policy::ON_NODE_LOSS_ANNOTATION;
 use crate::retention::rbac;
+use crate::retention::retention_metrics::Metrics;
 
 fn store<K>(objects: Vec<K>) -> Store<K>
 where

@@ -36,7 +36,7 @@ impl ControllerService {
 fn condition(abnormal: Option<String>) -> pb::VolumeCondition {
     pb::VolumeCondition {
         abnormal: abnormal.is_some(),
-        message: abnormal.unwrap_or_else(|| crate::csi::metrics::HEALTHY.to_owned()),
+        message: abnormal.unwrap_or_else(|| crate::csi::driver_metrics::HEALTHY.to_owned()),
     }
 }
 

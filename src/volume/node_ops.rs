@@ -23,7 +23,7 @@ use crate::node::io_throttle;
 use crate::node::loopdev::{self, LoopIndex};
 use crate::node::mount::{self, MountEntry, PathState};
 use crate::node::selinux;
-use crate::volume::controller::{parse_known, run_blocking};
+use crate::volume::controller_ops::{parse_known, run_blocking};
 use crate::volume::work::Work;
 
 /// Inside a Block volume's staging directory, the file the device is bound to.

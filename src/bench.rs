@@ -17,8 +17,8 @@ use tokio::sync::Mutex;
 
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
-use crate::node::{cleanup, mount};
-use crate::volume::capacity::{parse_size, MIB};
+use crate::model::capacity::{parse_size, MIB};
+use crate::node::{cleanup, shared_mount};
 
 pub mod crowd;
 mod lvm;
@@ -82,7 +82,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("kennel-bench-XXXXXX"))?;
     // The driver serves only a kubelet directory on a shared mount: this one.
-    let (result, kubelet) = match mount::SharedMount::new(&dir) {
+    let (result, kubelet) = match shared_mount::SharedMount::new(&dir) {
         Ok(kubelet) => match args.crowd {
             Some(n) => (crowd::run(&args, n, &dir).await, Some(kubelet)),
             None => match args.backend {

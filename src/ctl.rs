@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
 use crate::csi::server::CONTEXT_NODE;
-use crate::volume::capacity::parse_size;
-use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
+use crate::model::capacity::parse_size;
+use crate::model::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
 
 pub use local_state::NodeState;
 pub use render::size as human_size;

@@ -16,9 +16,9 @@ use crate::backend::loop_files::Provisioning;
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
 use crate::driver::{DriverArgs, LocalDriver};
-use crate::node::{cleanup, mount};
-use crate::volume::capacity::MIB;
-use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
+use crate::model::capacity::MIB;
+use crate::model::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
+use crate::node::{cleanup, shared_mount};
 
 const REPLICAS: usize = 3;
 const VOLUME_BYTES: u64 = 64 * MIB;
@@ -78,7 +78,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("Kennel demo: a webserver StatefulSet with one local volume per pod");
     println!("  working directory {}", dir.display());
     // The kubelet directory below it must be a shared mount, as on a node.
-    let (outcome, kubelet) = match mount::SharedMount::new(&dir.join("kubelet")) {
+    let (outcome, kubelet) = match shared_mount::SharedMount::new(&dir.join("kubelet")) {
         Ok(kubelet) => (walk_through(&dir).await, Some(kubelet)),
         Err(e) => (Err(e.into()), None),
     };

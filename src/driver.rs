@@ -8,17 +8,17 @@ use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
 use crate::backend::lvm::params::DeviceClass;
 use crate::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use crate::backend::Backend;
-use crate::csi::metrics::{DriverExporter, Telemetry};
+use crate::csi::driver_metrics::{DriverExporter, Telemetry};
 use crate::csi::server::{self, Driver};
 use crate::error::{Error, IoContext, Result};
+use crate::model::capacity::parse_size;
 use crate::node::host_path::KubeletDir;
-use crate::volume::capacity::parse_size;
-use crate::volume::controller::{Controller, NodeIdentity};
+use crate::topology::TOPOLOGY_KEY;
+use crate::volume::controller_ops::{Controller, NodeIdentity};
 use crate::volume::locks::LockMap;
-use crate::volume::node::NodeOps;
+use crate::volume::node_ops::NodeOps;
 use crate::volume::work::Work;
 
-pub const TOPOLOGY_KEY: &str = "topology.kennel.csi.dev/node";
 pub const DEFAULT_DRIVER_NAME: &str = "kennel.csi.dev";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -94,12 +94,12 @@ pub struct DriverArgs {
     /// changes on-disk metadata (lvm2 changes, mkfs, e2fsck, resize2fs, xfs_growfs) is never
     /// killed: past it, it is only logged. The caller's own deadline ends its wait; the volume
     /// stays locked until the tool ends, and retries meanwhile answer ABORTED.
-    #[arg(long, default_value = "2m", value_parser = crate::duration::parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     pub command_timeout: std::time::Duration,
     /// Longest time a snapshot or clone may keep a mounted source's filesystem frozen. An
     /// instant copy (reflink, thin snapshot) fits; a full copy that does not is refused with
     /// FAILED_PRECONDITION rather than stalling the workload.
-    #[arg(long, default_value = "5s", value_parser = crate::duration::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub freeze_budget: std::time::Duration,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz on this address, e.g. 0.0.0.0:9808.
     #[arg(long, env = "KENNEL_METRICS_ADDR")]
@@ -192,7 +192,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
     let identity = NodeIdentity {
         topology: [(TOPOLOGY_KEY.to_owned(), node_id.clone())].into(),
         node_id,
-        machine_id: crate::node::identity::host_identity_from(&args.machine_id_files)?,
+        machine_id: crate::node::host_identity::host_identity_from(&args.machine_id_files)?,
     };
     // One set of locks and running operations for both services: a volume's controller and
     // node calls are serialized with each other too.
@@ -283,7 +283,7 @@ pub async fn run(args: DriverArgs) -> Result<()> {
         ));
         tracing::info!(addr = %http.local_addr().unwrap_or(addr), "metrics, /healthz and /readyz served");
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_listener(http, exporter).await {
+            if let Err(e) = crate::metrics_endpoint::serve_listener(http, exporter).await {
                 tracing::error!(error = %e, "metrics endpoint stopped");
             }
         });
@@ -295,23 +295,8 @@ pub async fn run(args: DriverArgs) -> Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "kennel driver serving"
     );
-    server::serve(driver, listener, shutdown_signal()).await?;
+    server::serve(driver, listener, crate::shutdown::shutdown_signal()).await?;
     let _ = std::fs::remove_file(&socket);
     tracing::info!("kennel driver stopped");
     Ok(())
-}
-
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
 }

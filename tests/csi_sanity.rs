@@ -50,7 +50,7 @@ struct Run {
     driver: Option<Daemon>,
     storage: Option<Storage>,
     /// The kubelet directory, on a shared mount as the driver demands.
-    kubelet: Option<kennel::node::mount::SharedMount>,
+    kubelet: Option<kennel::node::shared_mount::SharedMount>,
 }
 
 impl Drop for Run {
@@ -94,7 +94,8 @@ fn sanity(backend: Backend, access: &str) {
         .clone();
     let kubelet = root.join("kubelet");
     run_state.kubelet = Some(
-        kennel::node::mount::SharedMount::new(&kubelet).expect("kubelet dir on a shared mount"),
+        kennel::node::shared_mount::SharedMount::new(&kubelet)
+            .expect("kubelet dir on a shared mount"),
     );
     // Staging and publish paths where the kubelet would put them.
     let staging = kubelet.join("plugins/kubernetes.io/csi/kennel.csi.dev/sanity/globalmount");

@@ -15,7 +15,7 @@ const KENNEL: &str = env!("CARGO_BIN_EXE_kennel");
 /// The driver process and the shared mount its kubelet directory needs.
 struct Driver {
     child: Child,
-    _kubelet: kennel::node::mount::SharedMount,
+    _kubelet: kennel::node::shared_mount::SharedMount,
 }
 
 impl Drop for Driver {
@@ -30,7 +30,7 @@ impl Drop for Driver {
 fn start(dir: &Path) -> Option<(Driver, String)> {
     // The driver serves only a kubelet directory on a shared mount; making
     // one takes root unless the temporary directory already is on one.
-    let kubelet = match kennel::node::mount::SharedMount::new(dir) {
+    let kubelet = match kennel::node::shared_mount::SharedMount::new(dir) {
         Ok(kubelet) => kubelet,
         Err(e) if skip::cannot_run(&format!("no shared mount for the kubelet directory: {e}")) => {
             return None

@@ -68,7 +68,7 @@ fn python_grpcio_needs_the_localhost_authority() {
     };
     let dir = tempfile::tempdir().expect("temp dir");
     // The driver serves only a kubelet directory on a shared mount.
-    let _kubelet = match kennel::node::mount::SharedMount::new(dir.path()) {
+    let _kubelet = match kennel::node::shared_mount::SharedMount::new(dir.path()) {
         Ok(kubelet) => kubelet,
         Err(e) => {
             skip::cannot_run(&format!("no shared mount for the kubelet directory: {e}"));

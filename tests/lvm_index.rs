@@ -13,9 +13,9 @@ use kennel::backend::lvm::params::DeviceClass;
 use kennel::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use kennel::backend::{Backend, VolumeRecord};
 use kennel::csi::pb;
-use kennel::volume::capacity::CapacityRange;
-use kennel::volume::limits::IoLimits;
-use kennel::volume::VolumeId;
+use kennel::model::capacity::CapacityRange;
+use kennel::model::limits::IoLimits;
+use kennel::model::VolumeId;
 use lvm_support::*;
 
 fn counts(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {

@@ -12,9 +12,9 @@ use kennel::backend::lvm::params::DeviceClass;
 use kennel::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use kennel::backend::{Backend, VolumeRecord};
 use kennel::error::Error;
-use kennel::volume::capacity::CapacityRange;
-use kennel::volume::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
-use kennel::volume::VolumeId;
+use kennel::model::capacity::CapacityRange;
+use kennel::model::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
+use kennel::model::VolumeId;
 use lvm_support::*;
 
 /// A volume as csi-provisioner (with --extra-create-metadata) asks for one on

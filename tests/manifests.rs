@@ -898,7 +898,7 @@ fn storage_classes_match_the_driver() {
                 "{name}: only fstype of the CO's keys belongs in a class"
             );
             // The driver's own parser: shared keys parsed, the rest go to the backend.
-            let parsed = kennel::volume::spec::VolumeParams::parse(&params)
+            let parsed = kennel::model::spec::VolumeParams::parse(&params)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             match overlay {
                 "loop" => assert!(

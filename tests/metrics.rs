@@ -12,7 +12,7 @@ mod skip;
 
 use kennel::csi::client::CsiClient;
 use kennel::csi::pb;
-use kennel::metrics::http_get;
+use kennel::metrics_endpoint::http_get;
 use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kennel");
@@ -23,7 +23,7 @@ struct Driver {
     endpoint: String,
     addr: SocketAddr,
     /// The driver serves only a kubelet directory on a shared mount.
-    _kubelet: kennel::node::mount::SharedMount,
+    _kubelet: kennel::node::shared_mount::SharedMount,
 }
 
 impl Drop for Driver {
@@ -58,7 +58,7 @@ fn temp_dir(prefix: &str) -> (tempfile::TempDir, PathBuf) {
 
 /// The driver, or `None` where it cannot run (no root for its kubelet mount).
 async fn start(dir: &Path, log_format: &str) -> Option<Driver> {
-    let kubelet = match kennel::node::mount::SharedMount::new(dir) {
+    let kubelet = match kennel::node::shared_mount::SharedMount::new(dir) {
         Ok(kubelet) => kubelet,
         Err(e) if skip::cannot_run(&format!("no shared mount for the kubelet directory: {e}")) => {
             return None;
@@ -602,13 +602,15 @@ async fn dashboard_and_alerts_use_exported_metrics() {
     .await;
     let mut exported = exported_names(&driver_text);
 
-    let retention = std::sync::Arc::new(kennel::retention::metrics::Metrics::default());
+    let retention = std::sync::Arc::new(kennel::retention::retention_metrics::Metrics::default());
     retention.reconciled();
     retention.action("claim_owners");
     retention.failure("conflict");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let retention_addr = listener.local_addr().unwrap();
-    tokio::spawn(kennel::metrics::serve_listener(listener, retention));
+    tokio::spawn(kennel::metrics_endpoint::serve_listener(
+        listener, retention,
+    ));
     let (status, retention_text) = http_get(retention_addr, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     exported.extend(exported_names(&retention_text));

@@ -17,7 +17,7 @@ use kennel::bench::crowd::Crowd;
 use kennel::csi::client::CsiClient;
 use kennel::csi::pb::{self, volume_capability as vc};
 use kennel::driver::{BackendKind, DriverArgs, LocalDriver};
-use kennel::node::mount::SharedMount;
+use kennel::node::shared_mount::SharedMount;
 use kennel::node::{cleanup, loopdev, mount};
 
 const MIB: i64 = 1 << 20;

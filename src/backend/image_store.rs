@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::backend::{SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
-use crate::volume::{SnapshotId, VolumeId};
+use crate::model::{SnapshotId, VolumeId};
 
 const IMAGE_EXT: &str = "img";
 const RECORD_EXT: &str = "json";

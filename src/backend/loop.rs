@@ -13,14 +13,15 @@ use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
 
 use super::image_store::ImageStore;
-use super::{Backend, ContentSource, PoolCapacity, SnapshotRecord, VolumeRecord};
+use super::{Backend, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
+use crate::model::capacity::MIB;
+use crate::model::limits::IoLimits;
+use crate::model::spec::unknown_param;
+use crate::model::ContentSource;
+use crate::model::{SnapshotId, VolumeId};
 use crate::node::loopdev::{self, LoopIndex, Window};
 use crate::node::{copy, freeze, mount};
-use crate::volume::capacity::MIB;
-use crate::volume::limits::IoLimits;
-use crate::volume::spec::unknown_param;
-use crate::volume::{SnapshotId, VolumeId};
 
 const LOCK_FILE: &str = ".kennel.lock";
 const SNAPSHOT_DIR: &str = "snapshots";
@@ -463,7 +464,7 @@ fn default_reserve(fs_total: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::capacity::CapacityRange;
+    use crate::model::capacity::CapacityRange;
 
     fn record(name: &str, size: u64) -> VolumeRecord {
         VolumeRecord {

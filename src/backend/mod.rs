@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::volume::capacity::CapacityRange;
-use crate::volume::limits::IoLimits;
-use crate::volume::spec::{Capability, FsType, VolumeParams};
-use crate::volume::{SnapshotId, VolumeId};
+use crate::model::capacity::CapacityRange;
+use crate::model::limits::IoLimits;
+use crate::model::spec::{Capability, FsType, VolumeParams};
+use crate::model::{ContentSource, SnapshotId, VolumeId};
 
 pub mod image_store;
 #[path = "loop.rs"]
@@ -34,14 +34,6 @@ pub struct VolumeRecord {
     /// What the volume's data was copied from, if anything.
     #[serde(default)]
     pub source: Option<ContentSource>,
-}
-
-/// The origin of a pre-populated volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ContentSource {
-    Snapshot(SnapshotId),
-    Volume(VolumeId),
 }
 
 /// A point-in-time copy of a volume.

@@ -14,8 +14,8 @@ use super::{kennel_lifecycle, percentile, report, run_lifecycles, BenchArgs, Dri
 use crate::backend::lvm::cli::Lvm;
 use crate::backend::lvm::device_mapper_available;
 use crate::csi::client::CsiClient;
+use crate::model::capacity::MIB;
 use crate::node::loopdev;
-use crate::volume::capacity::MIB;
 
 mod scale;
 

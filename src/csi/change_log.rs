@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
+use crate::model::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
 
 #[must_use = "call done() once the change succeeded"]
 pub struct Change {

@@ -2,12 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::{ContentSource, SnapshotRecord, VolumeRecord};
+use crate::backend::{SnapshotRecord, VolumeRecord};
 use crate::csi::pb;
 use crate::error::{Error, Result};
-use crate::volume::capacity::CapacityRange;
-use crate::volume::spec::{AccessMode, AccessType, Capability, FsType, Segment};
-use crate::volume::{SnapshotId, VolumeId};
+use crate::model::capacity::CapacityRange;
+use crate::model::spec::{AccessMode, AccessType, Capability, FsType, Segment};
+use crate::model::ContentSource;
+use crate::model::{SnapshotId, VolumeId};
 
 use pb::volume_capability::access_mode::Mode;
 

@@ -2,11 +2,11 @@
 
 pub mod change_log;
 pub mod client;
-pub mod controller;
+pub mod controller_service;
 pub mod convert;
-pub mod identity;
-pub mod metrics;
-pub mod node;
+pub mod driver_metrics;
+pub mod identity_service;
+pub mod node_service;
 pub mod server;
 pub mod status;
 

@@ -10,17 +10,17 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::backend::VolumeRecord;
-use crate::csi::controller::ControllerService;
-use crate::csi::identity::IdentityService;
-use crate::csi::metrics::{RpcMetricsLayer, Telemetry, OBSERVE_PERIOD};
-use crate::csi::node::NodeService;
+use crate::csi::controller_service::ControllerService;
+use crate::csi::driver_metrics::{RpcMetricsLayer, Telemetry, OBSERVE_PERIOD};
+use crate::csi::identity_service::IdentityService;
+use crate::csi::node_service::NodeService;
 use crate::csi::pb::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
 use crate::error::{Error, IoContext, Result};
-use crate::volume::controller::Controller;
-use crate::volume::node::NodeOps;
-use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
+use crate::model::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
+use crate::volume::controller_ops::Controller;
+use crate::volume::node_ops::NodeOps;
 use crate::volume::work::Work;
 
 /// Volume context keys naming where a volume's data lives.

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::model::spec::FsType;
 use crate::node::cmd::{self, Tool};
-use crate::volume::spec::FsType;
 
 /// What a device carries, as blkid's low-level probe sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::volume::limits::IoLimits;
+use crate::model::limits::IoLimits;
 
 /// Where the kubelet's blkio hierarchy is on a node.
 pub const DEFAULT_BLKIO_DIR: &str = "/sys/fs/cgroup/blkio";

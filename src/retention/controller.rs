@@ -24,10 +24,10 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::builtin::BuiltinRule;
-use super::metrics::Metrics;
 use super::names::claim_identity;
 use super::nodeloss::{pinned_node, pv_driver, NodeView};
 use super::policy::{self, Action, Note, Observed, Options, Plan, Regarding};
+use super::retention_metrics::Metrics;
 
 /// Label the StatefulSet controller puts on every pod it makes; narrows the pod watch.
 const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";

@@ -15,7 +15,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use super::nodeloss::{MACHINE_ID_ATTRIBUTE, TOPOLOGY_KEY};
+use super::nodeloss::MACHINE_ID_ATTRIBUTE;
+use crate::topology::TOPOLOGY_KEY;
 
 pub const NS: &str = "default";
 pub const SET: &str = "web";

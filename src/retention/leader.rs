@@ -8,6 +8,11 @@
 //! of the lease duration after the last one) means this replica stops acting, before another
 //! replica can take the lease over. An unbounded call (kube's read timeout is minutes) would
 //! keep a stale leader writing beside the new one.
+//!
+//! Why not a crate: kube-leader-election says of itself that several replicas may act as leader
+//! for a while (no fencing), which is what the renew deadline here rules out; kube-lease-manager
+//! may fit, once it passes this module's tests (a renewal that never answers must stop the
+//! leader by the deadline). Until then this stays.
 
 use std::time::Duration;
 

@@ -6,7 +6,6 @@
 pub mod builtin;
 pub mod controller;
 pub mod leader;
-pub mod metrics;
 pub mod names;
 pub mod nodeloss;
 pub mod orphan_sweeper;
@@ -14,6 +13,7 @@ pub mod orphans;
 pub mod owners;
 pub mod policy;
 pub mod rbac;
+pub mod retention_metrics;
 
 #[cfg(test)]
 mod fixtures;
@@ -28,7 +28,7 @@ use anyhow::Context as _;
 use kube::Client;
 use tracing::{info, warn};
 
-use crate::duration::parse_duration;
+use crate::shutdown::shutdown_signal;
 pub use builtin::BuiltinMode;
 
 /// Flags of `kennel retention`.
@@ -50,11 +50,11 @@ pub struct RetentionArgs {
     /// How long after a node's loss is first seen (Node deleted or tainted
     /// node.kubernetes.io/out-of-service) its pods' claims are recreated
     /// (only for sets annotated kennel.csi.dev/on-node-loss=recreate).
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub node_loss_grace: Duration,
 
     /// Every StatefulSet is planned again at least this often.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub resync_interval: Duration,
 
     /// Delete out-of-range claims whose condemned pod vanished before the pod reference was
@@ -83,7 +83,7 @@ pub struct RetentionArgs {
     pub lease_namespace: String,
 
     /// How long a leader's Lease is valid without renewal.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
 }
 
@@ -92,30 +92,6 @@ fn identity() -> String {
     std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("kennel-retention-{}", std::process::id()))
-}
-
-/// Resolves when the process is asked to stop (SIGTERM or SIGINT).
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
 
 /// Builds a client from the environment (in-cluster or kubeconfig) and runs the controller until
@@ -145,11 +121,11 @@ pub async fn run(args: RetentionArgs) -> anyhow::Result<()> {
         "built-in StatefulSet retention: {}",
         builtin.describe()
     );
-    let metrics = Arc::new(metrics::Metrics::default());
+    let metrics = Arc::new(retention_metrics::Metrics::default());
     if let Some(addr) = args.metrics_addr {
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, m).await {
+            if let Err(e) = crate::metrics_endpoint::serve(addr, m).await {
                 warn!(%addr, error = %e, "metrics endpoint stopped");
             }
         });

@@ -24,8 +24,8 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, 
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 
-/// Topology key the Kennel driver reports; its value is the node name.
-pub const TOPOLOGY_KEY: &str = "topology.kennel.csi.dev/node";
+use crate::topology::TOPOLOGY_KEY;
+
 /// Volume attribute where the driver records the identity of the host that made the volume.
 pub const MACHINE_ID_ATTRIBUTE: &str = "kennel.csi.dev/machine-id";
 /// What drivers before host identity was required recorded when they could not read one.

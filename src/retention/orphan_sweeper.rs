@@ -15,12 +15,12 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
-use super::metrics::Metrics;
 use super::orphans::{self, BackendVolume, OrphanClock};
+use super::retention_metrics::Metrics;
 use crate::csi::client::CsiClient;
 use crate::csi::pb;
-use crate::duration::parse_duration;
-use crate::volume::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
+use crate::model::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
+use humantime::parse_duration;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct OrphanArgs {
@@ -51,13 +51,13 @@ pub async fn run(args: OrphanArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_addr {
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, m).await {
+            if let Err(e) = crate::metrics_endpoint::serve(addr, m).await {
                 warn!(%addr, error = %e, "metrics endpoint stopped");
             }
         });
     }
     let mut sweeper = Sweeper::new(client, args.clone(), metrics);
-    let mut stop = std::pin::pin!(crate::driver::shutdown_signal());
+    let mut stop = std::pin::pin!(crate::shutdown::shutdown_signal());
     loop {
         if let Err(e) = sweeper.pass().await {
             warn!(error = %format!("{e:#}"), "orphan pass failed");

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::PersistentVolume;
 
+use crate::topology::TOPOLOGY_KEY;
+
 /// Attribute the driver records with each volume: the node holding it.
 pub const ATTR_NODE: &str = "kennel.csi.dev/node";
-/// Topology key of Kennel volumes.
-pub const TOPOLOGY_KEY: &str = "topology.kennel.csi.dev/node";
 
 /// A volume as the node's driver lists it (CSI ListVolumes).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,13 +1,7 @@
 //! The domain: what a request means and what to do about it.
 
-pub mod capacity;
-pub mod controller;
-pub mod id;
-pub mod limits;
+pub mod controller_ops;
 pub mod locks;
-pub mod node;
-pub mod spec;
+pub mod node_ops;
 pub mod token;
 pub mod work;
-
-pub use id::{SnapshotId, VolumeId};

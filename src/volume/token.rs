@@ -12,13 +12,13 @@ pub trait Cursor: Ord + Display + Sized {
     fn parse_cursor(raw: &str) -> Option<Self>;
 }
 
-impl Cursor for crate::volume::VolumeId {
+impl Cursor for crate::model::VolumeId {
     fn parse_cursor(raw: &str) -> Option<Self> {
         Self::parse(raw)
     }
 }
 
-impl Cursor for crate::volume::SnapshotId {
+impl Cursor for crate::model::SnapshotId {
     fn parse_cursor(raw: &str) -> Option<Self> {
         Self::parse(raw)
     }
@@ -74,7 +74,7 @@ pub fn page<T, K: Cursor>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::VolumeId;
+    use crate::model::VolumeId;
 
     fn ids(n: usize) -> Vec<VolumeId> {
         let mut v: Vec<_> = (0..n).map(|_| VolumeId::generate()).collect();

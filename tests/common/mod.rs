@@ -179,8 +179,8 @@ static KUBELET_MOUNTS: std::sync::Mutex<BTreeSet<(u64, PathBuf)>> =
 /// Make `dir` a kubelet directory the driver accepts: a bind mount of itself,
 /// shared, so it passes the driver's mount-propagation check. Unmounted when
 /// the returned guard drops.
-pub fn shared_kubelet_dir(dir: &Path) -> kennel::node::mount::SharedMount {
-    let shared = kennel::node::mount::SharedMount::new(dir)
+pub fn shared_kubelet_dir(dir: &Path) -> kennel::node::shared_mount::SharedMount {
+    let shared = kennel::node::shared_mount::SharedMount::new(dir)
         .unwrap_or_else(|e| panic!("make {} a shared mount: {e}", dir.display()));
     // None if `dir` already lay on a shared mount and needed none of its own.
     let own = mountinfo()
@@ -218,7 +218,7 @@ pub struct TestDriver {
     child: Option<Child>,
     log: PathBuf,
     /// `root` as the driver's `--kubelet-dir`: a shared mount of itself.
-    kubelet: Option<kennel::node::mount::SharedMount>,
+    kubelet: Option<kennel::node::shared_mount::SharedMount>,
     tempdir: Option<tempfile::TempDir>,
 }
 

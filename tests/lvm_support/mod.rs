@@ -50,7 +50,7 @@ pub struct LvmDriver {
     child: Option<Child>,
     log: PathBuf,
     /// `root` as the driver's `--kubelet-dir`, on a shared mount.
-    _kubelet: kennel::node::mount::SharedMount,
+    _kubelet: kennel::node::shared_mount::SharedMount,
     _dir: tempfile::TempDir,
 }
 
@@ -76,7 +76,8 @@ impl LvmDriver {
         let endpoint = format!("unix://{}", root.join("csi.sock").display());
         let log = root.join("driver.log");
         let metrics = free_local_port();
-        let kubelet = kennel::node::mount::SharedMount::new(&root).expect("shared kubelet dir");
+        let kubelet =
+            kennel::node::shared_mount::SharedMount::new(&root).expect("shared kubelet dir");
         let mut child = spawn(&root, &endpoint, metrics, &volume_groups, &env, &args, &log);
         let client = wait_ready(&mut child, &endpoint, &log).await;
         LvmDriver {

@@ -13,9 +13,9 @@ use super::params::{Layout, LvmParams};
 use super::{tags, LvmBackend};
 use crate::backend::{Backend, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
-use crate::volume::limits::IoLimits;
-use crate::volume::spec::FsType;
-use crate::volume::{SnapshotId, VolumeId};
+use crate::model::limits::IoLimits;
+use crate::model::spec::FsType;
+use crate::model::{SnapshotId, VolumeId};
 
 impl Backend for LvmBackend {
     fn kind(&self) -> &'static str {

@@ -284,7 +284,7 @@ impl LvmCmd {
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
             .deadline(self.timeout)
             .output();
-        super::metrics::observe(self.tool, started.elapsed().as_secs_f64());
+        super::tool_metrics::observe(self.tool, started.elapsed().as_secs_f64());
         let output = output.map_err(|e| match e {
             // Name the whole command line, not just the tool.
             Error::DeadlineExceeded { after, stderr, .. } => Error::DeadlineExceeded {

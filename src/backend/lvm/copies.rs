@@ -7,8 +7,8 @@ use super::data;
 use super::index::{Kind, Lv};
 use super::params::{Layout, LvmParams};
 use super::{tags, LvmBackend};
-use crate::backend::ContentSource;
 use crate::error::{Error, Result};
+use crate::model::ContentSource;
 use crate::node::{freeze, mount};
 
 impl LvmBackend {

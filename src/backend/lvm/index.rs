@@ -15,7 +15,7 @@ use super::data::{self, PeRange};
 use super::metadata;
 use super::tags::{self, Decoded, LvFacts};
 use crate::backend::{SnapshotRecord, VolumeRecord};
-use crate::volume::{SnapshotId, VolumeId};
+use crate::model::{SnapshotId, VolumeId};
 
 /// A run of free extents on one PV.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -751,7 +751,7 @@ mod tests {
                 .and_then(Lv::volume)
                 .map(|v| v.params.io_limits)
         };
-        let expected = crate::volume::limits::IoLimits {
+        let expected = crate::model::limits::IoLimits {
             read_bps: Some(1 << 20),
             read_iops: Some(500),
             ..Default::default()

@@ -145,9 +145,9 @@ mod tests {
     use super::*;
     use crate::backend::lvm::tags;
     use crate::backend::VolumeRecord;
-    use crate::volume::capacity::CapacityRange;
-    use crate::volume::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
-    use crate::volume::VolumeId;
+    use crate::model::capacity::CapacityRange;
+    use crate::model::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
+    use crate::model::VolumeId;
 
     /// lvm2's default: the first MiB of the PV less its label, 1020 KiB.
     const DEFAULT_AREA: u64 = 1_044_480;

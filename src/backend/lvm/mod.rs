@@ -86,12 +86,12 @@ mod health;
 pub mod index;
 mod limits;
 pub mod metadata;
-pub mod metrics;
 pub mod params;
 mod refresh;
 mod removal;
 mod sweep;
 pub mod tags;
+pub mod tool_metrics;
 mod windows;
 
 pub use activation::{device_mapper_available, Activation};
@@ -192,7 +192,7 @@ impl LvmBackend {
             .map(|v| v.extent_size)
             .max()
             .unwrap_or(4 << 20)
-            .max(crate::volume::capacity::MIB);
+            .max(crate::model::capacity::MIB);
         if !granularity.is_power_of_two() {
             return Err(Error::Precondition(format!(
                 "extent size {granularity} is not a power of two"

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::volume::spec::{unknown_param, FsType};
+use crate::model::spec::{unknown_param, FsType};
 
 pub const TYPE: &str = "type";
 pub const THIN_POOL: &str = "thinPool";
@@ -85,7 +85,7 @@ impl LvmParams {
         let stripe_size = match get(STRIPE_SIZE) {
             None => None,
             Some(raw) => {
-                let bytes = crate::volume::capacity::parse_size(raw)
+                let bytes = crate::model::capacity::parse_size(raw)
                     .map_err(|e| Error::invalid(format!("parameter {STRIPE_SIZE:?}: {e}")))?;
                 if !bytes.is_power_of_two() || !(4096..=(1 << 30)).contains(&bytes) {
                     return Err(Error::invalid(format!(

@@ -14,7 +14,7 @@ use super::index::{self, Index, Lv};
 use super::LvmBackend;
 use crate::backend::VolumeRecord;
 use crate::error::{Error, Result};
-use crate::volume::VolumeId;
+use crate::model::VolumeId;
 
 /// Tells the background refresh whether the index changed under it.
 #[derive(Debug, Default)]

@@ -218,9 +218,9 @@ pub fn is_valid_tag(tag: &str) -> bool {
 mod tests {
     use super::*;
     use crate::backend::{ContentSource, SnapshotRecord, VolumeRecord};
-    use crate::volume::capacity::CapacityRange;
-    use crate::volume::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
-    use crate::volume::{SnapshotId, VolumeId};
+    use crate::model::capacity::CapacityRange;
+    use crate::model::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
+    use crate::model::{SnapshotId, VolumeId};
 
     /// A volume as Kubernetes makes them (csi-provisioner with
     /// --extra-create-metadata), restored from a snapshot.

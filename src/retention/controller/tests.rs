@@ -16,11 +16,11 @@ use tower_test::mock::{self, Handle};
 
 use super::{error_policy, reconcile, Context, Error, Settings, REPORTER};
 use crate::retention::fixtures::*;
-use crate::retention::metrics::Metrics;
 use crate::retention::mock_api::{conflict, event_about, expect, not_found, serve, Exchange};
 use crate::retention::nodeloss::NODE_LOST_ANNOTATION;
 use crate::retention::policy::ON_NODE_LOSS_ANNOTATION;
 use crate::retention::rbac;
+use crate::retention::retention_metrics::Metrics;
 
 fn store<K>(objects: Vec<K>) -> Store<K>
 where
@@ -180,19 +180,32 @@ async fn reattach_removes_the_stale_pod_ref() {
     assert_eq!(ctx.metrics.action_count("claim_owners"), 1);
 }
 
-#[tokio::test]
-async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
-    let web = annotate(
+/// Two ordinals, web-1 waiting unscheduled since `since` on node-b's volume; node-b as
+/// `node_b` shows it (absent: `None`).
+fn stranded(since: i64, claim_1: PersistentVolumeClaim, node_b: Option<Node>) -> Cluster {
+    Cluster {
+        claims: vec![claim(0, vec![]), claim_1],
+        pods: vec![pod(0), unschedulable(pod(1), ts(since))],
+        volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
+        nodes: std::iter::once(node("node-a", "m-a", true))
+            .chain(node_b)
+            .collect(),
+    }
+}
+
+/// A set that opted in to node-loss recovery.
+fn recreating_set() -> StatefulSet {
+    annotate(
         set(2, Some(("Retain", "Retain"))),
         ON_NODE_LOSS_ANNOTATION,
         "recreate",
-    );
-    let cluster = |claim_1| Cluster {
-        claims: vec![claim(0, vec![]), claim_1],
-        pods: vec![pod(0), unschedulable(pod(1), ts(-600))],
-        volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
-        nodes: vec![node("node-a", "m-a", true)],
-    };
+    )
+}
+
+#[tokio::test]
+async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
+    let web = recreating_set();
+    let cluster = |claim_1| stranded(-600, claim_1, None);
     // First pass: the evidence is new. It is recorded on the claim, announced, and nothing
     // is deleted however long the pod has waited.
     let record = crate::retention::nodeloss::loss_record("node-b", ts(0));
@@ -283,17 +296,8 @@ async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
 
 #[tokio::test]
 async fn node_present_on_the_server_but_not_in_the_cache_changes_nothing() {
-    let web = annotate(
-        set(2, Some(("Retain", "Retain"))),
-        ON_NODE_LOSS_ANNOTATION,
-        "recreate",
-    );
-    let cluster = Cluster {
-        claims: vec![claim(0, vec![]), claim(1, vec![])],
-        pods: vec![pod(0), unschedulable(pod(1), ts(-600))],
-        volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
-        nodes: vec![node("node-a", "m-a", true)],
-    };
+    let web = recreating_set();
+    let cluster = stranded(-600, claim(1, vec![]), None);
     let script = vec![expect(
         "GET",
         "/api/v1/nodes/node-b",
@@ -366,18 +370,9 @@ async fn two_actions_with_one_reason_are_two_readable_events() {
 
 #[tokio::test]
 async fn an_out_of_service_taint_is_read_again_uncached_before_it_is_recorded() {
-    let web = annotate(
-        set(2, Some(("Retain", "Retain"))),
-        ON_NODE_LOSS_ANNOTATION,
-        "recreate",
-    );
+    let web = recreating_set();
     let tainted = out_of_service(not_ready_since(node("node-b", "m-b", false), ts(-600)));
-    let cluster = || Cluster {
-        claims: vec![claim(0, vec![]), claim(1, vec![])],
-        pods: vec![pod(0), unschedulable(pod(1), ts(-600))],
-        volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
-        nodes: vec![node("node-a", "m-a", true), tainted.clone()],
-    };
+    let cluster = || stranded(-600, claim(1, vec![]), Some(tainted.clone()));
     const NODE: &str = "/api/v1/nodes/node-b";
     // The cache is behind: the taint was removed. Nothing is written.
     let script = vec![expect(
@@ -409,20 +404,9 @@ async fn an_out_of_service_taint_is_read_again_uncached_before_it_is_recorded() 
 
 #[tokio::test]
 async fn a_not_ready_node_is_never_lost() {
-    let web = annotate(
-        set(2, Some(("Retain", "Retain"))),
-        ON_NODE_LOSS_ANNOTATION,
-        "recreate",
-    );
-    let cluster = Cluster {
-        claims: vec![claim(0, vec![]), claim(1, vec![])],
-        pods: vec![pod(0), unschedulable(pod(1), ts(-86400))],
-        volumes: vec![pv(0, "node-a", "m-a"), pv(1, "node-b", "m-b")],
-        nodes: vec![
-            node("node-a", "m-a", true),
-            not_ready_since(node("node-b", "m-b", false), ts(-86400)),
-        ],
-    };
+    let web = recreating_set();
+    let down = not_ready_since(node("node-b", "m-b", false), ts(-86400));
+    let cluster = stranded(-86400, claim(1, vec![]), Some(down));
     // No request at all: a NotReady node is not evidence, so nothing is read or written.
     let (result, _) = run_scenario(web, cluster, vec![]).await;
     result.expect("reconciled");

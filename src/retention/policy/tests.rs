@@ -69,6 +69,22 @@ impl World {
         )
     }
 
+    /// The claim a write names, after checking its precondition; its resourceVersion moves on.
+    fn written_claim(&mut self, claim: &str, resource_version: &str) -> &mut PersistentVolumeClaim {
+        let c = self
+            .claims
+            .iter_mut()
+            .find(|c| c.metadata.name.as_deref() == Some(claim))
+            .expect("claim exists");
+        assert_eq!(
+            c.metadata.resource_version.as_deref(),
+            Some(resource_version)
+        );
+        let next: u64 = resource_version.parse::<u64>().expect("numeric") + 1000;
+        c.metadata.resource_version = Some(next.to_string());
+        c
+    }
+
     /// Applies the claim writes as the API server would (resourceVersion checked).
     fn apply(&mut self, plan: &Plan) {
         for action in &plan.actions {
@@ -78,16 +94,9 @@ impl World {
                     resource_version,
                     owner_references,
                 } => {
-                    let c = self
-                        .claims
-                        .iter_mut()
-                        .find(|c| c.metadata.name.as_deref() == Some(claim.as_str()))
-                        .expect("claim exists");
-                    assert_eq!(c.metadata.resource_version.as_ref(), Some(resource_version));
+                    let c = self.written_claim(claim, resource_version);
                     c.metadata.owner_references =
                         (!owner_references.is_empty()).then(|| owner_references.clone());
-                    let next: u64 = resource_version.parse::<u64>().expect("numeric") + 1000;
-                    c.metadata.resource_version = Some(next.to_string());
                 }
                 Action::SetClaimAnnotation {
                     claim,
@@ -95,19 +104,12 @@ impl World {
                     key,
                     value,
                 } => {
-                    let c = self
-                        .claims
-                        .iter_mut()
-                        .find(|c| c.metadata.name.as_deref() == Some(claim.as_str()))
-                        .expect("claim exists");
-                    assert_eq!(c.metadata.resource_version.as_ref(), Some(resource_version));
+                    let c = self.written_claim(claim, resource_version);
                     let notes = c.metadata.annotations.get_or_insert_with(Default::default);
                     match value {
                         Some(v) => notes.insert(key.to_string(), v.clone()),
                         None => notes.remove(*key),
                     };
-                    let next: u64 = resource_version.parse::<u64>().expect("numeric") + 1000;
-                    c.metadata.resource_version = Some(next.to_string());
                 }
                 Action::DeleteClaim { claim, .. } => self
                     .claims

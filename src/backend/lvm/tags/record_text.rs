@@ -19,10 +19,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::{ContentSource, SnapshotRecord, VolumeRecord};
-use crate::volume::capacity::CapacityRange;
-use crate::volume::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
-use crate::volume::{SnapshotId, VolumeId};
+use crate::backend::{SnapshotRecord, VolumeRecord};
+use crate::model::capacity::CapacityRange;
+use crate::model::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
+use crate::model::ContentSource;
+use crate::model::{SnapshotId, VolumeId};
 
 /// What lvm2 knows about the LV itself: the fields a record does not store.
 #[derive(Debug, Clone, Copy)]

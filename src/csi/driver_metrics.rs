@@ -23,7 +23,7 @@ use tonic::Code;
 use tracing::Instrument as _;
 
 use crate::backend::{Backend, PoolCapacity, VolumeRecord};
-use crate::metrics::{Exporter, LATENCY_BUCKETS};
+use crate::metrics_endpoint::{Exporter, LATENCY_BUCKETS};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -333,7 +333,7 @@ impl DriverExporter {
         let mut registry = Registry::default();
         telemetry.rpc.register(&mut registry);
         if backend_kind == "lvm" {
-            crate::backend::lvm::metrics::register(&mut registry);
+            crate::backend::lvm::tool_metrics::register(&mut registry);
         }
         registry.register(
             "kennel_build",

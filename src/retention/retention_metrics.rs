@@ -1,5 +1,5 @@
 //! The retention controller's counters and gauges, served on `--metrics-addr` through the
-//! shared endpoint in `crate::metrics`.
+//! shared endpoint in `crate::metrics_endpoint`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -7,7 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::Exporter;
+use crate::metrics_endpoint::Exporter;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -103,7 +103,7 @@ impl Metrics {
     }
 }
 
-/// `/metrics`, `/healthz` and `/readyz` of `kennel retention` (see [`crate::metrics::serve`]).
+/// `/metrics`, `/healthz` and `/readyz` of `kennel retention` (see [`crate::metrics_endpoint::serve`]).
 /// A standby replica waiting for the Lease is ready too: it is doing its job.
 impl Exporter for Metrics {
     fn registry(&self) -> &Registry {

@@ -12,8 +12,8 @@ use crate::csi::pb::{
 };
 use crate::csi::server::Driver;
 use crate::error::Error;
-use crate::volume::limits::IoLimits;
-use crate::volume::spec::{self, CreateRequest, VolumeParams};
+use crate::model::limits::IoLimits;
+use crate::model::spec::{self, CreateRequest, VolumeParams};
 
 pub struct ControllerService {
     driver: Arc<Driver>,
@@ -36,7 +36,7 @@ impl ControllerService {
 fn condition(abnormal: Option<String>) -> pb::VolumeCondition {
     pb::VolumeCondition {
         abnormal: abnormal.is_some(),
-        message: abnormal.unwrap_or_else(|| crate::csi::metrics::HEALTHY.to_owned()),
+        message: abnormal.unwrap_or_else(|| crate::csi::driver_metrics::HEALTHY.to_owned()),
     }
 }
 

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::volume::capacity::CapacityRange;
-use crate::volume::limits::IoLimits;
+use crate::model::capacity::CapacityRange;
+use crate::model::limits::IoLimits;
+use crate::model::{SnapshotId, VolumeId};
 
 /// Filesystems Kennel formats and grows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,8 +42,8 @@ impl FsType {
     /// Smallest device mkfs accepts (xfs refuses anything under 300 MiB).
     pub fn minimum_bytes(self) -> u64 {
         match self {
-            FsType::Ext4 => crate::volume::capacity::MIB,
-            FsType::Xfs => 300 * crate::volume::capacity::MIB,
+            FsType::Ext4 => crate::model::capacity::MIB,
+            FsType::Xfs => 300 * crate::model::capacity::MIB,
         }
     }
 }
@@ -107,7 +108,7 @@ pub struct VolumeParams {
     /// Backend-specific keys (LVM layout, device class...).
     #[serde(default)]
     pub backend: BTreeMap<String, String>,
-    /// I/O limits: the mutable parameters (see `volume::limits`).
+    /// I/O limits: the mutable parameters (see `model::limits`).
     #[serde(default, skip_serializing_if = "IoLimits::is_empty")]
     pub io_limits: IoLimits,
 }
@@ -176,6 +177,14 @@ fn parse_bool(key: &str, value: &str) -> Result<bool> {
     }
 }
 
+/// The origin of a pre-populated volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentSource {
+    Snapshot(SnapshotId),
+    Volume(VolumeId),
+}
+
 /// A validated CreateVolume request.
 #[derive(Debug, Clone)]
 pub struct CreateRequest {
@@ -186,7 +195,7 @@ pub struct CreateRequest {
     /// Segments the volume must be reachable from (any one of them).
     pub requisite: Vec<Segment>,
     /// Data to start from.
-    pub source: Option<crate::backend::ContentSource>,
+    pub source: Option<ContentSource>,
 }
 
 impl CreateRequest {

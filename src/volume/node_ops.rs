@@ -12,6 +12,9 @@ use nix::mount::MsFlags;
 
 use crate::backend::{Backend, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
+use crate::model::capacity::CapacityRange;
+use crate::model::spec::{AccessMode, AccessType, Capability, FsType};
+use crate::model::VolumeId;
 use crate::node::fs as filesystem;
 use crate::node::fs_group;
 use crate::node::fs_health;
@@ -20,11 +23,8 @@ use crate::node::io_throttle;
 use crate::node::loopdev::{self, LoopIndex};
 use crate::node::mount::{self, MountEntry, PathState};
 use crate::node::selinux;
-use crate::volume::capacity::CapacityRange;
-use crate::volume::controller::{parse_known, run_blocking};
-use crate::volume::spec::{AccessMode, AccessType, Capability, FsType};
+use crate::volume::controller_ops::{parse_known, run_blocking};
 use crate::volume::work::Work;
-use crate::volume::VolumeId;
 
 /// Inside a Block volume's staging directory, the file the device is bound to.
 pub const BLOCK_STAGING_FILE: &str = "device";

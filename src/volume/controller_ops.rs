@@ -5,13 +5,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use std::collections::BTreeMap;
 
-use crate::backend::{Backend, ContentSource, PoolCapacity, SnapshotRecord, VolumeRecord};
+use crate::backend::{Backend, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, Result};
-use crate::volume::capacity::{choose_size, CapacityRange, GIB};
-use crate::volume::limits::IoLimits;
-use crate::volume::spec::{segment_matches, Capability, CreateRequest, Segment, VolumeParams};
+use crate::model::capacity::{choose_size, CapacityRange, GIB};
+use crate::model::limits::IoLimits;
+use crate::model::spec::{segment_matches, Capability, CreateRequest, Segment, VolumeParams};
+use crate::model::ContentSource;
+use crate::model::{SnapshotId, VolumeId};
+use crate::volume::token;
 use crate::volume::work::Work;
-use crate::volume::{token, SnapshotId, VolumeId};
 
 /// Size of a volume whose request names no capacity.
 pub const DEFAULT_VOLUME_BYTES: u64 = GIB;
@@ -280,7 +282,7 @@ impl Controller {
 
     /// Snapshot a volume; idempotent by name.
     pub async fn create_snapshot(&self, name: String, raw_source: &str) -> Result<SnapshotRecord> {
-        crate::volume::spec::validate_name(&name)?;
+        crate::model::spec::validate_name(&name)?;
         if raw_source.is_empty() {
             return Err(Error::invalid("source_volume_id is required"));
         }
@@ -451,9 +453,9 @@ mod tests {
 
     use super::*;
     use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
-    use crate::volume::capacity::MIB;
+    use crate::model::capacity::MIB;
+    use crate::model::spec::{AccessMode, AccessType};
     use crate::volume::locks::LockMap;
-    use crate::volume::spec::{AccessMode, AccessType};
 
     /// Forwards to the loop backend; `create` and `create_snapshot` wait while the gate is shut.
     struct Gated {
@@ -514,7 +516,7 @@ mod tests {
         fn set_io_limits(
             &self,
             id: &VolumeId,
-            limits: crate::volume::limits::IoLimits,
+            limits: crate::model::limits::IoLimits,
         ) -> Result<VolumeRecord> {
             self.inner.set_io_limits(id, limits)
         }

@@ -10,8 +10,8 @@ use crate::csi::convert;
 use crate::csi::pb::{self, node_server::Node, node_service_capability};
 use crate::csi::server::Driver;
 use crate::error::Error;
-use crate::volume::node::{PublishRequest, StageRequest, VolumeStats};
-use crate::volume::spec::host_path;
+use crate::model::spec::host_path;
+use crate::volume::node_ops::{PublishRequest, StageRequest, VolumeStats};
 
 pub struct NodeService {
     driver: Arc<Driver>,
@@ -178,7 +178,7 @@ impl Node for NodeService {
                 abnormal: report.abnormal.is_some(),
                 message: report
                     .abnormal
-                    .unwrap_or_else(|| crate::csi::metrics::HEALTHY.to_owned()),
+                    .unwrap_or_else(|| crate::csi::driver_metrics::HEALTHY.to_owned()),
             }),
         }))
     }

@@ -13,7 +13,6 @@ use crate::model::spec::{Capability, FsType, VolumeParams};
 use crate::model::{ContentSource, SnapshotId, VolumeId};
 
 pub mod image_store;
-#[path = "loop.rs"]
 pub mod loop_files;
 pub mod lvm;
 

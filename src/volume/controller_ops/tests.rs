@@ -1,0 +1,272 @@
+//! Locking between calls, against the real loop backend (image files only, no root) with
+//! a gate that holds a create or a snapshot copy open for as long as the test wants.
+
+use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use super::*;
+use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
+use crate::model::capacity::MIB;
+use crate::model::spec::{AccessMode, AccessType};
+use crate::volume::locks::LockMap;
+
+/// Forwards to the loop backend; `create` and `create_snapshot` wait while the gate is shut.
+struct Gated {
+    inner: LoopBackend,
+    /// (shut, creates and snapshots waiting at the gate)
+    gate: Mutex<(bool, usize)>,
+    changed: Condvar,
+}
+
+impl Gated {
+    fn pass(&self) {
+        let mut g = self.gate.lock().unwrap();
+        g.1 += 1;
+        self.changed.notify_all();
+        while g.0 {
+            g = self.changed.wait(g).unwrap();
+        }
+        g.1 -= 1;
+    }
+    fn shut(&self, shut: bool) {
+        self.gate.lock().unwrap().0 = shut;
+        self.changed.notify_all();
+    }
+    fn wait_for_one_held(&self) {
+        let mut g = self.gate.lock().unwrap();
+        while g.1 == 0 {
+            g = self.changed.wait(g).unwrap();
+        }
+    }
+}
+
+impl Backend for Gated {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn granularity(&self) -> u64 {
+        self.inner.granularity()
+    }
+    fn list(&self) -> Result<Vec<VolumeRecord>> {
+        self.inner.list()
+    }
+    fn get(&self, id: &VolumeId) -> Result<Option<VolumeRecord>> {
+        self.inner.get(id)
+    }
+    fn find_by_name(&self, name: &str) -> Result<Option<VolumeRecord>> {
+        self.inner.find_by_name(name)
+    }
+    fn create(&self, record: &VolumeRecord) -> Result<()> {
+        self.pass();
+        self.inner.create(record)
+    }
+    fn delete(&self, id: &VolumeId) -> Result<()> {
+        self.inner.delete(id)
+    }
+    fn expand(&self, id: &VolumeId, new_size: u64) -> Result<VolumeRecord> {
+        self.inner.expand(id, new_size)
+    }
+    fn set_io_limits(
+        &self,
+        id: &VolumeId,
+        limits: crate::model::limits::IoLimits,
+    ) -> Result<VolumeRecord> {
+        self.inner.set_io_limits(id, limits)
+    }
+    fn capacity(&self, params: &BTreeMap<String, String>) -> Result<PoolCapacity> {
+        self.inner.capacity(params)
+    }
+    fn check_params(&self, params: &BTreeMap<String, String>) -> Result<()> {
+        self.inner.check_params(params)
+    }
+    fn create_snapshot(&self, snapshot: &SnapshotRecord) -> Result<()> {
+        self.pass();
+        self.inner.create_snapshot(snapshot)
+    }
+    fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        self.inner.delete_snapshot(id)
+    }
+    fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        self.inner.list_snapshots()
+    }
+    fn attach(&self, id: &VolumeId) -> Result<PathBuf> {
+        self.inner.attach(id)
+    }
+    fn detach(&self, id: &VolumeId) -> Result<()> {
+        self.inner.detach(id)
+    }
+    fn attached_device(&self, id: &VolumeId) -> Result<Option<PathBuf>> {
+        self.inner.attached_device(id)
+    }
+    fn refresh_device(&self, id: &VolumeId) -> Result<()> {
+        self.inner.refresh_device(id)
+    }
+    fn health(&self, record: &VolumeRecord) -> Option<String> {
+        self.inner.health(record)
+    }
+}
+
+fn controller(dir: &std::path::Path) -> (Controller, Arc<Gated>) {
+    let inner = LoopBackend::open(LoopConfig {
+        dir: dir.to_owned(),
+        capacity: Some(256 * MIB),
+        reserve: Some(0),
+        provisioning: Provisioning::Sparse,
+    })
+    .expect("loop backend on a temp dir");
+    let gated = Arc::new(Gated {
+        inner,
+        gate: Mutex::new((false, 0)),
+        changed: Condvar::new(),
+    });
+    let identity = NodeIdentity {
+        node_id: "n1".into(),
+        machine_id: "0123456789abcdef".into(),
+        topology: Segment::new(),
+    };
+    let work = Work::new(LockMap::with_wait(Duration::from_millis(100)));
+    (Controller::new(gated.clone(), work, identity), gated)
+}
+
+fn request(name: &str, source: Option<ContentSource>) -> CreateRequest {
+    CreateRequest {
+        name: name.into(),
+        capacity: CapacityRange {
+            required: 8 * MIB,
+            limit: 0,
+        },
+        capabilities: vec![Capability {
+            access_type: AccessType::Block,
+            access_mode: AccessMode::SingleNodeWriter,
+        }],
+        params: VolumeParams::default(),
+        requisite: vec![],
+        source,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_on_a_busy_volume_answers_busy_instead_of_queueing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, gate) = controller(dir.path());
+    let controller = Arc::new(controller);
+    gate.shut(true);
+    let first = tokio::spawn({
+        let c = controller.clone();
+        async move { c.create(request("pvc-slow", None)).await }
+    });
+    tokio::task::spawn_blocking({
+        let gate = gate.clone();
+        move || gate.wait_for_one_held()
+    })
+    .await
+    .unwrap();
+    // The same name while the first create runs: ABORTED, not a second volume or a wait.
+    match controller.create(request("pvc-slow", None)).await {
+        Err(Error::Busy(key)) => assert!(key.contains("pvc-slow"), "{key}"),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    gate.shut(false);
+    let made = first.await.unwrap().expect("the first create finishes");
+    // Once it is done, the retry is answered from the volume that exists.
+    let again = controller.create(request("pvc-slow", None)).await.unwrap();
+    assert_eq!(made.id, again.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_of_a_copy_cannot_be_deleted_mid_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, gate) = controller(dir.path());
+    let controller = Arc::new(controller);
+    let source = controller
+        .create(request("pvc-source", None))
+        .await
+        .unwrap();
+    let snapshot = controller
+        .create_snapshot("snap-1".into(), source.id.as_str())
+        .await
+        .unwrap();
+
+    // A clone of the volume and a restore of the snapshot, both held mid-copy.
+    gate.shut(true);
+    let clone = tokio::spawn({
+        let c = controller.clone();
+        let from = ContentSource::Volume(source.id.clone());
+        async move { c.create(request("pvc-clone", Some(from))).await }
+    });
+    let restore = tokio::spawn({
+        let c = controller.clone();
+        let from = ContentSource::Snapshot(snapshot.id.clone());
+        async move { c.create(request("pvc-restore", Some(from))).await }
+    });
+    let mut held = 0;
+    while held < 2 {
+        held = gate.gate.lock().unwrap().1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let deleted = controller.delete(source.id.as_str()).await;
+    assert!(matches!(deleted, Err(Error::Busy(_))), "{deleted:?}");
+    let deleted = controller.delete_snapshot(snapshot.id.as_str()).await;
+    assert!(matches!(deleted, Err(Error::Busy(_))), "{deleted:?}");
+    assert!(
+        gate.inner.get(&source.id).unwrap().is_some(),
+        "source deleted mid-copy"
+    );
+
+    gate.shut(false);
+    clone.await.unwrap().expect("clone finishes");
+    restore.await.unwrap().expect("restore finishes");
+    // Free again once the copies are done.
+    controller
+        .delete_snapshot(snapshot.id.as_str())
+        .await
+        .unwrap();
+    controller.delete(source.id.as_str()).await.unwrap();
+}
+
+/// A modify whose caller gives up still stores and applies the limits, holding the
+/// volume's lock to the end: a publish or another modify meanwhile is told it is busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modify_outlives_its_caller_under_the_volumes_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, gate) = controller(dir.path());
+    let volume = controller.create(request("pvc-io", None)).await.unwrap();
+    let params: BTreeMap<String, String> = [("writeIOPS".to_owned(), "100".to_owned())].into();
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (applied_tx, applied) = std::sync::mpsc::channel::<IoLimits>();
+    let apply = move |_: &dyn Backend, record: &VolumeRecord| {
+        entered_tx.send(()).unwrap();
+        released.recv().unwrap();
+        applied_tx.send(record.params.io_limits).unwrap();
+        Ok(())
+    };
+    let caller = controller.modify(volume.id.as_str(), params.clone(), apply);
+    // The caller's deadline passes while the limits are being applied.
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), caller).await;
+    assert!(gave_up.is_err(), "the modify cannot have finished yet");
+    tokio::task::spawn_blocking(move || entered.recv().unwrap())
+        .await
+        .unwrap();
+    let retry = controller
+        .modify(
+            volume.id.as_str(),
+            params,
+            |_: &dyn Backend, _: &VolumeRecord| Ok(()),
+        )
+        .await;
+    assert!(matches!(retry, Err(Error::Busy(_))), "{retry:?}");
+
+    release.send(()).unwrap();
+    let limits = tokio::task::spawn_blocking(move || applied.recv().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        limits.write_iops,
+        Some(100),
+        "the stored limits are applied"
+    );
+    let stored = gate.inner.get(&volume.id).unwrap().unwrap();
+    assert_eq!(stored.params.io_limits, limits);
+}

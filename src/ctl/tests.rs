@@ -1,3 +1,7 @@
+use serde_json::json;
+
+use super::execute::plugin_capability_name;
+use super::render::{fields_text, volumes_table};
 use super::*;
 
 #[test]

@@ -3,7 +3,8 @@
 //! changes nothing but where the kubelet keeps its files (and the loop images live) on this
 //! test node, on Kubernetes v1.36 with kube-proxy giving pods the API server. The node
 //! DaemonSet runs every container it lists, the retention Deployment runs under its
-//! ServiceAccount, and the seed walk-through passes through that deployment.
+//! ServiceAccount, and the seed walk-through passes through that deployment. A rolling update
+//! of the node DaemonSet under writing pods breaks no write and no mount.
 
 mod cluster_support;
 
@@ -28,6 +29,7 @@ fn deploy_as_shipped() {
         &[
             ("apply-to-ready", apply_to_ready),
             ("seed-through-deploy", seed_through_deploy),
+            ("rolling-update", rolling_update),
         ],
     );
 }
@@ -450,4 +452,248 @@ fn seed_through_deploy(cluster: &mut Cluster) {
     cluster
         .kubectl
         .run(&["delete", "namespace", &ns, "--wait=false"]);
+}
+
+/// The node plugin's pod (the one node's).
+fn node_pod(cluster: &Cluster) -> Option<Value> {
+    let pods =
+        cluster
+            .kubectl
+            .get(&["pods", "-n", NS, "-l", "app.kubernetes.io/name=kennel-node"])?;
+    match pods["items"].as_array()?.as_slice() {
+        [pod] => Some(pod.clone()),
+        _ => None,
+    }
+}
+
+fn container_status<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    pod["status"]["containerStatuses"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// A writer's loop: one numbered line a 100 ms, each synced to the volume, exiting non-zero on
+/// the first failed write or sync, or when the volume is no longer mounted (writes would land
+/// in the container's own filesystem).
+fn writer_script() -> String {
+    format!(
+        "i=0; while :; do \
+           grep -q ' {WWW} ' /proc/mounts || {{ echo \"{WWW} unmounted at $i\" >&2; exit 2; }}; \
+           echo $i >> {WWW}/writes.log || {{ echo \"write $i failed\" >&2; exit 1; }}; \
+           sync {WWW}/writes.log || {{ echo \"sync $i failed\" >&2; exit 1; }}; \
+           i=$((i+1)); usleep 100000; \
+         done"
+    )
+}
+
+/// The lines a writer has synced, checked to be 0, 1, 2, … without a gap.
+#[track_caller]
+fn written_lines(cluster: &Cluster, ns: &str, pod: &str) -> usize {
+    let log = exec_ok(
+        cluster,
+        ns,
+        pod,
+        &["cat", &format!("{WWW}/writes.log")],
+        None,
+    );
+    let numbers: Vec<usize> = log
+        .lines()
+        .map(|l| {
+            l.parse()
+                .unwrap_or_else(|_| panic!("{pod}: bad line {l:?}"))
+        })
+        .collect();
+    for (i, n) in numbers.iter().enumerate() {
+        assert_eq!(*n, i, "{pod}: line {i} is {n}: a write went missing");
+    }
+    numbers.len()
+}
+
+/// Each writer still runs its first container: no write failed, no mount went away.
+#[track_caller]
+fn assert_writers_unbroken(cluster: &Cluster, ns: &str, pods: &[String]) {
+    for name in pods {
+        let pod = pod(cluster, ns, name).unwrap_or_else(|| panic!("{name} is gone"));
+        let status = container_status(&pod, "webserver");
+        assert!(
+            status["state"]["running"].is_object() && status["restartCount"] == 0,
+            "{name}'s writer stopped (a write failed or its volume went away): {status}\n{}",
+            String::from_utf8_lossy(
+                &cluster
+                    .kubectl
+                    .try_run(&["logs", "-n", ns, name, "--previous"], None)
+                    .stdout
+            )
+        );
+    }
+}
+
+/// A rolling update of the node DaemonSet to a new image tag while every webserver pod writes
+/// to its volume: no write fails, every mount stays, the new driver serves the old volumes (a
+/// deleted pod comes back with its data) and provisions new ones.
+fn rolling_update(cluster: &mut Cluster) {
+    let ds = cluster
+        .kubectl
+        .get(&["daemonset", "kennel-node", "-n", NS])
+        .expect("node DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    // The driver may finish its running lvm2/mkfs work before it goes (data-safety).
+    assert_eq!(spec["terminationGracePeriodSeconds"], 600);
+    let image = spec["containers"][0]["image"]
+        .as_str()
+        .expect("driver image")
+        .to_owned();
+    let (repo, _) = image.rsplit_once(':').expect("tagged image");
+    let next = format!("{repo}:rollout");
+    run_ok(cluster.ctr(&["images", "tag", &image, &next]), 60);
+
+    let ns = cluster.namespace("rolling-update");
+    let (service, mut set) = webserver(Backend::Loop, "writer", 2);
+    set["spec"]["template"]["spec"]["containers"][0]["command"] =
+        json!(["sh", "-c", writer_script()]);
+    cluster.kubectl.apply(Some(&ns), &service);
+    cluster.kubectl.apply(Some(&ns), &set);
+    let pods = ordinals("writer", 2);
+    wait_pods_ready(cluster, &ns, &pods, 240);
+    let mut volumes = Vec::new();
+    for i in 0..2 {
+        let pv = claim_pv(cluster, &ns, &format!("www-writer-{i}")).expect("claim bound");
+        volumes.push((
+            pv["metadata"]["name"].as_str().expect("pv name").to_owned(),
+            volume_id(&pv),
+        ));
+    }
+    let old = node_pod(cluster).expect("the node plugin's pod");
+    let old_uid = old["metadata"]["uid"].clone();
+    let before: Vec<usize> = pods
+        .iter()
+        .map(|p| written_lines(cluster, &ns, p))
+        .collect();
+
+    let started = Instant::now();
+    cluster.kubectl.run(&[
+        "set",
+        "image",
+        "daemonset/kennel-node",
+        "-n",
+        NS,
+        &format!("kennel={next}"),
+        &format!("orphans={next}"),
+    ]);
+    wait_for(
+        "the updated node plugin pod Ready with every container running",
+        300,
+        || {
+            let pod = node_pod(cluster)?;
+            (pod["metadata"]["uid"] != old_uid
+                // The spec: the runtime reports one tag of the image, either of the two.
+                && pod["spec"]["containers"][0]["image"] == next.as_str()
+                && running_and_ready(&pod)
+                && pod["status"]["containerStatuses"]
+                    .as_array()?
+                    .iter()
+                    .all(|s| s["ready"] == true))
+            .then_some(())
+        },
+        || diagnose(cluster),
+    );
+    let rolled = started.elapsed();
+    // The writers kept writing through the update and after it.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_writers_unbroken(cluster, &ns, &pods);
+    for (p, before) in pods.iter().zip(&before) {
+        let now = written_lines(cluster, &ns, p);
+        assert!(
+            now >= before + rolled.as_secs() as usize,
+            "{p} wrote {} lines in {:.0}s of update",
+            now - before,
+            rolled.as_secs_f64()
+        );
+    }
+    for (pv, id) in &volumes {
+        assert_eq!(
+            publish_mounts(cluster, pv).len(),
+            1,
+            "{pv} ({id}) lost its publish mount"
+        );
+        assert_eq!(
+            staging_mounts(cluster, id).len(),
+            1,
+            "{id} lost its staging"
+        );
+    }
+
+    // The new driver serves the old volumes: writer-0 leaves (unpublish, unstage) and comes
+    // back (stage, publish) with everything it wrote.
+    let kept = written_lines(cluster, &ns, "writer-0");
+    cluster
+        .kubectl
+        .run(&["delete", "pod", "writer-0", "-n", &ns, "--wait=true"]);
+    wait_pods_ready(cluster, &ns, &pods[..1], 120);
+    let log = exec_ok(
+        cluster,
+        &ns,
+        "writer-0",
+        &["cat", &format!("{WWW}/writes.log")],
+        None,
+    );
+    let expected: String = (0..kept).map(|i| format!("{i}\n")).collect();
+    assert!(
+        log.starts_with(&expected),
+        "writer-0 came back without the {kept} lines it wrote"
+    );
+    // … and provisions a new one.
+    cluster
+        .kubectl
+        .run(&["scale", "statefulset", "writer", "-n", &ns, "--replicas=3"]);
+    let all = ordinals("writer", 3);
+    wait_pods_ready(cluster, &ns, &all, 120);
+    assert_writers_unbroken(cluster, &ns, &all[1..]);
+    report(&format!(
+        "rolling update of the node plugin: {:.1}s from set image to the new pod Ready, writers unbroken",
+        rolled.as_secs_f64()
+    ));
+    delete_set_and_volumes(cluster, &ns, "writer");
+}
+
+/// Delete a StatefulSet, its claims and namespace; wait until their volumes are gone.
+fn delete_set_and_volumes(cluster: &Cluster, ns: &str, set: &str) {
+    let mut volumes = Vec::new();
+    for pvc in cluster.kubectl.list(&["pvc", "-n", ns]) {
+        let claim = pvc["metadata"]["name"].as_str().expect("claim name");
+        if let Some(pv) = claim_pv(cluster, ns, claim) {
+            volumes.push((
+                pv["metadata"]["name"].as_str().expect("pv name").to_owned(),
+                volume_id(&pv),
+            ));
+        }
+    }
+    cluster
+        .kubectl
+        .run(&["delete", "statefulset", set, "-n", ns, "--wait=true"]);
+    cluster
+        .kubectl
+        .run(&["delete", "pvc", "--all", "-n", ns, "--wait=false"]);
+    wait_volumes_gone(cluster, ns, &volumes);
+    cluster
+        .kubectl
+        .run(&["delete", "namespace", ns, "--wait=false"]);
+}
+
+/// Wait until each (PV, volume ID) is gone from the API and from the DaemonSet's loop directory.
+fn wait_volumes_gone(cluster: &Cluster, ns: &str, volumes: &[(String, String)]) {
+    let loop_dir = cluster.root.join("loop-deployed");
+    for (pv, id) in volumes {
+        wait_for(
+            &format!("PV {pv} and volume {id} deleted"),
+            120,
+            || {
+                (cluster.kubectl.get(&["pv", pv]).is_none()
+                    && !loop_dir.join(format!("{id}.img")).exists())
+                .then_some(())
+            },
+            || describe(cluster, ns),
+        );
+    }
 }

@@ -429,7 +429,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             .push(Daemon::spawn("kube-scheduler", scheduler, &self.logs));
     }
 
-    fn ctr(&self, args: &[&str]) -> Command {
+    /// `ctr` against the node's containerd, in the kubelet's namespace.
+    pub fn ctr(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")
             .arg(self.containerd_socket())

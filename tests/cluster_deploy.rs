@@ -30,6 +30,7 @@ fn deploy_as_shipped() {
             ("apply-to-ready", apply_to_ready),
             ("seed-through-deploy", seed_through_deploy),
             ("rolling-update", rolling_update),
+            ("snapshot-restore", snapshot_restore),
         ],
     );
 }
@@ -225,16 +226,22 @@ fn diagnose(cluster: &Cluster) -> String {
 fn apply_to_ready(cluster: &mut Cluster) {
     let deploy = Path::new(REPO).join("deploy");
     let shipped = rendered(cluster, &deploy);
-    make_images(cluster, &shipped);
-    // A cluster with snapshot support has the CRDs (deploy/ ships none).
-    let crds = Path::new(REPO)
-        .ancestors()
-        .map(|d| d.join("shared/k8s/csi/crd"))
-        .find(|d| d.is_dir())
-        .expect("snapshot CRDs");
-    cluster
-        .kubectl
-        .run(&["apply", "-k", crds.to_str().expect("utf-8 path")]);
+    // This cluster has no snapshot support: the CRDs first, as the component says.
+    let component = std::fs::canonicalize(deploy.join("components/snapshot-controller"))
+        .expect("snapshot component");
+    cluster.kubectl.run(&[
+        "apply",
+        "-k",
+        component.join("crd").to_str().expect("utf-8 path"),
+    ]);
+    cluster.kubectl.run(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/volumesnapshots.snapshot.storage.k8s.io",
+        "crd/volumesnapshotcontents.snapshot.storage.k8s.io",
+        "crd/volumesnapshotclasses.snapshot.storage.k8s.io",
+    ]);
 
     let overlay = cluster.root.join("deploy-overlay");
     std::fs::create_dir_all(&overlay).expect("overlay dir");
@@ -251,15 +258,38 @@ fn apply_to_ready(cluster: &mut Cluster) {
     std::fs::write(
         overlay.join("kustomization.yaml"),
         format!(
-            "# This node's kubelet directory and loop directory; nothing else changes.\nresources:\n  - {}\npatches:\n  - path: node-paths.json\n    target:\n      group: apps\n      version: v1\n      kind: DaemonSet\n      name: kennel-node\n",
-            relative(&deploy, &overlay).display()
+            "# This node's kubelet directory and loop directory, and snapshot support as a user\n# adds it; nothing else changes.\nresources:\n  - {}\ncomponents:\n  - {}\npatches:\n  - path: node-paths.json\n    target:\n      group: apps\n      version: v1\n      kind: DaemonSet\n      name: kennel-node\n",
+            relative(&deploy, &overlay).display(),
+            relative(&component, &overlay).display()
         ),
     )
     .expect("write kustomization");
-    // Nothing but paths differ from what users apply.
+    // Nothing but paths differ from what users apply: every shipped object is there unchanged
+    // (the DaemonSet but for its paths), and the rest is the component's.
     let ours = rendered(cluster, &overlay);
-    assert_eq!(images_of(&ours), images_of(&shipped));
-    assert_eq!(ours.len(), shipped.len());
+    let key = |d: &Value| (d["kind"].clone(), d["metadata"]["name"].clone());
+    for doc in &shipped {
+        let mine = ours
+            .iter()
+            .find(|o| key(o) == key(doc))
+            .unwrap_or_else(|| panic!("{:?} missing from the overlay", key(doc)));
+        if doc["kind"] != "DaemonSet" {
+            assert_eq!(mine, doc, "{:?} changed by the overlay", key(doc));
+        }
+    }
+    let component_docs: Vec<Value> = ["crd", "."]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(component.join(dir)).expect("component dir"))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| !p.ends_with("kustomization.yaml"))
+        .flat_map(|p| cluster_support::kube::yaml_documents(&p))
+        .collect();
+    assert_eq!(ours.len(), shipped.len() + component_docs.len());
+    for doc in &component_docs {
+        assert!(ours.iter().any(|o| key(o) == key(doc)), "{:?}", key(doc));
+    }
+    make_images(cluster, &ours);
 
     let started = Instant::now();
     cluster
@@ -309,8 +339,18 @@ fn apply_to_ready(cluster: &mut Cluster) {
         },
         || diagnose(cluster),
     );
+    wait_for(
+        "the snapshot-controller Deployment available",
+        300,
+        || {
+            let d = kubectl.get(&["deployment", "snapshot-controller", "-n", "kube-system"])?;
+            (d["status"]["availableReplicas"].as_u64()? == d["spec"]["replicas"].as_u64()?)
+                .then_some(())
+        },
+        || describe(cluster, "kube-system"),
+    );
     report(&format!(
-        "apply -k to node plugin Ready {:.1}s, driver registered {:.1}s, retention Ready {:.1}s",
+        "apply -k to node plugin Ready {:.1}s, driver registered {:.1}s, retention and snapshot-controller Ready {:.1}s",
         node_ready.as_secs_f64(),
         registered.as_secs_f64(),
         started.elapsed().as_secs_f64()
@@ -696,4 +736,203 @@ fn wait_volumes_gone(cluster: &Cluster, ns: &str, volumes: &[(String, String)]) 
             || describe(cluster, ns),
         );
     }
+}
+
+/// A claim of `class` (`mode` Filesystem or Block), optionally restored from `snapshot`.
+fn claim(name: &str, class: &str, size: &str, mode: &str, snapshot: Option<&str>) -> Value {
+    let mut pvc = json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": class,
+            "volumeMode": mode,
+            "resources": {"requests": {"storage": size}},
+        },
+    });
+    if let Some(snapshot) = snapshot {
+        pvc["spec"]["dataSource"] = json!({
+            "apiGroup": "snapshot.storage.k8s.io",
+            "kind": "VolumeSnapshot",
+            "name": snapshot,
+        });
+    }
+    pvc
+}
+
+/// Where a claim appears in [`claim_pod`]'s pod: a directory, or a device for a Block claim.
+const DATA: &str = "/data";
+const DEVICE: &str = "/dev/xvda";
+
+/// A busybox pod that idles with `claim` mounted at [`DATA`] (or, `block`, as [`DEVICE`]).
+fn claim_pod(name: &str, claim: &str, block: bool) -> Value {
+    let mut container = json!({
+        "name": "app",
+        "image": images::BUSYBOX_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["sleep", "3600"],
+    });
+    if block {
+        container["volumeDevices"] = json!([{"name": "data", "devicePath": DEVICE}]);
+    } else {
+        container["volumeMounts"] = json!([{"name": "data", "mountPath": DATA}]);
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "automountServiceAccountToken": false,
+            "containers": [container],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+        },
+    })
+}
+
+/// The (PV, volume ID) of each bound claim in `ns`.
+fn bound_volumes(cluster: &Cluster, ns: &str) -> Vec<(String, String)> {
+    cluster
+        .kubectl
+        .list(&["pvc", "-n", ns])
+        .iter()
+        .filter_map(|pvc| claim_pv(cluster, ns, pvc["metadata"]["name"].as_str()?))
+        .map(|pv| {
+            (
+                pv["metadata"]["name"].as_str().expect("pv name").to_owned(),
+                volume_id(&pv),
+            )
+        })
+        .collect()
+}
+
+/// Delete every pod and claim of `ns`, wait until their volumes are gone, delete `ns`.
+fn delete_claims_and_namespace(cluster: &Cluster, ns: &str) {
+    let volumes = bound_volumes(cluster, ns);
+    cluster
+        .kubectl
+        .run(&["delete", "pods", "--all", "-n", ns, "--wait=true"]);
+    cluster
+        .kubectl
+        .run(&["delete", "pvc", "--all", "-n", ns, "--wait=false"]);
+    wait_volumes_gone(cluster, ns, &volumes);
+    cluster
+        .kubectl
+        .run(&["delete", "namespace", ns, "--wait=false"]);
+}
+
+const MARKER: &str = "written before the snapshot\n";
+
+/// A VolumeSnapshot of a claim through the snapshot-controller and each node's csi-snapshotter,
+/// a new claim restored from it in a new pod, then snapshot and claims deleted with their
+/// backend volumes.
+fn snapshot_restore(cluster: &mut Cluster) {
+    let ns = cluster.namespace("snapshot-restore");
+    let class = Backend::Loop.storage_class();
+    cluster.kubectl.apply(
+        Some(&ns),
+        &claim("source", class, "64Mi", "Filesystem", None),
+    );
+    cluster
+        .kubectl
+        .apply(Some(&ns), &claim_pod("source", "source", false));
+    wait_pods_ready(cluster, &ns, &["source".to_owned()], 120);
+    exec_ok(
+        cluster,
+        &ns,
+        "source",
+        &["tee", &format!("{DATA}/marker")],
+        Some(MARKER.as_bytes()),
+    );
+    exec_ok(cluster, &ns, "source", &["sync"], None);
+    let started = Instant::now();
+    cluster.kubectl.apply(
+        Some(&ns),
+        &json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1",
+            "kind": "VolumeSnapshot",
+            "metadata": {"name": "snap"},
+            "spec": {
+                "volumeSnapshotClassName": "kennel",
+                "source": {"persistentVolumeClaimName": "source"},
+            },
+        }),
+    );
+    let kubectl = cluster.kubectl.clone();
+    let content = wait_for(
+        "VolumeSnapshot snap ready to use",
+        120,
+        || {
+            let snap = kubectl.get(&["volumesnapshot", "snap", "-n", &ns])?;
+            (snap["status"]["readyToUse"] == true).then(|| {
+                snap["status"]["boundVolumeSnapshotContentName"]
+                    .as_str()
+                    .expect("content name")
+                    .to_owned()
+            })
+        },
+        || describe(cluster, &ns) + &diagnose(cluster),
+    );
+    let snapshotted = started.elapsed();
+    let handle = kubectl
+        .get(&["volumesnapshotcontent", &content])
+        .expect("content")["status"]["snapshotHandle"]
+        .as_str()
+        .expect("snapshot handle")
+        .to_owned();
+    let snapshot_image = cluster
+        .root
+        .join("loop-deployed/snapshots")
+        .join(format!("{handle}.img"));
+    assert!(
+        snapshot_image.exists(),
+        "snapshot {handle} has no image in the DaemonSet's loop directory"
+    );
+
+    cluster.kubectl.apply(
+        Some(&ns),
+        &claim("restored", class, "64Mi", "Filesystem", Some("snap")),
+    );
+    cluster
+        .kubectl
+        .apply(Some(&ns), &claim_pod("restored", "restored", false));
+    wait_pods_ready(cluster, &ns, &["restored".to_owned()], 120);
+    let restored = started.elapsed();
+    let source_pv = claim_pv(cluster, &ns, "source").expect("source bound");
+    let restored_pv = claim_pv(cluster, &ns, "restored").expect("restored bound");
+    assert_ne!(volume_id(&source_pv), volume_id(&restored_pv));
+    let text = exec_ok(
+        cluster,
+        &ns,
+        "restored",
+        &["cat", &format!("{DATA}/marker")],
+        None,
+    );
+    assert_eq!(text, MARKER);
+
+    cluster.kubectl.run(&[
+        "delete",
+        "volumesnapshot",
+        "snap",
+        "-n",
+        &ns,
+        "--wait=false",
+    ]);
+    wait_for(
+        &format!("VolumeSnapshotContent {content} and snapshot {handle} deleted"),
+        120,
+        || {
+            (kubectl.get(&["volumesnapshotcontent", &content]).is_none()
+                && !snapshot_image.exists())
+            .then_some(())
+        },
+        || describe(cluster, &ns) + &diagnose(cluster),
+    );
+    delete_claims_and_namespace(cluster, &ns);
+    report(&format!(
+        "snapshot ready {:.1}s after its VolumeSnapshot, restored claim's pod Ready {:.1}s after",
+        snapshotted.as_secs_f64(),
+        restored.as_secs_f64()
+    ));
 }

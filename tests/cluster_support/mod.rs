@@ -878,6 +878,8 @@ impl Drop for Cluster {
         if self.opts.deployed {
             // deploy/'s pods live in kennel-system, not in a namespace named after the run.
             host::remove_pod_logs("kennel-system_");
+            // deploy/components/snapshot-controller runs in kube-system.
+            host::remove_pod_logs("kube-system_snapshot-controller-");
         }
         // Containers and their mounts go before the volume group under them.
         self.containerd.take();

@@ -31,6 +31,8 @@ fn deploy_as_shipped() {
             ("seed-through-deploy", seed_through_deploy),
             ("rolling-update", rolling_update),
             ("snapshot-restore", snapshot_restore),
+            ("expand-online", expand_online),
+            ("raw-block", raw_block),
         ],
     );
 }
@@ -935,4 +937,172 @@ fn snapshot_restore(cluster: &mut Cluster) {
         snapshotted.as_secs_f64(),
         restored.as_secs_f64()
     ));
+}
+
+/// KiB of the filesystem mounted at `path` in `pod`, as `df` there reports it.
+#[track_caller]
+fn df_kib(cluster: &Cluster, ns: &str, pod: &str, path: &str) -> u64 {
+    let out = exec_ok(cluster, ns, pod, &["df", "-P", "-k", path], None);
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("df in {pod}: {out}"))
+}
+
+/// A running pod's claim on an xfs class grown by patching the claim: csi-resizer expands the
+/// volume (ControllerExpandVolume), the kubelet grows the mounted filesystem (NodeExpandVolume,
+/// `xfs_growfs`), the pod sees the new size and the claim's status says it.
+fn expand_online(cluster: &mut Cluster) {
+    let ns = cluster.namespace("expand-online");
+    let class = format!("{ns}-xfs");
+    cluster.kubectl.apply(
+        None,
+        &json!({
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": class},
+            "provisioner": "kennel.csi.dev",
+            "volumeBindingMode": "WaitForFirstConsumer",
+            "allowVolumeExpansion": true,
+            "reclaimPolicy": "Delete",
+            "parameters": {"csi.storage.k8s.io/fstype": "xfs", "mkfsDiscard": "false"},
+        }),
+    );
+    // xfs needs 300 MiB.
+    cluster.kubectl.apply(
+        Some(&ns),
+        &claim("grow", &class, "300Mi", "Filesystem", None),
+    );
+    cluster
+        .kubectl
+        .apply(Some(&ns), &claim_pod("grow", "grow", false));
+    wait_pods_ready(cluster, &ns, &["grow".to_owned()], 180);
+    let before = df_kib(cluster, &ns, "grow", DATA);
+    let started = Instant::now();
+    cluster.kubectl.run(&[
+        "patch",
+        "pvc",
+        "grow",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"resources":{"requests":{"storage":"400Mi"}}}}"#,
+    ]);
+    let kubectl = cluster.kubectl.clone();
+    wait_for(
+        "claim grow's status.capacity at 400Mi",
+        180,
+        || {
+            let pvc = kubectl.get(&["pvc", "grow", "-n", &ns])?;
+            (pvc["status"]["capacity"]["storage"] == "400Mi").then_some(())
+        },
+        || describe(cluster, &ns) + &diagnose(cluster),
+    );
+    let grown = started.elapsed();
+    let after = df_kib(cluster, &ns, "grow", DATA);
+    assert!(
+        after >= before + 90 * 1024,
+        "the pod sees {after} KiB after growing 300Mi to 400Mi (was {before} KiB)"
+    );
+    let pv = claim_pv(cluster, &ns, "grow").expect("claim bound");
+    assert_eq!(pv["spec"]["capacity"]["storage"], "400Mi");
+    // The pod kept running through it.
+    let pod = pod(cluster, &ns, "grow").expect("pod");
+    assert_eq!(container_status(&pod, "app")["restartCount"], 0);
+    delete_claims_and_namespace(cluster, &ns);
+    cluster.kubectl.run(&["delete", "storageclass", &class]);
+    report(&format!(
+        "online xfs growth 300Mi -> 400Mi: claim status updated {:.1}s after the patch, df {before} -> {after} KiB",
+        grown.as_secs_f64()
+    ));
+}
+
+/// A raw Block claim: the pod gets a device node, bytes written through it with dd read back,
+/// also from a new pod after the volume was unpublished and unstaged.
+fn raw_block(cluster: &mut Cluster) {
+    let ns = cluster.namespace("raw-block");
+    let class = Backend::Loop.storage_class();
+    cluster
+        .kubectl
+        .apply(Some(&ns), &claim("raw", class, "64Mi", "Block", None));
+    cluster
+        .kubectl
+        .apply(Some(&ns), &claim_pod("raw", "raw", true));
+    wait_pods_ready(cluster, &ns, &["raw".to_owned()], 120);
+    exec_ok(cluster, &ns, "raw", &["test", "-b", DEVICE], None);
+    // 1 MiB of numbered lines, 3 MiB into the device.
+    let pattern: String = (0..)
+        .map(|i| format!("block {i:09}\n"))
+        .take((1 << 20) / 16)
+        .collect();
+    assert_eq!(pattern.len(), 1 << 20);
+    let read_back = |pod: &str| {
+        exec_ok(
+            cluster,
+            &ns,
+            pod,
+            &[
+                "dd",
+                &format!("if={DEVICE}"),
+                "bs=4096",
+                "skip=768",
+                "count=256",
+            ],
+            None,
+        )
+    };
+    // Written in the pod: through kubectl exec's stdin only the first 192 KiB arrived here.
+    exec_ok(
+        cluster,
+        &ns,
+        "raw",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "awk 'BEGIN {{ for (i = 0; i < 65536; i++) printf \"block %09d\\n\", i }}' \
+                 | dd of={DEVICE} bs=4096 seek=768 iflag=fullblock conv=fsync"
+            ),
+        ],
+        None,
+    );
+    assert_same(&read_back("raw"), &pattern, "read back through the device");
+    let pv = claim_pv(cluster, &ns, "raw").expect("claim bound");
+    assert_eq!(pv["spec"]["volumeMode"], "Block");
+    cluster
+        .kubectl
+        .run(&["delete", "pod", "raw", "-n", &ns, "--wait=true"]);
+    cluster
+        .kubectl
+        .apply(Some(&ns), &claim_pod("raw-again", "raw", true));
+    wait_pods_ready(cluster, &ns, &["raw-again".to_owned()], 120);
+    assert_same(&read_back("raw-again"), &pattern, "read by a second pod");
+    delete_claims_and_namespace(cluster, &ns);
+}
+
+/// Equal texts, or a panic naming the first difference (not a megabyte of both).
+#[track_caller]
+fn assert_same(got: &str, want: &str, what: &str) {
+    if got == want {
+        return;
+    }
+    let at = got
+        .bytes()
+        .zip(want.bytes())
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let context = |s: &str| {
+        s.get(at.saturating_sub(16)..(at + 32).min(s.len()))
+            .unwrap_or("")
+            .to_owned()
+    };
+    panic!(
+        "{what}: {} bytes, expected {}; first difference at {at}: {:?} instead of {:?}",
+        got.len(),
+        want.len(),
+        context(got),
+        context(want)
+    );
 }

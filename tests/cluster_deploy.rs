@@ -33,6 +33,10 @@ fn deploy_as_shipped() {
             ("snapshot-restore", snapshot_restore),
             ("expand-online", expand_online),
             ("raw-block", raw_block),
+            (
+                "liveness-restarts-hung-driver",
+                liveness_restarts_hung_driver,
+            ),
         ],
     );
 }
@@ -1105,4 +1109,111 @@ fn assert_same(got: &str, want: &str, what: &str) {
         context(got),
         context(want)
     );
+}
+
+/// The host PID of a running container's init process, from containerd's task list.
+fn container_pid(cluster: &Cluster, container_id: &str) -> i32 {
+    let id = container_id
+        .strip_prefix("containerd://")
+        .unwrap_or(container_id);
+    let tasks = run_ok(cluster.ctr(&["tasks", "ls"]), 30);
+    tasks
+        .lines()
+        .find_map(|l| {
+            let mut fields = l.split_whitespace();
+            (fields.next()? == id).then(|| fields.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no task {id} in\n{tasks}"))
+}
+
+/// A driver that stops answering (SIGSTOP from the host) fails livenessprobe's Probe; the
+/// kubelet restarts that container (the probe's own grace period, not the pod's 600 s, since a
+/// stopped process never acts on SIGTERM) and the restarted driver provisions and mounts.
+fn liveness_restarts_hung_driver(cluster: &mut Cluster) {
+    let ds = cluster
+        .kubectl
+        .get(&["daemonset", "kennel-node", "-n", NS])
+        .expect("node DaemonSet");
+    let probe_grace = ds["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
+        ["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("the driver's liveness probe has its own grace period");
+    let pod = node_pod(cluster).expect("the node plugin's pod");
+    let pod_name = pod["metadata"]["name"]
+        .as_str()
+        .expect("pod name")
+        .to_owned();
+    let status = container_status(&pod, "kennel");
+    assert!(status["ready"] == true, "driver not ready: {status}");
+    let restarts = status["restartCount"].as_u64().expect("restart count");
+    let pid = container_pid(
+        cluster,
+        status["containerID"].as_str().expect("container id"),
+    );
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP the driver");
+    let kubectl = cluster.kubectl.clone();
+    wait_for(
+        "the kubelet to restart the hung driver container",
+        // Five failed probes 10 s apart, the probe's grace period, and room for this machine.
+        90 + probe_grace,
+        || {
+            let pod = kubectl.get(&["pod", &pod_name, "-n", NS])?;
+            let status = container_status(&pod, "kennel");
+            (status["restartCount"].as_u64()? > restarts
+                && status["state"]["running"].is_object()
+                && status["ready"] == true)
+                .then_some(())
+        },
+        || diagnose(cluster),
+    );
+    let restarted = started.elapsed();
+    let pod = node_pod(cluster).expect("the node plugin's pod");
+    assert_eq!(pod["metadata"]["name"], pod_name.as_str(), "the same pod");
+    let events = cluster.kubectl.run(&[
+        "get",
+        "events",
+        "-n",
+        NS,
+        "--field-selector",
+        &format!("involvedObject.name={pod_name},reason=Unhealthy"),
+        "-o",
+        "json",
+    ]);
+    assert!(
+        events.contains("Liveness probe failed"),
+        "the restart was not the liveness probe's: {events}"
+    );
+    // The restarted driver serves: a new claim provisions, stages and mounts.
+    let ns = cluster.namespace("liveness");
+    cluster.kubectl.apply(
+        Some(&ns),
+        &claim(
+            "after",
+            Backend::Loop.storage_class(),
+            "64Mi",
+            "Filesystem",
+            None,
+        ),
+    );
+    cluster
+        .kubectl
+        .apply(Some(&ns), &claim_pod("after", "after", false));
+    wait_pods_ready(cluster, &ns, &["after".to_owned()], 120);
+    exec_ok(
+        cluster,
+        &ns,
+        "after",
+        &["touch", &format!("{DATA}/ok")],
+        None,
+    );
+    delete_claims_and_namespace(cluster, &ns);
+    report(&format!(
+        "hung driver restarted by its liveness probe {:.1}s after SIGSTOP",
+        restarted.as_secs_f64()
+    ));
 }

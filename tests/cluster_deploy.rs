@@ -3,8 +3,10 @@
 //! changes nothing but where the kubelet keeps its files (and the loop images live) on this
 //! test node, on Kubernetes v1.36 with kube-proxy giving pods the API server. The node
 //! DaemonSet runs every container it lists, the retention Deployment runs under its
-//! ServiceAccount, and the seed walk-through passes through that deployment. A rolling update
-//! of the node DaemonSet under writing pods breaks no write and no mount.
+//! ServiceAccount, and the seed walk-through passes through that deployment, on the loop overlay
+//! and on the LVM overlay. A rolling update of the node DaemonSet under writing pods breaks no
+//! write and no mount; snapshots (the optional snapshot-controller component), online expansion,
+//! raw Block claims and the liveness probe work through the real sidecars.
 
 mod cluster_support;
 
@@ -37,6 +39,7 @@ fn deploy_as_shipped() {
                 "liveness-restarts-hung-driver",
                 liveness_restarts_hung_driver,
             ),
+            ("seed-through-deploy-lvm", seed_through_deploy_lvm),
         ],
     );
 }
@@ -54,12 +57,19 @@ fn relative(path: &Path, base: &Path) -> PathBuf {
     out
 }
 
-/// Where the shipped DaemonSet's host paths live on this node.
+/// Where the shipped DaemonSet's host paths live on this node (lvm2's own stay the host's).
 fn host_path(cluster: &Cluster, shipped: &str) -> Option<String> {
     let kubelet = cluster.kubelet_root().display().to_string();
     let loop_dir = cluster.root.join("loop-deployed").display().to_string();
     if let Some(rest) = shipped.strip_prefix("/var/lib/kubelet") {
         return Some(format!("{kubelet}{rest}"));
+    }
+    // The LVM overlay's per-VG locks: the run's own, so nothing is left on the host.
+    if let Some(rest) = shipped.strip_prefix("/run/kennel") {
+        return Some(format!(
+            "{}{rest}",
+            cluster.root.join("kennel-locks").display()
+        ));
     }
     shipped
         .strip_prefix("/var/lib/kennel/loop")
@@ -120,6 +130,32 @@ fn path_ops(cluster: &Cluster, ds: &Value) -> Vec<Value> {
     }
     ops.push(json!({"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": format!("--kubelet-dir={}", cluster.kubelet_root().display())}));
     ops
+}
+
+/// An overlay of `base` (deploy/ or one of its overlays) with the snapshot component, as a
+/// user adds it, and `ops` on the node DaemonSet (this node's paths); nothing else changes.
+fn write_overlay(cluster: &Cluster, name: &str, base: &Path, ops: Vec<Value>) -> PathBuf {
+    let overlay = cluster.root.join(name);
+    std::fs::create_dir_all(&overlay).expect("overlay dir");
+    std::fs::write(
+        overlay.join("node-paths.json"),
+        serde_json::to_string_pretty(&ops).expect("json"),
+    )
+    .expect("write patch");
+    let base = std::fs::canonicalize(base).expect("deploy dir");
+    let component =
+        std::fs::canonicalize(Path::new(REPO).join("deploy/components/snapshot-controller"))
+            .expect("snapshot component");
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "# This node's kubelet directory and loop directory, and snapshot support as a user\n# adds it; nothing else changes.\nresources:\n  - {}\ncomponents:\n  - {}\npatches:\n  - path: node-paths.json\n    target:\n      group: apps\n      version: v1\n      kind: DaemonSet\n      name: kennel-node\n",
+            relative(&base, &overlay).display(),
+            relative(&component, &overlay).display()
+        ),
+    )
+    .expect("write kustomization");
+    overlay
 }
 
 fn rendered(cluster: &Cluster, dir: &Path) -> Vec<Value> {
@@ -249,27 +285,11 @@ fn apply_to_ready(cluster: &mut Cluster) {
         "crd/volumesnapshotclasses.snapshot.storage.k8s.io",
     ]);
 
-    let overlay = cluster.root.join("deploy-overlay");
-    std::fs::create_dir_all(&overlay).expect("overlay dir");
     let ds = shipped
         .iter()
         .find(|d| d["kind"] == "DaemonSet")
         .expect("node DaemonSet");
-    std::fs::write(
-        overlay.join("node-paths.json"),
-        serde_json::to_string_pretty(&path_ops(cluster, ds)).expect("json"),
-    )
-    .expect("write patch");
-    let deploy = std::fs::canonicalize(&deploy).expect("deploy dir");
-    std::fs::write(
-        overlay.join("kustomization.yaml"),
-        format!(
-            "# This node's kubelet directory and loop directory, and snapshot support as a user\n# adds it; nothing else changes.\nresources:\n  - {}\ncomponents:\n  - {}\npatches:\n  - path: node-paths.json\n    target:\n      group: apps\n      version: v1\n      kind: DaemonSet\n      name: kennel-node\n",
-            relative(&deploy, &overlay).display(),
-            relative(&component, &overlay).display()
-        ),
-    )
-    .expect("write kustomization");
+    let overlay = write_overlay(cluster, "deploy-overlay", &deploy, path_ops(cluster, ds));
     // Nothing but paths differ from what users apply: every shipped object is there unchanged
     // (the DaemonSet but for its paths), and the rest is the component's.
     let ours = rendered(cluster, &overlay);
@@ -1216,4 +1236,133 @@ fn liveness_restarts_hung_driver(cluster: &mut Cluster) {
         "hung driver restarted by its liveness probe {:.1}s after SIGSTOP",
         restarted.as_secs_f64()
     ));
+}
+
+/// The node DaemonSet's pod replaced (a new template) and Ready with every container.
+fn wait_node_pod_replaced(cluster: &Cluster, old_uid: &Value) {
+    wait_for(
+        "the replaced node plugin pod Ready with every container running",
+        300,
+        || {
+            let pod = node_pod(cluster)?;
+            (pod["metadata"]["uid"] != *old_uid
+                && running_and_ready(&pod)
+                && pod["status"]["containerStatuses"]
+                    .as_array()?
+                    .iter()
+                    .all(|s| s["ready"] == true))
+            .then_some(())
+        },
+        || diagnose(cluster),
+    );
+}
+
+/// deploy/overlays/lvm applied the same way (its volume group named, as its README asks): the
+/// DaemonSet moves to the LVM backend, lvm2 runs in the driver's container, and the seed
+/// walk-through passes on LVs. Then back to the loop overlay.
+fn seed_through_deploy_lvm(cluster: &mut Cluster) {
+    let vg = cluster_support::vg::TestVg::with_capacity(1 << 30);
+    let lvm = Path::new(REPO).join("deploy/overlays/lvm");
+    let shipped = rendered(cluster, &lvm);
+    let ds = shipped
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("node DaemonSet");
+    let mut ops = path_ops(cluster, ds);
+    let args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args");
+    let at = args
+        .iter()
+        .position(|a| a == "--volume-group=kennel")
+        .expect("the overlay's --volume-group");
+    ops.push(json!({"op": "replace", "path": format!("/spec/template/spec/containers/0/args/{at}"), "value": format!("--volume-group={}", vg.name)}));
+    let overlay = write_overlay(cluster, "deploy-overlay-lvm", &lvm, ops);
+    let old = node_pod(cluster).expect("node pod")["metadata"]["uid"].clone();
+    let started = Instant::now();
+    cluster
+        .kubectl
+        .run(&["apply", "-k", overlay.to_str().expect("utf-8 path")]);
+    wait_node_pod_replaced(cluster, &old);
+    report(&format!(
+        "LVM overlay applied: node plugin Ready {:.1}s after apply -k",
+        started.elapsed().as_secs_f64()
+    ));
+
+    let ns = cluster.namespace("seed-deployed-lvm");
+    let (service, set) = webserver(Backend::Lvm, "webserver", 3);
+    cluster.kubectl.apply(Some(&ns), &service);
+    cluster.kubectl.apply(Some(&ns), &set);
+    let pods = ordinals("webserver", 3);
+    wait_pods_ready(cluster, &ns, &pods, 240);
+    let mut volumes = Vec::new();
+    for i in 0..3 {
+        let pv = claim_pv(cluster, &ns, &format!("www-webserver-{i}")).expect("claim bound");
+        let id = volume_id(&pv);
+        assert!(vg.lv(&id).is_some(), "{id} is no LV of {}", vg.name);
+        volumes.push((pv["metadata"]["name"].as_str().expect("pv").to_owned(), id));
+    }
+    exec_ok(
+        cluster,
+        &ns,
+        "webserver-2",
+        &["tee", &format!("{WWW}/hello.txt")],
+        Some(HELLO.as_bytes()),
+    );
+    cluster.kubectl.run(&[
+        "scale",
+        "statefulset",
+        "webserver",
+        "-n",
+        &ns,
+        "--replicas=2",
+    ]);
+    wait_pod_gone(cluster, &ns, "webserver-2", 120);
+    cluster.kubectl.run(&[
+        "scale",
+        "statefulset",
+        "webserver",
+        "-n",
+        &ns,
+        "--replicas=3",
+    ]);
+    wait_pods_ready(cluster, &ns, &pods, 120);
+    let text = exec_ok(
+        cluster,
+        &ns,
+        "webserver-2",
+        &["cat", &format!("{WWW}/hello.txt")],
+        None,
+    );
+    assert_eq!(text, HELLO);
+    cluster.kubectl.run(&[
+        "delete",
+        "statefulset",
+        "webserver",
+        "-n",
+        &ns,
+        "--wait=true",
+    ]);
+    cluster
+        .kubectl
+        .run(&["delete", "pvc", "--all", "-n", &ns, "--wait=false"]);
+    for (pv, id) in &volumes {
+        wait_for(
+            &format!("PV {pv} and LV {id} deleted"),
+            120,
+            || (cluster.kubectl.get(&["pv", pv]).is_none() && vg.lv(id).is_none()).then_some(()),
+            || describe(cluster, &ns),
+        );
+    }
+    cluster
+        .kubectl
+        .run(&["delete", "namespace", &ns, "--wait=false"]);
+    // Back to the loop overlay before the volume group goes.
+    let old = node_pod(cluster).expect("node pod")["metadata"]["uid"].clone();
+    let overlay = cluster.root.join("deploy-overlay");
+    cluster
+        .kubectl
+        .run(&["apply", "-k", overlay.to_str().expect("utf-8 path")]);
+    wait_node_pod_replaced(cluster, &old);
+    drop(vg);
 }

@@ -12,6 +12,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
@@ -82,6 +83,8 @@ fn diff(a: &Value, b: &Value, at: &str, out: &mut Vec<String>) {
                 diff(p, q, &format!("{at}[{i}]"), out);
             }
         }
+        // A schema's integer bound is a float in its type (`minimum: 0` becomes 0.0).
+        (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => {}
         _ if a != b => out.push(format!("{at}: {a} became {b}")),
         _ => {}
     }
@@ -198,8 +201,12 @@ fn check_document(doc: &Value, origin: &str) {
         ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass") => {
             drop(round_trip::<VolumeSnapshotClass>(doc, origin))
         }
-        ("kustomize.config.k8s.io/v1beta1", "Kustomization") => {
+        ("kustomize.config.k8s.io/v1beta1", "Kustomization")
+        | ("kustomize.config.k8s.io/v1alpha1", "Component") => {
             drop(round_trip::<Kustomization>(doc, origin))
+        }
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+            drop(round_trip::<CustomResourceDefinition>(doc, origin))
         }
         other => panic!("{origin}: no type known for {other:?}; add it to tests/manifests.rs"),
     }
@@ -1014,9 +1021,38 @@ fn examples_use_kennel() {
         defined.contains(&class),
         "{class} is not one of the overlays' classes"
     );
-    let vsc = documents(&deploy_dir().join("examples/volumesnapshotclass.yaml"));
+    let vsc =
+        documents(&deploy_dir().join("components/snapshot-controller/volumesnapshotclass.yaml"));
     let vsc: VolumeSnapshotClass = round_trip(&vsc[0], "volumesnapshotclass");
     assert_eq!(vsc.driver, DRIVER_NAME);
+}
+
+#[test]
+fn snapshot_component_crds_are_the_releases_the_tests_run() {
+    // shared/k8s/csi/crd holds external-snapshotter's CRDs of the pinned release.
+    let Some(shared) = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|d| d.join("shared/k8s/csi/crd"))
+        .find(|d| d.is_dir())
+    else {
+        skip::cannot_run("shared/k8s/csi/crd is missing");
+        return;
+    };
+    let ours = deploy_dir().join("components/snapshot-controller/crd");
+    let mut files = 0;
+    for file in std::fs::read_dir(&ours).unwrap() {
+        let name = file.unwrap().file_name().into_string().unwrap();
+        if name == "kustomization.yaml" {
+            continue;
+        }
+        files += 1;
+        assert_eq!(
+            std::fs::read(ours.join(&name)).unwrap(),
+            std::fs::read(shared.join(&name)).unwrap_or_default(),
+            "{name} differs from shared/k8s/csi/crd"
+        );
+    }
+    assert_eq!(files, 3, "the three snapshot.storage.k8s.io CRDs");
 }
 
 // ---- RBAC -------------------------------------------------------------------------------

@@ -94,6 +94,11 @@ impl LoopBackend {
                 ))
             })?;
 
+        // After the lock (no other driver attaches our images meanwhile), before the store drops
+        // images without a record: every file here, so a volume whose record is lost is still
+        // taken down where it is attached.
+        let files = fs::read_dir(&dir).ctx("read", &dir)?;
+        let attachments = LoopIndex::scan(files.flatten().map(|e| e.path()))?;
         let volumes = ImageStore::<VolumeRecord>::open(&dir)?;
         let snapshots = ImageStore::<SnapshotRecord>::open(&dir.join(SNAPSHOT_DIR))?;
         let free = filesystem_free(&dir)?;
@@ -110,8 +115,6 @@ impl LoopBackend {
         let pool_bytes = config
             .capacity
             .unwrap_or_else(|| (free + allocated).saturating_sub(reserve_bytes));
-        // After the lock: no other driver attaches our images meanwhile.
-        let attachments = LoopIndex::scan(|backing| backing.starts_with(&dir))?;
         Ok(LoopBackend {
             attachments,
             dir,

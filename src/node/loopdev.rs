@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -335,14 +335,6 @@ pub fn backing_of(device: (u32, u32)) -> Option<(PathBuf, PathBuf)> {
     Some((node, backing_path(&backing)))
 }
 
-/// The backing file of an attached loop device node, from its sysfs entry.
-fn backing_of_node(device: &Path) -> Option<PathBuf> {
-    let name = device.file_name()?;
-    sysfs_read(&Path::new("/sys/block").join(name).join("loop/backing_file"))
-        .ok()
-        .map(|raw| backing_path(&raw))
-}
-
 /// The byte window (offset, size limit) an attached loop device node
 /// exposes, from its sysfs entry; `None` if it is not attached.
 pub fn window_of_node(device: &Path) -> Option<Window> {
@@ -356,26 +348,102 @@ pub fn window_of_node(device: &Path) -> Option<Window> {
     })
 }
 
+/// A backing file as the kernel knows it (LOOP_GET_STATUS64's device and inode). sysfs's
+/// `backing_file` is no identity: the kernel prints the path as the mount it was opened through
+/// sees it, so once the mount namespace that attached a device is gone (a driver container
+/// replaced by a new one) it names the file relative to a bind mount that no longer exists
+/// (`/kv-….img` for `/var/lib/kennel/loop/kv-….img`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+fn file_id(path: &Path) -> Option<FileId> {
+    fs::metadata(path).ok().map(|m| FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
+}
+
+/// The backing file of an attached loop device node; `None` if it is detached.
+fn backing_id(device: &Path) -> Option<FileId> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(device)
+        .ok()?;
+    let mut info = std::mem::MaybeUninit::<LoopInfo64>::zeroed();
+    // SAFETY: LOOP_GET_STATUS64 fills one loop_info64; zeroed is a valid start.
+    unsafe { ioctl::get_status64(dev.as_raw_fd(), info.as_mut_ptr()) }.ok()?;
+    // SAFETY: initialized above (zeroed, then filled by the kernel).
+    let info = unsafe { info.assume_init() };
+    Some(FileId {
+        dev: info.lo_device,
+        ino: info.lo_inode,
+    })
+}
+
+/// Whether the loop device node `device` is attached to the file `backing`.
+pub fn is_backed_by(device: &Path, backing: &Path) -> bool {
+    match (backing_id(device), file_id(backing)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// The block device nodes directly in `dir` (e.g. `/dev`), as candidates for [`LoopIndex::scan`].
+pub fn device_nodes(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(fs::read_dir(dir)
+        .ctx("read", dir)?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+        .map(|e| e.path())
+        .collect())
+}
+
 /// Which loop device holds which backing file, for the files one owner
-/// cares about: built with one scan of sysfs at start-up, kept up to date by
-/// attaching and detaching through it, and checked on every use with one
-/// read of that device's sysfs entry (a device detached and reused by someone
-/// else is dropped, never trusted).
+/// cares about: built with one scan of the attached devices at start-up
+/// (matched by device and inode, not by sysfs's path), kept up to date by
+/// attaching and detaching through it, and checked on every use against
+/// that device's status (a device detached and reused by someone else is
+/// dropped, never trusted).
 #[derive(Default)]
 pub struct LoopIndex {
-    devices: Mutex<BTreeMap<PathBuf, Vec<PathBuf>>>,
+    devices: Mutex<BTreeMap<PathBuf, Attached>>,
+}
+
+/// The devices over one backing file, and that file's identity when it was indexed: a file
+/// removed while attached (a volume whose record was lost) is still recognised.
+#[derive(Clone)]
+struct Attached {
+    file: FileId,
+    devices: Vec<PathBuf>,
 }
 
 impl LoopIndex {
-    /// Index the attached devices whose backing file `wanted` accepts.
-    pub fn scan(wanted: impl Fn(&Path) -> bool) -> Result<Self> {
-        let mut devices: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
-        for attachment in attachments()? {
-            if wanted(&attachment.backing_file) {
-                devices
-                    .entry(attachment.backing_file)
-                    .or_default()
-                    .push(attachment.device);
+    /// Index the attached devices over any of `files`.
+    pub fn scan(files: impl IntoIterator<Item = PathBuf>) -> Result<Self> {
+        let wanted: BTreeMap<FileId, PathBuf> = files
+            .into_iter()
+            .filter_map(|path| Some((file_id(&path)?, path)))
+            .collect();
+        let mut devices: BTreeMap<PathBuf, Attached> = BTreeMap::new();
+        if !wanted.is_empty() {
+            for attachment in attachments()? {
+                let Some(file) = backing_id(&attachment.device) else {
+                    continue;
+                };
+                if let Some(path) = wanted.get(&file) {
+                    devices
+                        .entry(path.clone())
+                        .or_insert_with(|| Attached {
+                            file,
+                            devices: Vec::new(),
+                        })
+                        .devices
+                        .push(attachment.device);
+                }
             }
         }
         Ok(LoopIndex {
@@ -383,23 +451,32 @@ impl LoopIndex {
         })
     }
 
-    fn devices(&self) -> MutexGuard<'_, BTreeMap<PathBuf, Vec<PathBuf>>> {
+    fn devices(&self) -> MutexGuard<'_, BTreeMap<PathBuf, Attached>> {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The devices over `backing`, each verified against sysfs.
+    /// The devices over `backing`, each verified against the kernel.
     pub fn find(&self, backing: &Path) -> Vec<PathBuf> {
-        let listed = self.devices().get(backing).cloned().unwrap_or_default();
+        let Some(listed) = self.devices().get(backing).cloned() else {
+            return Vec::new();
+        };
         let verified: Vec<PathBuf> = listed
+            .devices
             .iter()
-            .filter(|device| backing_of_node(device).as_deref() == Some(backing))
+            .filter(|device| backing_id(device) == Some(listed.file))
             .cloned()
             .collect();
-        if verified.len() != listed.len() {
+        if verified.len() != listed.devices.len() {
             let mut devices = self.devices();
             match verified.is_empty() {
                 true => devices.remove(backing),
-                false => devices.insert(backing.to_owned(), verified.clone()),
+                false => devices.insert(
+                    backing.to_owned(),
+                    Attached {
+                        file: listed.file,
+                        devices: verified.clone(),
+                    },
+                ),
             };
         }
         verified
@@ -416,10 +493,22 @@ impl LoopIndex {
     }
 
     fn remember(&self, backing: &Path, device: PathBuf) -> Result<PathBuf> {
-        self.devices()
-            .entry(backing.to_owned())
-            .or_default()
-            .push(device.clone());
+        let file = backing_id(&device)
+            .or_else(|| file_id(backing))
+            .ok_or_else(|| Error::NotFound(format!("{} is not attached", device.display())))?;
+        let mut devices = self.devices();
+        let entry = devices.entry(backing.to_owned()).or_insert(Attached {
+            file,
+            devices: Vec::new(),
+        });
+        // A new file at the same path: the old one's devices are not this file's.
+        if entry.file != file {
+            *entry = Attached {
+                file,
+                devices: Vec::new(),
+            };
+        }
+        entry.devices.push(device.clone());
         Ok(device)
     }
 
@@ -427,9 +516,9 @@ impl LoopIndex {
     pub fn detach(&self, backing: &Path, device: &Path) -> Result<()> {
         detach(device)?;
         let mut devices = self.devices();
-        if let Some(list) = devices.get_mut(backing) {
-            list.retain(|d| d != device);
-            if list.is_empty() {
+        if let Some(entry) = devices.get_mut(backing) {
+            entry.devices.retain(|d| d != device);
+            if entry.devices.is_empty() {
                 devices.remove(backing);
             }
         }

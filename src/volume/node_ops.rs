@@ -82,7 +82,7 @@ impl NodeOps {
     /// Node operations on paths below `kubelet`; indexes the read-only loop
     /// devices earlier runs left stacked on block devices.
     pub fn new(backend: Arc<dyn Backend>, work: Work, kubelet: KubeletDir) -> Result<Self> {
-        let stacked = LoopIndex::scan(|backing| backing.starts_with("/dev/"))?;
+        let stacked = LoopIndex::scan(loopdev::device_nodes(Path::new("/dev"))?)?;
         Ok(NodeOps {
             backend,
             work,
@@ -657,15 +657,15 @@ fn block_publication(state: &PathState, device: &Path) -> Result<Option<bool>> {
 }
 
 /// The read-only loop device a Block target is bound to, if it sits on
-/// `device`: one sysfs read of the bound device's entry.
+/// `device`: one sysfs read of the bound device's entry, one status of the device.
 fn stacked_read_only_device(state: &PathState, device: &Path) -> Result<Option<PathBuf>> {
     let Some(bound) = state.block_device.filter(|_| state.mount_root) else {
         return Ok(None);
     };
-    let Some((node, backing)) = loopdev::backing_of(bound) else {
+    let Some((node, _)) = loopdev::backing_of(bound) else {
         return Ok(None);
     };
-    Ok((backing == canonical(device)?).then_some(node))
+    Ok(loopdev::is_backed_by(&node, &canonical(device)?).then_some(node))
 }
 
 /// SINGLE_NODE_SINGLE_WRITER: one workload at a time. Any other mount of the

@@ -429,7 +429,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             .push(Daemon::spawn("kube-scheduler", scheduler, &self.logs));
     }
 
-    fn ctr(&self, args: &[&str]) -> Command {
+    /// `ctr` against the node's containerd, in the kubelet's namespace.
+    pub fn ctr(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")
             .arg(self.containerd_socket())
@@ -877,6 +878,8 @@ impl Drop for Cluster {
         if self.opts.deployed {
             // deploy/'s pods live in kennel-system, not in a namespace named after the run.
             host::remove_pod_logs("kennel-system_");
+            // deploy/components/snapshot-controller runs in kube-system.
+            host::remove_pod_logs("kube-system_snapshot-controller-");
         }
         // Containers and their mounts go before the volume group under them.
         self.containerd.take();

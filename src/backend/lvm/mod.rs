@@ -205,7 +205,7 @@ impl LvmBackend {
                 .iter()
                 .filter_map(|pv| fs::canonicalize(pv).ok())
                 .collect();
-            LoopIndex::scan(|backing| pvs.contains(backing))?
+            LoopIndex::scan(pvs)?
         } else {
             // device-mapper exposes LVs itself: no loop device to find.
             LoopIndex::default()

@@ -1,8 +1,8 @@
 //! Kennel the way users run it: its image (`hack/image.sh` from the `Dockerfile`), the
 //! kubernetes-csi sidecars' images, and `kubectl apply -k` of an overlay of `deploy/` that
-//! changes nothing but where the kubelet keeps its files (and the loop images live) on this
-//! test node, on Kubernetes v1.36 with kube-proxy giving pods the API server. The node
-//! DaemonSet runs every container it lists, the retention Deployment runs under its
+//! changes nothing but where the kubelet keeps its files (and the loop images live, with no
+//! reserve kept free) on this test node, on Kubernetes v1.36 with kube-proxy giving pods the
+//! API server. The node DaemonSet runs every container it lists, the retention Deployment runs under its
 //! ServiceAccount, and the seed walk-through passes through that deployment, on the loop overlay
 //! and on the LVM overlay. A rolling update of the node DaemonSet under writing pods breaks no
 //! write and no mount; snapshots (the optional snapshot-controller component), online expansion,
@@ -129,6 +129,14 @@ fn path_ops(cluster: &Cluster, ds: &Value) -> Vec<Value> {
         }
     }
     ops.push(json!({"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": format!("--kubelet-dir={}", cluster.kubelet_root().display())}));
+    // The loop pool's default reserve (5% of the filesystem, at most 10 GiB) would leave no room
+    // on a test machine's nearly full disk: every pod would stay Pending. The pool is the room left.
+    if spec["containers"][0]["args"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|a| a == "--backend=loop"))
+    {
+        ops.push(json!({"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "--reserve=0"}));
+    }
     ops
 }
 

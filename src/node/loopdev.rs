@@ -1,6 +1,7 @@
 //! Loop devices through the kernel's ioctl interface (no `losetup`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -428,9 +429,17 @@ impl LoopIndex {
             .into_iter()
             .filter_map(|path| Some((file_id(&path)?, path)))
             .collect();
+        // sysfs keeps the backing file's own name even when its directory reads wrong: opening
+        // only the devices whose name matches keeps this scan from holding other owners'
+        // devices open while they detach them.
+        let names: BTreeSet<&OsStr> = wanted.values().filter_map(|p| p.file_name()).collect();
         let mut devices: BTreeMap<PathBuf, Attached> = BTreeMap::new();
         if !wanted.is_empty() {
             for attachment in attachments()? {
+                let named = attachment.backing_file.file_name();
+                if !named.is_some_and(|n| names.contains(n)) {
+                    continue;
+                }
                 let Some(file) = backing_id(&attachment.device) else {
                     continue;
                 };

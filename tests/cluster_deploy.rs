@@ -6,9 +6,12 @@
 //! ServiceAccount, and the seed walk-through passes through that deployment, on the loop overlay
 //! and on the LVM overlay. A rolling update of the node DaemonSet under writing pods breaks no
 //! write and no mount; snapshots (the optional snapshot-controller component), online expansion,
-//! raw Block claims and the liveness probe work through the real sidecars.
+//! raw Block claims, I/O limits through VolumeAttributesClasses (on both backends) and the
+//! liveness probe work through the real sidecars.
 
 mod cluster_support;
+#[path = "cluster_deploy/io_limits.rs"]
+mod io_limits;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -35,6 +38,10 @@ fn deploy_as_shipped() {
             ("snapshot-restore", snapshot_restore),
             ("expand-online", expand_online),
             ("raw-block", raw_block),
+            (
+                "io-limits-through-classes",
+                io_limits::io_limits_through_classes,
+            ),
             (
                 "liveness-restarts-hung-driver",
                 liveness_restarts_hung_driver,
@@ -129,6 +136,8 @@ fn path_ops(cluster: &Cluster, ds: &Value) -> Vec<Value> {
         }
     }
     ops.push(json!({"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": format!("--kubelet-dir={}", cluster.kubelet_root().display())}));
+    // The kubelet here keeps its pods' cgroups under its own cgroupRoot, not the host's top.
+    ops.push(json!({"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": format!("--blkio-cgroup-dir=/sys/fs/cgroup/blkio/{}", cluster.names.cgroup)}));
     // The loop pool's default reserve (5% of the filesystem, at most 10 GiB) would leave no room
     // on a test machine's nearly full disk: every pod would stay Pending. The pool is the room left.
     if spec["containers"][0]["args"]
@@ -1365,6 +1374,7 @@ fn seed_through_deploy_lvm(cluster: &mut Cluster) {
     cluster
         .kubectl
         .run(&["delete", "namespace", &ns, "--wait=false"]);
+    io_limits::io_limits_on(cluster, Backend::Lvm.storage_class(), "lvm");
     // Back to the loop overlay before the volume group goes.
     let old = node_pod(cluster).expect("node pod")["metadata"]["uid"].clone();
     let overlay = cluster.root.join("deploy-overlay");

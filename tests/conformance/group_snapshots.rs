@@ -532,3 +532,96 @@ async fn a_group_snapshot_that_fails_leaves_no_member_and_no_frozen_filesystem()
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_killed_at_any_step_of_a_group_snapshot_leaves_no_partial_group() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(T, async {
+        let pauses = Pauses::new();
+        let mut opts = pauses.opts("1GiB");
+        opts.extra_args = vec!["--freeze-budget".into(), "120s".into()];
+        let mut td = TestDriver::start_with(opts).await;
+        let (staged, mount) = mounted_volume(&td, "pvc-staged", b"staged").await;
+        let idle = td.create("pvc-idle", 16 * MIB, block_cap()).await;
+        let mut steps_seen = 0;
+        for step in 1..=MAX_STEPS {
+            let req = group_req(&format!("group-{step}"), &[&staged, &idle.volume_id]);
+            let what = format!("driver killed at step {step} of CreateVolumeGroupSnapshot");
+            let before = objects(&td);
+            pauses.arm(step);
+            let mut call = tokio::spawn({
+                let mut client = td.client.group.clone();
+                let req = req.clone();
+                async move { client.create_volume_group_snapshot(req).await }
+            });
+            let held = loop {
+                if pauses.held().is_some() {
+                    break true;
+                }
+                if call.is_finished() {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            if !held {
+                pauses.disarm();
+                let group = (&mut call)
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|s| panic!("{what}: {s:?}"))
+                    .into_inner()
+                    .group_snapshot
+                    .expect("a group snapshot");
+                delete_group(&td, &group.group_snapshot_id, member_ids(&group))
+                    .await
+                    .unwrap();
+                break;
+            }
+            td.restart().await;
+            pauses.release();
+            call.abort();
+            // The start-up thawed the member the dead driver left frozen.
+            write_file(&mount.join("after.txt"), b"not blocked");
+            // Never a part of a group: all of it, or nothing.
+            let listed = td
+                .controller()
+                .list_snapshots(pb::ListSnapshotsRequest::default())
+                .await
+                .expect("ListSnapshots")
+                .into_inner()
+                .entries;
+            let groups: BTreeSet<String> = listed
+                .iter()
+                .map(|e| e.snapshot.clone().expect("snapshot").group_snapshot_id)
+                .collect();
+            assert!(
+                listed.is_empty() || (listed.len() == 2 && groups.len() == 1),
+                "{what}: {listed:?}"
+            );
+            // The retry answers with one whole group.
+            let group = create_group(&td, req.clone(), Duration::from_secs(60))
+                .await
+                .unwrap_or_else(|s| panic!("{what}: retry: {s:?}"));
+            assert_eq!(
+                sources(&group),
+                BTreeSet::from([staged.clone(), idle.volume_id.clone()]),
+                "{what}"
+            );
+            delete_group(&td, &group.group_snapshot_id, member_ids(&group))
+                .await
+                .unwrap();
+            assert_eq!(objects(&td), before, "{what}: something was left");
+            steps_seen = step;
+        }
+        assert!(
+            steps_seen >= 4,
+            "CreateVolumeGroupSnapshot has {steps_seen} steps"
+        );
+        release_volume(&td, &staged).await;
+        td.delete(&idle.volume_id).await;
+        td.assert_no_leaks();
+    })
+    .await
+}

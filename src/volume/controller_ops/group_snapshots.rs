@@ -132,8 +132,22 @@ impl Controller {
                 twice[0]
             )));
         }
-        // Fixed order, the name before the volumes (sorted): two creates never deadlock.
+        // Members of an earlier cut under this name that never finished: removed below, under
+        // their own keys too, so a deletion of them running meanwhile finishes first.
+        let lookup = name.clone();
+        let debris: BTreeSet<SnapshotId> = self
+            .blocking(move |b| {
+                Ok(groups(b, |s| s.name == lookup)?
+                    .into_values()
+                    .filter(|f| !f.complete)
+                    .flat_map(|f| f.members.into_iter().map(|m| m.id))
+                    .collect())
+            })
+            .await?;
+        // Fixed order, the name, the snapshots, the volumes (each sorted): creates and
+        // deletions never wait for each other in a circle.
         let mut keys = vec![format!("groupsnapshot:{name}")];
+        keys.extend(debris.iter().map(|id| id.as_str().to_owned()));
         keys.extend(sources.iter().map(|id| id.as_str().to_owned()));
         let node = self.identity.node_id.clone();
         self.exclusive(keys, move |b| {
@@ -141,7 +155,7 @@ impl Controller {
             for (_, found) in groups(b, |s| s.name == name)? {
                 if !found.complete {
                     // Never answered to anyone: the retry cuts the group again, whole.
-                    for member in &found.members {
+                    for member in found.members.iter().filter(|m| debris.contains(&m.id)) {
                         b.delete_snapshot(&member.id)?;
                     }
                     continue;

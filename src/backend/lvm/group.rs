@@ -6,6 +6,10 @@
 //! the filesystems of every staged member are frozen together, which makes the group one
 //! instant for every writer. All or nothing: a member that fails removes the members made
 //! before it.
+//!
+//! lvm2 suspends a thin origin for its snapshot, and device-mapper's suspend freezes the
+//! filesystem on it once more: that nests inside our freeze only on kernels whose freezes
+//! nest; older ones answer EBUSY and the group fails whole.
 
 use super::allocation::add_tags;
 use super::copies::Quiesce;

@@ -173,7 +173,8 @@ fn sanity(backend: Backend, access: &str) {
                 .ok()
         })
         .expect("csi-sanity reports how many specs ran");
-    assert!(ran >= 40, "csi-sanity ran only {ran} specs: {summary}");
+    // All 92 but the 10 ControllerPublish specs and the one pending upstream.
+    assert!(ran >= 81, "csi-sanity ran only {ran} specs: {summary}");
 }
 
 /// The summary section of a ginkgo run (the failed specs), or the tail.

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::model::capacity::CapacityRange;
 use crate::model::limits::IoLimits;
 use crate::model::spec::{Capability, FsType, VolumeParams};
-use crate::model::{ContentSource, SnapshotId, VolumeId};
+use crate::model::{ContentSource, GroupSnapshotId, SnapshotId, VolumeId};
 
 pub mod image_store;
 pub mod loop_files;
@@ -39,10 +39,29 @@ pub struct VolumeRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
     pub id: SnapshotId,
+    /// The CSI name; a group's members all carry the group's name.
     pub name: String,
     pub source_volume: VolumeId,
     pub size_bytes: u64,
     pub created_unix: u64,
+    /// Set on the members of a volume group snapshot: the group is stored
+    /// nowhere else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupMembership>,
+}
+
+/// Which group a snapshot belongs to, and how many members the group was cut
+/// with: fewer found means an interrupted creation (or deletion).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMembership {
+    pub id: GroupSnapshotId,
+    pub members: u32,
+}
+
+impl SnapshotRecord {
+    pub fn group_id(&self) -> Option<&GroupSnapshotId> {
+        self.group.as_ref().map(|g| &g.id)
+    }
 }
 
 /// Room left in a backend's pool.
@@ -87,12 +106,21 @@ pub trait Backend: Send + Sync + 'static {
     /// All snapshots, sorted by ID.
     fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>>;
 
+    /// Cut every member (all of one group, each `group` set) at one instant: the
+    /// filesystems of the staged sources are frozen together for the cut. All or nothing:
+    /// on failure whatever was made is removed again. Idempotent by the members' IDs.
+    fn create_group_snapshot(&self, members: &[SnapshotRecord]) -> Result<()>;
+
     fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotRecord>> {
         Ok(self.list_snapshots()?.into_iter().find(|s| &s.id == id))
     }
 
+    /// The snapshot CreateSnapshot made under `name` (never a group's member).
     fn find_snapshot_by_name(&self, name: &str) -> Result<Option<SnapshotRecord>> {
-        Ok(self.list_snapshots()?.into_iter().find(|s| s.name == name))
+        Ok(self
+            .list_snapshots()?
+            .into_iter()
+            .find(|s| s.name == name && s.group.is_none()))
     }
 
     /// The block device holding the volume, made available on this node (idempotent).

@@ -6,7 +6,8 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::csi::pb::{
-    controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
+    controller_client::ControllerClient, group_controller_client::GroupControllerClient,
+    identity_client::IdentityClient, node_client::NodeClient,
 };
 use crate::csi::server::socket_path;
 use crate::error::{Error, Result};
@@ -15,6 +16,7 @@ use crate::error::{Error, Result};
 pub struct CsiClient {
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
+    pub group: GroupControllerClient<Channel>,
     pub node: NodeClient<Channel>,
 }
 
@@ -36,6 +38,7 @@ impl CsiClient {
         Ok(CsiClient {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),
+            group: GroupControllerClient::new(channel.clone()),
             node: NodeClient::new(channel),
         })
     }

@@ -9,6 +9,7 @@ use crate::model::capacity::CapacityRange;
 use crate::model::spec::{AccessMode, AccessType, Capability, FsType, Segment};
 use crate::model::ContentSource;
 use crate::model::{SnapshotId, VolumeId};
+use crate::volume::controller_ops::GroupSnapshot;
 
 use pb::volume_capability::access_mode::Mode;
 
@@ -182,7 +183,22 @@ pub fn snapshot(record: &SnapshotRecord) -> pb::Snapshot {
             nanos: 0,
         }),
         ready_to_use: true,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: record
+            .group_id()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+    }
+}
+
+pub fn group_snapshot(group: &GroupSnapshot) -> pb::VolumeGroupSnapshot {
+    pb::VolumeGroupSnapshot {
+        group_snapshot_id: group.id.to_string(),
+        snapshots: group.members.iter().map(snapshot).collect(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: group.created_unix as i64,
+            nanos: 0,
+        }),
+        ready_to_use: true,
     }
 }
 

@@ -80,6 +80,8 @@ pub fn changes_state(rpc: &str) -> bool {
             | "NodeExpandVolume"
             | "CreateSnapshot"
             | "DeleteSnapshot"
+            | "CreateVolumeGroupSnapshot"
+            | "DeleteVolumeGroupSnapshot"
     )
 }
 

@@ -59,6 +59,7 @@ impl Identity for IdentityService {
         Ok(Response::new(pb::GetPluginCapabilitiesResponse {
             capabilities: vec![
                 service(Type::ControllerService),
+                service(Type::GroupControllerService),
                 service(Type::VolumeAccessibilityConstraints),
                 online,
             ],

@@ -5,6 +5,7 @@ pub mod client;
 pub mod controller_service;
 pub mod convert;
 pub mod driver_metrics;
+pub mod group_controller_service;
 pub mod identity_service;
 pub mod node_service;
 pub mod server;

@@ -12,10 +12,12 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::backend::VolumeRecord;
 use crate::csi::controller_service::ControllerService;
 use crate::csi::driver_metrics::{RpcMetricsLayer, Telemetry, OBSERVE_PERIOD};
+use crate::csi::group_controller_service::GroupControllerService;
 use crate::csi::identity_service::IdentityService;
 use crate::csi::node_service::NodeService;
 use crate::csi::pb::{
-    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
+    controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+    identity_server::IdentityServer, node_server::NodeServer,
 };
 use crate::error::{Error, IoContext, Result};
 use crate::model::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE, PARAM_PV_NAME};
@@ -102,7 +104,7 @@ pub fn bind_private(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serve Identity, Controller and Node until `shutdown` resolves. Every call is counted and
+/// Serve Identity, Controller, GroupController and Node until `shutdown` resolves. Every call is counted and
 /// timed in `driver.telemetry` and runs in a span naming its RPC; the backend is observed in the
 /// background meanwhile.
 pub async fn serve(
@@ -121,6 +123,9 @@ pub async fn serve(
         .layer(RpcMetricsLayer::new(driver.telemetry.clone()))
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_service(ControllerServer::new(ControllerService::new(
+            driver.clone(),
+        )))
+        .add_service(GroupControllerServer::new(GroupControllerService::new(
             driver.clone(),
         )))
         .add_service(NodeServer::new(NodeService::new(driver)))

@@ -78,6 +78,11 @@ define_id!(
     SnapshotId,
     "ks-"
 );
+define_id!(
+    /// A volume group snapshot ID: `kg-` and 24 characters of `[0-9a-z]`.
+    GroupSnapshotId,
+    "kg-"
+);
 
 #[cfg(test)]
 mod tests {
@@ -95,6 +100,10 @@ mod tests {
         // The kinds never mix.
         assert_eq!(VolumeId::parse(s.as_str()), None);
         assert_eq!(SnapshotId::parse(a.as_str()), None);
+        let g = GroupSnapshotId::generate();
+        assert_eq!(GroupSnapshotId::parse(g.as_str()), Some(g.clone()));
+        assert_eq!(SnapshotId::parse(g.as_str()), None);
+        assert_eq!(GroupSnapshotId::parse(s.as_str()), None);
     }
 
     #[test]

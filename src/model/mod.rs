@@ -8,5 +8,5 @@ pub mod id;
 pub mod limits;
 pub mod spec;
 
-pub use id::{SnapshotId, VolumeId};
+pub use id::{GroupSnapshotId, SnapshotId, VolumeId};
 pub use spec::ContentSource;

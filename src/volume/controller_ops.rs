@@ -306,6 +306,7 @@ impl Controller {
                 source_volume: source,
                 size_bytes: volume.capacity_bytes,
                 created_unix: now_unix(),
+                group: None,
             };
             b.create_snapshot(&snapshot)?;
             tracing::debug!(snapshot_id = %snapshot.id, volume_id = %snapshot.source_volume, "snapshot created");
@@ -324,6 +325,13 @@ impl Controller {
         };
         self.exclusive(vec![id.as_str().to_owned()], move |b| {
             crate::faults::step("delete snapshot: locked");
+            if let Some(group) = b.get_snapshot(&id)?.and_then(|s| s.group) {
+                return Err(Error::invalid(format!(
+                    "snapshot {id} is part of group snapshot {}: it cannot be deleted alone; \
+                     delete the group (DeleteVolumeGroupSnapshot)",
+                    group.id
+                )));
+            }
             b.delete_snapshot(&id)
         })
         .await
@@ -341,8 +349,12 @@ impl Controller {
         let (snapshot_id, source) = (snapshot_id.to_owned(), source_volume_id.to_owned());
         let all = self
             .blocking(move |b| {
-                Ok(b.list_snapshots()?
+                let all = b.list_snapshots()?;
+                // Members of a group whose cut never finished were never answered to anyone.
+                let incomplete = group_snapshots::incomplete_groups(&all);
+                Ok(all
                     .into_iter()
+                    .filter(|s| s.group_id().is_none_or(|g| !incomplete.contains(g)))
                     .filter(|s| snapshot_id.is_empty() || s.id.as_str() == snapshot_id)
                     .filter(|s| source.is_empty() || s.source_volume.as_str() == source)
                     .collect::<Vec<_>>())
@@ -441,6 +453,9 @@ fn check_same_volume(existing: VolumeRecord, req: &CreateRequest) -> Result<Volu
     }
     Ok(existing)
 }
+
+mod group_snapshots;
+pub use group_snapshots::GroupSnapshot;
 
 #[cfg(test)]
 mod tests;

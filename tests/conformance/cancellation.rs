@@ -16,25 +16,25 @@ use kennel::faults::{ARM_FILE, PAUSED_FILE, PAUSE_DIR_ENV};
 use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use tonic::{Code, Request, Status};
 
-const T: u64 = 600;
+pub(super) const T: u64 = 600;
 /// How long a caller waits on a held step before it gives up.
 const GIVE_UP: Duration = Duration::from_millis(300);
 /// More steps than any operation has: a sign the pause points stopped ending.
-const MAX_STEPS: u64 = 40;
+pub(super) const MAX_STEPS: u64 = 40;
 
 /// The driver's pause directory.
-struct Pauses {
+pub(super) struct Pauses {
     dir: tempfile::TempDir,
 }
 
 impl Pauses {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Pauses {
             dir: tempfile::tempdir().expect("pause dir"),
         }
     }
 
-    fn opts(&self, capacity: &str) -> DriverOpts {
+    pub(super) fn opts(&self, capacity: &str) -> DriverOpts {
         let mut opts = DriverOpts::sparse(capacity);
         opts.env.push((
             PAUSE_DIR_ENV.to_owned(),
@@ -43,20 +43,20 @@ impl Pauses {
         opts
     }
 
-    fn arm(&self, step: u64) {
+    pub(super) fn arm(&self, step: u64) {
         fs::write(self.dir.path().join(ARM_FILE), step.to_string()).unwrap();
     }
 
-    fn disarm(&self) {
+    pub(super) fn disarm(&self) {
         let _ = fs::remove_file(self.dir.path().join(ARM_FILE));
     }
 
     /// The step being held, if one is.
-    fn held(&self) -> Option<String> {
+    pub(super) fn held(&self) -> Option<String> {
         fs::read_to_string(self.dir.path().join(PAUSED_FILE)).ok()
     }
 
-    fn release(&self) {
+    pub(super) fn release(&self) {
         fs::remove_file(self.dir.path().join(PAUSED_FILE)).expect("a held step to release");
     }
 }
@@ -64,7 +64,12 @@ impl Pauses {
 /// Arm step `step`, make the call as a caller that gives up after [`GIVE_UP`], retry while the
 /// step is held (ABORTED), release it and retry until answered. Returns the final answer and
 /// whether the step was reached (false: the operation has fewer steps).
-async fn cut_at<F, Fut>(pauses: &Pauses, step: u64, what: &str, call: F) -> (String, bool)
+pub(super) async fn cut_at<F, Fut>(
+    pauses: &Pauses,
+    step: u64,
+    what: &str,
+    call: F,
+) -> (String, bool)
 where
     F: Fn(Duration) -> Fut,
     Fut: Future<Output = Result<String, Status>>,
@@ -113,14 +118,14 @@ where
     (answer, true)
 }
 
-fn timed<T>(message: T, deadline: Duration) -> Request<T> {
+pub(super) fn timed<T>(message: T, deadline: Duration) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(deadline);
     request
 }
 
 /// Every object of volumes and snapshots on the host: LVs, or image and record files.
-fn objects(td: &TestDriver) -> BTreeSet<String> {
+pub(super) fn objects(td: &TestDriver) -> BTreeSet<String> {
     let mut all = td.host_objects();
     if td.vg.is_none() {
         if let Ok(dir) = fs::read_dir(td.loop_dir.join("snapshots")) {
@@ -134,7 +139,7 @@ fn objects(td: &TestDriver) -> BTreeSet<String> {
 }
 
 /// Host objects of one snapshot.
-fn objects_per_snapshot(td: &TestDriver) -> usize {
+pub(super) fn objects_per_snapshot(td: &TestDriver) -> usize {
     if td.vg.is_some() {
         1
     } else {
@@ -142,7 +147,7 @@ fn objects_per_snapshot(td: &TestDriver) -> usize {
     }
 }
 
-fn added(before: &BTreeSet<String>, after: &BTreeSet<String>) -> Vec<String> {
+pub(super) fn added(before: &BTreeSet<String>, after: &BTreeSet<String>) -> Vec<String> {
     after.difference(before).cloned().collect()
 }
 

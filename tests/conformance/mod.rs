@@ -6,6 +6,7 @@ mod concurrency;
 mod controller;
 mod deadlines;
 mod foreign_mounts;
+mod group_snapshots;
 mod node;
 mod restart;
 mod snapshots;

@@ -125,6 +125,7 @@ fn snapshots_and_clones_copy_data() {
         source_volume: origin.id.clone(),
         size_bytes: 4 * MIB,
         created_unix: 0,
+        group: None,
     };
     backend.create_snapshot(&snap).expect("test setup");
     backend.create_snapshot(&snap).expect("test setup");

@@ -7,7 +7,8 @@ use std::fs::{self, File};
 use std::path::PathBuf;
 
 use super::activation::{lv_device, wait_for};
-use super::allocation::{add_tags, New};
+use super::allocation::New;
+use super::copies::Quiesce;
 use super::index::Lv;
 use super::params::{Layout, LvmParams};
 use super::{tags, LvmBackend};
@@ -73,7 +74,7 @@ impl Backend for LvmBackend {
                     name,
                     record.capacity_bytes,
                     &params,
-                    &source,
+                    (&source, Quiesce::Own),
                     &tag_list,
                 )?;
             }
@@ -188,32 +189,11 @@ impl Backend for LvmBackend {
             .ok_or_else(|| Error::VolumeNotFound(snapshot.source_volume.to_string()))?;
         let tag_list = tags::encode(snapshot)?;
         super::metadata::ensure_room(&self.index, &self.lvm, &src.row.vg_name, &tag_list)?;
-        let name = snapshot.id.as_str();
-        if src.row.is_thin() {
-            let _building = self.building(name);
-            let cmd = self
-                .lvm
-                .cmd("lvcreate")
-                .args(["-s", "-y", "-n"])
-                .arg(name)
-                .arg(format!("{}/{}", src.row.vg_name, src.row.lv_name));
-            self.lvm.change(add_tags(cmd, &tag_list, false))?;
-            self.reload()?;
-            return Ok(());
-        }
-        // A linear volume: a full copy into a linear LV of its size.
-        let mut params = LvmParams::parse(&record.params.backend)?;
-        params.layout = Layout::Linear;
-        params.stripes = None;
-        params.stripe_size = None;
-        self.build_copy(
-            &src.row.vg_name.clone(),
-            name,
-            src.row.lv_size,
-            &params,
-            &src,
-            &tag_list,
-        )
+        self.cut_snapshot(snapshot, &src, &record, &tag_list, Quiesce::Own)
+    }
+
+    fn create_group_snapshot(&self, members: &[SnapshotRecord]) -> Result<()> {
+        self.group_snapshot(members)
     }
 
     fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
@@ -247,7 +227,7 @@ impl Backend for LvmBackend {
             .index()
             .lvs()
             .filter_map(Lv::snapshot)
-            .find(|s| s.name == name)
+            .find(|s| s.name == name && s.group.is_none())
             .cloned())
     }
 

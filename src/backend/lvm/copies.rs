@@ -11,6 +11,15 @@ use crate::error::{Error, Result};
 use crate::model::ContentSource;
 use crate::node::{freeze, mount};
 
+/// Who keeps a mounted source still during a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Quiesce {
+    /// The copy freezes a mounted source itself.
+    Own,
+    /// The caller holds the freeze (a group snapshot freezes all its sources together).
+    Held,
+}
+
 impl LvmBackend {
     /// Remove the `pending` tag: the LV is complete.
     pub(super) fn commit(&self, lv: &Lv) -> Result<()> {
@@ -29,16 +38,23 @@ impl LvmBackend {
         Ok(())
     }
 
+    /// Where a volume LV's filesystem is mounted on this node, if it is.
+    pub(super) fn mounted_at(&self, lv: &Lv) -> Result<Option<std::path::PathBuf>> {
+        if lv.volume().is_none() {
+            return Ok(None);
+        }
+        match self.attached_lv_device(lv)? {
+            Some(device) => mount::mount_point_of(&device),
+            None => Ok(None),
+        }
+    }
+
     /// Copy a source LV's data into `dst`; a mounted source volume is
-    /// frozen meanwhile so the copy is consistent.
-    pub(super) fn copy_into(&self, src: &Lv, dst: &Lv) -> Result<()> {
-        let mounted = if src.volume().is_some() {
-            match self.attached_lv_device(src)? {
-                Some(device) => mount::mount_point_of(&device)?,
-                None => None,
-            }
-        } else {
-            None
+    /// frozen meanwhile (by the caller, if it holds the freeze) so the copy is consistent.
+    pub(super) fn copy_into(&self, src: &Lv, dst: &Lv, quiesce: Quiesce) -> Result<()> {
+        let mounted = match quiesce {
+            Quiesce::Own => self.mounted_at(src)?,
+            Quiesce::Held => None,
         };
         let copy = || {
             self.with_bytes(src, |from| {
@@ -70,15 +86,15 @@ impl LvmBackend {
             .ok_or(missing)
     }
 
-    /// Build a new LV `name` of `size` bytes as a copy of `source`.
-    /// Afterwards it exists completely (tags without `pending`) or not at all.
+    /// Build a new LV `name` of `size` bytes as a copy of `source`, kept still as `quiesce`
+    /// says. Afterwards it exists completely (tags without `pending`) or not at all.
     pub(super) fn build_copy(
         &self,
         vg: &str,
         name: &str,
         size: u64,
         params: &LvmParams,
-        source: &Lv,
+        (source, quiesce): (&Lv, Quiesce),
         tag_list: &[String],
     ) -> Result<()> {
         if let Layout::Thin { .. } = params.layout {
@@ -127,7 +143,7 @@ impl LvmBackend {
             self.window(source)?;
         }
         let lv = self.lvcreate(vg, name, size, &new(true, None))?;
-        self.finish(&lv, |dst| self.copy_into(source, dst))
+        self.finish(&lv, |dst| self.copy_into(source, dst, quiesce))
     }
 
     /// Fill a pending LV with `fill`, then commit it; remove it on failure.

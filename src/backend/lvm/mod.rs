@@ -82,6 +82,7 @@ mod capacity;
 pub mod cli;
 mod copies;
 pub mod data;
+mod group;
 mod health;
 pub mod index;
 mod limits;

@@ -264,6 +264,7 @@ mod tests {
             source_volume: VolumeId::parse("kv-3f9a0c2b7d1e4f5a6b8c9d0e").expect("test setup"),
             size_bytes: 1 << 30,
             created_unix: 1796250999,
+            group: None,
         }
     }
 
@@ -362,8 +363,47 @@ mod tests {
         assert_eq!(
             decode::<SnapshotRecord>(&tags, facts(snap.id.as_str(), snap.size_bytes))
                 .expect("test setup"),
-            Decoded::Record(snap)
+            Decoded::Record(snap.clone())
         );
+
+        // A group's member: its group and member count come back too, in a few bytes.
+        let mut member = snap;
+        member.group = Some(crate::backend::GroupMembership {
+            id: crate::model::GroupSnapshotId::generate(),
+            members: 3,
+        });
+        let tags = encode(&member).expect("test setup");
+        assert_eq!(
+            decode::<SnapshotRecord>(&tags, facts(member.id.as_str(), member.size_bytes))
+                .expect("test setup"),
+            Decoded::Record(member.clone())
+        );
+        let plain: usize = encode(&k8s_snapshot())
+            .expect("test setup")
+            .iter()
+            .map(String::len)
+            .sum();
+        let grouped: usize = tags.iter().map(String::len).sum();
+        assert!(
+            grouped - plain <= 30,
+            "a membership costs {} bytes",
+            grouped - plain
+        );
+        for bad in [
+            "gnot-an-id.3",
+            "g0a1b2c3d4e5f6g7h8i9j0k1l.0",
+            "g0a1b2c3d4e5f6g7h8i9j0k1l",
+        ] {
+            let text = format!("nsnap/fkv-3f9a0c2b7d1e4f5a6b8c9d0e/t1/{bad}");
+            assert!(
+                <SnapshotRecord as record_text::RecordText>::from_text(
+                    &text,
+                    facts("ks-0a1b2c3d4e5f6g7h8i9j0k1l", 1)
+                )
+                .is_err(),
+                "{bad:?} accepted"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Locking between calls, against the real loop backend (image files only, no root) with
 //! a gate that holds a create or a snapshot copy open for as long as the test wants.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -83,6 +84,10 @@ impl Backend for Gated {
     fn create_snapshot(&self, snapshot: &SnapshotRecord) -> Result<()> {
         self.pass();
         self.inner.create_snapshot(snapshot)
+    }
+    fn create_group_snapshot(&self, members: &[SnapshotRecord]) -> Result<()> {
+        self.pass();
+        self.inner.create_group_snapshot(members)
     }
     fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
         self.inner.delete_snapshot(id)
@@ -269,4 +274,258 @@ async fn a_modify_outlives_its_caller_under_the_volumes_lock() {
     );
     let stored = gate.inner.get(&volume.id).unwrap().unwrap();
     assert_eq!(stored.params.io_limits, limits);
+}
+
+fn ids(group: &GroupSnapshot) -> Vec<String> {
+    group.members.iter().map(|m| m.id.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_snapshots_follow_the_spec_from_create_to_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, _gate) = controller(dir.path());
+    let a = controller.create(request("pvc-a", None)).await.unwrap();
+    let b = controller.create(request("pvc-b", None)).await.unwrap();
+    let both = vec![b.id.to_string(), a.id.to_string()];
+
+    let group = controller
+        .create_group_snapshot("g1".into(), &both)
+        .await
+        .unwrap();
+    assert_eq!(group.members.len(), 2);
+    let sources: BTreeSet<_> = group
+        .members
+        .iter()
+        .map(|m| m.source_volume.clone())
+        .collect();
+    assert_eq!(sources, BTreeSet::from([a.id.clone(), b.id.clone()]));
+    for member in &group.members {
+        assert_eq!(member.group_id(), Some(&group.id));
+        assert_eq!(member.created_unix, group.created_unix);
+    }
+    // Idempotent by name, whatever the order of the sources.
+    let again = controller
+        .create_group_snapshot("g1".into(), &[a.id.to_string(), b.id.to_string()])
+        .await
+        .unwrap();
+    assert_eq!(again, group);
+    // The same name for other sources is ALREADY_EXISTS.
+    let other = controller
+        .create_group_snapshot("g1".into(), &[a.id.to_string()])
+        .await;
+    assert!(matches!(other, Err(Error::AlreadyExists(_))), "{other:?}");
+    // A CreateSnapshot of the same name is another object: members are no plain snapshots.
+    let plain = controller
+        .create_snapshot("g1".into(), a.id.as_str())
+        .await
+        .unwrap();
+    assert!(plain.group.is_none());
+    assert!(!ids(&group).contains(&plain.id.to_string()));
+
+    // Bad sources.
+    let elsewhere = VolumeId::generate().to_string();
+    match controller
+        .create_group_snapshot("g2".into(), &[a.id.to_string(), elsewhere.clone()])
+        .await
+    {
+        Err(Error::Precondition(m)) => {
+            assert!(m.contains(&elsewhere) && m.contains("one node"), "{m}")
+        }
+        other => panic!("a volume of another node: {other:?}"),
+    }
+    let twice = controller
+        .create_group_snapshot("g2".into(), &[a.id.to_string(), a.id.to_string()])
+        .await;
+    assert!(matches!(twice, Err(Error::InvalidArgument(_))), "{twice:?}");
+    let hostile = controller
+        .create_group_snapshot("g2".into(), &["../../etc".into()])
+        .await;
+    assert!(
+        matches!(hostile, Err(Error::VolumeNotFound(_))),
+        "{hostile:?}"
+    );
+    for (name, sources) in [
+        ("", both.clone()),
+        ("g2", vec![]),
+        ("g2", vec![String::new()]),
+    ] {
+        let r = controller
+            .create_group_snapshot(name.into(), &sources)
+            .await;
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(_))),
+            "{name:?} {sources:?}: {r:?}"
+        );
+    }
+    assert!(
+        controller
+            .list_snapshots("", "", "", 0)
+            .await
+            .unwrap()
+            .0
+            .len()
+            == 3
+    );
+
+    // Members are listed with their group and cannot be deleted alone.
+    let (listed, _) = controller
+        .list_snapshots("", a.id.as_str(), "", 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|s| s.group_id() == Some(&group.id))
+            .count(),
+        1
+    );
+    let member = group.members[0].id.to_string();
+    let alone = controller.delete_snapshot(&member).await;
+    assert!(
+        matches!(alone, Err(Error::InvalidArgument(ref m)) if m.contains(group.id.as_str())),
+        "{alone:?}"
+    );
+
+    // A member restores like any snapshot.
+    let restored = controller
+        .create(request(
+            "pvc-restored",
+            Some(ContentSource::Snapshot(group.members[0].id.clone())),
+        ))
+        .await
+        .unwrap();
+
+    // Get and Delete check snapshot_ids when given.
+    let gid = group.id.to_string();
+    assert_eq!(
+        controller
+            .get_group_snapshot(&gid, &ids(&group))
+            .await
+            .unwrap(),
+        group
+    );
+    assert_eq!(
+        controller.get_group_snapshot(&gid, &[]).await.unwrap(),
+        group
+    );
+    let one = vec![member.clone()];
+    for wrong in [one.clone(), vec![member.clone(), plain.id.to_string()]] {
+        let r = controller.get_group_snapshot(&gid, &wrong).await;
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(_))),
+            "{wrong:?}: {r:?}"
+        );
+        let r = controller.delete_group_snapshot(&gid, &wrong).await;
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(_))),
+            "{wrong:?}: {r:?}"
+        );
+    }
+    let r = controller
+        .get_group_snapshot(&SnapshotId::generate().to_string(), &[])
+        .await;
+    assert!(matches!(r, Err(Error::NotFound(_))), "{r:?}");
+    let r = controller.get_group_snapshot("", &[]).await;
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    controller
+        .delete_group_snapshot(&gid, &ids(&group))
+        .await
+        .unwrap();
+    controller
+        .delete_group_snapshot(&gid, &ids(&group))
+        .await
+        .unwrap();
+    controller
+        .delete_group_snapshot("not-a-group", &[])
+        .await
+        .unwrap();
+    let r = controller.get_group_snapshot(&gid, &[]).await;
+    assert!(matches!(r, Err(Error::NotFound(_))), "{r:?}");
+    let (left, _) = controller.list_snapshots("", "", "", 0).await.unwrap();
+    assert_eq!(
+        left,
+        vec![plain],
+        "the group's members are gone, nothing else"
+    );
+    controller.delete(restored.id.as_str()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_group_is_never_shown_and_the_retry_cuts_it_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, gate) = controller(dir.path());
+    let a = controller.create(request("pvc-a", None)).await.unwrap();
+    let b = controller.create(request("pvc-b", None)).await.unwrap();
+    // What a driver killed mid-cut leaves: one member of two.
+    let debris = SnapshotRecord {
+        id: SnapshotId::generate(),
+        name: "g1".into(),
+        source_volume: a.id.clone(),
+        size_bytes: 8 * MIB,
+        created_unix: 1,
+        group: Some(crate::backend::GroupMembership {
+            id: crate::model::GroupSnapshotId::generate(),
+            members: 2,
+        }),
+    };
+    gate.inner.create_snapshot(&debris).unwrap();
+    assert!(controller
+        .list_snapshots("", "", "", 0)
+        .await
+        .unwrap()
+        .0
+        .is_empty());
+    let r = controller
+        .get_group_snapshot(debris.group_id().unwrap().as_str(), &[])
+        .await;
+    assert!(matches!(r, Err(Error::NotFound(_))), "{r:?}");
+
+    let both = vec![a.id.to_string(), b.id.to_string()];
+    let group = controller
+        .create_group_snapshot("g1".into(), &both)
+        .await
+        .unwrap();
+    assert_ne!(Some(&group.id), debris.group_id());
+    let (all, _) = controller.list_snapshots("", "", "", 0).await.unwrap();
+    assert_eq!(
+        all, group.members,
+        "the debris went, the new group is whole"
+    );
+    assert!(gate.inner.get_snapshot(&debris.id).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_group_snapshot_holds_its_name_and_every_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, gate) = controller(dir.path());
+    let controller = Arc::new(controller);
+    let a = controller.create(request("pvc-a", None)).await.unwrap();
+    let b = controller.create(request("pvc-b", None)).await.unwrap();
+    let both = vec![a.id.to_string(), b.id.to_string()];
+    gate.shut(true);
+    let first = tokio::spawn({
+        let c = controller.clone();
+        let both = both.clone();
+        async move { c.create_group_snapshot("g1".into(), &both).await }
+    });
+    tokio::task::spawn_blocking({
+        let gate = gate.clone();
+        move || gate.wait_for_one_held()
+    })
+    .await
+    .unwrap();
+    let retry = controller.create_group_snapshot("g1".into(), &both).await;
+    assert!(matches!(retry, Err(Error::Busy(_))), "{retry:?}");
+    let delete = controller.delete(b.id.as_str()).await;
+    assert!(
+        matches!(delete, Err(Error::Busy(ref k)) if k == b.id.as_str()),
+        "{delete:?}"
+    );
+    gate.shut(false);
+    let made = first.await.unwrap().unwrap();
+    let again = controller
+        .create_group_snapshot("g1".into(), &both)
+        .await
+        .unwrap();
+    assert_eq!(made, again);
 }

@@ -19,11 +19,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::{SnapshotRecord, VolumeRecord};
+use crate::backend::{GroupMembership, SnapshotRecord, VolumeRecord};
 use crate::model::capacity::CapacityRange;
 use crate::model::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
 use crate::model::ContentSource;
-use crate::model::{SnapshotId, VolumeId};
+use crate::model::{GroupSnapshotId, SnapshotId, VolumeId};
 
 /// What lvm2 knows about the LV itself: the fields a record does not store.
 #[derive(Debug, Clone, Copy)]
@@ -462,11 +462,16 @@ impl RecordText for SnapshotRecord {
         w.text('n', &self.name);
         w.raw('f', self.source_volume.as_str());
         w.raw('t', &self.created_unix.to_string());
+        if let Some(group) = &self.group {
+            // The ID without its prefix, then the member count: `g<24 chars>.<members>`.
+            let random = &group.id.as_str()[GroupSnapshotId::PREFIX.len()..];
+            w.raw('g', &format!("{random}.{}", group.members));
+        }
         w.0
     }
 
     fn from_text(text: &str, lv: LvFacts<'_>) -> Result<Self, String> {
-        let f = Fields::parse(text, "nft", "")?;
+        let f = Fields::parse(text, "nftg", "")?;
         let raw_source = f.raw('f').ok_or("field 'f' is missing")?;
         Ok(SnapshotRecord {
             id: SnapshotId::parse(lv.name)
@@ -476,8 +481,22 @@ impl RecordText for SnapshotRecord {
                 .ok_or_else(|| format!("bad source volume {raw_source:?}"))?,
             size_bytes: lv.size,
             created_unix: f.unix('t')?,
+            group: f.raw('g').map(parse_group).transpose()?,
         })
     }
+}
+
+fn parse_group(raw: &str) -> Result<GroupMembership, String> {
+    let bad = || format!("bad group {raw:?}");
+    let (random, members) = raw.split_once('.').ok_or_else(bad)?;
+    Ok(GroupMembership {
+        id: GroupSnapshotId::parse(&format!("{}{random}", GroupSnapshotId::PREFIX))
+            .ok_or_else(bad)?,
+        members: parse_number(members)
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(bad)?,
+    })
 }
 
 #[cfg(test)]

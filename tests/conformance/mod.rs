@@ -6,6 +6,7 @@ mod concurrency;
 mod controller;
 mod deadlines;
 mod foreign_mounts;
+mod io_limits;
 mod node;
 mod restart;
 mod snapshots;

@@ -294,6 +294,7 @@ pub async fn run(args: DriverArgs) -> Result<()> {
         endpoint = %args.endpoint,
         node_id = %driver.controller.identity().node_id,
         backend = driver.controller.backend_kind(),
+        io_limits = %crate::node::io_throttle::describe(&args.blkio_cgroup_dir),
         version = env!("CARGO_PKG_VERSION"),
         "kennel driver serving"
     );

@@ -74,6 +74,14 @@ impl Hierarchy {
     }
 }
 
+/// Where I/O limits go, for the driver's start-up log line.
+pub fn describe(dir: &Path) -> String {
+    match Hierarchy::find(dir) {
+        Some(h) => format!("{} at {}", h.describe(), h.root().display()),
+        None => format!("no cgroup hierarchy at {}", dir.display()),
+    }
+}
+
 /// Set the limits of device `dev` on the cgroups of pod `uid` in the
 /// hierarchy `dir` names (an unlimited key clears its rule). Limits that
 /// cannot take effect are an error saying what is missing, never skipped;

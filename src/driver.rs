@@ -81,8 +81,10 @@ pub struct DriverArgs {
     /// without root) turn this off; there is no flag for it.
     #[arg(skip = true)]
     pub require_shared_kubelet_dir: bool,
-    /// The cgroup v1 blkio hierarchy holding the kubelet's pod cgroups, where
-    /// volumes' I/O limits are applied.
+    /// The cgroup hierarchy holding the kubelet's pod cgroups, where volumes'
+    /// I/O limits are applied: a cgroup v1 blkio hierarchy (blkio throttle
+    /// files) or a cgroup v2 one (io.max). Where the default does not exist
+    /// and /sys/fs/cgroup is cgroup v2, that is used.
     #[arg(long, default_value = crate::node::io_throttle::DEFAULT_BLKIO_DIR)]
     pub blkio_cgroup_dir: PathBuf,
     /// Reported in NodeGetInfo (0: no limit).
@@ -202,7 +204,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         granularity: backend.granularity(),
         controller: Controller::new(backend.clone(), work.clone(), identity),
         node: NodeOps::new(backend, work.clone(), kubelet)?
-            .with_blkio_dir(args.blkio_cgroup_dir.clone()),
+            .with_cgroup_dir(args.blkio_cgroup_dir.clone()),
         work,
         max_volumes_per_node: args.max_volumes_per_node,
         telemetry: Arc::new(Telemetry::for_classes(
@@ -292,6 +294,7 @@ pub async fn run(args: DriverArgs) -> Result<()> {
         endpoint = %args.endpoint,
         node_id = %driver.controller.identity().node_id,
         backend = driver.controller.backend_kind(),
+        io_limits = %crate::node::io_throttle::describe(&args.blkio_cgroup_dir),
         version = env!("CARGO_PKG_VERSION"),
         "kennel driver serving"
     );

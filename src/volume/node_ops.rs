@@ -36,8 +36,9 @@ pub struct NodeOps {
     /// Read-only loop devices stacked on staged devices for read-only Block
     /// publications, by the device they sit on.
     stacked: Arc<LoopIndex>,
-    /// The blkio cgroup hierarchy of the kubelet's pods (I/O limits).
-    blkio: PathBuf,
+    /// `--blkio-cgroup-dir`: the cgroup hierarchy (v1 blkio or v2) of the
+    /// kubelet's pods, where I/O limits go.
+    cgroups: PathBuf,
 }
 
 pub struct StageRequest {
@@ -88,13 +89,14 @@ impl NodeOps {
             work,
             kubelet,
             stacked: Arc::new(stacked),
-            blkio: io_throttle::DEFAULT_BLKIO_DIR.into(),
+            cgroups: io_throttle::DEFAULT_BLKIO_DIR.into(),
         })
     }
 
-    /// Apply I/O limits in this blkio hierarchy instead of the default.
-    pub fn with_blkio_dir(mut self, blkio: PathBuf) -> Self {
-        self.blkio = blkio;
+    /// Apply I/O limits in this cgroup hierarchy (v1 blkio or v2) instead
+    /// of the default.
+    pub fn with_cgroup_dir(mut self, dir: PathBuf) -> Self {
+        self.cgroups = dir;
         self
     }
 
@@ -105,8 +107,8 @@ impl NodeOps {
     pub fn io_limits_applier(
         &self,
     ) -> impl FnOnce(&dyn Backend, &VolumeRecord) -> Result<()> + Send + 'static {
-        let (kubelet, blkio) = (self.kubelet.root().to_owned(), self.blkio.clone());
-        move |b, record| apply_io_limits(b, &kubelet, &blkio, record)
+        let (kubelet, cgroups) = (self.kubelet.root().to_owned(), self.cgroups.clone());
+        move |b, record| apply_io_limits(b, &kubelet, &cgroups, record)
     }
 
     pub fn kubelet_dir(&self) -> &KubeletDir {
@@ -195,7 +197,7 @@ impl NodeOps {
         };
         let id = parse_known(&req.volume_id)?;
         let stacked = self.stacked.clone();
-        let (kubelet, blkio) = (self.kubelet.root().to_owned(), self.blkio.clone());
+        let (kubelet, cgroups) = (self.kubelet.root().to_owned(), self.cgroups.clone());
         self.exclusive(id.as_str().to_owned(), move |b| {
             crate::faults::step("publish: locked");
             let record = known(b, &id)?;
@@ -205,7 +207,7 @@ impl NodeOps {
                 .ok_or_else(|| Error::Internal(format!("volume {id} lost its device")))?;
             throttle_pod(
                 &kubelet,
-                &blkio,
+                &cgroups,
                 publication.target.path(),
                 mount::device_number(&device)?,
                 &record,
@@ -511,7 +513,7 @@ fn stage_filesystem(
 fn apply_io_limits(
     b: &dyn Backend,
     kubelet: &Path,
-    blkio: &Path,
+    cgroups: &Path,
     record: &VolumeRecord,
 ) -> Result<()> {
     let Some(device) = b.attached_device(&record.id)? else {
@@ -524,17 +526,17 @@ fn apply_io_limits(
         .map(|m| m.mount_point)
         .collect();
     for target in targets {
-        throttle_pod(kubelet, blkio, &target, number, record)?;
+        throttle_pod(kubelet, cgroups, &target, number, record)?;
     }
     Ok(())
 }
 
 /// The volume's I/O limits on the cgroup of the pod `target` publishes it
-/// to (limits left out cleared). A path that is no pod's, or a pod without a
-/// blkio cgroup (not cgroup v1), is left alone.
+/// to (limits left out cleared); limits that cannot take effect there are an
+/// error. A path that is no pod's is left alone.
 fn throttle_pod(
     kubelet: &Path,
-    blkio: &Path,
+    cgroups: &Path,
     target: &Path,
     device: (u32, u32),
     record: &VolumeRecord,
@@ -542,10 +544,7 @@ fn throttle_pod(
     let Some(uid) = io_throttle::pod_uid(kubelet, target) else {
         return Ok(());
     };
-    for cgroup in io_throttle::pod_cgroups(blkio, &uid) {
-        io_throttle::apply(&cgroup, device, &record.params.io_limits)?;
-    }
-    Ok(())
+    io_throttle::limit_pod(cgroups, &uid, device, &record.params.io_limits)
 }
 
 /// The volume's files made group `gid`'s (fsGroup), unless its root already is.

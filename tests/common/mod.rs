@@ -29,6 +29,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
 pub mod vg;
+pub mod vm_lane;
 
 pub use vg::skip::cannot_run;
 use vg::TestVg;
@@ -1171,6 +1172,46 @@ where
                 pause = (pause * 2).min(Duration::from_millis(500));
             }
             other => return other,
+        }
+    }
+}
+
+/// A line for the person running the tests (a measurement, not a result),
+/// on the real stdout past cargo's capture; the VM lane relays these from
+/// its guest.
+pub fn report(line: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_owned();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "KENNEL-REPORT {test}: {line}");
+    let _ = out.flush();
+}
+
+/// A test this host cannot run, for a reason the VM lane's guest does not
+/// have (`why`). A host that can run the lane runs it in the same
+/// `cargo test` (tests/vm_lane.rs): the test says so here and leaves the
+/// work to it. A host that cannot: the test cannot run anywhere, and fails
+/// (`cannot_run`).
+pub fn leave_to_vm_lane(why: &str) {
+    match vm_lane::unavailable() {
+        None => {
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("<unnamed test>")
+                .to_owned();
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "KENNEL-VM-LANE {test}: {why}; tests/vm_lane.rs runs it in a VM (conformance_lvm)"
+            );
+            let _ = out.flush();
+        }
+        Some(lane) => {
+            cannot_run(&format!(
+                "{why}, and the VM lane that runs it cannot run here: {lane}"
+            ));
         }
     }
 }

@@ -7,6 +7,7 @@ mod controller;
 mod deadlines;
 mod foreign_mounts;
 mod group_snapshots;
+mod io_limits;
 mod node;
 mod restart;
 mod snapshots;

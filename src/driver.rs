@@ -270,6 +270,39 @@ impl LocalDriver {
     }
 }
 
+/// How often containers started after their volume's publish get its I/O limits on a cgroup
+/// v1 node (whose throttles are not hierarchical).
+const CONTAINER_LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Until the process ends: containers get their pods' I/O limits (cgroup v1 only).
+async fn keep_container_io_limits(dir: PathBuf) {
+    let mut tick = tokio::time::interval(CONTAINER_LIMITS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let at = dir.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            crate::node::io_throttle::keep_container_rules(&at)
+        })
+        .await;
+        match done {
+            Ok(Ok(written)) => {
+                failing = false;
+                if written > 0 {
+                    tracing::debug!(written, "I/O limits given to new containers");
+                }
+            }
+            // Said once per failing spell, not every tick.
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "could not give containers their pods' I/O limits");
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Serve until SIGTERM or SIGINT, then stop accepting and return.
 pub async fn run(args: DriverArgs) -> Result<()> {
     let driver = build(&args)?;
@@ -290,6 +323,7 @@ pub async fn run(args: DriverArgs) -> Result<()> {
             }
         });
     }
+    tokio::spawn(keep_container_io_limits(args.blkio_cgroup_dir.clone()));
     tracing::info!(
         endpoint = %args.endpoint,
         node_id = %driver.controller.identity().node_id,

@@ -154,19 +154,35 @@ impl BlkioCgroup {
         Some(BlkioCgroup { root, pod })
     }
 
-    /// The rule for `dev` ("major:minor") in one throttle file, if any.
+    /// The rule for `dev` ("major:minor") in one throttle file of the pod's cgroup, if any.
     fn rule(&self, file: &str, dev: &str) -> Option<u64> {
-        let text = fs::read_to_string(self.pod.join(file)).expect("read throttle file");
-        text.lines().find_map(|l| {
-            let (d, v) = l.split_once(' ')?;
-            (d == dev).then(|| v.parse().expect("a number"))
-        })
+        rule_in(&self.pod, file, dev)
     }
+
+    /// A container's cgroup below the pod's, made as the kubelet makes one: after the pod's
+    /// volumes are published.
+    fn container(&self) -> PathBuf {
+        let dir = self.pod.join(CONTAINER);
+        fs::create_dir_all(&dir).expect("create a container cgroup");
+        dir
+    }
+}
+
+/// A container ID as the kubelet's cgroupfs driver names its cgroup.
+const CONTAINER: &str = "5e0c7a1f9d3b2c4a6e8f0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d";
+
+fn rule_in(cgroup: &Path, file: &str, dev: &str) -> Option<u64> {
+    let text = fs::read_to_string(cgroup.join(file)).expect("read throttle file");
+    text.lines().find_map(|l| {
+        let (d, v) = l.split_once(' ')?;
+        (d == dev).then(|| v.parse().expect("a number"))
+    })
 }
 
 impl Drop for BlkioCgroup {
     fn drop(&mut self) {
         for dir in [
+            self.pod.join(CONTAINER),
             self.pod.clone(),
             self.root.join("kubepods/burstable"),
             self.root.join("kubepods"),
@@ -177,10 +193,11 @@ impl Drop for BlkioCgroup {
     }
 }
 
-/// I/O limits reach the blkio cgroup of the pod a volume is published to:
-/// set on NodePublish from the limits given at creation, changed by
-/// ControllerModifyVolume, cleared by 0; and a direct write from the pod's
-/// cgroup is held to the limit.
+/// I/O limits reach the blkio cgroups of the pod a volume is published to:
+/// set on NodePublish from the limits given at creation, given to a container
+/// started after the publish (cgroup v1 throttles are not hierarchical),
+/// changed by ControllerModifyVolume, cleared by 0; and a direct write from
+/// the container's cgroup is held to the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn io_limits_reach_the_pods_blkio_cgroup() {
     if !can_use_loop_devices() {
@@ -213,6 +230,26 @@ async fn io_limits_reach_the_pods_blkio_cgroup() {
             MIB,
             "blkio write_bps 1Mi",
         );
+        // The container the kubelet starts after the publish gets its pod's rules.
+        let container = cgroup.container();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rule_in(&container, "blkio.throttle.write_bps_device", &dev).is_none()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            rule_in(&container, "blkio.throttle.write_bps_device", &dev),
+            Some(1 << 20),
+            "a container started after the publish has its pod's limit"
+        );
+        held_to(
+            &container,
+            &target.join("data"),
+            3 * MIB,
+            MIB,
+            "blkio write_bps 1Mi, from a container's cgroup",
+        );
 
         modify_volume(
             &td,
@@ -223,6 +260,15 @@ async fn io_limits_reach_the_pods_blkio_cgroup() {
         assert_eq!(cgroup.rule("blkio.throttle.write_bps_device", &dev), None);
         assert_eq!(
             cgroup.rule("blkio.throttle.read_iops_device", &dev),
+            Some(100)
+        );
+        // The running container follows at once.
+        assert_eq!(
+            rule_in(&container, "blkio.throttle.write_bps_device", &dev),
+            None
+        );
+        assert_eq!(
+            rule_in(&container, "blkio.throttle.read_iops_device", &dev),
             Some(100)
         );
         unpublish_and_delete(&td, &id, &target).await;

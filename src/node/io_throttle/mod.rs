@@ -4,8 +4,9 @@
 //! where the kubelet publishes volumes (`<kubelet>/pods/<uid>/…`); a pod's
 //! cgroup from its UID under the `kubepods` tree (cgroupfs `pod<uid>` or
 //! systemd `kubepods-…-pod<uid_with_underscores>.slice`), laid out the same
-//! on both versions. Limits on the pod cgroup cover all its containers (both
-//! throttles are hierarchical).
+//! on both versions. On cgroup v2 the limits on the pod cgroup cover all its
+//! containers (io.max is hierarchical); cgroup v1's blk-throttle is not, so
+//! there the rules also go on every container cgroup (see `v1`).
 
 mod v1;
 mod v2;
@@ -118,6 +119,16 @@ pub fn limit_pod(dir: &Path, uid: &str, dev: (u32, u32), limits: &IoLimits) -> R
     Ok(())
 }
 
+/// On a cgroup v1 node, give containers the rules of their pods (see
+/// [`v1::mirror_pod_rules`]); how many rules were written. Nothing to do on
+/// cgroup v2, where a pod's rules already hold for its containers.
+pub fn keep_container_rules(dir: &Path) -> Result<usize> {
+    match Hierarchy::find(dir) {
+        Some(Hierarchy::Blkio(root)) => v1::mirror_pod_rules(&root),
+        _ => Ok(0),
+    }
+}
+
 /// One rule written to a cgroup control file, in one write as the kernel
 /// wants it; the file is never created.
 fn write_rule(path: &Path, line: &str) -> std::io::Result<()> {
@@ -142,6 +153,31 @@ pub fn pod_cgroups(root: &Path, uid: &str) -> Vec<PathBuf> {
         format!("pod{uid}"),
         format!("pod{}.slice", uid.replace('-', "_")),
     ];
+    find_pod_cgroups(root, |name| {
+        names
+            .iter()
+            .any(|n| name == *n || name.ends_with(&format!("-{n}")))
+    })
+}
+
+/// Every pod's cgroup below the hierarchy root `root`.
+pub fn all_pod_cgroups(root: &Path) -> Vec<PathBuf> {
+    find_pod_cgroups(root, |name| {
+        let name = name.strip_suffix(".slice").unwrap_or(name);
+        let uid = match name.rsplit_once("-pod") {
+            Some((_, uid)) => uid,
+            None => name.strip_prefix("pod").unwrap_or(""),
+        };
+        uid.len() >= 32
+            && uid
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
+    })
+}
+
+/// The cgroups a few levels down the `kubepods` trees whose names `is_pod` accepts (a pod's
+/// cgroup is not searched further).
+fn find_pod_cgroups(root: &Path, is_pod: impl Fn(&str) -> bool) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut level: Vec<PathBuf> = ["kubepods", "kubepods.slice"]
         .iter()
@@ -160,10 +196,7 @@ pub fn pod_cgroups(root: &Path, uid: &str) -> Vec<PathBuf> {
                     continue;
                 }
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if names
-                    .iter()
-                    .any(|n| name == *n || name.ends_with(&format!("-{n}")))
-                {
+                if is_pod(&name) {
                     found.push(path);
                 } else {
                     next.push(path);
@@ -187,6 +220,26 @@ mod tests {
         assert_eq!(pod_uid(kubelet, &target).as_deref(), Some(uid));
         assert_eq!(pod_uid(kubelet, Path::new("/mnt/elsewhere")), None);
         assert_eq!(pod_uid(kubelet, &kubelet.join("pods/../x")), None);
+    }
+
+    #[test]
+    fn every_pod_cgroup_is_found_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let uid = "0b6c1d2e-3f40-4a5b-8c6d-7e8f9a0b1c2d";
+        let cgroupfs = dir.path().join(format!("kubepods/burstable/pod{uid}"));
+        let systemd = dir.path().join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        for d in [&cgroupfs, &systemd] {
+            std::fs::create_dir_all(d.join("0123abcd")).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("kubepods/burstable/podcast")).unwrap();
+        let mut found = all_pod_cgroups(dir.path());
+        found.sort();
+        let mut want = vec![cgroupfs, systemd];
+        want.sort();
+        assert_eq!(found, want);
     }
 
     #[test]

@@ -213,6 +213,19 @@ pub fn snapshot_params(params: &BTreeMap<String, String>) -> Result<()> {
     }
 }
 
+/// VolumeGroupSnapshotClass parameters: only csi-snapshotter's metadata of the group
+/// (`csi.storage.k8s.io/volumegroupsnapshot/{name,namespace}`,
+/// `csi.storage.k8s.io/volumegroupsnapshotcontent/name`, with `--extra-create-metadata`).
+pub fn group_snapshot_params(params: &BTreeMap<String, String>) -> Result<()> {
+    const METADATA_PREFIX: &str = "csi.storage.k8s.io/volumegroupsnapshot";
+    match params.keys().find(|k| !k.starts_with(METADATA_PREFIX)) {
+        Some(key) => Err(Error::invalid(format!(
+            "unknown VolumeGroupSnapshotClass parameter {key:?}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Capacity values on the wire are int64.
 pub fn bytes(value: u64) -> i64 {
     value.min(i64::MAX as u64) as i64
@@ -221,6 +234,26 @@ pub fn bytes(value: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn params(keys: &[&str]) -> BTreeMap<String, String> {
+        keys.iter()
+            .map(|k| (k.to_string(), "x".to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn group_snapshots_take_csi_snapshotters_group_metadata_only() {
+        let metadata = params(&[
+            "csi.storage.k8s.io/volumegroupsnapshot/name",
+            "csi.storage.k8s.io/volumegroupsnapshot/namespace",
+            "csi.storage.k8s.io/volumegroupsnapshotcontent/name",
+        ]);
+        assert!(group_snapshot_params(&metadata).is_ok());
+        assert!(snapshot_params(&metadata).is_err());
+        let err = group_snapshot_params(&params(&["thin"])).unwrap_err();
+        assert!(err.to_string().contains("\"thin\""), "{err}");
+        assert!(snapshot_params(&params(&["csi.storage.k8s.io/volumesnapshot/name"])).is_ok());
+    }
     use pb::volume_capability::{
         AccessMode as PbMode, AccessType as PbType, BlockVolume, MountVolume,
     };

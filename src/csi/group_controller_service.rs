@@ -48,7 +48,7 @@ impl GroupControllerRpc for GroupControllerService {
         let req = request.into_inner();
         let change = Change::begin("group snapshot created");
         // VolumeGroupSnapshotClass parameters: the same rule as a VolumeSnapshotClass's.
-        convert::snapshot_params(&req.parameters)?;
+        convert::group_snapshot_params(&req.parameters)?;
         let group = self
             .driver
             .controller

@@ -442,21 +442,36 @@ fn apply_to_ready(cluster: &mut Cluster) {
 const HELLO: &str = "hello from webserver-2\n";
 
 fn seed_through_deploy(cluster: &mut Cluster) {
-    let ns = cluster.namespace("seed-deployed");
-    let (service, set) = webserver(Backend::Loop, "webserver", 3);
+    let loop_dir = cluster.root.join("loop-deployed");
+    seed_walk_through(cluster, "seed-deployed", Backend::Loop, &|id| {
+        loop_dir.join(format!("{id}.img")).exists()
+    });
+}
+
+/// The seed walk-through on `backend`'s class through the deployment: three replicas, each its
+/// own volume (`stored` says the backend holds it) published once; hello.txt written on
+/// webserver-2; 3 -> 2 unpublishes and keeps claim and volume; 2 -> 3 brings back the same volume
+/// and the file; the set and claims deleted, and the volumes with them.
+fn seed_walk_through(
+    cluster: &mut Cluster,
+    scenario: &str,
+    backend: Backend,
+    stored: &dyn Fn(&str) -> bool,
+) {
+    let ns = cluster.namespace(scenario);
+    let (service, set) = webserver(backend, "webserver", 3);
     cluster.kubectl.apply(Some(&ns), &service);
     cluster.kubectl.apply(Some(&ns), &set);
     let pods = ordinals("webserver", 3);
     wait_pods_ready(cluster, &ns, &pods, 240);
-    let loop_dir = cluster.root.join("loop-deployed");
     let mut volumes = Vec::new();
     for i in 0..3 {
         let claim = format!("www-webserver-{i}");
         let pv = claim_pv(cluster, &ns, &claim).unwrap_or_else(|| panic!("{claim} is not bound"));
         let id = volume_id(&pv);
         assert!(
-            loop_dir.join(format!("{id}.img")).exists(),
-            "{claim}'s volume {id} has no image in the DaemonSet's loop directory"
+            stored(&id),
+            "{claim}'s volume {id} is not in the backend's storage"
         );
         let pv_name = pv["metadata"]["name"].as_str().expect("pv name").to_owned();
         assert_eq!(
@@ -473,14 +488,7 @@ fn seed_through_deploy(cluster: &mut Cluster) {
         &["tee", &format!("{WWW}/hello.txt")],
         Some(HELLO.as_bytes()),
     );
-    cluster.kubectl.run(&[
-        "scale",
-        "statefulset",
-        "webserver",
-        "-n",
-        &ns,
-        "--replicas=2",
-    ]);
+    scale(cluster, &ns, 2);
     wait_pod_gone(cluster, &ns, "webserver-2", 120);
     let (pv2, id2) = volumes[2].clone();
     wait_for(
@@ -489,15 +497,8 @@ fn seed_through_deploy(cluster: &mut Cluster) {
         || publish_mounts(cluster, &pv2).is_empty().then_some(()),
         || describe(cluster, &ns),
     );
-    assert!(loop_dir.join(format!("{id2}.img")).exists(), "{id2} kept");
-    cluster.kubectl.run(&[
-        "scale",
-        "statefulset",
-        "webserver",
-        "-n",
-        &ns,
-        "--replicas=3",
-    ]);
+    assert!(stored(&id2), "{id2} kept");
+    scale(cluster, &ns, 3);
     wait_pods_ready(cluster, &ns, &pods, 120);
     let back = claim_pv(cluster, &ns, "www-webserver-2").expect("claim bound");
     assert_eq!(back["metadata"]["name"], pv2.as_str());
@@ -524,17 +525,24 @@ fn seed_through_deploy(cluster: &mut Cluster) {
         wait_for(
             &format!("PV {pv} and volume {id} deleted"),
             120,
-            || {
-                (cluster.kubectl.get(&["pv", pv]).is_none()
-                    && !loop_dir.join(format!("{id}.img")).exists())
-                .then_some(())
-            },
+            || (cluster.kubectl.get(&["pv", pv]).is_none() && !stored(id)).then_some(()),
             || describe(cluster, &ns),
         );
     }
     cluster
         .kubectl
         .run(&["delete", "namespace", &ns, "--wait=false"]);
+}
+
+fn scale(cluster: &Cluster, ns: &str, replicas: u32) {
+    cluster.kubectl.run(&[
+        "scale",
+        "statefulset",
+        "webserver",
+        "-n",
+        ns,
+        &format!("--replicas={replicas}"),
+    ]);
 }
 
 /// The node plugin's pod (the one node's).
@@ -1306,74 +1314,9 @@ fn seed_through_deploy_lvm(cluster: &mut Cluster) {
         started.elapsed().as_secs_f64()
     ));
 
-    let ns = cluster.namespace("seed-deployed-lvm");
-    let (service, set) = webserver(Backend::Lvm, "webserver", 3);
-    cluster.kubectl.apply(Some(&ns), &service);
-    cluster.kubectl.apply(Some(&ns), &set);
-    let pods = ordinals("webserver", 3);
-    wait_pods_ready(cluster, &ns, &pods, 240);
-    let mut volumes = Vec::new();
-    for i in 0..3 {
-        let pv = claim_pv(cluster, &ns, &format!("www-webserver-{i}")).expect("claim bound");
-        let id = volume_id(&pv);
-        assert!(vg.lv(&id).is_some(), "{id} is no LV of {}", vg.name);
-        volumes.push((pv["metadata"]["name"].as_str().expect("pv").to_owned(), id));
-    }
-    exec_ok(
-        cluster,
-        &ns,
-        "webserver-2",
-        &["tee", &format!("{WWW}/hello.txt")],
-        Some(HELLO.as_bytes()),
-    );
-    cluster.kubectl.run(&[
-        "scale",
-        "statefulset",
-        "webserver",
-        "-n",
-        &ns,
-        "--replicas=2",
-    ]);
-    wait_pod_gone(cluster, &ns, "webserver-2", 120);
-    cluster.kubectl.run(&[
-        "scale",
-        "statefulset",
-        "webserver",
-        "-n",
-        &ns,
-        "--replicas=3",
-    ]);
-    wait_pods_ready(cluster, &ns, &pods, 120);
-    let text = exec_ok(
-        cluster,
-        &ns,
-        "webserver-2",
-        &["cat", &format!("{WWW}/hello.txt")],
-        None,
-    );
-    assert_eq!(text, HELLO);
-    cluster.kubectl.run(&[
-        "delete",
-        "statefulset",
-        "webserver",
-        "-n",
-        &ns,
-        "--wait=true",
-    ]);
-    cluster
-        .kubectl
-        .run(&["delete", "pvc", "--all", "-n", &ns, "--wait=false"]);
-    for (pv, id) in &volumes {
-        wait_for(
-            &format!("PV {pv} and LV {id} deleted"),
-            120,
-            || (cluster.kubectl.get(&["pv", pv]).is_none() && vg.lv(id).is_none()).then_some(()),
-            || describe(cluster, &ns),
-        );
-    }
-    cluster
-        .kubectl
-        .run(&["delete", "namespace", &ns, "--wait=false"]);
+    seed_walk_through(cluster, "seed-deployed-lvm", Backend::Lvm, &|id| {
+        vg.lv(id).is_some()
+    });
     io_limits::io_limits_on(cluster, Backend::Lvm.storage_class(), "lvm");
     // Back to the loop overlay before the volume group goes.
     let old = node_pod(cluster).expect("node pod")["metadata"]["uid"].clone();

@@ -34,6 +34,12 @@ async fn create_group(
     req: pb::CreateVolumeGroupSnapshotRequest,
     deadline: Duration,
 ) -> Result<pb::VolumeGroupSnapshot, Status> {
+    // Deadlines long enough for the work stretch with the emulated VM lane; short ones are
+    // callers meant to give up.
+    let deadline = match deadline >= Duration::from_secs(10) {
+        true => deadline * crate::common::vg::timeout_scale() as u32,
+        false => deadline,
+    };
     td.client
         .group
         .clone()
@@ -129,7 +135,8 @@ async fn restored_data(td: &TestDriver, name: &str, snapshot_id: &str) -> (Strin
 /// Hold the driver at `step` (by name): arm one step at a time and pass the others.
 async fn hold_at(pauses: &Pauses, step: &str) {
     loop {
-        let held = tokio::time::timeout(Duration::from_secs(60), async {
+        let wait = Duration::from_secs(60 * crate::common::vg::timeout_scale());
+        let held = tokio::time::timeout(wait, async {
             loop {
                 if let Some(held) = pauses.held() {
                     return held;

@@ -222,42 +222,40 @@ mod tests {
         assert_eq!(pod_uid(kubelet, &kubelet.join("pods/../x")), None);
     }
 
-    #[test]
-    fn every_pod_cgroup_is_found_and_nothing_else() {
-        let dir = tempfile::tempdir().unwrap();
-        let uid = "0b6c1d2e-3f40-4a5b-8c6d-7e8f9a0b1c2d";
-        let cgroupfs = dir.path().join(format!("kubepods/burstable/pod{uid}"));
-        let systemd = dir.path().join(format!(
+    const UID: &str = "0b6c1d2e-3f40-4a5b-8c6d-7e8f9a0b1c2d";
+
+    /// Pod `UID`'s cgroup in the cgroupfs and the systemd layout under `root`, each with a
+    /// container cgroup below it, plus a pod-like name that is no pod's; the pod cgroups, sorted.
+    fn both_layouts(root: &Path) -> Vec<PathBuf> {
+        let cgroupfs = root.join(format!("kubepods/burstable/pod{UID}"));
+        let systemd = root.join(format!(
             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-            uid.replace('-', "_")
+            UID.replace('-', "_")
         ));
         for d in [&cgroupfs, &systemd] {
             std::fs::create_dir_all(d.join("0123abcd")).unwrap();
         }
-        std::fs::create_dir_all(dir.path().join("kubepods/burstable/podcast")).unwrap();
+        std::fs::create_dir_all(root.join("kubepods/burstable/podcast")).unwrap();
+        let mut pods = vec![cgroupfs, systemd];
+        pods.sort();
+        pods
+    }
+
+    #[test]
+    fn every_pod_cgroup_is_found_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = both_layouts(dir.path());
         let mut found = all_pod_cgroups(dir.path());
         found.sort();
-        let mut want = vec![cgroupfs, systemd];
-        want.sort();
         assert_eq!(found, want);
     }
 
     #[test]
     fn pod_cgroups_are_found_for_both_cgroup_drivers() {
         let dir = tempfile::tempdir().unwrap();
-        let uid = "0b6c1d2e-3f40-4a5b-8c6d-7e8f9a0b1c2d";
-        let cgroupfs = dir.path().join(format!("kubepods/burstable/pod{uid}"));
-        let systemd = dir.path().join(format!(
-            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-            uid.replace('-', "_")
-        ));
-        std::fs::create_dir_all(&cgroupfs).unwrap();
-        std::fs::create_dir_all(&systemd).unwrap();
-        std::fs::create_dir_all(dir.path().join("kubepods/burstable/podother")).unwrap();
-        let mut found = pod_cgroups(dir.path(), uid);
+        let want = both_layouts(dir.path());
+        let mut found = pod_cgroups(dir.path(), UID);
         found.sort();
-        let mut want = vec![cgroupfs, systemd];
-        want.sort();
         assert_eq!(found, want);
     }
 

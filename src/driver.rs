@@ -275,13 +275,13 @@ impl LocalDriver {
 const CONTAINER_LIMITS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Until the process ends: containers get their pods' I/O limits (cgroup v1 only).
-async fn keep_container_io_limits(dir: PathBuf) {
+async fn keep_container_io_limits(blkio_root: PathBuf) {
     let mut tick = tokio::time::interval(CONTAINER_LIMITS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         tick.tick().await;
-        let at = dir.clone();
+        let at = blkio_root.clone();
         let done = tokio::task::spawn_blocking(move || {
             crate::node::io_throttle::keep_container_rules(&at)
         })
@@ -323,7 +323,11 @@ pub async fn run(args: DriverArgs) -> Result<()> {
             }
         });
     }
-    tokio::spawn(keep_container_io_limits(args.blkio_cgroup_dir.clone()));
+    // Only cgroup v1 needs it; the hierarchy is decided once.
+    use crate::node::io_throttle::Hierarchy;
+    if let Some(Hierarchy::Blkio(root)) = Hierarchy::find(&args.blkio_cgroup_dir) {
+        tokio::spawn(keep_container_io_limits(root));
+    }
     tracing::info!(
         endpoint = %args.endpoint,
         node_id = %driver.controller.identity().node_id,

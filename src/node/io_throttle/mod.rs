@@ -119,14 +119,11 @@ pub fn limit_pod(dir: &Path, uid: &str, dev: (u32, u32), limits: &IoLimits) -> R
     Ok(())
 }
 
-/// On a cgroup v1 node, give containers the rules of their pods (see
-/// [`v1::mirror_pod_rules`]); how many rules were written. Nothing to do on
-/// cgroup v2, where a pod's rules already hold for its containers.
-pub fn keep_container_rules(dir: &Path) -> Result<usize> {
-    match Hierarchy::find(dir) {
-        Some(Hierarchy::Blkio(root)) => v1::mirror_pod_rules(&root),
-        _ => Ok(0),
-    }
+/// In the cgroup v1 blkio hierarchy at `blkio_root`, give containers the rules of their pods
+/// (see [`v1::mirror_pod_rules`]); how many rules were written. cgroup v2 needs nothing: a
+/// pod's `io.max` already holds for its containers.
+pub fn keep_container_rules(blkio_root: &Path) -> Result<usize> {
+    v1::mirror_pod_rules(blkio_root)
 }
 
 /// One rule written to a cgroup control file, in one write as the kernel

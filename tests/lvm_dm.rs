@@ -936,3 +936,233 @@ async fn a_full_thin_pool_makes_its_volumes_abnormal() {
     })
     .await;
 }
+
+/// A workload on a mounted volume: writes 4 KiB and syncs, over and over,
+/// until stopped. The longest single write is how long it was held.
+struct Workload {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(std::time::Duration, u64)>>,
+}
+
+impl Workload {
+    fn start(path: std::path::PathBuf) -> Workload {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut f = fs::File::create(&path).expect("workload file");
+            let block = vec![0x77u8; 4096];
+            let (mut longest, mut writes) = (std::time::Duration::ZERO, 0u64);
+            while !stopped.load(Ordering::Relaxed) {
+                let began = std::time::Instant::now();
+                f.write_all(&block).expect("workload write");
+                f.sync_data().expect("workload sync");
+                longest = longest.max(began.elapsed());
+                writes += 1;
+            }
+            (longest, writes)
+        });
+        Workload {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The longest write and how many writes were made.
+    fn stop(mut self) -> (std::time::Duration, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("workload thread")
+    }
+}
+
+fn views_left(vg: &TestVg) -> Vec<String> {
+    vg.lvs()
+        .into_iter()
+        .map(|lv| lv.name)
+        .filter(|name| name.ends_with(".cow"))
+        .collect()
+}
+
+/// Sizes of the in-use volumes snapshotted: 64 MiB, or `KENNEL_VIEW_SIZES_MIB`
+/// (e.g. `64,4096`) for a measurement of larger ones.
+fn view_sizes() -> Vec<i64> {
+    std::env::var("KENNEL_VIEW_SIZES_MIB")
+        .ok()
+        .map(|raw| {
+            raw.split(',')
+                .map(|s| s.trim().parse::<i64>().expect("KENNEL_VIEW_SIZES_MIB") * MIB)
+                .collect()
+        })
+        .unwrap_or_else(|| vec![64 * MIB])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_use_linear_volumes_are_copied_from_a_point_in_time_view() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(1800, async {
+        for size in view_sizes() {
+            let vg = TestVg::with_capacity(5 * size as u64 + (256 << 20));
+            // A freeze budget no full copy fits in: only the view lets these calls succeed.
+            let driver = LvmDriver::start_with_args(
+                vec![vg.name.clone()],
+                vec![],
+                vec!["--freeze-budget".into(), "1ms".into()],
+            )
+            .await;
+            let id = driver.create(create_req("in-use", size, &[])).await.volume_id;
+            driver.stage(&id, mount_cap("ext4")).await;
+            let target = driver.publish(&id, mount_cap("ext4")).await;
+            // Half the volume in data, and a last write still in the page cache: the
+            // view must show it (lvm2 freezes the filesystem while it takes the view).
+            let bulk: Vec<u8> = (0..(size / 2) as usize).map(|i| (i % 251) as u8).collect();
+            fs::write(target.join("bulk"), &bulk).unwrap();
+            fs::write(target.join("hello.txt"), b"written before the snapshot").unwrap();
+
+            let workload = Workload::start(target.join("log"));
+            let began = std::time::Instant::now();
+            let snap = driver.snapshot("view", &id).await.snapshot_id;
+            let call = began.elapsed();
+            let began = std::time::Instant::now();
+            let clone = driver
+                .create(from_volume(create_req("clone", size, &[]), &id))
+                .await
+                .volume_id;
+            let clone_call = began.elapsed();
+            let (longest, writes) = workload.stop();
+            println!(
+                "in-use {} MiB volume: CreateSnapshot {call:?}, clone {clone_call:?}; the workload made {writes} synced writes meanwhile, the longest {longest:?}",
+                size / MIB
+            );
+            assert!(views_left(&vg).is_empty(), "views left: {:#?}", vg.lvs());
+            assert_eq!(vg.lv_field(&snap, "segtype"), "linear", "a full copy");
+            assert_eq!(vg.lv_field(&id, "origin"), "", "the volume is no origin any more");
+
+            // Both copies hold the volume as it was when each was taken.
+            let restored = driver
+                .create(from_snapshot(create_req("restored", size, &[]), &snap))
+                .await
+                .volume_id;
+            for copy in [&restored, &clone] {
+                driver.stage(copy, mount_cap("ext4")).await;
+                let at = driver.publish(copy, mount_cap("ext4")).await;
+                assert_eq!(
+                    fs::read(at.join("hello.txt")).unwrap(),
+                    b"written before the snapshot"
+                );
+                assert!(fs::read(at.join("bulk")).unwrap() == bulk, "{copy}: bulk differs");
+                driver.unpublish(copy, false).await;
+                driver.unstage(copy).await;
+                driver.delete(copy).await;
+            }
+            driver.unpublish(&id, false).await;
+            driver.unstage(&id).await;
+            driver
+                .controller()
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    snapshot_id: snap.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("DeleteSnapshot");
+            driver.delete(&id).await;
+            assert!(vg.lvs().is_empty(), "{:#?}", vg.lvs());
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_left_by_a_crash_is_split_zeroed_and_removed() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        const SIZE: i64 = 32 * MIB;
+        let vg = TestVg::with_capacity(256 << 20);
+        let mut driver = LvmDriver::start(&vg).await;
+        let id = driver
+            .create(block_req("tenant", SIZE, &[]))
+            .await
+            .volume_id;
+        driver.stage(&id, block_cap()).await;
+        let device = driver.publish(&id, block_cap()).await;
+        fill(&device, SIZE as u64, 0xa5);
+
+        // The driver dies once the view is taken (step 2: the snapshot's LV, then the view).
+        driver
+            .restart_with(vec![(
+                kennel::backend::lvm::cli::ABORT_AFTER_STEP_ENV.to_owned(),
+                "2".to_owned(),
+            )])
+            .await;
+        let call = driver
+            .controller()
+            .create_snapshot(pb::CreateSnapshotRequest {
+                source_volume_id: id.clone(),
+                name: "interrupted".into(),
+                ..Default::default()
+            })
+            .await;
+        assert!(call.is_err(), "{call:?}");
+        assert!(
+            driver.wait_exit(20).is_some(),
+            "the driver died mid-snapshot"
+        );
+        let views = views_left(&vg);
+        assert_eq!(views.len(), 1, "one view left: {:#?}", vg.lvs());
+        assert_eq!(vg.lv_field(&views[0], "origin"), id);
+
+        // The tenant keeps writing: every old block moves into the view's store.
+        fill(&device, SIZE as u64, 0x5a);
+        driver.restart().await;
+        assert!(
+            views_left(&vg).is_empty(),
+            "the view is swept: {:#?}",
+            vg.lvs()
+        );
+        let lvs = vg.lvs();
+        assert!(
+            lvs.len() == 1 && lvs[0].name == id,
+            "only the volume is left: {lvs:#?}"
+        );
+        let mut head = vec![0u8; 1 << 20];
+        fs::File::open(&device)
+            .unwrap()
+            .read_exact(&mut head)
+            .unwrap();
+        assert!(head.iter().all(|b| *b == 0x5a), "the volume keeps its data");
+
+        driver.unpublish(&id, true).await;
+        driver.unstage(&id).await;
+        driver.delete(&id).await;
+        // The next tenants, in all of the freed space, read zeros: neither the
+        // volume's bytes nor the old ones its view held.
+        let mut made = Vec::new();
+        loop {
+            let req = block_req(&format!("next-{}", made.len()), SIZE, &[]);
+            match driver.controller().create_volume(req).await {
+                Ok(resp) => made.push(resp.into_inner().volume.expect("volume").volume_id),
+                Err(s) if s.code() == Code::ResourceExhausted => break,
+                Err(s) => panic!("CreateVolume: {s:?}\n{}", driver.log_tail(30)),
+            }
+        }
+        assert!(
+            made.len() >= 5,
+            "the freed space holds five volumes: {made:?}"
+        );
+        for next in &made {
+            assert_eq!(
+                first_non_zero(&driver, next, SIZE as u64).await,
+                None,
+                "{next} shows a deleted tenant's bytes"
+            );
+        }
+    })
+    .await;
+}

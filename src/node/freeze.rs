@@ -86,7 +86,7 @@ pub fn while_all_frozen<T>(
     };
     if thawed_early {
         return Err(Error::Precondition(format!(
-            "the copy of the volume mounted at {} did not finish within the freeze budget of {budget:?}, so the filesystem was thawed and the copy discarded; copy it while it is not staged, keep its storage on a filesystem with reflinks (xfs, btrfs) or thin LVM, or raise --freeze-budget",
+            "the copy of the volume mounted at {} did not finish within the freeze budget of {budget:?}, so the filesystem was thawed and the copy discarded; copy it while it is not staged, keep its storage on a filesystem with reflinks (xfs, btrfs) or on LVM with device-mapper, or raise --freeze-budget",
             shown()
         )));
     }

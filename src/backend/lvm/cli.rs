@@ -423,6 +423,13 @@ impl LvRow {
     pub fn is_thin(&self) -> bool {
         self.segtype == "thin"
     }
+
+    /// A copy-on-write snapshot (`lvcreate -s` of an LV that is not thin):
+    /// `s` (or `S`, invalidated) first in its attributes.
+    pub fn is_cow(&self) -> bool {
+        matches!(self.lv_attr.chars().next(), Some('s' | 'S'))
+            || (!self.origin.is_empty() && !self.is_thin())
+    }
 }
 
 /// One segment of an LV, with its LV's fields (`lvs --segments`).

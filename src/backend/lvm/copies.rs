@@ -49,25 +49,33 @@ impl LvmBackend {
         }
     }
 
-    /// Copy a source LV's data into `dst`; a mounted source volume is
-    /// frozen meanwhile (by the caller, if it holds the freeze) so the copy is consistent.
+    /// Copy a source LV's data into `dst`. A source volume in use (staged) is
+    /// read from a point-in-time view of it under device-mapper; otherwise a
+    /// mounted one is frozen meanwhile (by the caller, if it holds the freeze),
+    /// so the copy is consistent either way.
     pub(super) fn copy_into(&self, src: &Lv, dst: &Lv, quiesce: Quiesce) -> Result<()> {
-        let mounted = match quiesce {
-            Quiesce::Own => self.mounted_at(src)?,
-            Quiesce::Held => None,
-        };
-        let copy = || {
-            self.with_bytes(src, |from| {
-                self.with_bytes(dst, |to| {
-                    data::copy(from, to)?;
-                    data::wipe_signatures(to, from.len)
-                })
+        let fill = |from: &data::ByteRange| {
+            self.with_bytes(dst, |to| {
+                data::copy(from, to)?;
+                data::wipe_signatures(to, from.len)
             })
         };
-        match mounted {
-            Some(point) => freeze::while_frozen(&point, copy),
-            None => copy(),
-        }?;
+        let in_use = quiesce == Quiesce::Own
+            && src.volume().is_some()
+            && self.attached_lv_device(src)?.is_some();
+        if in_use && self.cow_possible(src) {
+            // The workload waits only while the view is taken.
+            self.read_from_cow(src, &dst.row.lv_name, fill)?;
+        } else {
+            let mounted = match quiesce {
+                Quiesce::Own => self.mounted_at(src)?,
+                Quiesce::Held => None,
+            };
+            match mounted {
+                Some(point) => freeze::while_frozen(&point, || self.with_bytes(src, fill)),
+                None => self.with_bytes(src, fill),
+            }?;
+        }
         self.lvm.step();
         Ok(())
     }

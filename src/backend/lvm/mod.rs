@@ -53,6 +53,9 @@
 //!   its device-mapper device) and whether it is attached.
 //! - [`copies`]: clones, restores and full-copy snapshots (pending → copy →
 //!   commit).
+//! - [`cow`]: the short-lived copy-on-write snapshot a copy of an in-use
+//!   volume reads from under device-mapper, so its workload is held only
+//!   for an instant.
 //! - [`removal`]: zeroing an LV and removing it.
 //! - [`sweep`]: removing the half-built LVs of interrupted calls.
 //! - [`capacity`]: free space of a VG and room in a thin pool.
@@ -81,6 +84,7 @@ mod backend_impl;
 mod capacity;
 pub mod cli;
 mod copies;
+mod cow;
 pub mod data;
 mod group;
 mod health;

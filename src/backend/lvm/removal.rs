@@ -14,7 +14,22 @@ use crate::error::{Error, IoContext, Result};
 impl LvmBackend {
     /// Zero an LV's extents, then remove it and forget it.
     pub(super) fn remove_lv(&self, lv: &Lv) -> Result<()> {
+        if !lv.missing && lv.row.is_cow() {
+            // Its exception store holds the origin's old blocks: split it off to zero it.
+            let split = self.split_cow(lv)?;
+            if split.row.is_cow() {
+                return Err(Error::Internal(format!(
+                    "{}/{} is still a snapshot after its split; it is kept, not removed unzeroed",
+                    lv.row.vg_name, lv.row.lv_name
+                )));
+            }
+            return self.remove_lv(&split);
+        }
         if !lv.missing {
+            // A view of this LV left by an interrupted copy goes first (zeroed), not with it.
+            for view in self.cow_views_of(lv) {
+                self.remove_lv(&view)?;
+            }
             self.zero_lv(lv).map_err(|e| {
                 Error::Internal(format!(
                     "logical volume {}/{} is not removed: its extents cannot be zeroed, and they must be before they return to the volume group ({e})",
@@ -34,6 +49,21 @@ impl LvmBackend {
         }
         self.index().remove(&lv.row.vg_name, &lv.row.lv_name);
         Ok(())
+    }
+
+    /// Kennel's CoW snapshots of `lv`.
+    fn cow_views_of(&self, lv: &Lv) -> Vec<Lv> {
+        self.index()
+            .lvs()
+            .filter(|v| {
+                v.row.vg_name == lv.row.vg_name
+                    && v.row.origin == lv.row.lv_name
+                    && v.row.is_cow()
+                    && v.is_owned()
+                    && !v.missing
+            })
+            .cloned()
+            .collect()
     }
 
     /// Write zeros over every extent the LV holds. A thin LV holds none of

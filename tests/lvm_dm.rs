@@ -1020,7 +1020,8 @@ async fn in_use_linear_volumes_are_copied_from_a_point_in_time_view() {
             let target = driver.publish(&id, mount_cap("ext4")).await;
             // Half the volume in data, and a last write still in the page cache: the
             // view must show it (lvm2 freezes the filesystem while it takes the view).
-            let bulk: Vec<u8> = (0..(size / 2) as usize).map(|i| (i % 251) as u8).collect();
+            let bulk_len = (size / 2).min(256 * MIB) as usize;
+            let bulk: Vec<u8> = (0..bulk_len).map(|i| (i % 251) as u8).collect();
             fs::write(target.join("bulk"), &bulk).unwrap();
             fs::write(target.join("hello.txt"), b"written before the snapshot").unwrap();
 
@@ -1035,6 +1036,11 @@ async fn in_use_linear_volumes_are_copied_from_a_point_in_time_view() {
                 .volume_id;
             let clone_call = began.elapsed();
             let (longest, writes) = workload.stop();
+            for line in driver.log_tail(400).lines() {
+                if line.contains("point-in-time view taken") {
+                    println!("{line}");
+                }
+            }
             println!(
                 "in-use {} MiB volume: CreateSnapshot {call:?}, clone {clone_call:?}; the workload made {writes} synced writes meanwhile, the longest {longest:?}",
                 size / MIB

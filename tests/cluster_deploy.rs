@@ -10,6 +10,8 @@
 //! liveness probe work through the real sidecars.
 
 mod cluster_support;
+#[path = "cluster_deploy/driver_killed.rs"]
+mod driver_killed;
 #[path = "cluster_deploy/io_limits.rs"]
 mod io_limits;
 
@@ -45,6 +47,10 @@ fn deploy_as_shipped() {
             (
                 "liveness-restarts-hung-driver",
                 liveness_restarts_hung_driver,
+            ),
+            (
+                "driver-killed-mid-provision",
+                driver_killed::driver_killed_mid_provision,
             ),
             ("seed-through-deploy-lvm", seed_through_deploy_lvm),
         ],

@@ -116,6 +116,9 @@ pub struct DriverOpts {
     pub extra_args: Vec<String>,
     /// Environment of the driver process (e.g. a PATH with stand-in tools).
     pub env: Vec<(String, String)>,
+    /// Loop backend: the images' directory, if not one in the test's own temp dir (a test
+    /// that needs them on a filesystem of its choosing).
+    pub loop_dir: Option<PathBuf>,
 }
 
 impl Default for DriverOpts {
@@ -128,6 +131,7 @@ impl Default for DriverOpts {
             max_volumes_per_node: None,
             extra_args: Vec::new(),
             env: Vec::new(),
+            loop_dir: None,
         }
     }
 }
@@ -234,7 +238,7 @@ impl TestDriver {
             .tempdir()
             .expect("create temp dir");
         let root = fs::canonicalize(tempdir.path()).expect("resolve temp dir");
-        let loop_dir = root.join("loop");
+        let loop_dir = opts.loop_dir.clone().unwrap_or_else(|| root.join("loop"));
         let socket = root.join("run").join("csi.sock");
         for dir in ["staging", "pods"] {
             fs::create_dir_all(root.join(dir)).expect("create test dirs");

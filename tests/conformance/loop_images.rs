@@ -6,6 +6,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 
 use crate::common::*;
+use kennel::csi::pb;
 use tonic::Code;
 
 const T: u64 = 240;
@@ -118,6 +119,147 @@ async fn unpublish_and_unstage_clean_up_a_volume_whose_record_is_lost() {
             );
         }
         td.assert_no_leaks();
+    })
+    .await
+}
+
+/// An xfs filesystem with reflinks (mkfs.xfs `-m reflink=1`) on a sparse file, mounted through a
+/// loop device until dropped.
+struct ReflinkFs {
+    mount: tempfile::TempDir,
+    _file: tempfile::NamedTempFile,
+}
+
+impl ReflinkFs {
+    fn new(bytes: u64) -> ReflinkFs {
+        let file = tempfile::NamedTempFile::new().expect("backing file");
+        file.as_file()
+            .set_len(bytes)
+            .expect("size the backing file");
+        let made = std::process::Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(file.path())
+            .status()
+            .expect("run mkfs.xfs (xfsprogs)");
+        assert!(made.success(), "mkfs.xfs -m reflink=1 failed");
+        let mount = tempfile::tempdir().expect("mount point");
+        let mounted = std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(file.path())
+            .arg(mount.path())
+            .status()
+            .expect("run mount");
+        assert!(mounted.success(), "mount -o loop of the xfs file failed");
+        ReflinkFs { mount, _file: file }
+    }
+
+    fn dir(&self) -> &std::path::Path {
+        self.mount.path()
+    }
+}
+
+impl Drop for ReflinkFs {
+    fn drop(&mut self) {
+        // The loop device mount(8) set up is freed with the mount (autoclear).
+        let _ = std::process::Command::new("umount")
+            .arg(self.mount.path())
+            .status();
+    }
+}
+
+/// Whether `filefrag -v` (FIEMAP) reports extents of `path` shared with another file.
+fn shares_extents(path: &std::path::Path) -> bool {
+    let out = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(path)
+        .output()
+        .expect("run filefrag (e2fsprogs)");
+    assert!(out.status.success(), "filefrag -v {}", path.display());
+    String::from_utf8_lossy(&out.stdout).contains("shared")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_xfs_a_staged_volume_is_snapshotted_by_reflink_whatever_its_size() {
+    if loop_images_do_not_apply() {
+        return;
+    }
+    with_timeout(T, async {
+        let xfs = ReflinkFs::new(4 << 30);
+        let mut opts = DriverOpts::sparse("3GiB");
+        opts.loop_dir = Some(xfs.dir().join("loop"));
+        // No full copy of this much data fits in the budget; a reflink does.
+        opts.extra_args = vec!["--freeze-budget".into(), "100ms".into()];
+        let td = TestDriver::start_with(opts).await;
+        let origin = td.create("origin", 768 * MIB, mount_cap("ext4")).await;
+        td.stage(&origin.volume_id, mount_cap("ext4")).await;
+        let target = td
+            .publish(&origin.volume_id, mount_cap("ext4"), false)
+            .await;
+        let data: Vec<u8> = (0..384 * MIB as usize)
+            .map(|i| (i * 13 + i / 4096) as u8)
+            .collect();
+        write_file(&target.join("big.bin"), &data);
+
+        let snap = td
+            .controller()
+            .create_snapshot(pb::CreateSnapshotRequest {
+                source_volume_id: origin.volume_id.clone(),
+                name: "instant".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("CreateSnapshot on xfs: {s:?}\n{}", td.log_tail(20)))
+            .into_inner()
+            .snapshot
+            .expect("snapshot");
+        let image = td
+            .loop_dir
+            .join("snapshots")
+            .join(format!("{}.img", snap.snapshot_id));
+        assert!(shares_extents(&image), "the snapshot's image is a reflink");
+        write_file(&target.join("after.txt"), b"not blocked");
+
+        let mut req = create_req("restored", 768 * MIB, vec![mount_cap("ext4")]);
+        req.volume_content_source = Some(pb::VolumeContentSource {
+            r#type: Some(pb::volume_content_source::Type::Snapshot(
+                pb::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                },
+            )),
+        });
+        let restored = td
+            .controller()
+            .create_volume(req)
+            .await
+            .expect("restore")
+            .into_inner()
+            .volume
+            .expect("volume");
+        td.stage(&restored.volume_id, mount_cap("ext4")).await;
+        let at = td
+            .publish(&restored.volume_id, mount_cap("ext4"), false)
+            .await;
+        assert!(
+            read_file(&at.join("big.bin")) == data,
+            "restored data differs"
+        );
+        assert!(!at.join("after.txt").exists(), "written after the snapshot");
+        for id in [&restored.volume_id, &origin.volume_id] {
+            td.unpublish(id, false).await;
+            td.unstage(id).await;
+        }
+        td.controller()
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("DeleteSnapshot");
+        td.delete(&restored.volume_id).await;
+        td.delete(&origin.volume_id).await;
+        td.assert_no_leaks();
+        drop(td);
+        drop(xfs);
     })
     .await
 }

@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
-use crate::model::capacity::{parse_size, MIB};
+use crate::model::volume_size::{parse_size, MIB};
 use crate::node::{cleanup, shared_mount};
 
 pub mod crowd;

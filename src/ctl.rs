@@ -7,7 +7,7 @@ mod render;
 
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
-use crate::model::capacity::parse_size;
+use crate::model::volume_size::parse_size;
 
 pub use local_state::NodeState;
 pub use render::size as human_size;

@@ -16,8 +16,8 @@ use crate::backend::loop_files::Provisioning;
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
 use crate::driver::{DriverArgs, LocalDriver};
-use crate::model::capacity::MIB;
 use crate::model::spec::{PARAM_PVC_NAME, PARAM_PVC_NAMESPACE};
+use crate::model::volume_size::MIB;
 use crate::node::{cleanup, shared_mount};
 
 const REPLICAS: usize = 3;

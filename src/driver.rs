@@ -11,7 +11,7 @@ use crate::backend::Backend;
 use crate::csi::driver_metrics::{DriverExporter, Telemetry};
 use crate::csi::server::{self, Driver};
 use crate::error::{Error, IoContext, Result};
-use crate::model::capacity::parse_size;
+use crate::model::volume_size::parse_size;
 use crate::node::host_path::KubeletDir;
 use crate::topology::TOPOLOGY_KEY;
 use crate::volume::controller_ops::{Controller, NodeIdentity};

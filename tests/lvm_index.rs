@@ -13,8 +13,8 @@ use kennel::backend::lvm::params::DeviceClass;
 use kennel::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use kennel::backend::{Backend, VolumeRecord};
 use kennel::csi::pb;
-use kennel::model::capacity::CapacityRange;
-use kennel::model::limits::IoLimits;
+use kennel::model::io_limits::IoLimits;
+use kennel::model::volume_size::CapacityRange;
 use kennel::model::VolumeId;
 use lvm_support::*;
 

@@ -12,8 +12,8 @@ use kennel::backend::lvm::params::DeviceClass;
 use kennel::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use kennel::backend::{Backend, VolumeRecord};
 use kennel::error::Error;
-use kennel::model::capacity::CapacityRange;
 use kennel::model::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
+use kennel::model::volume_size::CapacityRange;
 use kennel::model::VolumeId;
 use lvm_support::*;
 

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::model::capacity::CapacityRange;
-use crate::model::limits::IoLimits;
+use crate::model::io_limits::IoLimits;
 use crate::model::spec::{Capability, FsType, VolumeParams};
+use crate::model::volume_size::CapacityRange;
 use crate::model::{ContentSource, GroupSnapshotId, SnapshotId, VolumeId};
 
 pub mod image_store;

@@ -14,7 +14,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use super::{kennel_lifecycle, ms, percentile, report, run_lifecycles, BenchArgs};
 use crate::backend::loop_files::Provisioning;
 use crate::driver::{DriverArgs, LocalDriver};
-use crate::model::capacity::MIB;
+use crate::model::volume_size::MIB;
 use crate::node::{loopdev, mount as mounts};
 
 /// First device number tried for the crowd's loop devices: far above the

@@ -14,7 +14,7 @@ use super::{kennel_lifecycle, percentile, report, run_lifecycles, BenchArgs, Dri
 use crate::backend::lvm::cli::Lvm;
 use crate::backend::lvm::device_mapper_available;
 use crate::csi::client::CsiClient;
-use crate::model::capacity::MIB;
+use crate::model::volume_size::MIB;
 use crate::node::loopdev;
 
 mod scale;

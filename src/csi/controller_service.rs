@@ -12,7 +12,7 @@ use crate::csi::pb::{
 };
 use crate::csi::server::Driver;
 use crate::error::Error;
-use crate::model::limits::IoLimits;
+use crate::model::io_limits::IoLimits;
 use crate::model::spec::{self, CreateRequest, VolumeParams};
 
 pub struct ControllerService {

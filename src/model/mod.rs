@@ -3,10 +3,10 @@
 //! of Kennel's but its error type, so `volume`, `backend` and `node` all use it and none of
 //! them reaches back into another for it.
 
-pub mod capacity;
 pub mod id;
-pub mod limits;
+pub mod io_limits;
 pub mod spec;
+pub mod volume_size;
 
 pub use id::{GroupSnapshotId, SnapshotId, VolumeId};
 pub use spec::ContentSource;

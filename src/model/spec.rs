@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::capacity::CapacityRange;
-use crate::model::limits::IoLimits;
+use crate::model::io_limits::IoLimits;
+use crate::model::volume_size::CapacityRange;
 use crate::model::{SnapshotId, VolumeId};
 
 /// Filesystems Kennel formats and grows.
@@ -42,8 +42,8 @@ impl FsType {
     /// Smallest device mkfs accepts (xfs refuses anything under 300 MiB).
     pub fn minimum_bytes(self) -> u64 {
         match self {
-            FsType::Ext4 => crate::model::capacity::MIB,
-            FsType::Xfs => 300 * crate::model::capacity::MIB,
+            FsType::Ext4 => crate::model::volume_size::MIB,
+            FsType::Xfs => 300 * crate::model::volume_size::MIB,
         }
     }
 }
@@ -108,7 +108,7 @@ pub struct VolumeParams {
     /// Backend-specific keys (LVM layout, device class...).
     #[serde(default)]
     pub backend: BTreeMap<String, String>,
-    /// I/O limits: the mutable parameters (see `model::limits`).
+    /// I/O limits: the mutable parameters (see `model::io_limits`).
     #[serde(default, skip_serializing_if = "IoLimits::is_empty")]
     pub io_limits: IoLimits,
 }

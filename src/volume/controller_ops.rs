@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use crate::backend::{Backend, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, Result};
-use crate::model::capacity::{choose_size, CapacityRange, GIB};
-use crate::model::limits::IoLimits;
+use crate::model::io_limits::IoLimits;
 use crate::model::spec::{segment_matches, Capability, CreateRequest, Segment, VolumeParams};
+use crate::model::volume_size::{choose_size, CapacityRange, GIB};
 use crate::model::ContentSource;
 use crate::model::{SnapshotId, VolumeId};
 use crate::volume::token;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
-use crate::model::capacity::CapacityRange;
 use crate::model::spec::Capability;
+use crate::model::volume_size::CapacityRange;
 use crate::model::VolumeId;
 use crate::node::fs as filesystem;
 use crate::node::fs_health;

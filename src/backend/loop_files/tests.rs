@@ -1,5 +1,5 @@
 use super::*;
-use crate::model::capacity::CapacityRange;
+use crate::model::volume_size::CapacityRange;
 
 fn record(name: &str, size: u64) -> VolumeRecord {
     VolumeRecord {

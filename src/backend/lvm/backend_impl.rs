@@ -14,7 +14,7 @@ use super::params::{Layout, LvmParams};
 use super::{tags, LvmBackend};
 use crate::backend::{Backend, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
-use crate::model::limits::IoLimits;
+use crate::model::io_limits::IoLimits;
 use crate::model::spec::FsType;
 use crate::model::{SnapshotId, VolumeId};
 
@@ -64,7 +64,7 @@ impl Backend for LvmBackend {
             return Ok(());
         }
         // The record's chunks and, with limits, their tag: all in the one `lvcreate`.
-        let tag_list = super::limits::encode(record)?;
+        let tag_list = super::io_limits_tag::encode(record)?;
         super::metadata::ensure_room(&self.index, &self.lvm, &vg, &tag_list)?;
         match &record.source {
             Some(source) => {

@@ -117,7 +117,8 @@ fn kind_of(row: &LvRow) -> Kind {
         return match tags::decode::<VolumeRecord>(&row.lv_tags, facts) {
             Ok(Decoded::Record(mut record)) if record.id == id => {
                 record.capacity_bytes = row.lv_size;
-                record.params.io_limits = super::limits::from_tags(&row.lv_name, &row.lv_tags);
+                record.params.io_limits =
+                    super::io_limits_tag::from_tags(&row.lv_name, &row.lv_tags);
                 Kind::Volume(record)
             }
             Ok(Decoded::Record(_)) => broken("the record names another volume".to_owned()),

@@ -145,8 +145,8 @@ mod tests {
     use super::*;
     use crate::backend::lvm::tags;
     use crate::backend::VolumeRecord;
-    use crate::model::capacity::CapacityRange;
     use crate::model::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
+    use crate::model::volume_size::CapacityRange;
     use crate::model::VolumeId;
 
     /// lvm2's default: the first MiB of the PV less its label, 1020 KiB.

@@ -61,8 +61,8 @@
 //! - [`capacity`]: free space of a VG and room in a thin pool.
 //! - [`health`]: why a volume's LV is unhealthy, from the index and the
 //!   activation failures.
-//! - [`limits`]: a volume's I/O limits, in a short tag of their own.
-//! - [`cli`], [`data`], [`index`], [`metrics`], [`params`], [`tags`]: lvm2's
+//! - [`io_limits_tag`]: a volume's I/O limits, in a short tag of their own.
+//! - [`cli`], [`data`], [`index`], [`tool_metrics`], [`params`], [`tags`]: lvm2's
 //!   command line, byte copying and zeroing, the in-memory index, lvm2 call
 //!   metrics, StorageClass parameters and the records kept in LV tags.
 
@@ -89,7 +89,7 @@ pub mod data;
 mod group;
 mod health;
 pub mod index;
-mod limits;
+mod io_limits_tag;
 pub mod metadata;
 pub mod params;
 mod refresh;
@@ -197,7 +197,7 @@ impl LvmBackend {
             .map(|v| v.extent_size)
             .max()
             .unwrap_or(4 << 20)
-            .max(crate::model::capacity::MIB);
+            .max(crate::model::volume_size::MIB);
         if !granularity.is_power_of_two() {
             return Err(Error::Precondition(format!(
                 "extent size {granularity} is not a power of two"

@@ -85,7 +85,7 @@ impl LvmParams {
         let stripe_size = match get(STRIPE_SIZE) {
             None => None,
             Some(raw) => {
-                let bytes = crate::model::capacity::parse_size(raw)
+                let bytes = crate::model::volume_size::parse_size(raw)
                     .map_err(|e| Error::invalid(format!("parameter {STRIPE_SIZE:?}: {e}")))?;
                 if !bytes.is_power_of_two() || !(4096..=(1 << 30)).contains(&bytes) {
                     return Err(Error::invalid(format!(

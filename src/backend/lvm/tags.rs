@@ -9,7 +9,7 @@
 //! k0/2=npvc-8f0e...              chunk 0 of 2 of the record's text
 //! k1/2=...t1796250875            chunk 1 of 2
 //! kennel.csi.dev/pending         the LV is still being filled (see below)
-//! kio=rb10m+wi100                the volume's I/O limits, if any (see `limits`)
+//! kio=rb10m+wi100                the volume's I/O limits, if any (see `io_limits_tag`)
 //! ```
 //!
 //! lvm2 keeps every tag in the VG's metadata area, which is small (1 MiB by
@@ -218,8 +218,8 @@ pub fn is_valid_tag(tag: &str) -> bool {
 mod tests {
     use super::*;
     use crate::backend::{ContentSource, SnapshotRecord, VolumeRecord};
-    use crate::model::capacity::CapacityRange;
     use crate::model::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
+    use crate::model::volume_size::CapacityRange;
     use crate::model::{SnapshotId, VolumeId};
 
     /// A volume as Kubernetes makes them (csi-provisioner with

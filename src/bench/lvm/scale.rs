@@ -16,7 +16,7 @@ use super::{metrics_text, start_lvm_driver, ThrowawayVg};
 use crate::backend::lvm::metadata::Area;
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
-use crate::model::capacity::MIB;
+use crate::model::volume_size::MIB;
 
 /// Every filler volume is one 4 MiB extent: the VG's space is not the limit.
 const FILLER: u64 = 4 * MIB;

@@ -1,5 +1,13 @@
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use tonic::codegen::http;
+use tonic::{Code, Status};
+
+use super::rpc_layer::{response_code, response_message};
 use super::*;
-use tonic::Status;
+use crate::backend::PoolCapacity;
+use crate::metrics_endpoint::Exporter;
 
 fn text(registry: &Registry) -> String {
     let mut out = String::new();

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::model::limits::IoLimits;
+use crate::model::io_limits::IoLimits;
 
 /// Where the kubelet's blkio hierarchy is on a cgroup v1 node.
 pub const DEFAULT_BLKIO_DIR: &str = "/sys/fs/cgroup/blkio";

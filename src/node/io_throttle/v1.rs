@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::write_rule;
 use crate::error::{Error, Result};
-use crate::model::limits::IoLimits;
+use crate::model::io_limits::IoLimits;
 
 /// The throttle files, in the order of [`IoLimits`]' keys.
 const FILES: [&str; 4] = [

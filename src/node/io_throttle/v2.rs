@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::write_rule;
 use crate::error::{Error, Result};
-use crate::model::limits::IoLimits;
+use crate::model::io_limits::IoLimits;
 
 /// Set the limits of `dev` in `cgroup`. Every key is written, `max` for an
 /// unlimited one: the kernel drops a device's line once all its keys are

@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
-use super::sweep::sweep_claim;
+use super::orphaned_claims::sweep_claim;
 use super::{Action, Plan, PolicyType, Regarding, Scope};
 use crate::retention::names::{claim_identity, pod_name};
 use crate::retention::owners::{is_controller, Owner};

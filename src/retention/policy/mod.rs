@@ -10,14 +10,15 @@
 //!
 //! One room per decision: [`model`] holds what the planner reads and writes, `claim_refs` the
 //! owner references a claim should carry, `reattach_guard` keeps a recreated pod off a dying
-//! claim, `recovery` recreates claims stranded on a lost node and cleans their volumes, `sweep`
-//! deletes the out-of-range claims upstream keeps forever. This file walks one set through them.
+//! claim, `recovery` recreates claims stranded on a lost node and cleans their volumes,
+//! `orphaned_claims` deletes the out-of-range claims upstream keeps forever. This file walks one
+//! set through them.
 
 mod claim_refs;
 mod model;
+mod orphaned_claims;
 mod reattach_guard;
 mod recovery;
-mod sweep;
 
 use std::collections::BTreeMap;
 

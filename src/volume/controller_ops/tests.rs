@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::*;
 use crate::backend::loop_files::{LoopBackend, LoopConfig, Provisioning};
-use crate::model::capacity::MIB;
 use crate::model::spec::{AccessMode, AccessType};
+use crate::model::volume_size::MIB;
 use crate::volume::locks::LockMap;
 
 /// Forwards to the loop backend; `create` and `create_snapshot` wait while the gate is shut.
@@ -71,7 +71,7 @@ impl Backend for Gated {
     fn set_io_limits(
         &self,
         id: &VolumeId,
-        limits: crate::model::limits::IoLimits,
+        limits: crate::model::io_limits::IoLimits,
     ) -> Result<VolumeRecord> {
         self.inner.set_io_limits(id, limits)
     }

@@ -192,7 +192,7 @@ fn a_volumes_io_limits_are_read_from_their_tag() {
             .and_then(Lv::volume)
             .map(|v| v.params.io_limits)
     };
-    let expected = crate::model::limits::IoLimits {
+    let expected = crate::model::io_limits::IoLimits {
         read_bps: Some(1 << 20),
         read_iops: Some(500),
         ..Default::default()

@@ -20,8 +20,8 @@
 use std::collections::BTreeMap;
 
 use crate::backend::{GroupMembership, SnapshotRecord, VolumeRecord};
-use crate::model::capacity::CapacityRange;
 use crate::model::spec::{AccessMode, AccessType, Capability, FsType, VolumeParams};
+use crate::model::volume_size::CapacityRange;
 use crate::model::ContentSource;
 use crate::model::{GroupSnapshotId, SnapshotId, VolumeId};
 
@@ -444,7 +444,7 @@ impl RecordText for VolumeRecord {
                 pvc_namespace: f.text('q')?,
                 pv_name,
                 backend,
-                // Kept in a tag of their own (see `limits`), read beside the record.
+                // Kept in a tag of their own (see `io_limits_tag`), read beside the record.
                 io_limits: Default::default(),
             },
             node_id: f.required('o')?,

@@ -14,7 +14,7 @@ use super::tags::record_text::{parse_size, size};
 use super::LvmBackend;
 use crate::backend::VolumeRecord;
 use crate::error::{Error, Result};
-use crate::model::limits::IoLimits;
+use crate::model::io_limits::IoLimits;
 use crate::model::VolumeId;
 
 /// Not shaped like a chunk (`k0/2=`), so the record's decoder passes it by.

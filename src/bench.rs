@@ -21,7 +21,7 @@ use crate::model::volume_size::{parse_size, MIB};
 use crate::node::{cleanup, shared_mount};
 
 pub mod crowd;
-mod lvm;
+mod lvm_lifecycles;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -87,7 +87,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Some(n) => (crowd::run(&args, n, &dir).await, Some(kubelet)),
             None => match args.backend {
                 BenchBackend::Loop => (measure(&args, &dir).await, Some(kubelet)),
-                BenchBackend::Lvm => (lvm::measure(&args, &dir).await, Some(kubelet)),
+                BenchBackend::Lvm => (lvm_lifecycles::measure(&args, &dir).await, Some(kubelet)),
             },
         },
         Err(e) => (Err(e.into()), None),

@@ -8,15 +8,15 @@
 //!
 //! Nothing here talks to the API server; `controller.rs` executes the plan.
 //!
-//! One room per decision: [`model`] holds what the planner reads and writes, `claim_refs` the
+//! One room per decision: [`plan_model`] holds what the planner reads and writes, `claim_refs` the
 //! owner references a claim should carry, `reattach_guard` keeps a recreated pod off a dying
 //! claim, `recovery` recreates claims stranded on a lost node and cleans their volumes,
 //! `orphaned_claims` deletes the out-of-range claims upstream keeps forever. This file walks one
 //! set through them.
 
 mod claim_refs;
-mod model;
 mod orphaned_claims;
+mod plan_model;
 mod reattach_guard;
 mod recovery;
 
@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 
-pub use model::*;
+pub use plan_model::*;
 
 use super::names::{pod_ordinal, OrdinalRange};
 use super::owners::{is_controller, Owner};

@@ -578,6 +578,31 @@ async fn first_non_zero(driver: &LvmDriver, id: &str, bytes: u64) -> Option<u64>
     found
 }
 
+/// Fill all of the VG's free space with new Block volumes of `size` (at least `at_least` of
+/// them) and check that each reads as zeros: no deleted tenant's byte is left in free space.
+async fn assert_free_space_reads_zeros(driver: &LvmDriver, size: i64, at_least: usize) {
+    let mut made = Vec::new();
+    loop {
+        let req = block_req(&format!("next-{}", made.len()), size, &[]);
+        match driver.controller().create_volume(req).await {
+            Ok(resp) => made.push(resp.into_inner().volume.expect("volume").volume_id),
+            Err(s) if s.code() == Code::ResourceExhausted => break,
+            Err(s) => panic!("CreateVolume: {s:?}\n{}", driver.log_tail(30)),
+        }
+    }
+    assert!(
+        made.len() >= at_least,
+        "the freed space holds {at_least} volumes: {made:?}"
+    );
+    for next in &made {
+        assert_eq!(
+            first_non_zero(driver, next, size as u64).await,
+            None,
+            "{next} shows a deleted tenant's bytes"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_reboot_deleted_volumes_snapshots_and_half_built_clones_return_zeroed() {
     if !dm_can_run() {
@@ -652,26 +677,7 @@ async fn after_a_reboot_deleted_volumes_snapshots_and_half_built_clones_return_z
         assert!(vg.lvs().is_empty(), "{:#?}", vg.lvs());
 
         // The next tenants, in all of the freed space, read zeros.
-        let mut made = Vec::new();
-        loop {
-            let req = block_req(&format!("next-{}", made.len()), SIZE, &[]);
-            match driver.controller().create_volume(req).await {
-                Ok(resp) => made.push(resp.into_inner().volume.expect("volume").volume_id),
-                Err(s) if s.code() == Code::ResourceExhausted => break,
-                Err(s) => panic!("CreateVolume: {s:?}\n{}", driver.log_tail(30)),
-            }
-        }
-        assert!(
-            made.len() >= 3,
-            "the freed space holds three volumes: {made:?}"
-        );
-        for next in &made {
-            assert_eq!(
-                first_non_zero(&driver, next, SIZE as u64).await,
-                None,
-                "{next} shows a deleted tenant's bytes"
-            );
-        }
+        assert_free_space_reads_zeros(&driver, SIZE, 3).await;
     })
     .await;
 }
@@ -1149,26 +1155,7 @@ async fn a_view_left_by_a_crash_is_split_zeroed_and_removed() {
         driver.delete(&id).await;
         // The next tenants, in all of the freed space, read zeros: neither the
         // volume's bytes nor the old ones its view held.
-        let mut made = Vec::new();
-        loop {
-            let req = block_req(&format!("next-{}", made.len()), SIZE, &[]);
-            match driver.controller().create_volume(req).await {
-                Ok(resp) => made.push(resp.into_inner().volume.expect("volume").volume_id),
-                Err(s) if s.code() == Code::ResourceExhausted => break,
-                Err(s) => panic!("CreateVolume: {s:?}\n{}", driver.log_tail(30)),
-            }
-        }
-        assert!(
-            made.len() >= 5,
-            "the freed space holds five volumes: {made:?}"
-        );
-        for next in &made {
-            assert_eq!(
-                first_non_zero(&driver, next, SIZE as u64).await,
-                None,
-                "{next} shows a deleted tenant's bytes"
-            );
-        }
+        assert_free_space_reads_zeros(&driver, SIZE, 5).await;
     })
     .await;
 }

@@ -1159,3 +1159,45 @@ async fn a_view_left_by_a_crash_is_split_zeroed_and_removed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_room_for_a_view_an_in_use_volume_is_copied_under_a_freeze() {
+    if !dm_can_run() {
+        return;
+    }
+    with_timeout(600, async {
+        // Room for the volume and its copy, not for a view of the volume as well.
+        let vg = TestVg::with_capacity(192 << 20);
+        let driver = LvmDriver::start(&vg).await;
+        let id = driver
+            .create(create_req("in-use", 64 * MIB, &[]))
+            .await
+            .volume_id;
+        driver.stage(&id, mount_cap("ext4")).await;
+        let target = driver.publish(&id, mount_cap("ext4")).await;
+        fs::write(target.join("hello.txt"), b"frozen and copied").unwrap();
+        let snap = driver.snapshot("no-room", &id).await.snapshot_id;
+        assert!(
+            !driver.log_tail(400).contains("point-in-time view taken"),
+            "no view fits in this VG"
+        );
+        assert!(views_left(&vg).is_empty(), "{:#?}", vg.lvs());
+        driver.unpublish(&id, false).await;
+        driver.unstage(&id).await;
+        driver.delete(&id).await;
+        let restored = driver
+            .create(from_snapshot(create_req("restored", 64 * MIB, &[]), &snap))
+            .await
+            .volume_id;
+        driver.stage(&restored, mount_cap("ext4")).await;
+        let at = driver.publish(&restored, mount_cap("ext4")).await;
+        assert_eq!(
+            fs::read(at.join("hello.txt")).unwrap(),
+            b"frozen and copied"
+        );
+        driver.unpublish(&restored, false).await;
+        driver.unstage(&restored).await;
+        driver.delete(&restored).await;
+    })
+    .await;
+}

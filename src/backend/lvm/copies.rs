@@ -63,10 +63,11 @@ impl LvmBackend {
         let in_use = quiesce == Quiesce::Own
             && src.volume().is_some()
             && self.attached_lv_device(src)?.is_some();
-        if in_use && self.cow_possible(src) {
-            // The workload waits only while the view is taken.
-            self.read_from_cow(src, &dst.row.lv_name, fill)?;
-        } else {
+        // The workload waits only while the view is taken.
+        let from_view = in_use
+            && self.cow_possible(src)
+            && self.read_from_cow(src, &dst.row.lv_name, fill)?.is_some();
+        if !from_view {
             let mounted = match quiesce {
                 Quiesce::Own => self.mounted_at(src)?,
                 Quiesce::Held => None,

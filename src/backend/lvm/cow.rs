@@ -43,16 +43,18 @@ impl LvmBackend {
     /// Run `read` against a point-in-time view of `src` taken now, for the
     /// LV `building` that is being filled from it. The view is dropped
     /// (split, zeroed, removed) afterwards, whatever `read` returned.
+    /// `None` if lvm2 could not take the view (a kernel without the
+    /// snapshot target, for one): the caller copies another way.
     pub(super) fn read_from_cow<T>(
         &self,
         src: &Lv,
         building: &str,
         read: impl FnOnce(&ByteRange) -> Result<T>,
-    ) -> Result<T> {
+    ) -> Result<Option<T>> {
         let name = format!("{building}{SUFFIX}");
         let _building = self.building(&name);
         let took = std::time::Instant::now();
-        self.lvm.change(
+        let taken = self.lvm.change(
             self.lvm
                 .cmd("lvcreate")
                 .args(["-ay", "-y", "-s", "-L"])
@@ -61,7 +63,12 @@ impl LvmBackend {
                 .arg(&name)
                 .arg("--")
                 .arg(format!("{}/{}", src.row.vg_name, src.row.lv_name)),
-        )?;
+        );
+        if let Err(e) = taken {
+            // Anything half-made is pending debris for the sweep.
+            tracing::warn!(lv = %src.row.lv_name, error = %e, "cannot take a point-in-time view; copying under a freeze instead");
+            return Ok(None);
+        }
         tracing::info!(
             lv = %src.row.lv_name,
             cow = %name,
@@ -86,7 +93,7 @@ impl LvmBackend {
             // The copy stands; the view is pending debris the next sweep removes.
             tracing::error!(cow = %name, error = %e, "cannot drop a point-in-time view; the next sweep will");
         }
-        done
+        done.map(Some)
     }
 
     /// Split a CoW LV from its origin: afterwards it is a plain LV holding

@@ -39,8 +39,10 @@ pub fn step(what: &str) {
             let _ = std::fs::write(&arm, (left - 1).to_string());
             return;
         }
-        let _ = std::fs::write(&paused, what);
+        // Disarm first: a test that sees the pause may kill this process at once, and a
+        // restarted driver must not find the step still armed.
         let _ = std::fs::remove_file(&arm);
+        let _ = std::fs::write(&paused, what);
     }
     tracing::warn!(step = what, "paused on request (fault injection)");
     while paused.exists() {

@@ -722,7 +722,9 @@ impl Drop for TestDriver {
 
 /// Wait until the driver answers Probe on `endpoint`; fail if it exits first.
 pub async fn wait_ready(child: &mut Child, endpoint: &str, log: &Path) -> CsiClient {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // A start sweeps and zeroes what a killed driver left: slow under emulation.
+    let limit = Duration::from_secs(20 * vg::timeout_scale());
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().expect("poll driver") {
             panic!(
@@ -742,7 +744,7 @@ pub async fn wait_ready(child: &mut Child, endpoint: &str, log: &Path) -> CsiCli
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "driver did not answer Probe within 20s\n{}",
+                "driver did not answer Probe within {limit:?}\n{}",
                 log_tail(log, 40)
             );
         }

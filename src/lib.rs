@@ -11,6 +11,7 @@ pub mod faults;
 pub mod metrics_endpoint;
 pub mod model;
 pub mod node;
+pub mod peer;
 pub mod retention;
 pub mod shutdown;
 pub mod topology;

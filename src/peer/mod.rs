@@ -1,0 +1,17 @@
+//! The node-to-node channel: one node's driver reads a snapshot held by another's, to restore
+//! it on a node that does not hold it. Mutual TLS with a per-cluster CA authenticates both ends
+//! by node name; the serving node checks a grant before it reads a byte.
+//!
+//! `pki` makes and loads the CA and node certificates.
+
+pub mod name;
+pub mod pki;
+
+pub use name::NodeName;
+pub use pki::{ClusterCa, NodeIdentity};
+
+/// Code generated from proto/peer.proto.
+#[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+pub mod pb {
+    tonic::include_proto!("kennel.peer.v1");
+}

@@ -2,13 +2,17 @@
 //! it on a node that does not hold it. Mutual TLS with a per-cluster CA authenticates both ends
 //! by node name; the serving node checks a grant before it reads a byte.
 //!
-//! `pki` makes and loads the CA and node certificates.
+//! `pki` makes and loads the CA and node certificates, `tls` turns them into tonic settings and
+//! names the calling node.
 
+pub mod digest;
 pub mod name;
 pub mod pki;
+pub mod tls;
 
 pub use name::NodeName;
 pub use pki::{ClusterCa, NodeIdentity};
+pub use tls::PeerTls;
 
 /// Code generated from proto/peer.proto.
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]

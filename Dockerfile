@@ -9,7 +9,7 @@
 # build context).
 ARG KENNEL_BINARY_FROM=build
 
-# build.rs compiles proto/csi.proto with a pure-Rust compiler: no protoc needed. The `dist`
+# build.rs compiles proto/*.proto with a pure-Rust compiler: no protoc needed. The `dist`
 # profile (Cargo.toml) is fully optimised: fat LTO, one codegen unit.
 FROM rust:1.95-slim-trixie AS build
 WORKDIR /src

@@ -3,15 +3,21 @@
 //! by node name; the serving node checks a grant before it reads a byte.
 //!
 //! `pki` makes and loads the CA and node certificates, `tls` turns them into tonic settings and
-//! names the calling node.
+//! names the calling node, `server` serves snapshots, `client` pulls one into a destination.
 
+pub mod client;
 pub mod digest;
+pub mod metrics;
 pub mod name;
 pub mod pki;
+pub mod server;
 pub mod tls;
 
+pub use client::{pull_snapshot, PullError, PullOptions, PullRequest, Pulled};
+pub use metrics::PeerMetrics;
 pub use name::NodeName;
 pub use pki::{ClusterCa, NodeIdentity};
+pub use server::{serve, Grants, PeerService, SnapshotContent, SnapshotSource};
 pub use tls::PeerTls;
 
 /// Code generated from proto/peer.proto.

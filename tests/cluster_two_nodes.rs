@@ -34,6 +34,10 @@ fn two_nodes() {
         &[
             ("volumes-stay-on-their-node", volumes_stay_on_their_node),
             ("capacity-steers-claims", capacity_steers_claims),
+            (
+                "expansion-by-the-holding-node",
+                expansion_by_the_holding_node,
+            ),
             ("no-evidence-no-loss", no_evidence_no_loss),
             ("node-deleted", node_deleted),
             ("out-of-service", out_of_service),
@@ -168,6 +172,18 @@ fn volumes_stay_on_their_node(cluster: &mut Cluster) {
 
 /// A claim and a pod using it, optionally pinned to `node`.
 fn claim_and_pod(cluster: &Cluster, ns: &str, name: &str, size: &str, node: Option<&str>) {
+    claim_and_pod_of(cluster, ns, name, B.storage_class(), size, node);
+}
+
+/// The same, of StorageClass `class`.
+fn claim_and_pod_of(
+    cluster: &Cluster,
+    ns: &str,
+    name: &str,
+    class: &str,
+    size: &str,
+    node: Option<&str>,
+) {
     cluster.kubectl.apply(
         Some(ns),
         &json!({
@@ -175,7 +191,7 @@ fn claim_and_pod(cluster: &Cluster, ns: &str, name: &str, size: &str, node: Opti
             "metadata": {"name": name},
             "spec": {
                 "accessModes": ["ReadWriteOnce"],
-                "storageClassName": B.storage_class(),
+                "storageClassName": class,
                 "resources": {"requests": {"storage": size}},
             },
         }),
@@ -293,6 +309,142 @@ fn capacity_steers_claims(cluster: &mut Cluster) {
         },
         || describe(cluster, &ns),
     );
+}
+
+/// The size of the filesystem a pod sees at `/v`, in KiB.
+fn df_kib(cluster: &Cluster, ns: &str, pod_name: &str) -> u64 {
+    let df = exec_ok(cluster, ns, pod_name, &["df", "-k", "/v"], None);
+    df.lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("df: {df}"))
+}
+
+/// The node whose csi-resizer leads (holds the lease), and the other one.
+fn resizer_leader(cluster: &Cluster) -> (String, String) {
+    let peer = peer_name(cluster);
+    let logs = [
+        (NODE_A.to_owned(), "csi-resizer.log".to_owned()),
+        (peer.clone(), format!("csi-resizer-{peer}.log")),
+    ];
+    let leader = wait_for(
+        "one node's csi-resizer to lead",
+        60,
+        || {
+            logs.iter()
+                .find(|(_, log)| {
+                    std::fs::read_to_string(cluster.logs.join(log))
+                        .unwrap_or_default()
+                        .contains("Successfully acquired lease")
+                })
+                .map(|(node, _)| node.clone())
+        },
+        String::new,
+    );
+    let other = if leader == NODE_A {
+        peer
+    } else {
+        NODE_A.to_owned()
+    };
+    (leader, other)
+}
+
+fn driver_log_of(cluster: &Cluster, node: &str) -> String {
+    if node == NODE_A {
+        cluster.plugin().driver_log()
+    } else {
+        cluster.peer(node).plugin().driver_log()
+    }
+}
+
+/// A claim grows while its pod runs on the node whose csi-resizer does not lead (csi-resizer
+/// has no node-deployment mode: the nodes' resizers elect one). The leader's driver asks the
+/// volume's node through the PV; that node grows it and says so; the leader's resizer finishes
+/// the expansion and the kubelet grows the filesystem. No resizer reports a failure, the
+/// expansion is never marked infeasible, and the pod sees the new size.
+fn expansion_by_the_holding_node(cluster: &mut Cluster) {
+    let ns = namespace(cluster, "expansion");
+    let (leader, holder) = resizer_leader(cluster);
+    let class = format!("{ns}-xfs");
+    cluster.kubectl.apply(
+        None,
+        &json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": class},
+            "provisioner": cluster_support::DRIVER_NAME,
+            "volumeBindingMode": "WaitForFirstConsumer",
+            "allowVolumeExpansion": true,
+            "reclaimPolicy": "Delete",
+            "parameters": {"csi.storage.k8s.io/fstype": "xfs"},
+        }),
+    );
+    // xfs needs 300 MiB.
+    claim_and_pod_of(cluster, &ns, "grow", &class, "300Mi", Some(&holder));
+    wait_pods_ready(cluster, &ns, &["grow".to_owned()], 180);
+    let pv = claim_pv(cluster, &ns, "grow").expect("bound");
+    let id = volume_id(&pv);
+    let before = df_kib(cluster, &ns, "grow");
+    cluster.kubectl.run(&[
+        "patch",
+        "pvc",
+        "grow",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"resources":{"requests":{"storage":"400Mi"}}}}"#,
+    ]);
+    let mut infeasible = Vec::new();
+    wait_for(
+        "claim grow's status.capacity at 400Mi",
+        120,
+        || {
+            let pvc = cluster.kubectl.get(&["pvc", "grow", "-n", &ns])?;
+            let state = &pvc["status"]["allocatedResourceStatuses"]["storage"];
+            if state.as_str().is_some_and(|s| s.contains("Infeasible")) {
+                infeasible.push(state.to_string());
+            }
+            (pvc["status"]["capacity"]["storage"] == "400Mi").then_some(())
+        },
+        || describe(cluster, &ns),
+    );
+    assert!(infeasible.is_empty(), "marked infeasible: {infeasible:?}");
+    let pvc = cluster
+        .kubectl
+        .get(&["pvc", "grow", "-n", &ns])
+        .expect("claim");
+    assert!(
+        pvc["status"]["allocatedResourceStatuses"]["storage"].is_null(),
+        "expansion left a state behind: {}",
+        pvc["status"]
+    );
+    let failures: Vec<String> = ["VolumeResizeFailed", "ControllerResizeInfeasible"]
+        .iter()
+        .flat_map(|reason| events(cluster, &ns, reason))
+        .collect();
+    assert!(failures.is_empty(), "a resizer failed: {failures:?}");
+    let asked = driver_log_of(cluster, &leader);
+    assert!(
+        asked
+            .lines()
+            .any(|l| l.contains("asked the volume's node to grow it") && l.contains(&id)),
+        "{leader}'s driver did not hand {id} to {holder}"
+    );
+    let grown = driver_log_of(cluster, &holder);
+    assert!(
+        grown
+            .lines()
+            .any(|l| l.contains("expanded for another node's resizer") && l.contains(&id)),
+        "{holder}'s driver did not grow {id}"
+    );
+    let after = df_kib(cluster, &ns, "grow");
+    assert!(
+        after >= before + 90 * 1024,
+        "the pod sees {after} KiB after growing 300Mi to 400Mi (was {before} KiB)"
+    );
+    finish(cluster, &ns);
+    cluster.kubectl.run(&["delete", "storageclass", &class]);
 }
 
 /// None of these is evidence that node-b is gone, however long it lasts: a cordon with the

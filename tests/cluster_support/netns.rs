@@ -1,10 +1,11 @@
 //! A second machine on this host: a network namespace joined to the host by
-//! a veth pair, with its own address. Only the network is separate: its
-//! processes share the host's mount namespace, so a node in it sees the same
-//! files (and its mounts are the host's), which is what the tests need to look
-//! at both nodes' storage.
+//! a veth pair, with its own address, and a UTS namespace with its own
+//! hostname (leader elections tell their candidates apart by it). Mounts are
+//! not separate: its processes share the host's mount namespace, so a node in
+//! it sees the same files (and its mounts are the host's), which is what the
+//! tests need to look at both nodes' storage.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::procs::{run, run_ok};
@@ -19,22 +20,31 @@ pub struct Netns {
     pub host_ip: String,
     /// The node's address.
     pub node_ip: String,
+    /// The UTS namespace, bound to a file (under the run's directory).
+    pub uts: PathBuf,
 }
 
 impl Netns {
-    /// The namespace `prefix` + `suffix`, on the /30 `10.<octet>.<third>.0`.
-    pub fn plan(prefix: &str, suffix: &str, third: u8) -> Netns {
+    /// The namespace `prefix` + `suffix`, on the /30 `10.<octet>.<third>.0`, its UTS
+    /// namespace bound under `dir`.
+    pub fn plan(prefix: &str, suffix: &str, third: u8, dir: &Path) -> Netns {
         let octet = 190 + rand::random::<u8>() % 9;
         Netns {
             name: format!("{prefix}{suffix}"),
             host_link: format!("{prefix}{suffix}h"),
             host_ip: format!("10.{octet}.{third}.1"),
             node_ip: format!("10.{octet}.{third}.2"),
+            uts: dir.join(format!("uts-{prefix}{suffix}")),
         }
     }
 
-    /// Make the namespace, its loopback and the veth pair, addressed.
-    pub fn create(&self) {
+    /// Make the namespaces (hostname `hostname`), the loopback and the veth pair, addressed.
+    pub fn create(&self, hostname: &str) {
+        std::fs::write(&self.uts, b"").expect("create the UTS namespace's file");
+        let mut uts = Command::new("unshare");
+        uts.arg(format!("--uts={}", self.uts.display()))
+            .args(["hostname", hostname]);
+        run_ok(uts, 30);
         let node_link = format!("{}n", &self.name);
         let ip = |args: &[&str]| {
             let mut cmd = Command::new("ip");
@@ -93,6 +103,7 @@ impl Netns {
         let mut wrapped = Command::new("nsenter");
         wrapped
             .arg(format!("--net={}", self.path().display()))
+            .arg(format!("--uts={}", self.uts.display()))
             .arg("--")
             .arg(cmd.get_program())
             .args(cmd.get_args());

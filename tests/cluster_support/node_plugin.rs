@@ -143,6 +143,9 @@ pub struct NodePlugin {
     driver: Daemon,
     registrar: Daemon,
     provisioner: Daemon,
+    resizer: Option<Daemon>,
+    /// The driver's `KENNEL_PAUSE_DIR`.
+    pub pause_dir: PathBuf,
 }
 
 impl NodePlugin {
@@ -186,17 +189,20 @@ impl NodePlugin {
             Some(_) => format!("{component}-{node}"),
             None => component.to_owned(),
         };
-        let mut driver = Daemon::spawn(
-            &label("kennel-driver"),
-            place(driver_command(
-                &endpoint,
-                &node,
-                &storage,
-                kubelet,
-                Some(&format!("{metrics_host}:{metrics_port}")),
-            )),
-            logs,
+        let mut driver_cmd = driver_command(
+            &endpoint,
+            &node,
+            &storage,
+            kubelet,
+            Some(&format!("{metrics_host}:{metrics_port}")),
         );
+        // Reads where other nodes' volumes are, as deploy/'s DaemonSet lets it.
+        driver_cmd.arg("--kube-api").env("KUBECONFIG", kubeconfig);
+        // Where a scenario can hold one of the driver's steps (src/faults.rs).
+        let pause_dir = cluster.root.join(format!("pause-{node}"));
+        std::fs::create_dir_all(&pause_dir).expect("create pause dir");
+        driver_cmd.env(kennel::faults::PAUSE_DIR_ENV, &pause_dir);
+        let mut driver = Daemon::spawn(&label("kennel-driver"), place(driver_cmd), logs);
         wait_for(
             "the driver's socket",
             30,
@@ -233,6 +239,21 @@ impl NodePlugin {
             .env("NAMESPACE", "kennel-system")
             .env("POD_NAME", format!("kennel-node-{node}"));
         let provisioner = Daemon::spawn(&label("csi-provisioner"), place(provisioner), logs);
+        // One per node, electing a leader, as deploy/'s DaemonSet runs them (csi-resizer has
+        // no node-deployment mode). Releases whose test binaries have none run without.
+        let resizer = cluster.bins.get("csi-resizer").map(|bin| {
+            let mut resizer = Command::new(bin);
+            resizer
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .arg(format!("--csi-address={}", socket.display()))
+                .args([
+                    "--leader-election=true",
+                    "--leader-election-namespace=kennel-system",
+                    "--timeout=300s",
+                    "--v=2",
+                ]);
+            Daemon::spawn(&label("csi-resizer"), place(resizer), logs)
+        });
         NodePlugin {
             backend,
             storage,
@@ -243,6 +264,8 @@ impl NodePlugin {
             driver,
             registrar,
             provisioner,
+            resizer,
+            pause_dir,
         }
     }
 
@@ -251,10 +274,16 @@ impl NodePlugin {
         self.driver.assert_running();
         self.registrar.assert_running();
         self.provisioner.assert_running();
+        if let Some(r) = self.resizer.as_mut() {
+            r.assert_running();
+        }
     }
 
     /// Stop the sidecars, then the driver (gracefully).
     pub fn stop(&mut self) {
+        if let Some(r) = self.resizer.as_mut() {
+            r.stop(Duration::from_secs(5));
+        }
         self.provisioner.stop(Duration::from_secs(5));
         self.registrar.stop(Duration::from_secs(5));
         self.driver.stop(Duration::from_secs(15));
@@ -262,6 +291,9 @@ impl NodePlugin {
 
     /// SIGKILL the driver and its sidecars, as a machine that dies does.
     pub fn kill(&mut self) {
+        if let Some(r) = self.resizer.as_mut() {
+            r.kill();
+        }
         self.provisioner.kill();
         self.registrar.kill();
         self.driver.kill();

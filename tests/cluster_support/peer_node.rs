@@ -40,8 +40,8 @@ impl Cluster {
         let prefix = self.names.netns_prefix();
         let base = rand::random::<u8>() % 200;
         for (i, name) in self.opts.peers.clone().into_iter().enumerate() {
-            let netns = Netns::plan(&prefix, &i.to_string(), base + i as u8);
-            netns.create();
+            let netns = Netns::plan(&prefix, &i.to_string(), base + i as u8, &self.root);
+            netns.create(name);
             self.peers.push(PeerNode {
                 name: name.to_owned(),
                 netns,

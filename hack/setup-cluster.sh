@@ -7,7 +7,7 @@
 # packages' system services are kept from starting during the install and never used.
 set -euo pipefail
 
-packages=(etcd-server containerd runc containernetworking-plugins busybox-static zstd openssl
+packages=(etcd-server containerd runc containernetworking-plugins busybox-static zstd openssl iproute2
   buildah debootstrap binutils)
 missing=()
 for pkg in "${packages[@]}"; do

@@ -106,6 +106,11 @@ pub struct DriverArgs {
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz on this address, e.g. 0.0.0.0:9808.
     #[arg(long, env = "KENNEL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Use the API server (in-cluster configuration, or KUBECONFIG) for volumes of other
+    /// nodes: expansions the elected csi-resizer asks of this node go to the volume's node
+    /// through its PV, and this node serves such requests for its own volumes.
+    #[arg(long, env = "KENNEL_KUBE_API")]
+    pub kube_api: bool,
     /// Where the host's machine ID is read (repeatable, the first valid one wins); by default
     /// /etc/machine-id, then /var/lib/dbus/machine-id. The node DaemonSet mounts the host's /etc
     /// read-only and names its file here: a hostPath of the file itself fails on hosts without it.
@@ -155,7 +160,10 @@ fn thaw_left_frozen(backend: &dyn Backend) {
 }
 
 /// Build the driver from its flags (opening the backend, recovering state).
-pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
+pub fn build(
+    args: &DriverArgs,
+    cluster: Option<crate::csi::placement::ClusterView>,
+) -> Result<Arc<Driver>> {
     if args.max_volumes_per_node < 0 {
         return Err(Error::invalid(
             "--max-volumes-per-node must not be negative",
@@ -210,6 +218,7 @@ pub fn build(args: &DriverArgs) -> Result<Arc<Driver>> {
         telemetry: Arc::new(Telemetry::for_classes(
             args.volume_groups.iter().map(|c| c.name.clone()).collect(),
         )),
+        cluster,
     }))
 }
 
@@ -240,6 +249,7 @@ impl DriverArgs {
             freeze_budget: crate::node::freeze::DEFAULT_BUDGET,
             metrics_addr: None,
             machine_id_files: Vec::new(),
+            kube_api: false,
         }
     }
 }
@@ -253,7 +263,7 @@ pub struct LocalDriver {
 impl LocalDriver {
     pub async fn start(args: &DriverArgs) -> Result<Self> {
         std::fs::create_dir_all(&args.kubelet_dir).ctx("create", &args.kubelet_dir)?;
-        let driver = build(args)?;
+        let driver = build(args, None)?;
         let listener = server::bind_private(&server::socket_path(&args.endpoint)?)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server::serve(driver, listener, async {
@@ -305,7 +315,17 @@ async fn keep_container_io_limits(blkio_root: PathBuf) {
 
 /// Serve until SIGTERM or SIGINT, then stop accepting and return.
 pub async fn run(args: DriverArgs) -> Result<()> {
-    let driver = build(&args)?;
+    let cluster = match args.kube_api {
+        true => Some(crate::csi::placement::ClusterView::connect(&args.driver_name).await?),
+        false => None,
+    };
+    let driver = build(&args, cluster.clone())?;
+    if let Some(cluster) = cluster {
+        tokio::spawn(crate::csi::expansion::serve_requests(
+            driver.clone(),
+            cluster,
+        ));
+    }
     let socket = server::socket_path(&args.endpoint)?;
     let listener = server::bind_private(&socket)?;
     if let Some(addr) = args.metrics_addr {

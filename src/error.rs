@@ -42,6 +42,11 @@ pub enum Error {
     #[error("invalid starting token {0:?}")]
     BadToken(String),
 
+    /// Something the answer depends on cannot be reached now (the API server, another
+    /// node); the caller may retry.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+
     /// An operation on this volume is already running.
     #[error("operation already in progress for {0}")]
     Busy(String),

@@ -1151,6 +1151,13 @@ const PROVISIONER_CAPACITY: &[(&str, &str, &[&str])] = &[
     ("", "pods", &["get"]),
     ("apps", "daemonsets", &["get"]),
 ];
+/// csi-resizer's leader election (kubernetes-csi's documented Role for it).
+const RESIZER_LEASE: &[(&str, &str, &[&str])] = &[(
+    "coordination.k8s.io",
+    "leases",
+    &["get", "watch", "list", "delete", "update", "create"],
+)];
+
 const RESIZER: &[(&str, &str, &[&str])] = &[
     ("", "persistentvolumes", &["get", "list", "watch", "patch"]),
     ("", "persistentvolumeclaims", &["get", "list", "watch"]),
@@ -1260,22 +1267,30 @@ fn rbac_node_sidecars_get_exactly_their_documented_needs() {
         ("ClusterRole", "kennel-provisioner", PROVISIONER),
         ("Role", "kennel-provisioner-capacity", PROVISIONER_CAPACITY),
         ("ClusterRole", "kennel-resizer", RESIZER),
+        ("Role", "kennel-resizer-lease", RESIZER_LEASE),
         ("ClusterRole", "kennel-snapshotter", SNAPSHOTTER),
         (
             "ClusterRole",
             "kennel-orphans",
             kennel::retention::rbac::ORPHAN_RULES,
         ),
+        (
+            "ClusterRole",
+            "kennel-driver",
+            kennel::csi::placement::DRIVER_RULES,
+        ),
     ]
     .into_iter()
     .map(|(k, n, rules)| ((k.to_owned(), n.to_owned()), expected(rules)))
     .collect();
     assert_eq!(got, want);
-    // No Secrets and no Leases anywhere on the node side.
-    for grants in got.values() {
-        assert!(grants
-            .iter()
-            .all(|(_, r, _)| r != "secrets" && r != "leases"));
+    // No Secrets anywhere on the node side; Leases only for the resizers' election.
+    for ((_, name), grants) in &got {
+        assert!(grants.iter().all(|(_, r, _)| r != "secrets"), "{name}");
+        assert!(
+            name == "kennel-resizer-lease" || grants.iter().all(|(_, r, _)| r != "leases"),
+            "{name}"
+        );
     }
 }
 

@@ -7,6 +7,7 @@ use tracing::instrument;
 
 use crate::csi::change_log::{claim_in, Change};
 use crate::csi::convert::{self, CapabilityError};
+use crate::csi::expansion;
 use crate::csi::pb::{
     self, controller_server::Controller as ControllerRpc, controller_service_capability,
 };
@@ -342,6 +343,7 @@ impl ControllerRpc for ControllerService {
         &self,
         request: Request<pb::ControllerExpandVolumeRequest>,
     ) -> Result<Response<pb::ControllerExpandVolumeResponse>, Status> {
+        let deadline = convert::call_deadline(request.metadata());
         let req = request.into_inner();
         if req.volume_id.is_empty() {
             return Err(Error::invalid("volume_id is required").into());
@@ -357,7 +359,18 @@ impl ControllerRpc for ControllerService {
         let change = Change::begin("volume expanded")
             .volume(&req.volume_id)
             .claim(self.driver.telemetry.claim(&req.volume_id));
-        let size = self.driver.controller.expand(&req.volume_id, range).await?;
+        let size = match self.driver.controller.expand(&req.volume_id, range).await {
+            // Another node's volume, asked of this node's resizer (the elected one).
+            Err(Error::VolumeNotFound(id)) => match &self.driver.cluster {
+                Some(cluster) => {
+                    let node = &self.driver.controller.identity().node_id;
+                    expansion::expand_elsewhere(cluster, node, &id, range.required, deadline)
+                        .await?
+                }
+                None => return Err(Error::VolumeNotFound(id).into()),
+            },
+            other => other?,
+        };
         change.bytes(size).done();
         Ok(Response::new(pb::ControllerExpandVolumeResponse {
             capacity_bytes: convert::bytes(size),

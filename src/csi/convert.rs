@@ -226,6 +226,24 @@ pub fn group_snapshot_params(params: &BTreeMap<String, String>) -> Result<()> {
     }
 }
 
+/// How long the caller waits for the answer, from gRPC's `grpc-timeout` header (an integer and
+/// a unit: H, M, S, m, u, n).
+pub fn call_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Capacity values on the wire are int64.
 pub fn bytes(value: u64) -> i64 {
     value.min(i64::MAX as u64) as i64
@@ -234,6 +252,22 @@ pub fn bytes(value: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        use std::time::Duration;
+        let deadline = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            call_deadline(&m)
+        };
+        assert_eq!(deadline("300S"), Some(Duration::from_secs(300)));
+        assert_eq!(deadline("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(deadline("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(deadline("5x"), None);
+        assert_eq!(deadline("S"), None);
+        assert_eq!(call_deadline(&tonic::metadata::MetadataMap::new()), None);
+    }
 
     fn params(keys: &[&str]) -> BTreeMap<String, String> {
         keys.iter()

@@ -5,9 +5,11 @@ pub mod client;
 pub mod controller_service;
 pub mod convert;
 pub mod driver_metrics;
+pub mod expansion;
 pub mod group_controller_service;
 pub mod identity_service;
 pub mod node_service;
+pub mod placement;
 pub mod server;
 pub mod status;
 

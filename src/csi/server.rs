@@ -41,6 +41,9 @@ pub struct Driver {
     /// Calls counted by the layer `serve` puts around every call, and the backend as last
     /// observed by the task `serve` runs.
     pub telemetry: Arc<Telemetry>,
+    /// The API server, when the driver may read it (`--kube-api`): where other nodes'
+    /// volumes are.
+    pub cluster: Option<crate::csi::placement::ClusterView>,
 }
 
 impl Driver {

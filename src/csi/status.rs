@@ -16,6 +16,7 @@ impl From<Error> for Status {
             Error::Precondition(_) => Code::FailedPrecondition,
             Error::BadToken(_) | Error::Busy(_) => Code::Aborted,
             Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            Error::Unavailable(_) => Code::Unavailable,
             Error::Io { .. } | Error::Command { .. } | Error::Internal(_) => Code::Internal,
         };
         if matches!(code, Code::Internal | Code::DeadlineExceeded) {
@@ -50,9 +51,10 @@ mod tests {
             Error::Command { .. } => 11,
             Error::DeadlineExceeded { .. } => 12,
             Error::Internal(_) => 13,
+            Error::Unavailable(_) => 14,
         }
     }
-    const VARIANTS: usize = 14;
+    const VARIANTS: usize = 15;
 
     /// The code the CSI spec names for each kind of failure, and the message kept intact.
     #[test]
@@ -110,6 +112,10 @@ mod tests {
                 Code::DeadlineExceeded,
             ),
             (Error::Internal("bug".into()), Code::Internal),
+            (
+                Error::Unavailable("API server: connection refused".into()),
+                Code::Unavailable,
+            ),
         ];
         let mut covered = [false; VARIANTS];
         for (err, code) in cases {

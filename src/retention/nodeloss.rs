@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, 
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 
-use crate::topology::TOPOLOGY_KEY;
+pub use crate::topology::pinned_node;
 
 /// Volume attribute where the driver records the identity of the host that made the volume.
 pub const MACHINE_ID_ATTRIBUTE: &str = "kennel.csi.dev/machine-id";
@@ -137,31 +137,6 @@ impl NodeVerdict {
             NodeVerdict::OutOfService => format!("it is tainted {OUT_OF_SERVICE_TAINT}"),
             _ => "it is not lost".to_owned(),
         }
-    }
-}
-
-/// The node a Kennel PV is pinned to, if its affinity names exactly one.
-pub fn pinned_node(pv: &PersistentVolume) -> Option<String> {
-    let terms = &pv
-        .spec
-        .as_ref()?
-        .node_affinity
-        .as_ref()?
-        .required
-        .as_ref()?
-        .node_selector_terms;
-    let mut names = BTreeSet::new();
-    for term in terms {
-        for expr in term.match_expressions.iter().flatten() {
-            if expr.key == TOPOLOGY_KEY && expr.operator == "In" {
-                names.extend(expr.values.iter().flatten().cloned());
-            }
-        }
-    }
-    let mut names = names.into_iter();
-    match (names.next(), names.next()) {
-        (Some(name), None) => Some(name),
-        _ => None,
     }
 }
 

@@ -60,6 +60,7 @@ impl K8s {
                 "kubectl",
                 "kube-proxy",
                 "csi-provisioner",
+                "csi-resizer",
                 "csi-node-driver-registrar",
                 "pause",
             ],

@@ -136,6 +136,34 @@ fn processes_of(root: &Path) -> Vec<i32> {
         .unwrap_or_default()
 }
 
+/// SIGKILL every process whose command line or working directory names `path`.
+pub fn kill_processes_naming(path: &Path) {
+    for _ in 0..20 {
+        let pids = processes_of(path);
+        if pids.is_empty() {
+            return;
+        }
+        kill_all(&pids);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Cgroup directories whose name starts with `prefix` (a run's, and its other nodes'), in
+/// every hierarchy.
+fn run_cgroup_dirs(prefix: &str) -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|h| std::fs::read_dir(h.path()).ok())
+                .flat_map(|entries| entries.flatten())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Cgroup directories named `name` under each v1 hierarchy and the v2 one.
 pub fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
     std::fs::read_dir("/sys/fs/cgroup")
@@ -201,8 +229,13 @@ fn walkdir(dir: &Path) -> Vec<PathBuf> {
 
 /// SIGKILL every process in the run's cgroup tree (the pods' containers).
 pub fn kill_containers(names: &RunNames) {
+    kill_cgroup(&names.cgroup);
+}
+
+/// SIGKILL every process in the cgroup tree `name` of every hierarchy.
+pub fn kill_cgroup(name: &str) {
     for _ in 0..20 {
-        let pids: Vec<i32> = cgroup_dirs(&names.cgroup)
+        let pids: Vec<i32> = cgroup_dirs(name)
             .iter()
             .flat_map(|d| pids_in_cgroup_tree(d))
             .collect();
@@ -241,6 +274,12 @@ impl RunNames {
         }
     }
 
+    /// The prefix of the run's network namespaces (the other nodes), short enough for link
+    /// names made from it.
+    pub fn netns_prefix(&self) -> String {
+        format!("kn{}", &self.id[..self.id.len().min(8)])
+    }
+
     /// The prefix of the run's Kubernetes namespaces (and so of its pod
     /// log directories under /var/log/pods).
     pub fn namespace_prefix(&self) -> String {
@@ -255,7 +294,7 @@ pub fn teardown(root: &Path, names: &RunNames) -> Vec<String> {
     // Containers first (their cgroups), then the shims and daemons that
     // name the directory, until nothing is left.
     for _ in 0..50 {
-        let mut pids: Vec<i32> = cgroup_dirs(&names.cgroup)
+        let mut pids: Vec<i32> = run_cgroup_dirs(&names.cgroup)
             .iter()
             .flat_map(|d| pids_in_cgroup_tree(d))
             .collect();
@@ -285,7 +324,9 @@ pub fn teardown(root: &Path, names: &RunNames) -> Vec<String> {
             }
         }
     }
-    for dir in cgroup_dirs(&names.cgroup) {
+    // The other nodes' namespaces (and their links) once nothing runs in them.
+    problems.extend(super::netns::remove_all(&names.netns_prefix()));
+    for dir in run_cgroup_dirs(&names.cgroup) {
         for sub in walkdir(&dir).into_iter().rev() {
             for _ in 0..20 {
                 if std::fs::remove_dir(&sub).is_ok() || !sub.exists() {

@@ -18,7 +18,9 @@ pub mod bins;
 pub mod host;
 pub mod images;
 pub mod kube;
+pub mod netns;
 pub mod node_plugin;
+pub mod peer_node;
 pub mod pki;
 pub mod procs;
 pub mod retention;
@@ -38,6 +40,7 @@ pub use bins::K8s;
 pub use host::RunNames;
 pub use kube::Kubectl;
 pub use node_plugin::{Backend, NodePlugin};
+pub use peer_node::PeerNode;
 use procs::{free_port, run, run_ok, wait_for, Daemon};
 pub use vg::skip::cannot_run;
 
@@ -58,6 +61,9 @@ pub struct ClusterOpts {
     /// reach the API server through the `kubernetes` Service (kube-proxy, the API server on the
     /// node's address, a gateway on the pod bridge), as in a real cluster.
     pub deployed: bool,
+    /// Names of more nodes, each a network namespace of its own beside the host's node-a
+    /// (kubelet, containerd and Kennel's node plugin started there).
+    pub peers: Vec<&'static str>,
 }
 
 /// Whether this host can run the cluster; if not, fail (or skip loudly).
@@ -78,6 +84,9 @@ pub fn can_run_cluster(k8s: K8s) -> bool {
         "kubectl",
         "openssl",
         "losetup",
+        // More nodes: network namespaces and veth pairs.
+        "ip",
+        "nsenter",
     ] {
         if bins::which(tool).is_none() {
             return !cannot_run(&format!(
@@ -123,6 +132,10 @@ pub struct Cluster {
     pub extra: Vec<Daemon>,
     /// Node plugins of lost nodes: their storage stays until teardown.
     retired: Vec<NodePlugin>,
+    /// The other nodes (`ClusterOpts::peers`), in their network namespaces.
+    pub peers: Vec<PeerNode>,
+    /// The pause and busybox images every node's containerd imports.
+    image_archives: Vec<PathBuf>,
     /// Keep the components' logs after teardown (a scenario failed).
     pub keep_logs: bool,
     namespaces: usize,
@@ -164,6 +177,8 @@ impl Cluster {
             pod_subnet: String::new(),
             extra: Vec::new(),
             retired: Vec::new(),
+            peers: Vec::new(),
+            image_archives: Vec::new(),
             keep_logs: false,
             namespaces: 0,
             names,
@@ -176,6 +191,7 @@ impl Cluster {
         if let Some(kubectl) = cluster.bins.get("kubectl") {
             cluster.kubectl.program = kubectl.clone();
         }
+        cluster.plan_peers();
         cluster.start_etcd();
         cluster.start_containerd();
         cluster.start_control_plane();
@@ -189,6 +205,7 @@ impl Cluster {
             cluster.start_plugin(backend);
             cluster.wait_node_ready();
         }
+        cluster.start_peers(backend);
         cluster.boot_time = started.elapsed();
         report(&format!(
             "Kubernetes {} cluster up in {:.1}s ({})",
@@ -232,21 +249,30 @@ impl Cluster {
     }
 
     fn start_containerd(&mut self) {
-        let dir = self.containerd_dir();
-        let cni_conf = self.root.join("cni/net.d");
-        std::fs::create_dir_all(&cni_conf).expect("create cni dir");
-        let subnet = format!(
-            "10.{}.{}.0/24",
-            200 + rand::random::<u8>() % 50,
-            rand::random::<u8>()
-        );
+        let subnet = random_pod_subnet();
         self.pod_subnet = subnet.clone();
+        let file = self.containerd_config(
+            &self.containerd_dir(),
+            &self.root.join("cni"),
+            &self.names.bridge,
+            &subnet,
+        );
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&file);
+        self.containerd = Some(Daemon::spawn("containerd", cmd, &self.logs));
+    }
+
+    /// A containerd configuration under `dir` whose CNI network (config and IPAM state under
+    /// `cni`) is a bridge `bridge` on `subnet`. Returns the file.
+    fn containerd_config(&self, dir: &Path, cni: &Path, bridge: &str, subnet: &str) -> PathBuf {
+        let cni_conf = cni.join("net.d");
+        std::fs::create_dir_all(&cni_conf).expect("create cni dir");
         let conflist = json!({
             "cniVersion": "0.4.0",
             "name": format!("kennel-{}", self.names.id),
             "plugins": [{
                 "type": "bridge",
-                "bridge": self.names.bridge,
+                "bridge": bridge,
                 // Deployed: pods reach the node (and the API server behind the Service).
                 "isGateway": self.opts.deployed,
                 "isDefaultGateway": self.opts.deployed,
@@ -255,7 +281,7 @@ impl Cluster {
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": subnet}]],
-                    "dataDir": self.root.join("cni/ipam"),
+                    "dataDir": cni.join("ipam"),
                 },
             }],
         });
@@ -301,32 +327,28 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             pause = images::PAUSE_IMAGE,
             cni = cni_conf.display(),
         );
-        std::fs::create_dir_all(&dir).expect("create containerd dir");
+        std::fs::create_dir_all(dir).expect("create containerd dir");
         let file = dir.join("config.toml");
         std::fs::write(&file, config).expect("write containerd config");
-        let mut cmd = Command::new("containerd");
-        cmd.arg("--config").arg(&file);
-        self.containerd = Some(Daemon::spawn("containerd", cmd, &self.logs));
+        file
     }
 
     fn start_control_plane(&mut self) {
         let api_port = free_port();
         self.api_url = format!("https://127.0.0.1:{api_port}");
         let pki = &self.pki;
-        let apiserver_cert = pki.issue(
-            "apiserver",
-            "kube-apiserver",
-            None,
-            &[
-                "127.0.0.1",
-                "10.0.0.1",
-                &self.node_ip,
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-            ],
-        );
+        let mut sans = vec![
+            "127.0.0.1",
+            "10.0.0.1",
+            &self.node_ip,
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+        ];
+        // Other nodes reach the API server on the host's end of their link.
+        sans.extend(self.peers.iter().map(|p| p.netns.host_ip.as_str()));
+        let apiserver_cert = pki.issue("apiserver", "kube-apiserver", None, &sans);
         let admin = pki.issue("admin", "kennel-admin", Some("system:masters"), &[]);
         pki::kubeconfig_cert(&self.admin_kubeconfig, &self.api_url, &pki.ca_cert, &admin);
         let mut cmd = self.bin("kube-apiserver");
@@ -335,7 +357,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             self.etcd_port
         ))
         // Deployed, pods reach it on the node's address through the `kubernetes` Service.
-        .arg(if self.opts.deployed {
+        .arg(if self.opts.deployed || !self.peers.is_empty() {
             "--bind-address=0.0.0.0"
         } else {
             "--bind-address=127.0.0.1"
@@ -455,6 +477,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             },
             String::new,
         );
+        self.image_archives = vec![pause.clone(), busybox.clone()];
         for archive in [pause, busybox] {
             let archive = archive.to_str().expect("utf-8 path").to_owned();
             run_ok(
@@ -467,7 +490,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     /// Each node gets its own kubelet root, so a replacement node does not
     /// adopt the lost node's state.
     fn kubelet_dir(&self) -> PathBuf {
-        self.root.join(format!("kubelet-{}", self.node_name))
+        self.kubelet_dir_of(&self.node_name)
+    }
+
+    pub fn kubelet_dir_of(&self, node: &str) -> PathBuf {
+        self.root.join(format!("kubelet-{node}"))
     }
 
     /// The kubelet's root directory (`--root-dir`), where it stages and
@@ -478,14 +505,32 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// Start the kubelet as node `self.node_name`.
     pub fn start_kubelet(&mut self) {
-        let dir = self.kubelet_dir();
+        if !self.root.join("sysctls.saved").exists() {
+            host::save_sysctls(&self.root.join("sysctls.saved"));
+            host::create_cgroup_root(&self.names.cgroup);
+        }
+        let site = KubeletSite {
+            name: self.node_name.clone(),
+            ip: self.node_ip.clone(),
+            api_url: self.api_url.clone(),
+            cgroup: self.names.cgroup.clone(),
+            containerd_socket: self.containerd_socket(),
+        };
+        let cmd = self.kubelet_command(&site);
+        self.kubelet = Some(Daemon::spawn("kubelet", cmd, &self.logs));
+    }
+
+    /// The kubelet of node `site.name`, its root directory, certificates and configuration
+    /// written under the run's directory.
+    fn kubelet_command(&self, site: &KubeletSite) -> Command {
+        let name = &site.name;
+        let dir = self.kubelet_dir_of(name);
         std::fs::create_dir_all(&dir).expect("create kubelet dir");
-        let name = self.node_name.clone();
         let serving = self.pki.issue(
             &format!("kubelet-{name}-serving"),
             &format!("system:node:{name}"),
             Some("system:nodes"),
-            &[&self.node_ip, "127.0.0.1", &name],
+            &[&site.ip, "127.0.0.1", name],
         );
         let client = self.pki.issue(
             &format!("kubelet-{name}"),
@@ -494,15 +539,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             &[],
         );
         let kubeconfig = self.root.join(format!("kubelet-{name}.kubeconfig"));
-        pki::kubeconfig_cert(&kubeconfig, &self.api_url, &self.pki.ca_cert, &client);
-        if !self.root.join("sysctls.saved").exists() {
-            host::save_sysctls(&self.root.join("sysctls.saved"));
-            host::create_cgroup_root(&self.names.cgroup);
-        }
+        pki::kubeconfig_cert(&kubeconfig, &site.api_url, &self.pki.ca_cert, &client);
         let mut config = json!({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
-            "address": self.node_ip,
+            "address": site.ip,
             "port": free_port(),
             "readOnlyPort": 0,
             "healthzPort": 0,
@@ -515,7 +556,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "tlsCertFile": serving.cert,
             "tlsPrivateKeyFile": serving.key,
             "cgroupDriver": "cgroupfs",
-            "cgroupRoot": format!("/{}", self.names.cgroup),
+            "cgroupRoot": format!("/{}", site.cgroup),
             "cgroupsPerQOS": true,
             "enforceNodeAllocatable": ["pods"],
             "oomScoreAdj": 0,
@@ -546,16 +587,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             .arg(format!("--root-dir={}", dir.display()))
             .arg(format!(
                 "--cert-dir={}",
-                self.root.join("kubelet-pki").display()
+                self.root.join(format!("kubelet-pki-{name}")).display()
             ))
             .arg(format!("--hostname-override={name}"))
-            .arg(format!("--node-ip={}", self.node_ip))
+            .arg(format!("--node-ip={}", site.ip))
             .arg(format!(
                 "--container-runtime-endpoint=unix://{}",
-                self.containerd_socket().display()
+                site.containerd_socket.display()
             ))
             .arg("--v=2");
-        self.kubelet = Some(Daemon::spawn("kubelet", cmd, &self.logs));
+        cmd
     }
 
     /// Stop the kubelet (its pods keep running, as on a node whose kubelet died).
@@ -670,6 +711,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     /// A token of `kennel-system/<account>`, in a kubeconfig, so a process
     /// runs with exactly the permissions `deploy/` grants it.
     pub fn service_account_kubeconfig(&self, account: &str) -> PathBuf {
+        self.service_account_kubeconfig_at(account, &self.api_url, account)
+    }
+
+    /// The same, reaching the API server at `server`, written as `<file>.kubeconfig`.
+    pub fn service_account_kubeconfig_at(
+        &self,
+        account: &str,
+        server: &str,
+        file: &str,
+    ) -> PathBuf {
         let kubectl = self.kubectl.clone();
         let token = wait_for(
             &format!("a token for service account {account}"),
@@ -692,8 +743,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             },
             String::new,
         );
-        let file = self.root.join(format!("{account}.kubeconfig"));
-        pki::kubeconfig_token(&file, &self.api_url, &self.pki.ca_cert, &token);
+        let file = self.root.join(format!("{file}.kubeconfig"));
+        pki::kubeconfig_token(&file, server, &self.pki.ca_cert, &token);
         file
     }
 
@@ -874,6 +925,7 @@ impl Drop for Cluster {
         self.stop_kubelet();
         let plugin = self.stop_plugin();
         let retired = std::mem::take(&mut self.retired);
+        let peer_plugins = self.stop_peers();
         self.stop_kube_proxy();
         if self.opts.deployed {
             // deploy/'s pods live in kennel-system, not in a namespace named after the run.
@@ -887,10 +939,31 @@ impl Drop for Cluster {
         let problems = host::teardown(&self.root, &self.names);
         drop(plugin);
         drop(retired);
+        drop(peer_plugins);
         if !problems.is_empty() && !std::thread::panicking() {
             panic!("cluster teardown left host state behind: {problems:?}");
         }
     }
+}
+
+/// Where and how one node's kubelet runs.
+pub struct KubeletSite {
+    pub name: String,
+    pub ip: String,
+    /// The API server as this node reaches it.
+    pub api_url: String,
+    /// The kubelet's `cgroupRoot` (a directory in every hierarchy).
+    pub cgroup: String,
+    pub containerd_socket: PathBuf,
+}
+
+/// A /24 for one node's pods, unlikely to meet another run's.
+fn random_pod_subnet() -> String {
+    format!(
+        "10.{}.{}.0/24",
+        200 + rand::random::<u8>() % 50,
+        rand::random::<u8>()
+    )
 }
 
 /// Whether `tool` (iptables or ip6tables) has the filter chain KUBE-FIREWALL.

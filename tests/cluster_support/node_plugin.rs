@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use super::netns::Netns;
 use super::procs::{free_port, wait_for, Daemon};
 use super::vg::TestVg;
 use super::{Cluster, DRIVER_NAME};
@@ -104,7 +105,7 @@ pub fn driver_command(
     node_id: &str,
     storage: &Storage,
     kubelet_dir: &Path,
-    metrics_port: Option<u16>,
+    metrics_addr: Option<&str>,
 ) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kennel"));
     cmd.arg("driver")
@@ -115,43 +116,93 @@ pub fn driver_command(
     // (the kubelet bind-mounts its root onto itself rshared).
     cmd.arg("--kubelet-dir").arg(kubelet_dir);
     storage.driver_args(&mut cmd);
-    if let Some(port) = metrics_port {
-        cmd.arg(format!("--metrics-addr=127.0.0.1:{port}"));
+    if let Some(addr) = metrics_addr {
+        cmd.arg(format!("--metrics-addr={addr}"));
     }
     cmd.env("RUST_LOG", "kennel=debug,info")
         .env("NO_COLOR", "1");
     cmd
 }
 
+/// The node a plugin serves: its name, its kubelet's root, and its network namespace
+/// (`None`: the host's).
+pub struct PluginSite {
+    pub node: String,
+    pub kubelet_dir: PathBuf,
+    pub netns: Option<Netns>,
+}
+
 pub struct NodePlugin {
     pub backend: Backend,
     pub storage: Storage,
     pub node_name: String,
+    /// The driver's metrics endpoint: the node's loopback, or its address in a namespace.
+    pub metrics_host: String,
     pub metrics_port: u16,
     pub socket: PathBuf,
     driver: Daemon,
     registrar: Daemon,
     provisioner: Daemon,
+    resizer: Option<Daemon>,
+    /// The driver's `KENNEL_PAUSE_DIR`.
+    pub pause_dir: PathBuf,
 }
 
 impl NodePlugin {
     pub fn start(cluster: &Cluster, backend: Backend, kubeconfig: &Path) -> NodePlugin {
-        let kubelet = cluster.kubelet_root();
+        let site = PluginSite {
+            node: cluster.node_name.clone(),
+            kubelet_dir: cluster.kubelet_root(),
+            netns: None,
+        };
+        NodePlugin::start_at(cluster, &site, backend, kubeconfig)
+    }
+
+    /// The plugin of `site`'s node; its processes live in the node's network namespace and
+    /// log as `<component>-<node>` when the node has one.
+    pub fn start_at(
+        cluster: &Cluster,
+        site: &PluginSite,
+        backend: Backend,
+        kubeconfig: &Path,
+    ) -> NodePlugin {
+        let kubelet = &site.kubelet_dir;
         let plugin_dir = kubelet.join("plugins").join(DRIVER_NAME);
         let registry = kubelet.join("plugins_registry");
         std::fs::create_dir_all(&plugin_dir).expect("create plugin dir");
         std::fs::create_dir_all(&registry).expect("create registry dir");
         let socket = plugin_dir.join("csi.sock");
         let endpoint = format!("unix://{}", socket.display());
-        let storage = Storage::create(backend, &cluster.root, &cluster.node_name);
+        let node = site.node.clone();
+        let storage = Storage::create(backend, &cluster.root, &node);
         let metrics_port = free_port();
-        let node = cluster.node_name.clone();
+        let metrics_host = site
+            .netns
+            .as_ref()
+            .map_or_else(|| "127.0.0.1".to_owned(), |n| n.node_ip.clone());
         let logs = &cluster.logs;
-        let mut driver = Daemon::spawn(
-            "kennel-driver",
-            driver_command(&endpoint, &node, &storage, &kubelet, Some(metrics_port)),
-            logs,
+        let place = |cmd: Command| match &site.netns {
+            Some(netns) => netns.wrap(cmd),
+            None => cmd,
+        };
+        let label = |component: &str| match &site.netns {
+            Some(_) => format!("{component}-{node}"),
+            None => component.to_owned(),
+        };
+        let mut driver_cmd = driver_command(
+            &endpoint,
+            &node,
+            &storage,
+            kubelet,
+            Some(&format!("{metrics_host}:{metrics_port}")),
         );
+        // Reads where other nodes' volumes are, as deploy/'s DaemonSet lets it.
+        driver_cmd.arg("--kube-api").env("KUBECONFIG", kubeconfig);
+        // Where a scenario can hold one of the driver's steps (src/faults.rs).
+        let pause_dir = cluster.root.join(format!("pause-{node}"));
+        std::fs::create_dir_all(&pause_dir).expect("create pause dir");
+        driver_cmd.env(kennel::faults::PAUSE_DIR_ENV, &pause_dir);
+        let mut driver = Daemon::spawn(&label("kennel-driver"), place(driver_cmd), logs);
         wait_for(
             "the driver's socket",
             30,
@@ -167,7 +218,7 @@ impl NodePlugin {
             .arg(format!("--kubelet-registration-path={}", socket.display()))
             .arg(format!("--plugin-registration-path={}", registry.display()))
             .arg("--v=2");
-        let registrar = Daemon::spawn("node-driver-registrar", registrar, logs);
+        let registrar = Daemon::spawn(&label("node-driver-registrar"), place(registrar), logs);
         let mut provisioner = Command::new(&cluster.bins["csi-provisioner"]);
         provisioner
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
@@ -187,16 +238,34 @@ impl NodePlugin {
             .env("NODE_NAME", &node)
             .env("NAMESPACE", "kennel-system")
             .env("POD_NAME", format!("kennel-node-{node}"));
-        let provisioner = Daemon::spawn("csi-provisioner", provisioner, logs);
+        let provisioner = Daemon::spawn(&label("csi-provisioner"), place(provisioner), logs);
+        // One per node, electing a leader, as deploy/'s DaemonSet runs them (csi-resizer has
+        // no node-deployment mode). Releases whose test binaries have none run without.
+        let resizer = cluster.bins.get("csi-resizer").map(|bin| {
+            let mut resizer = Command::new(bin);
+            resizer
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .arg(format!("--csi-address={}", socket.display()))
+                .args([
+                    "--leader-election=true",
+                    "--leader-election-namespace=kennel-system",
+                    "--timeout=300s",
+                    "--v=2",
+                ]);
+            Daemon::spawn(&label("csi-resizer"), place(resizer), logs)
+        });
         NodePlugin {
             backend,
             storage,
             node_name: node,
+            metrics_host,
             metrics_port,
             socket,
             driver,
             registrar,
             provisioner,
+            resizer,
+            pause_dir,
         }
     }
 
@@ -205,19 +274,35 @@ impl NodePlugin {
         self.driver.assert_running();
         self.registrar.assert_running();
         self.provisioner.assert_running();
+        if let Some(r) = self.resizer.as_mut() {
+            r.assert_running();
+        }
     }
 
     /// Stop the sidecars, then the driver (gracefully).
     pub fn stop(&mut self) {
+        if let Some(r) = self.resizer.as_mut() {
+            r.stop(Duration::from_secs(5));
+        }
         self.provisioner.stop(Duration::from_secs(5));
         self.registrar.stop(Duration::from_secs(5));
         self.driver.stop(Duration::from_secs(15));
     }
 
+    /// SIGKILL the driver and its sidecars, as a machine that dies does.
+    pub fn kill(&mut self) {
+        if let Some(r) = self.resizer.as_mut() {
+            r.kill();
+        }
+        self.provisioner.kill();
+        self.registrar.kill();
+        self.driver.kill();
+    }
+
     /// How many `rpc` calls the driver answered OK, from its /metrics
     /// (all calls counted in the duration histogram minus the errors).
     pub fn rpc_ok_count(&self, rpc: &str) -> u64 {
-        let body = http_get(self.metrics_port, "/metrics");
+        let body = http_get_at(&self.metrics_host, self.metrics_port, "/metrics");
         let sum = |prefix: &str| -> u64 {
             body.lines()
                 .filter(|l| l.starts_with(prefix) && l.contains(&format!("rpc=\"{rpc}\"")))
@@ -234,8 +319,13 @@ impl NodePlugin {
 
 /// A plain HTTP/1.0 GET on 127.0.0.1.
 pub fn http_get(port: u16, path: &str) -> String {
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// A plain HTTP/1.0 GET on `host`.
+pub fn http_get_at(host: &str, port: u16, path: &str) -> String {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    let mut stream = std::net::TcpStream::connect((host, port)).expect("connect metrics");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");

@@ -212,7 +212,6 @@ async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
     let script = vec![
         not_found("GET", "/api/v1/nodes/node-b", "nodes \"node-b\""),
         expect("GET", SETS, None, to_json(&web)),
-        event_about("NodeLost", "Pod", "web-1"),
         expect(
             "PATCH",
             &format!("{CLAIMS}/data-web-1"),
@@ -222,6 +221,7 @@ async fn node_loss_recovery_deletes_claim_then_pod_then_cleans_the_volume() {
             }})),
             to_json(&claim(1, vec![])),
         ),
+        event_about("NodeLost", "Pod", "web-1"),
     ];
     let (result, ctx) = run_scenario(web.clone(), cluster(claim(1, vec![])), script).await;
     result.expect("reconciled");
@@ -388,18 +388,33 @@ async fn an_out_of_service_taint_is_read_again_uncached_before_it_is_recorded() 
     let script = vec![
         expect("GET", NODE, None, to_json(&tainted)),
         expect("GET", SETS, None, to_json(&web)),
-        event_about("NodeLost", "Pod", "web-1"),
         expect(
             "PATCH",
             &format!("{CLAIMS}/data-web-1"),
             None,
             to_json(&claim(1, vec![])),
         ),
+        event_about("NodeLost", "Pod", "web-1"),
     ];
     let (result, ctx) = run_scenario(web, cluster(), script).await;
     result.expect("reconciled");
     assert_eq!(ctx.metrics.action_count("claim_annotation"), 1);
     assert_eq!(ctx.metrics.action_count("claim_delete"), 0);
+}
+
+/// A pass planned from a cache that does not show the record yet (another pass just wrote it)
+/// fails its write and announces nothing: the loss is announced once.
+#[tokio::test]
+async fn a_loss_already_recorded_is_not_announced_again_from_a_stale_cache() {
+    let web = recreating_set();
+    let script = vec![
+        not_found("GET", "/api/v1/nodes/node-b", "nodes \"node-b\""),
+        expect("GET", SETS, None, to_json(&web)),
+        conflict("PATCH", &format!("{CLAIMS}/data-web-1")),
+    ];
+    // The script ends at the failed write: an announcement before it would not match.
+    let (result, _) = run_scenario(web, stranded(-600, claim(1, vec![]), None), script).await;
+    assert!(result.is_err(), "the stale write must fail the pass");
 }
 
 #[tokio::test]

@@ -166,6 +166,9 @@ pub(super) fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod,
     let newly_seen = !records.is_empty();
     let waited = Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO);
     if !recreate || newly_seen || waited < grace {
+        // The record goes first: a pass that planned from a cache not yet showing it fails
+        // its write (resourceVersion) before it would announce the same loss again.
+        plan.actions.extend(records);
         if recreate {
             // At least a second: a claim is never deleted in the pass that recorded it.
             plan.requeue(grace.saturating_sub(waited).max(Duration::from_secs(1)));
@@ -191,7 +194,6 @@ pub(super) fn recover_from_node_loss(scope: &Scope<'_>, ordinal: u32, pod: &Pod,
                 ),
             );
         }
-        plan.actions.extend(records);
         return;
     }
     for (p, verdict, _) in &lost {

@@ -994,17 +994,6 @@ fn snapshot_restore(cluster: &mut Cluster) {
     ));
 }
 
-/// KiB of the filesystem mounted at `path` in `pod`, as `df` there reports it.
-#[track_caller]
-fn df_kib(cluster: &Cluster, ns: &str, pod: &str, path: &str) -> u64 {
-    let out = exec_ok(cluster, ns, pod, &["df", "-P", "-k", path], None);
-    out.lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("df in {pod}: {out}"))
-}
-
 /// A running pod's claim on an xfs class grown by patching the claim: csi-resizer expands the
 /// volume (ControllerExpandVolume), the kubelet grows the mounted filesystem (NodeExpandVolume,
 /// `xfs_growfs`), the pod sees the new size and the claim's status says it.

@@ -311,16 +311,6 @@ fn capacity_steers_claims(cluster: &mut Cluster) {
     );
 }
 
-/// The size of the filesystem a pod sees at `/v`, in KiB.
-fn df_kib(cluster: &Cluster, ns: &str, pod_name: &str) -> u64 {
-    let df = exec_ok(cluster, ns, pod_name, &["df", "-k", "/v"], None);
-    df.lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("df: {df}"))
-}
-
 /// The node whose csi-resizer leads (holds the lease), and the other one.
 fn resizer_leader(cluster: &Cluster) -> (String, String) {
     let peer = peer_name(cluster);
@@ -384,7 +374,7 @@ fn expansion_by_the_holding_node(cluster: &mut Cluster) {
     wait_pods_ready(cluster, &ns, &["grow".to_owned()], 180);
     let pv = claim_pv(cluster, &ns, "grow").expect("bound");
     let id = volume_id(&pv);
-    let before = df_kib(cluster, &ns, "grow");
+    let before = df_kib(cluster, &ns, "grow", "/v");
     cluster.kubectl.run(&[
         "patch",
         "pvc",
@@ -438,7 +428,7 @@ fn expansion_by_the_holding_node(cluster: &mut Cluster) {
             .any(|l| l.contains("expanded for another node's resizer") && l.contains(&id)),
         "{holder}'s driver did not grow {id}"
     );
-    let after = df_kib(cluster, &ns, "grow");
+    let after = df_kib(cluster, &ns, "grow", "/v");
     assert!(
         after >= before + 90 * 1024,
         "the pod sees {after} KiB after growing 300Mi to 400Mi (was {before} KiB)"
@@ -511,6 +501,24 @@ fn no_evidence_no_loss(cluster: &mut Cluster) {
     finish(cluster, &ns);
 }
 
+/// Wait until the set's pod `pod_name` runs on node-a with a claim (`www-<pod>`) bound to a
+/// volume other than `old_pv`.
+fn wait_recreated_on_node_a(cluster: &Cluster, ns: &str, pod_name: &str, old_pv: &str) {
+    wait_for(
+        &format!("{pod_name} Running on node-a with a new claim"),
+        240,
+        || {
+            let p = pod(cluster, ns, pod_name)?;
+            if !running_and_ready(&p) || p["spec"]["nodeName"] != NODE_A {
+                return None;
+            }
+            let pv = claim_pv(cluster, ns, &format!("www-{pod_name}"))?;
+            (name_of(&pv) != old_pv).then_some(())
+        },
+        || describe(cluster, ns) + &retention_tail(cluster),
+    );
+}
+
 /// Lines of the retention log that warn NodeLost for `set` in `ns`.
 fn node_lost_warnings(cluster: &Cluster, ns: &str, set: &str) -> usize {
     retention_log(cluster)
@@ -551,19 +559,7 @@ fn node_deleted(cluster: &mut Cluster) {
     cluster
         .kubectl
         .run(&["delete", "node", &peer, "--wait=true"]);
-    wait_for(
-        "move-0 Running on node-a with a new, empty claim",
-        240,
-        || {
-            let p = pod(cluster, &ns, "move-0")?;
-            if !running_and_ready(&p) || p["spec"]["nodeName"] != NODE_A {
-                return None;
-            }
-            let pv = claim_pv(cluster, &ns, "www-move-0")?;
-            (name_of(&pv) != moved_pv).then_some(())
-        },
-        || describe(cluster, &ns) + &retention_tail(cluster),
-    );
+    wait_recreated_on_node_a(cluster, &ns, "move-0", &moved_pv);
     let listing = exec_ok(cluster, &ns, "move-0", &["ls", "-A", WWW], None);
     assert!(
         !listing.contains("data"),
@@ -627,19 +623,7 @@ fn out_of_service(cluster: &mut Cluster) {
         &peer,
         "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute",
     ]);
-    wait_for(
-        "web-0 Running on node-a with a new claim",
-        240,
-        || {
-            let p = pod(cluster, &ns, "web-0")?;
-            if !running_and_ready(&p) || p["spec"]["nodeName"] != NODE_A {
-                return None;
-            }
-            let pv = claim_pv(cluster, &ns, "www-web-0")?;
-            (name_of(&pv) != old_pv).then_some(())
-        },
-        || describe(cluster, &ns) + &retention_tail(cluster),
-    );
+    wait_recreated_on_node_a(cluster, &ns, "web-0", &old_pv);
     let recreated = events(cluster, &ns, "ClaimRecreatedAfterNodeLoss");
     assert!(
         recreated

@@ -424,6 +424,11 @@ pub fn sweep_stale_runs() {
         let Some(id) = name.strip_prefix(RUN_PREFIX) else {
             continue;
         };
+        // A run's id is 16 hex digits; `kennel-cluster-logs-<id>` holds a failed run's logs,
+        // kept for a person, not a run to tear down.
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
         let root = e.path();
         let owner: Option<i32> = std::fs::read_to_string(root.join("owner.pid"))
             .ok()

@@ -793,16 +793,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 if let Some(p) = self.plugin.as_mut() {
                     p.assert_running();
                 }
-                let node = kubectl.get(&["node", &name])?;
-                if kube::condition(&node, "Ready") != Some("True") {
-                    return None;
-                }
-                let csinode = kubectl.get(&["csinode", &name])?;
-                csinode["spec"]["drivers"]
-                    .as_array()?
-                    .iter()
-                    .any(|d| d["name"] == DRIVER_NAME)
-                    .then_some(())
+                ready_with_driver(&kubectl, &name)
             },
             || {
                 format!(
@@ -944,6 +935,20 @@ impl Drop for Cluster {
             panic!("cluster teardown left host state behind: {problems:?}");
         }
     }
+}
+
+/// Node `name` is Ready and Kennel's driver is in its CSINode.
+fn ready_with_driver(kubectl: &Kubectl, name: &str) -> Option<()> {
+    let node = kubectl.get(&["node", name])?;
+    if kube::condition(&node, "Ready") != Some("True") {
+        return None;
+    }
+    let csinode = kubectl.get(&["csinode", name])?;
+    csinode["spec"]["drivers"]
+        .as_array()?
+        .iter()
+        .any(|d| d["name"] == DRIVER_NAME)
+        .then_some(())
 }
 
 /// Where and how one node's kubelet runs.

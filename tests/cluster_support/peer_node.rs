@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::netns::Netns;
 use super::node_plugin::{Backend, NodePlugin, PluginSite};
 use super::procs::{run_ok, wait_for, Daemon};
-use super::{host, kube, procs, random_pod_subnet, Cluster, KubeletSite, DRIVER_NAME};
+use super::{host, procs, random_pod_subnet, ready_with_driver, Cluster, KubeletSite, DRIVER_NAME};
 
 pub struct PeerNode {
     /// The node's current name (a replacement node in the same namespace gets a new one).
@@ -247,16 +247,7 @@ impl Cluster {
                 if let Some(p) = peer.plugin.as_mut() {
                     p.assert_running();
                 }
-                let node = kubectl.get(&["node", &name])?;
-                if kube::condition(&node, "Ready") != Some("True") {
-                    return None;
-                }
-                let csinode = kubectl.get(&["csinode", &name])?;
-                csinode["spec"]["drivers"]
-                    .as_array()?
-                    .iter()
-                    .any(|d| d["name"] == DRIVER_NAME)
-                    .then_some(())
+                ready_with_driver(&kubectl, &name)
             },
             || procs::tail(&log, 30),
         );

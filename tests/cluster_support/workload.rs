@@ -203,3 +203,14 @@ pub fn exec_ok(
 pub fn ordinals(set: &str, n: u32) -> Vec<String> {
     (0..n).map(|i| format!("{set}-{i}")).collect()
 }
+
+/// KiB of the filesystem mounted at `path` in `pod`, as `df` there reports it.
+#[track_caller]
+pub fn df_kib(cluster: &Cluster, ns: &str, pod: &str, path: &str) -> u64 {
+    let out = exec_ok(cluster, ns, pod, &["df", "-P", "-k", path], None);
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("df in {pod}: {out}"))
+}

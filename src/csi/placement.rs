@@ -8,7 +8,10 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::Client;
 
-use crate::csi::expansion::{EXPANDED_TO_ANNOTATION, EXPAND_TO_ANNOTATION};
+use crate::csi::expansion::{
+    EXPANDED_TO_ANNOTATION, EXPAND_ASKED_AT_ANNOTATION, EXPAND_FAILED_ANNOTATION,
+    EXPAND_TO_ANNOTATION,
+};
 use crate::error::{Error, Result};
 use crate::topology::pinned_node;
 
@@ -27,6 +30,10 @@ pub struct PlacedVolume {
     pub expand_to: Option<u64>,
     /// The size its holder reports it grown to.
     pub expanded_to: Option<u64>,
+    /// When the last request was made: what tells one request from the next.
+    pub asked_at: Option<String>,
+    /// The holder's refusal of a request: that request's `asked_at` and the error.
+    pub failed: Option<(String, String)>,
 }
 
 /// The API server, as the driver reads it.
@@ -85,9 +92,14 @@ impl ClusterView {
         Api::all(self.client.clone())
     }
 
-    /// Set annotation `key` of PV `pv` to `value` (a merge patch: nothing else changes).
-    pub async fn annotate_volume(&self, pv: &str, key: &str, value: &str) -> Result<()> {
-        let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
+    /// Set (or, with `None`, remove) annotations of PV `pv` (a merge patch: nothing else
+    /// changes).
+    pub async fn annotate_volume(&self, pv: &str, notes: &[(&str, Option<&str>)]) -> Result<()> {
+        let notes: serde_json::Map<String, serde_json::Value> = notes
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::json!(v)))
+            .collect();
+        let patch = serde_json::json!({"metadata": {"annotations": notes}});
         self.volumes()
             .patch(pv, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -96,9 +108,27 @@ impl ClusterView {
     }
 }
 
+fn annotation<'a>(pv: &'a PersistentVolume, key: &str) -> Option<&'a str> {
+    pv.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
 /// A whole number of bytes, as the annotations hold them.
 fn annotation_bytes(pv: &PersistentVolume, key: &str) -> Option<u64> {
-    pv.metadata.annotations.as_ref()?.get(key)?.parse().ok()
+    annotation(pv, key)?.parse().ok()
+}
+
+/// The refusal annotation: `{"asked_at": …, "error": …}`.
+fn refusal(pv: &PersistentVolume) -> Option<(String, String)> {
+    let v: serde_json::Value =
+        serde_json::from_str(annotation(pv, EXPAND_FAILED_ANNOTATION)?).ok()?;
+    Some((
+        v["asked_at"].as_str()?.to_owned(),
+        v["error"].as_str()?.to_owned(),
+    ))
 }
 
 pub(crate) fn placed(pv: &PersistentVolume) -> PlacedVolume {
@@ -107,6 +137,8 @@ pub(crate) fn placed(pv: &PersistentVolume) -> PlacedVolume {
         node: pinned_node(pv),
         expand_to: annotation_bytes(pv, EXPAND_TO_ANNOTATION),
         expanded_to: annotation_bytes(pv, EXPANDED_TO_ANNOTATION),
+        asked_at: annotation(pv, EXPAND_ASKED_AT_ANNOTATION).map(str::to_owned),
+        failed: refusal(pv),
     }
 }
 
@@ -120,6 +152,8 @@ mod tests {
             "metadata": {"name": "pvc-1", "annotations": {
                 EXPAND_TO_ANNOTATION: "419430400",
                 EXPANDED_TO_ANNOTATION: "not a number",
+                EXPAND_ASKED_AT_ANNOTATION: "t1",
+                EXPAND_FAILED_ANNOTATION: r#"{"asked_at": "t0", "error": "pool full"}"#,
             }},
             "spec": {
                 "csi": {"driver": "kennel.csi.dev", "volumeHandle": "kv-x"},
@@ -136,6 +170,8 @@ mod tests {
                 node: Some("node-b".into()),
                 expand_to: Some(400 << 20),
                 expanded_to: None,
+                asked_at: Some("t1".into()),
+                failed: Some(("t0".into(), "pool full".into())),
             }
         );
     }

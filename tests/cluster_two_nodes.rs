@@ -352,7 +352,8 @@ fn driver_log_of(cluster: &Cluster, node: &str) -> String {
 /// has no node-deployment mode: the nodes' resizers elect one). The leader's driver asks the
 /// volume's node through the PV; that node grows it and says so; the leader's resizer finishes
 /// the expansion and the kubelet grows the filesystem. No resizer reports a failure, the
-/// expansion is never marked infeasible, and the pod sees the new size.
+/// expansion is never marked infeasible, and the pod sees the new size. Then a size beyond the
+/// holder's pool: the holder's refusal reaches the resizer, and still nothing is infeasible.
 fn expansion_by_the_holding_node(cluster: &mut Cluster) {
     let ns = namespace(cluster, "expansion");
     let (leader, holder) = resizer_leader(cluster);
@@ -433,6 +434,35 @@ fn expansion_by_the_holding_node(cluster: &mut Cluster) {
         after >= before + 90 * 1024,
         "the pod sees {after} KiB after growing 300Mi to 400Mi (was {before} KiB)"
     );
+    // More than the holder's pool: the holder refuses, the leader's resizer is told why at
+    // once, and the claim is still not marked infeasible (a retry is a new request).
+    cluster.kubectl.run(&[
+        "patch",
+        "pvc",
+        "grow",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"resources":{"requests":{"storage":"3Gi"}}}}"#,
+    ]);
+    let refused = wait_for(
+        "the holder's refusal reported by the resizer",
+        60,
+        || {
+            events(cluster, &ns, "VolumeResizeFailed")
+                .into_iter()
+                .find(|m| m.contains(&format!("node {holder} could not grow volume {id}")))
+        },
+        || describe(cluster, &ns),
+    );
+    assert!(refused.contains("available"), "{refused}");
+    let pvc = cluster
+        .kubectl
+        .get(&["pvc", "grow", "-n", &ns])
+        .expect("claim");
+    let state = pvc["status"]["allocatedResourceStatuses"]["storage"].to_string();
+    assert!(!state.contains("Infeasible"), "marked infeasible: {state}");
     finish(cluster, &ns);
     cluster.kubectl.run(&["delete", "storageclass", &class]);
 }

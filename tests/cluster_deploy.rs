@@ -1024,16 +1024,7 @@ fn expand_online(cluster: &mut Cluster) {
     wait_pods_ready(cluster, &ns, &["grow".to_owned()], 180);
     let before = df_kib(cluster, &ns, "grow", DATA);
     let started = Instant::now();
-    cluster.kubectl.run(&[
-        "patch",
-        "pvc",
-        "grow",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"resources":{"requests":{"storage":"400Mi"}}}}"#,
-    ]);
+    resize_claim(cluster, &ns, "grow", "400Mi");
     let kubectl = cluster.kubectl.clone();
     wait_for(
         "claim grow's status.capacity at 400Mi",

@@ -65,6 +65,27 @@ fn set_preferring(name: &str, node: &str, annotations: &[(&str, &str)]) -> (Valu
     (service, set)
 }
 
+/// One-replica sets on the peer node, each `(name, annotations)`: applied, Ready, checked to
+/// run on the peer. Returns each set's PV (of claim `www-<name>-0`), in order.
+fn sets_on_peer(cluster: &Cluster, ns: &str, sets: &[(&str, &[(&str, &str)])]) -> Vec<String> {
+    let peer = peer_name(cluster);
+    for (name, annotations) in sets {
+        apply_set(cluster, ns, &set_preferring(name, &peer, annotations));
+    }
+    let pods: Vec<String> = sets.iter().map(|(name, _)| format!("{name}-0")).collect();
+    wait_pods_ready(cluster, ns, &pods, 120);
+    pods.iter()
+        .map(|p| {
+            assert_eq!(
+                pod_node(cluster, ns, p).as_deref(),
+                Some(peer.as_str()),
+                "{p}"
+            );
+            name_of(&claim_pv(cluster, ns, &format!("www-{p}")).expect("bound")).to_owned()
+        })
+        .collect()
+}
+
 fn namespace(cluster: &mut Cluster, scenario: &str) -> String {
     if !cluster.extra.iter().any(|d| d.name == "kennel-retention") {
         start_retention(cluster);
@@ -376,16 +397,7 @@ fn expansion_by_the_holding_node(cluster: &mut Cluster) {
     let pv = claim_pv(cluster, &ns, "grow").expect("bound");
     let id = volume_id(&pv);
     let before = df_kib(cluster, &ns, "grow", "/v");
-    cluster.kubectl.run(&[
-        "patch",
-        "pvc",
-        "grow",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"resources":{"requests":{"storage":"400Mi"}}}}"#,
-    ]);
+    resize_claim(cluster, &ns, "grow", "400Mi");
     let mut infeasible = Vec::new();
     wait_for(
         "claim grow's status.capacity at 400Mi",
@@ -436,16 +448,7 @@ fn expansion_by_the_holding_node(cluster: &mut Cluster) {
     );
     // More than the holder's pool: the holder refuses, the leader's resizer is told why at
     // once, and the claim is still not marked infeasible (a retry is a new request).
-    cluster.kubectl.run(&[
-        "patch",
-        "pvc",
-        "grow",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"resources":{"requests":{"storage":"3Gi"}}}}"#,
-    ]);
+    resize_claim(cluster, &ns, "grow", "3Gi");
     let refused = wait_for(
         "the holder's refusal reported by the resizer",
         60,
@@ -473,13 +476,7 @@ fn expansion_by_the_holding_node(cluster: &mut Cluster) {
 fn no_evidence_no_loss(cluster: &mut Cluster) {
     let ns = namespace(cluster, "no-evidence");
     let peer = peer_name(cluster);
-    apply_set(cluster, &ns, &set_preferring("web", &peer, &[RECREATE]));
-    wait_pods_ready(cluster, &ns, &ordinals("web", 1), 120);
-    assert_eq!(
-        pod_node(cluster, &ns, "web-0").as_deref(),
-        Some(peer.as_str())
-    );
-    let pv = name_of(&claim_pv(cluster, &ns, "www-web-0").expect("bound")).to_owned();
+    let pv = sets_on_peer(cluster, &ns, &[("web", &[RECREATE])]).remove(0);
     write_file(cluster, &ns, "web-0", "kept");
     let same_claim = |cluster: &Cluster| {
         let now = claim_pv(cluster, &ns, "www-web-0").expect("claim kept and bound");
@@ -569,20 +566,11 @@ fn node_lost_warnings(cluster: &Cluster, ns: &str, set: &str) -> usize {
 fn node_deleted(cluster: &mut Cluster) {
     let ns = namespace(cluster, "node-deleted");
     let peer = peer_name(cluster);
-    apply_set(cluster, &ns, &set_preferring("move", &peer, &[RECREATE]));
-    apply_set(cluster, &ns, &set_preferring("keep", &peer, &[]));
-    let pods = vec!["move-0".to_owned(), "keep-0".to_owned()];
-    wait_pods_ready(cluster, &ns, &pods, 120);
-    for p in &pods {
-        assert_eq!(
-            pod_node(cluster, &ns, p).as_deref(),
-            Some(peer.as_str()),
-            "{p}"
-        );
+    let pvs = sets_on_peer(cluster, &ns, &[("move", &[RECREATE]), ("keep", &[])]);
+    let (moved_pv, kept_pv) = (pvs[0].clone(), pvs[1].clone());
+    for p in ["move-0", "keep-0"] {
         write_file(cluster, &ns, p, "on-the-lost-node");
     }
-    let kept_pv = name_of(&claim_pv(cluster, &ns, "www-keep-0").expect("bound")).to_owned();
-    let moved_pv = name_of(&claim_pv(cluster, &ns, "www-move-0").expect("bound")).to_owned();
 
     cluster.lose_peer(&peer);
     wait_node_ready_is(cluster, &peer, false, 90);
@@ -637,13 +625,7 @@ fn node_deleted(cluster: &mut Cluster) {
 fn out_of_service(cluster: &mut Cluster) {
     let ns = namespace(cluster, "out-of-service");
     let peer = peer_name(cluster);
-    apply_set(cluster, &ns, &set_preferring("web", &peer, &[RECREATE]));
-    wait_pods_ready(cluster, &ns, &ordinals("web", 1), 120);
-    assert_eq!(
-        pod_node(cluster, &ns, "web-0").as_deref(),
-        Some(peer.as_str())
-    );
-    let old_pv = name_of(&claim_pv(cluster, &ns, "www-web-0").expect("bound")).to_owned();
+    let old_pv = sets_on_peer(cluster, &ns, &[("web", &[RECREATE])]).remove(0);
     cluster.lose_peer(&peer);
     wait_node_ready_is(cluster, &peer, false, 90);
     hold_claims(cluster, &ns, &["www-web-0"], 10);

@@ -25,9 +25,10 @@ use tracing::{debug, info, warn};
 
 use super::builtin::BuiltinRule;
 use super::names::claim_identity;
-use super::nodeloss::{pinned_node, pv_driver, NodeView};
+use super::nodeloss::{pv_driver, NodeView};
 use super::policy::{self, Action, Note, Observed, Options, Plan, Regarding};
 use super::retention_metrics::Metrics;
+use crate::topology::pinned_node;
 
 /// Label the StatefulSet controller puts on every pod it makes; narrows the pod watch.
 const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";

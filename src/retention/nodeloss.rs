@@ -24,8 +24,6 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, 
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 
-pub use crate::topology::pinned_node;
-
 /// Volume attribute where the driver records the identity of the host that made the volume.
 pub const MACHINE_ID_ATTRIBUTE: &str = "kennel.csi.dev/machine-id";
 /// What drivers before host identity was required recorded when they could not read one.

@@ -214,3 +214,18 @@ pub fn df_kib(cluster: &Cluster, ns: &str, pod: &str, path: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("df in {pod}: {out}"))
 }
+
+/// Ask for `size` on claim `claim` (a merge patch of its storage request).
+pub fn resize_claim(cluster: &Cluster, ns: &str, claim: &str, size: &str) {
+    let patch = json!({"spec": {"resources": {"requests": {"storage": size}}}}).to_string();
+    cluster.kubectl.run(&[
+        "patch",
+        "pvc",
+        claim,
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        &patch,
+    ]);
+}

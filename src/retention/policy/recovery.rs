@@ -9,9 +9,10 @@ use k8s_openapi::jiff::Timestamp;
 use super::{Action, Plan, Regarding, Scope, ON_NODE_LOSS_ANNOTATION, PROVISIONER_FINALIZER};
 use crate::retention::names::{claim_identity, claim_name, templates};
 use crate::retention::nodeloss::{
-    has_loss_record, identity_change, loss_record, loss_recorded, pinned_node, pv_driver,
-    unscheduled_since, verdict, NodeVerdict, NODE_LOST_ANNOTATION,
+    has_loss_record, identity_change, loss_record, loss_recorded, pv_driver, unscheduled_since,
+    verdict, NodeVerdict, NODE_LOST_ANNOTATION,
 };
+use crate::topology::pinned_node;
 
 /// One claim of a pod and the node its Kennel volume is pinned to.
 struct PinnedClaim<'a> {

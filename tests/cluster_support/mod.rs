@@ -562,7 +562,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "oomScoreAdj": 0,
             "makeIPTablesUtilChains": false,
             "failSwapOn": false,
-            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
+            // Absolute floors, never percentages: this machine's disk reports a size far beyond
+            // what it can hold, so 1% of it can be more than is free, and a DiskPressure taint
+            // would keep every test pod from scheduling.
+            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1Mi", "imagefs.available": "1Mi", "nodefs.inodesFree": "100", "imagefs.inodesFree": "100"},
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
             "syncFrequency": "5s",

@@ -103,8 +103,27 @@ pub fn describe(cluster: &Cluster, ns: &str) -> String {
         show(&["get", "pods,pvc,statefulset", "-n", ns, "-o", "wide"]),
         show(&["get", "pv,csistoragecapacity", "-A"]),
         show(&["get", "events", "-n", ns, "--sort-by=.lastTimestamp"]),
+        // A pod that will not schedule is most often a node's taint or condition.
+        show(&[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} taints={.spec.taints}{'\\n'}{range .status.conditions[*]}  {.type}={.status} {.reason}: {.message}{'\\n'}{end}{end}",
+        ]),
+        disk_free(),
     ]
     .join("\n")
+}
+
+/// Free space where the nodes keep their state: the kubelet taints a full disk.
+fn disk_free() -> String {
+    let out = std::process::Command::new("df")
+        .args(["-h", "/", "/tmp", "/var/lib"])
+        .output();
+    match out {
+        Ok(out) => format!("$ df -h\n{}", String::from_utf8_lossy(&out.stdout)),
+        Err(e) => format!("$ df -h\n{e}\n"),
+    }
 }
 
 /// A bound claim's PV.

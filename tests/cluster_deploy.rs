@@ -938,10 +938,15 @@ fn snapshot_restore(cluster: &mut Cluster) {
         .as_str()
         .expect("snapshot handle")
         .to_owned();
+    // The handle names the node that holds the snapshot; its image is named by the bare ID.
+    let (bare, holder) = handle
+        .split_once('@')
+        .expect("a node-named snapshot handle");
+    assert_eq!(holder, cluster.node_name, "{handle}");
     let snapshot_image = cluster
         .root
         .join("loop-deployed/snapshots")
-        .join(format!("{handle}.img"));
+        .join(format!("{bare}.img"));
     assert!(
         snapshot_image.exists(),
         "snapshot {handle} has no image in the DaemonSet's loop directory"

@@ -358,7 +358,10 @@ async fn snapshots_and_clones_of_linear_volumes() {
         assert_eq!(snap.source_volume_id, origin.volume_id);
         let again = driver.snapshot("snap-1", &origin.volume_id).await;
         assert_eq!(again.snapshot_id, snap.snapshot_id);
-        let lv = vg.lv(&snap.snapshot_id).expect("snapshot LV");
+        // The CO's ID names the node; the LV is the bare ID.
+        let (snap_lv, node) = snap.snapshot_id.split_once('@').expect("a node-named ID");
+        assert_eq!(node, "lvm-test-node");
+        let lv = vg.lv(snap_lv).expect("snapshot LV");
         assert!(lv.tags.iter().any(|t| t == OWNER_TAG));
         assert!(!lv.tags.iter().any(|t| t == PENDING_TAG));
 
@@ -404,7 +407,7 @@ async fn snapshots_and_clones_of_linear_volumes() {
         );
         // Snapshots are independent copies: deleting the origin keeps them.
         driver.delete(&origin.volume_id).await;
-        assert!(vg.lv(&snap.snapshot_id).is_some());
+        assert!(vg.lv(snap_lv).is_some());
         driver
             .controller()
             .delete_snapshot(pb::DeleteSnapshotRequest {
@@ -413,7 +416,7 @@ async fn snapshots_and_clones_of_linear_volumes() {
             })
             .await
             .expect("DeleteSnapshot");
-        assert!(vg.lv(&snap.snapshot_id).is_none());
+        assert!(vg.lv(snap_lv).is_none());
         driver.delete(&restored.volume_id).await;
         driver.delete(&clone.volume_id).await;
         assert!(vg.lvs().is_empty(), "{:?}", vg.lvs());

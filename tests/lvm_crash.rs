@@ -117,7 +117,8 @@ async fn every_step_of_create_restore_and_snapshot_survives_a_crash() {
                 assert_eq!(id, again, "retry is idempotent");
                 expected += 1;
                 assert_clean(&vg, expected);
-                assert!(vg.lv(&id).is_some());
+                // A snapshot's LV is its bare ID (the CO's names the node after `@`).
+                assert!(vg.lv(&snapshot_lv(&id)).is_some());
                 assert!(step < 10, "{op:?} never finished");
             }
         }

@@ -287,7 +287,7 @@ async fn thin_snapshots_restore_and_clone_old_content_and_outlive_their_origin()
 
         // A snapshot of the mounted volume is a thin snapshot of its LV.
         let snap = driver.snapshot("snap", &id).await;
-        let snap_lv = snap.snapshot_id.clone();
+        let snap_lv = snapshot_lv(&snap.snapshot_id);
         assert_eq!(vg.lv_field(&snap_lv, "segtype"), "thin");
         assert_eq!(vg.lv_field(&snap_lv, "origin"), id);
         assert_eq!(vg.lv_field(&snap_lv, "pool_lv"), POOL);
@@ -298,13 +298,13 @@ async fn thin_snapshots_restore_and_clone_old_content_and_outlive_their_origin()
         let restored = driver
             .create(from_snapshot(
                 create_req("restored", 64 * MIB, &thin_params()),
-                &snap_lv,
+                &snap.snapshot_id,
             ))
             .await;
         let bigger = driver
             .create(from_snapshot(
                 create_req("restored-bigger", 96 * MIB, &thin_params()),
-                &snap_lv,
+                &snap.snapshot_id,
             ))
             .await;
         let clone = driver
@@ -351,7 +351,7 @@ async fn thin_snapshots_restore_and_clone_old_content_and_outlive_their_origin()
         let late = driver
             .create(from_snapshot(
                 create_req("late", 64 * MIB, &thin_params()),
-                &snap_lv,
+                &snap.snapshot_id,
             ))
             .await;
         assert_eq!(read_back(&late).await, b"version 1");
@@ -362,7 +362,7 @@ async fn thin_snapshots_restore_and_clone_old_content_and_outlive_their_origin()
         driver
             .controller()
             .delete_snapshot(pb::DeleteSnapshotRequest {
-                snapshot_id: snap_lv.clone(),
+                snapshot_id: snap.snapshot_id.clone(),
                 ..Default::default()
             })
             .await
@@ -624,7 +624,11 @@ async fn after_a_reboot_deleted_volumes_snapshots_and_half_built_clones_return_z
         driver.unpublish(&id, true).await;
         driver.unstage(&id).await;
         let snap = driver.snapshot("tenant-snap", &id).await.snapshot_id;
-        assert_eq!(vg.lv_field(&snap, "segtype"), "linear", "a full copy");
+        assert_eq!(
+            vg.lv_field(&snapshot_lv(&snap), "segtype"),
+            "linear",
+            "a full copy"
+        );
 
         // A clone left half-built: the driver dies after its copy (step 2),
         // before the pending tag goes.
@@ -660,7 +664,7 @@ async fn after_a_reboot_deleted_volumes_snapshots_and_half_built_clones_return_z
             "the half-built clone is swept"
         );
         assert!(
-            lv_active(&vg, &snap),
+            lv_active(&vg, &snapshot_lv(&snap)),
             "the full-copy snapshot is active again"
         );
 
@@ -1052,7 +1056,7 @@ async fn in_use_linear_volumes_are_copied_from_a_point_in_time_view() {
                 size / MIB
             );
             assert!(views_left(&vg).is_empty(), "views left: {:#?}", vg.lvs());
-            assert_eq!(vg.lv_field(&snap, "segtype"), "linear", "a full copy");
+            assert_eq!(vg.lv_field(&snapshot_lv(&snap), "segtype"), "linear", "a full copy");
             assert_eq!(vg.lv_field(&id, "origin"), "", "the volume is no origin any more");
 
             // Both copies hold the volume as it was when each was taken.

@@ -12,6 +12,7 @@ use crate::csi::pb::{
     self, controller_server::Controller as ControllerRpc, controller_service_capability,
 };
 use crate::csi::server::Driver;
+use crate::csi::snapshot_handle::{self, Located};
 use crate::error::Error;
 use crate::model::io_limits::IoLimits;
 use crate::model::spec::{self, CreateRequest, VolumeParams};
@@ -23,6 +24,11 @@ pub struct ControllerService {
 impl ControllerService {
     pub fn new(driver: Arc<Driver>) -> Self {
         ControllerService { driver }
+    }
+
+    /// This node's name, which snapshot IDs carry.
+    fn node(&self) -> &str {
+        &self.driver.controller.identity().node_id
     }
 
     fn volume(&self, record: &crate::backend::VolumeRecord) -> pb::Volume {
@@ -60,7 +66,7 @@ impl ControllerRpc for ControllerService {
         let source = req
             .volume_content_source
             .as_ref()
-            .map(convert::content_source)
+            .map(|s| convert::content_source(s, self.node()))
             .transpose()?;
         let mut params = VolumeParams::parse(&req.parameters)?;
         params.io_limits = IoLimits::default().apply(&req.mutable_parameters)?;
@@ -280,11 +286,11 @@ impl ControllerRpc for ControllerService {
             .create_snapshot(req.name, &req.source_volume_id)
             .await?;
         change
-            .snapshot(&snapshot.id)
+            .snapshot(snapshot_handle::handle(&snapshot.id, self.node()))
             .bytes(snapshot.size_bytes)
             .done();
         Ok(Response::new(pb::CreateSnapshotResponse {
-            snapshot: Some(convert::snapshot(&snapshot)),
+            snapshot: Some(convert::snapshot(&snapshot, self.node())),
         }))
     }
 
@@ -295,10 +301,14 @@ impl ControllerRpc for ControllerService {
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let req = request.into_inner();
         let change = Change::begin("snapshot deleted").snapshot(&req.snapshot_id);
-        self.driver
-            .controller
-            .delete_snapshot(&req.snapshot_id)
-            .await?;
+        if req.snapshot_id.is_empty() {
+            return Err(Error::invalid("snapshot_id is required").into());
+        }
+        // Another node's snapshot is refused, never "deleted" here: its data would outlive
+        // the VolumeSnapshotContent that holds it.
+        if let Some(id) = snapshot_handle::local(&req.snapshot_id, self.node())? {
+            self.driver.controller.delete_snapshot(id.as_str()).await?;
+        }
         change.done();
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
@@ -309,11 +319,19 @@ impl ControllerRpc for ControllerService {
         request: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         let req = request.into_inner();
+        // A snapshot ID of another node (or of none) lists nothing here.
+        let snapshot_id = match snapshot_handle::locate(&req.snapshot_id, self.node()) {
+            _ if req.snapshot_id.is_empty() => String::new(),
+            Some(Located::Here(id)) => id.to_string(),
+            Some(Located::Elsewhere { .. }) | None => {
+                return Ok(Response::new(pb::ListSnapshotsResponse::default()));
+            }
+        };
         let (page, next_token) = self
             .driver
             .controller
             .list_snapshots(
-                &req.snapshot_id,
+                &snapshot_id,
                 &req.source_volume_id,
                 &req.starting_token,
                 req.max_entries,
@@ -322,7 +340,7 @@ impl ControllerRpc for ControllerService {
         let entries = page
             .iter()
             .map(|s| pb::list_snapshots_response::Entry {
-                snapshot: Some(convert::snapshot(s)),
+                snapshot: Some(convert::snapshot(s, self.node())),
             })
             .collect();
         Ok(Response::new(pb::ListSnapshotsResponse {

@@ -4,11 +4,12 @@ use std::collections::BTreeMap;
 
 use crate::backend::{SnapshotRecord, VolumeRecord};
 use crate::csi::pb;
+use crate::csi::snapshot_handle::{self, Located};
 use crate::error::{Error, Result};
 use crate::model::spec::{AccessMode, AccessType, Capability, FsType, Segment};
 use crate::model::volume_size::CapacityRange;
 use crate::model::ContentSource;
-use crate::model::{SnapshotId, VolumeId};
+use crate::model::VolumeId;
 use crate::volume::controller_ops::GroupSnapshot;
 
 use pb::volume_capability::access_mode::Mode;
@@ -137,18 +138,31 @@ pub fn volume(
         capacity_bytes: record.capacity_bytes as i64,
         volume_id: record.id.to_string(),
         volume_context: context,
-        content_source: record.source.as_ref().map(content_source_pb),
+        content_source: record
+            .source
+            .as_ref()
+            .map(|s| content_source_pb(s, &record.node_id)),
         accessible_topology: vec![topology(topology_segment)],
     }
 }
 
-/// A content source named by the request. IDs that cannot exist are NOT_FOUND.
-pub fn content_source(source: &pb::VolumeContentSource) -> Result<ContentSource> {
+/// A content source named by the request, for a volume on `this_node`. IDs that cannot exist
+/// are NOT_FOUND; another node's snapshot cannot be restored here (RESOURCE_EXHAUSTED, the
+/// code that has a provisioner let the scheduler pick another node).
+pub fn content_source(source: &pb::VolumeContentSource, this_node: &str) -> Result<ContentSource> {
     use pb::volume_content_source::Type;
     match &source.r#type {
-        Some(Type::Snapshot(s)) => SnapshotId::parse(&s.snapshot_id)
-            .map(ContentSource::Snapshot)
-            .ok_or_else(|| Error::NotFound(format!("snapshot {:?} not found", s.snapshot_id))),
+        Some(Type::Snapshot(s)) => match snapshot_handle::locate(&s.snapshot_id, this_node) {
+            Some(Located::Here(id)) => Ok(ContentSource::Snapshot(id)),
+            Some(Located::Elsewhere { id, node }) => Err(Error::Exhausted(format!(
+                "snapshot {id} is held by node {node}: it can be restored on that node only, \
+                 not on {this_node}"
+            ))),
+            None => Err(Error::NotFound(format!(
+                "snapshot {:?} not found",
+                s.snapshot_id
+            ))),
+        },
         Some(Type::Volume(v)) => VolumeId::parse(&v.volume_id)
             .map(ContentSource::Volume)
             .ok_or_else(|| Error::NotFound(format!("source volume {:?} not found", v.volume_id))),
@@ -158,11 +172,11 @@ pub fn content_source(source: &pb::VolumeContentSource) -> Result<ContentSource>
     }
 }
 
-fn content_source_pb(source: &ContentSource) -> pb::VolumeContentSource {
+fn content_source_pb(source: &ContentSource, node: &str) -> pb::VolumeContentSource {
     use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
     let r#type = match source {
         ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
-            snapshot_id: id.to_string(),
+            snapshot_id: snapshot_handle::handle(id, node),
         }),
         ContentSource::Volume(id) => Type::Volume(VolumeSource {
             volume_id: id.to_string(),
@@ -173,10 +187,11 @@ fn content_source_pb(source: &ContentSource) -> pb::VolumeContentSource {
     }
 }
 
-pub fn snapshot(record: &SnapshotRecord) -> pb::Snapshot {
+/// A snapshot held by `node` (this node), as the CO sees it.
+pub fn snapshot(record: &SnapshotRecord, node: &str) -> pb::Snapshot {
     pb::Snapshot {
         size_bytes: bytes(record.size_bytes),
-        snapshot_id: record.id.to_string(),
+        snapshot_id: snapshot_handle::handle(&record.id, node),
         source_volume_id: record.source_volume.to_string(),
         creation_time: Some(prost_types::Timestamp {
             seconds: record.created_unix as i64,
@@ -190,10 +205,10 @@ pub fn snapshot(record: &SnapshotRecord) -> pb::Snapshot {
     }
 }
 
-pub fn group_snapshot(group: &GroupSnapshot) -> pb::VolumeGroupSnapshot {
+pub fn group_snapshot(group: &GroupSnapshot, node: &str) -> pb::VolumeGroupSnapshot {
     pb::VolumeGroupSnapshot {
         group_snapshot_id: group.id.to_string(),
-        snapshots: group.members.iter().map(snapshot).collect(),
+        snapshots: group.members.iter().map(|s| snapshot(s, node)).collect(),
         creation_time: Some(prost_types::Timestamp {
             seconds: group.created_unix as i64,
             nanos: 0,

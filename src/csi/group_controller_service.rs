@@ -13,6 +13,7 @@ use crate::csi::pb::{
     group_controller_service_capability,
 };
 use crate::csi::server::Driver;
+use crate::csi::snapshot_handle;
 
 pub struct GroupControllerService {
     driver: Arc<Driver>,
@@ -21,6 +22,23 @@ pub struct GroupControllerService {
 impl GroupControllerService {
     pub fn new(driver: Arc<Driver>) -> Self {
         GroupControllerService { driver }
+    }
+
+    /// This node's name, which snapshot IDs carry.
+    fn node(&self) -> &str {
+        &self.driver.controller.identity().node_id
+    }
+
+    /// A group's member IDs as the backend knows them. A group is cut on one node, so a
+    /// member of another node's is refused; IDs no snapshot can have are left for the
+    /// group's own check to reject.
+    fn members(&self, raw: &[String]) -> Result<Vec<String>, Status> {
+        raw.iter()
+            .map(|r| {
+                Ok(snapshot_handle::local(r, self.node())?
+                    .map_or_else(|| r.clone(), |id| id.to_string()))
+            })
+            .collect()
     }
 }
 
@@ -59,7 +77,7 @@ impl GroupControllerRpc for GroupControllerService {
             .bytes(group.members.iter().map(|m| m.size_bytes).sum())
             .done();
         Ok(Response::new(pb::CreateVolumeGroupSnapshotResponse {
-            group_snapshot: Some(convert::group_snapshot(&group)),
+            group_snapshot: Some(convert::group_snapshot(&group, self.node())),
         }))
     }
 
@@ -72,7 +90,7 @@ impl GroupControllerRpc for GroupControllerService {
         let change = Change::begin("group snapshot deleted").snapshot(&req.group_snapshot_id);
         self.driver
             .controller
-            .delete_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)
+            .delete_group_snapshot(&req.group_snapshot_id, &self.members(&req.snapshot_ids)?)
             .await?;
         change.done();
         Ok(Response::new(pb::DeleteVolumeGroupSnapshotResponse {}))
@@ -87,10 +105,10 @@ impl GroupControllerRpc for GroupControllerService {
         let group = self
             .driver
             .controller
-            .get_group_snapshot(&req.group_snapshot_id, &req.snapshot_ids)
+            .get_group_snapshot(&req.group_snapshot_id, &self.members(&req.snapshot_ids)?)
             .await?;
         Ok(Response::new(pb::GetVolumeGroupSnapshotResponse {
-            group_snapshot: Some(convert::group_snapshot(&group)),
+            group_snapshot: Some(convert::group_snapshot(&group, self.node())),
         }))
     }
 }

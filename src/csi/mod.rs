@@ -11,6 +11,7 @@ pub mod identity_service;
 pub mod node_service;
 pub mod placement;
 pub mod server;
+pub mod snapshot_handle;
 pub mod status;
 
 /// Code generated from proto/csi.proto.

@@ -449,3 +449,118 @@ async fn a_filesystem_left_frozen_is_thawed_when_the_driver_starts() {
     })
     .await
 }
+
+/// Snapshot IDs name the node that holds them; IDs of before (bare) are this node's; another
+/// node's snapshot is never restored, deleted or listed here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_ids_name_their_node() {
+    if !can_use_loop_devices() {
+        return;
+    }
+    with_timeout(60, async {
+        let td = TestDriver::start_with(DriverOpts::sparse("1GiB")).await;
+        let mut controller = td.controller();
+        let origin = td.create("origin", 16 * MIB, mount_cap("ext4")).await;
+        let snap = controller
+            .create_snapshot(snapshot_req("snap-1", &origin.volume_id))
+            .await
+            .expect("CreateSnapshot")
+            .into_inner()
+            .snapshot
+            .expect("snapshot");
+        let (bare, node) = snap
+            .snapshot_id
+            .split_once('@')
+            .expect("the ID names a node");
+        assert_eq!(node, td.opts.node_id);
+        let listed = |id: &str| pb::ListSnapshotsRequest {
+            snapshot_id: id.to_owned(),
+            ..Default::default()
+        };
+        let list = |_: &mut _, id: &str| {
+            let req = listed(id);
+            let mut c = td.controller();
+            async move {
+                c.list_snapshots(req)
+                    .await
+                    .expect("ListSnapshots")
+                    .into_inner()
+                    .entries
+                    .into_iter()
+                    .filter_map(|e| e.snapshot)
+                    .map(|s| s.snapshot_id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            list(&mut controller, &snap.snapshot_id).await,
+            std::slice::from_ref(&snap.snapshot_id)
+        );
+        // The bare ID (as drivers before named snapshots handed out) is this node's.
+        assert_eq!(
+            list(&mut controller, bare).await,
+            std::slice::from_ref(&snap.snapshot_id)
+        );
+        let legacy = controller
+            .create_volume(from_snapshot("from-bare", 16 * MIB, bare))
+            .await
+            .expect("CreateVolume from a bare snapshot ID")
+            .into_inner()
+            .volume
+            .expect("volume");
+
+        // Another node's: not restorable here (RESOURCE_EXHAUSTED lets a provisioner pick
+        // another node), not deleted here, and not listed here.
+        let elsewhere = format!("{bare}@node-elsewhere");
+        let status = controller
+            .create_volume(from_snapshot("from-elsewhere", 16 * MIB, &elsewhere))
+            .await
+            .expect_err("another node's snapshot restored here");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("node-elsewhere"), "{status:?}");
+        let status = controller
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: elsewhere.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("another node's snapshot deleted here");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(list(&mut controller, &elsewhere).await.is_empty());
+        assert_eq!(
+            list(&mut controller, &snap.snapshot_id).await,
+            std::slice::from_ref(&snap.snapshot_id)
+        );
+        for hostile in [
+            format!("{bare}@"),
+            format!("{bare}@../../etc"),
+            format!("{bare}@Node_X"),
+        ] {
+            assert!(
+                list(&mut controller, &hostile).await.is_empty(),
+                "{hostile}"
+            );
+            assert_code(
+                controller
+                    .create_volume(from_snapshot("hostile", 16 * MIB, &hostile))
+                    .await,
+                Code::NotFound,
+                "a snapshot ID no snapshot can have",
+            );
+        }
+
+        // Deleted by its own ID; gone for the bare one too.
+        controller
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("DeleteSnapshot");
+        assert!(list(&mut controller, bare).await.is_empty());
+        for id in [&legacy.volume_id, &origin.volume_id] {
+            td.delete(id).await;
+        }
+    })
+    .await;
+}

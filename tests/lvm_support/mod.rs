@@ -607,3 +607,8 @@ pub async fn with_timeout<F: std::future::Future>(secs: u64, body: F) -> F::Outp
         Err(_) => panic!("test did not finish within {secs}s"),
     }
 }
+
+/// The LV of a snapshot: the CO's ID names the node after `@`; the LV is the bare ID.
+pub fn snapshot_lv(csi_id: &str) -> String {
+    csi_id.split('@').next().unwrap_or_default().to_owned()
+}

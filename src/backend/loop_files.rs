@@ -13,7 +13,7 @@ use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
 
 use super::image_store::ImageStore;
-use super::{Backend, PoolCapacity, SnapshotRecord, VolumeRecord};
+use super::{Backend, ByteRange, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
 use crate::model::io_limits::IoLimits;
 use crate::model::spec::unknown_param;
@@ -22,6 +22,8 @@ use crate::model::ContentSource;
 use crate::model::{SnapshotId, VolumeId};
 use crate::node::loopdev::{self, LoopIndex, Window};
 use crate::node::{copy, freeze, mount};
+
+mod fill;
 
 const LOCK_FILE: &str = ".kennel.lock";
 const SNAPSHOT_DIR: &str = "snapshots";
@@ -336,6 +338,18 @@ impl Backend for LoopBackend {
             self.volumes.discard_image(&record.id);
         }
         done
+    }
+
+    fn create_filled(
+        &self,
+        record: &VolumeRecord,
+        fill: &mut dyn FnMut(&ByteRange) -> Result<()>,
+    ) -> Result<()> {
+        self.create_filled_image(record, fill)
+    }
+
+    fn snapshot_bytes(&self, id: &SnapshotId) -> Result<Option<ByteRange>> {
+        self.snapshot_image_bytes(id)
     }
 
     fn delete(&self, id: &VolumeId) -> Result<()> {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::io_limits::IoLimits;
 use crate::model::spec::{Capability, FsType, VolumeParams};
 use crate::model::volume_size::CapacityRange;
@@ -61,6 +61,42 @@ pub struct GroupMembership {
 impl SnapshotRecord {
     pub fn group_id(&self) -> Option<&GroupSnapshotId> {
         self.group.as_ref().map(|g| &g.id)
+    }
+
+    /// Whether the snapshot stands whole among `all` (the backend's snapshots): a group's
+    /// member counts only while every member its group was cut with is there (fewer is an
+    /// interrupted cut or deletion).
+    pub fn whole_among(&self, all: &[SnapshotRecord]) -> bool {
+        match &self.group {
+            None => true,
+            Some(group) => {
+                let found = all
+                    .iter()
+                    .filter(|s| s.group_id() == Some(&group.id))
+                    .count();
+                found == group.members as usize
+            }
+        }
+    }
+}
+
+/// Bytes `[offset, offset + len)` of a file or block device: a volume's or a
+/// snapshot's bytes where a caller outside the backend reads or writes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ByteRange {
+    pub device: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// `create_filled` makes blank volumes only: their bytes come from the caller.
+fn refuse_source(record: &VolumeRecord) -> Result<()> {
+    match &record.source {
+        None => Ok(()),
+        Some(source) => Err(Error::Internal(format!(
+            "volume {} is filled by its caller and cannot also be copied from {source:?}",
+            record.id
+        ))),
     }
 }
 
@@ -121,6 +157,35 @@ pub trait Backend: Send + Sync + 'static {
             .list_snapshots()?
             .into_iter()
             .find(|s| s.name == name && s.group.is_none()))
+    }
+
+    /// Create `record` (its `source` must be None) blank, let `fill` write its bytes, and only
+    /// then make it a volume: until `fill` returns Ok it is never found by get/find_by_name/list;
+    /// if `fill` fails it is removed; after a crash mid-fill it is debris the next start sweeps.
+    /// The range covers the whole volume (`len` = capacity), reads as zeros wherever `fill`
+    /// does not write, is writable by opening `device` for writing, and holds no byte of
+    /// anything else; `fill` must stay inside it. Idempotent: a committed volume with this ID
+    /// is left as it is and `fill` is not called.
+    fn create_filled(
+        &self,
+        record: &VolumeRecord,
+        _fill: &mut dyn FnMut(&ByteRange) -> Result<()>,
+    ) -> Result<()> {
+        Err(Error::Precondition(format!(
+            "the {} backend cannot create volume {} from pulled bytes",
+            self.kind(),
+            record.id
+        )))
+    }
+
+    /// Where snapshot `id`'s bytes can be read on this node (its first `len` bytes are the
+    /// snapshot's content), or None if this node holds no such snapshot (or only part of an
+    /// unfinished one: a pending snapshot, a member of an incomplete group).
+    fn snapshot_bytes(&self, id: &SnapshotId) -> Result<Option<ByteRange>> {
+        Err(Error::Precondition(format!(
+            "the {} backend cannot expose the bytes of snapshot {id}",
+            self.kind()
+        )))
     }
 
     /// The block device holding the volume, made available on this node (idempotent).

@@ -12,7 +12,7 @@ use super::copies::Quiesce;
 use super::index::Lv;
 use super::params::{Layout, LvmParams};
 use super::{tags, LvmBackend};
-use crate::backend::{Backend, PoolCapacity, SnapshotRecord, VolumeRecord};
+use crate::backend::{Backend, ByteRange, PoolCapacity, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, IoContext, Result};
 use crate::model::io_limits::IoLimits;
 use crate::model::spec::FsType;
@@ -115,6 +115,18 @@ impl Backend for LvmBackend {
             }
         }
         Ok(())
+    }
+
+    fn create_filled(
+        &self,
+        record: &VolumeRecord,
+        fill: &mut dyn FnMut(&ByteRange) -> Result<()>,
+    ) -> Result<()> {
+        self.create_filled_lv(record, fill)
+    }
+
+    fn snapshot_bytes(&self, id: &SnapshotId) -> Result<Option<ByteRange>> {
+        self.snapshot_lv_bytes(id)
     }
 
     fn delete(&self, id: &VolumeId) -> Result<()> {

@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::cli::SegRow;
+pub use crate::backend::ByteRange;
 use crate::error::{Error, IoContext, Result};
 
 /// A run of extents on one PV.
@@ -69,14 +70,6 @@ pub fn pv_ranges(segments: &[SegRow]) -> std::result::Result<Vec<PeRange>, Strin
         return Err("it has no extents on a PV".to_owned());
     }
     Ok(ranges)
-}
-
-/// Bytes `[offset, offset + len)` of a block device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ByteRange {
-    pub device: PathBuf,
-    pub offset: u64,
-    pub len: u64,
 }
 
 const CHUNK: usize = 4 << 20;

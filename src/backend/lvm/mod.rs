@@ -33,9 +33,9 @@
 //! thin pool made with `-Zn` (FAILED_PRECONDITION naming the pool).
 //!
 //! ## Operations that need more than one command
-//! Clones, restores and full-copy snapshots fill an LV after creating it, so
-//! their `lvcreate` also sets the `pending` tag: `lvcreate (pending)` → copy
-//! → `lvchange --deltag pending`. An LV still pending at start-up is debris
+//! Clones, restores, full-copy snapshots and volumes filled by the caller
+//! fill an LV after creating it, so their `lvcreate` also sets the `pending`
+//! tag: `lvcreate (pending)` → copy → `lvchange --deltag pending`. An LV still pending at start-up is debris
 //! of an interrupted call and is zeroed and removed; a pending LV is never
 //! listed or served.
 //!
@@ -53,6 +53,8 @@
 //!   its device-mapper device) and whether it is attached.
 //! - [`copies`]: clones, restores and full-copy snapshots (pending → copy →
 //!   commit).
+//! - [`fill`]: volumes whose bytes the caller writes (pending → fill →
+//!   commit), and where a snapshot's bytes are for a caller to read.
 //! - [`cow`]: the short-lived copy-on-write snapshot a copy of an in-use
 //!   volume reads from under device-mapper, so its workload is held only
 //!   for an instant.
@@ -86,6 +88,7 @@ pub mod cli;
 mod copies;
 mod cow;
 pub mod data;
+mod fill;
 mod group;
 mod health;
 pub mod index;

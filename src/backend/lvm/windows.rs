@@ -20,20 +20,26 @@ impl LvmBackend {
         lv: &Lv,
         work: impl FnOnce(&ByteRange) -> Result<T>,
     ) -> Result<T> {
+        work(&self.bytes_of(lv)?)
+    }
+
+    /// Where the LV's bytes are: its active device-mapper device (activated
+    /// first if needed), or exactly its extents' range of its PV.
+    pub(super) fn bytes_of(&self, lv: &Lv) -> Result<ByteRange> {
         if self.lvm.device_mapper() {
             if lv.row.lv_active != "active" {
                 self.activate(lv)?;
             }
             let device = lv_device(&lv.row);
             wait_for(&device)?;
-            work(&ByteRange {
+            Ok(ByteRange {
                 device,
                 offset: 0,
                 len: lv.row.lv_size,
             })
         } else {
             let (device, window) = self.window(lv)?;
-            work(&ByteRange {
+            Ok(ByteRange {
                 device,
                 offset: window.offset,
                 len: window.size_limit,

@@ -3,9 +3,11 @@
 //! by node name; the serving node checks a grant before it reads a byte.
 //!
 //! `pki` makes and loads the CA and node certificates, `tls` turns them into tonic settings and
-//! names the calling node, `server` serves snapshots, `client` pulls one into a destination.
+//! names the calling node, `server` serves snapshots, `client` pulls one into a destination,
+//! `cluster` keeps the CA, the grants and the nodes' addresses in the Kubernetes API.
 
 pub mod client;
+pub mod cluster;
 pub mod digest;
 pub mod metrics;
 pub mod name;
@@ -14,6 +16,7 @@ pub mod server;
 pub mod tls;
 
 pub use client::{pull_snapshot, PullError, PullOptions, PullRequest, Pulled};
+pub use cluster::{advertise, load_or_create_ca, peer_address, KubeGrants};
 pub use metrics::PeerMetrics;
 pub use name::NodeName;
 pub use pki::{ClusterCa, NodeIdentity};

@@ -18,7 +18,7 @@ pub mod retention_metrics;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]
-mod mock_api;
+pub(crate) mod mock_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1057,12 +1057,21 @@ fn snapshot_component_crds_are_the_releases_the_tests_run() {
 
 // ---- RBAC -------------------------------------------------------------------------------
 
-type Grants = BTreeSet<(String, String, String)>;
+/// (API group, resource, verb, the one object it is limited to by `resourceNames`).
+type Grant = (String, String, String, Option<String>);
+type Grants = BTreeSet<Grant>;
 
 fn grants(rules: &[PolicyRule]) -> Grants {
     let mut out = Grants::new();
     for rule in rules {
-        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        assert!(rule.non_resource_urls.is_none());
+        let names: Vec<Option<String>> = match &rule.resource_names {
+            None => vec![None],
+            Some(names) => {
+                assert!(!names.is_empty(), "an empty resourceNames limits nothing");
+                names.iter().cloned().map(Some).collect()
+            }
+        };
         for group in rule.api_groups.iter().flatten() {
             for resource in rule.resources.iter().flatten() {
                 for verb in &rule.verbs {
@@ -1070,10 +1079,24 @@ fn grants(rules: &[PolicyRule]) -> Grants {
                         group != "*" && resource != "*" && verb != "*",
                         "wildcards are never least privilege"
                     );
+                    // Kubernetes ignores names for these verbs: such a rule would grant nothing.
                     assert!(
-                        out.insert((group.clone(), resource.clone(), verb.clone())),
-                        "duplicate grant {verb} {group}/{resource}"
+                        rule.resource_names.is_none()
+                            || !["create", "list", "watch", "deletecollection"]
+                                .contains(&verb.as_str()),
+                        "{verb} {group}/{resource} cannot be limited by name"
                     );
+                    for name in &names {
+                        assert!(
+                            out.insert((
+                                group.clone(),
+                                resource.clone(),
+                                verb.clone(),
+                                name.clone()
+                            )),
+                            "duplicate grant {verb} {group}/{resource} {name:?}"
+                        );
+                    }
                 }
             }
         }
@@ -1087,9 +1110,21 @@ fn expected(rules: &[(&str, &str, &[&str])]) -> Grants {
         .flat_map(|(g, r, verbs)| {
             verbs
                 .iter()
-                .map(move |v| (g.to_string(), r.to_string(), v.to_string()))
+                .map(move |v| (g.to_string(), r.to_string(), v.to_string(), None))
         })
         .collect()
+}
+
+/// `grants` with `verb` on `resource` limited to the object `name`.
+fn limited(mut grants: Grants, resource: &str, verb: &str, name: &str) -> Grants {
+    let unlimited = grants
+        .iter()
+        .find(|(_, r, v, n)| r == resource && v == verb && n.is_none())
+        .cloned()
+        .unwrap_or_else(|| panic!("no {verb} {resource} to limit"));
+    grants.remove(&unlimited);
+    grants.insert((unlimited.0, unlimited.1, unlimited.2, Some(name.to_owned())));
+    grants
 }
 
 /// What each node sidecar calls, from its kubernetes-csi deploy/kubernetes rbac file for the
@@ -1274,21 +1309,62 @@ fn rbac_node_sidecars_get_exactly_their_documented_needs() {
             "kennel-orphans",
             kennel::retention::rbac::ORPHAN_RULES,
         ),
-        (
-            "ClusterRole",
-            "kennel-driver",
-            kennel::csi::placement::DRIVER_RULES,
-        ),
     ]
     .into_iter()
     .map(|(k, n, rules)| ((k.to_owned(), n.to_owned()), expected(rules)))
+    .chain([
+        // The driver's reads: its PVs, and what a peer's grant is checked against.
+        (
+            ("ClusterRole".to_owned(), "kennel-driver".to_owned()),
+            expected(kennel::csi::placement::DRIVER_RULES)
+                .union(&expected(kennel::peer::cluster::CLUSTER_RULES))
+                .cloned()
+                .collect(),
+        ),
+        (
+            ("Role".to_owned(), "kennel-peer".to_owned()),
+            limited(
+                expected(kennel::peer::cluster::NAMESPACE_RULES),
+                "secrets",
+                "get",
+                kennel::peer::pki::CA_SECRET_NAME,
+            ),
+        ),
+    ])
     .collect();
     assert_eq!(got, want);
-    // No Secrets anywhere on the node side; Leases only for the resizers' election.
+    // The one Secret the node side may read is the peer CA, by name; it may create one (the
+    // first node makes the CA; create cannot be limited by name), and never list, watch,
+    // change or delete any. Leases only for the resizers' election and the peer addresses.
     for ((_, name), grants) in &got {
-        assert!(grants.iter().all(|(_, r, _)| r != "secrets"), "{name}");
+        let secrets: BTreeSet<(&str, Option<&str>)> = grants
+            .iter()
+            .filter(|(g, r, _, _)| g.is_empty() && r == "secrets")
+            .map(|(_, _, v, n)| (v.as_str(), n.as_deref()))
+            .collect();
+        let allowed = if name == "kennel-peer" {
+            BTreeSet::from([("get", Some("kennel-peer-ca")), ("create", None)])
+        } else {
+            BTreeSet::new()
+        };
+        assert_eq!(secrets, allowed, "{name}");
         assert!(
-            name == "kennel-resizer-lease" || grants.iter().all(|(_, r, _)| r != "leases"),
+            grants.iter().all(|(_, r, v, _)| r != "secrets"
+                || ![
+                    "list",
+                    "watch",
+                    "update",
+                    "patch",
+                    "delete",
+                    "deletecollection"
+                ]
+                .contains(&v.as_str())),
+            "{name}"
+        );
+        assert!(
+            name == "kennel-resizer-lease"
+                || name == "kennel-peer"
+                || grants.iter().all(|(_, r, _, _)| r != "leases"),
             "{name}"
         );
     }

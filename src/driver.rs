@@ -9,6 +9,7 @@ use crate::backend::lvm::params::DeviceClass;
 use crate::backend::lvm::{Activation, LvmBackend, LvmConfig};
 use crate::backend::Backend;
 use crate::csi::driver_metrics::{DriverExporter, Telemetry};
+use crate::csi::peer_link::{PeerConfig, PeerLink};
 use crate::csi::server::{self, Driver};
 use crate::error::{Error, IoContext, Result};
 use crate::model::volume_size::parse_size;
@@ -111,6 +112,19 @@ pub struct DriverArgs {
     /// through its PV, and this node serves such requests for its own volumes.
     #[arg(long, env = "KENNEL_KUBE_API")]
     pub kube_api: bool,
+    /// Serve this node's snapshots to other nodes, and restore theirs here, over mutual TLS
+    /// on this address (e.g. 0.0.0.0:9650). Needs --kube-api: the cluster's CA is a Secret,
+    /// grants are read from claims, and addresses are published in Leases.
+    #[arg(long, env = "KENNEL_PEER_LISTEN", requires = "kube_api")]
+    pub peer_listen: Option<SocketAddr>,
+    /// The IP other nodes reach --peer-listen's port at (the pod's IP), when the listen
+    /// address is not one (0.0.0.0).
+    #[arg(long, env = "KENNEL_PEER_ADVERTISE_IP", requires = "peer_listen")]
+    pub peer_advertise_ip: Option<std::net::IpAddr>,
+    /// A restore's pull that receives nothing for this long is abandoned and resumed from
+    /// what is already on disk (a peer or a network that dropped without closing).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub peer_stall_timeout: std::time::Duration,
     /// Where the host's machine ID is read (repeatable, the first valid one wins); by default
     /// /etc/machine-id, then /var/lib/dbus/machine-id. The node DaemonSet mounts the host's /etc
     /// read-only and names its file here: a hostPath of the file itself fails on hosts without it.
@@ -219,6 +233,7 @@ pub fn build(
             args.volume_groups.iter().map(|c| c.name.clone()).collect(),
         )),
         cluster,
+        peer: std::sync::OnceLock::new(),
     }))
 }
 
@@ -250,6 +265,9 @@ impl DriverArgs {
             metrics_addr: None,
             machine_id_files: Vec::new(),
             kube_api: false,
+            peer_listen: None,
+            peer_advertise_ip: None,
+            peer_stall_timeout: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -320,6 +338,29 @@ pub async fn run(args: DriverArgs) -> Result<()> {
         false => None,
     };
     let driver = build(&args, cluster.clone())?;
+    if let Some(listen) = args.peer_listen {
+        let client = cluster
+            .as_ref()
+            .map(|c| c.client())
+            .ok_or_else(|| Error::invalid("--peer-listen needs --kube-api"))?;
+        let advertise = match args.peer_advertise_ip {
+            Some(ip) => SocketAddr::new(ip, listen.port()),
+            None if !listen.ip().is_unspecified() => listen,
+            None => {
+                return Err(Error::invalid(
+                    "--peer-listen on an unspecified address needs --peer-advertise-ip",
+                ))
+            }
+        };
+        let config = PeerConfig {
+            driver_name: args.driver_name.clone(),
+            listen,
+            advertise,
+            stall_timeout: args.peer_stall_timeout,
+        };
+        let link = PeerLink::start(client, driver.controller.clone(), config).await?;
+        let _ = driver.peer.set(link);
+    }
     if let Some(cluster) = cluster {
         tokio::spawn(crate::csi::expansion::serve_requests(
             driver.clone(),
@@ -332,10 +373,12 @@ pub async fn run(args: DriverArgs) -> Result<()> {
         let http = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::io("bind metrics address", addr.to_string(), e))?;
-        let exporter = Arc::new(DriverExporter::new(
-            driver.telemetry.clone(),
-            driver.controller.backend_kind(),
-        ));
+        let mut exporter =
+            DriverExporter::new(driver.telemetry.clone(), driver.controller.backend_kind());
+        if let Some(peer) = driver.peer.get() {
+            exporter = exporter.with_peer(peer.metrics());
+        }
+        let exporter = Arc::new(exporter);
         tracing::info!(addr = %http.local_addr().unwrap_or(addr), "metrics, /healthz and /readyz served");
         tokio::spawn(async move {
             if let Err(e) = crate::metrics_endpoint::serve_listener(http, exporter).await {

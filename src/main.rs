@@ -25,7 +25,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the CSI Identity, Controller and Node services.
-    Driver(kennel::driver::DriverArgs),
+    Driver(Box<kennel::driver::DriverArgs>),
     /// StatefulSet PVC retention controller (runs in the cluster).
     Retention(kennel::retention::RetentionArgs),
     /// Node-local orphan accounting: volumes without PVs, PVs without volumes.
@@ -73,7 +73,7 @@ fn main() -> std::process::ExitCode {
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command {
-            Command::Driver(args) => kennel::driver::run(args).await.map_err(Into::into),
+            Command::Driver(args) => kennel::driver::run(*args).await.map_err(Into::into),
             Command::Ctl(args) => kennel::ctl::run(args).await,
             Command::Demo(args) => kennel::demo::run(args).await,
             Command::Retention(args) => kennel::retention::run(args).await,

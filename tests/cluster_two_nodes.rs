@@ -7,6 +7,8 @@
 //! only where the StatefulSet opted in.
 
 mod cluster_support;
+#[path = "cluster_two_nodes/restore_anywhere.rs"]
+mod restore_anywhere;
 
 use std::time::Duration;
 
@@ -37,6 +39,11 @@ fn two_nodes() {
             (
                 "expansion-by-the-holding-node",
                 expansion_by_the_holding_node,
+            ),
+            ("restore-anywhere", restore_anywhere::restore_anywhere),
+            (
+                "restore-survives-a-cut-link",
+                restore_anywhere::restore_survives_a_cut_link,
             ),
             ("no-evidence-no-loss", no_evidence_no_loss),
             ("node-deleted", node_deleted),

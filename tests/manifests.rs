@@ -419,6 +419,13 @@ fn served_port(c: &Container) -> Option<i32> {
     addr.rsplit_once(':')?.1.parse().ok()
 }
 
+/// Every port a container listens on, from its flags: its HTTP server's and the driver's peer
+/// channel (`--peer-listen`).
+fn served_ports(c: &Container) -> Vec<i32> {
+    let peer = flag(c, "peer-listen").and_then(|a| a.rsplit_once(':')?.1.parse().ok());
+    served_port(c).into_iter().chain(peer).collect()
+}
+
 /// A probe's port as a number, resolving names against the container's ports.
 fn port_number(c: &Container, port: &IntOrString) -> i32 {
     match port {
@@ -442,14 +449,39 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per container to check its flags: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     Driver(kennel::driver::DriverArgs),
     Retention(kennel::retention::RetentionArgs),
 }
 
+/// The args as the kubelet hands them over: `$(VAR)` of a field reference replaced by a value
+/// of its kind (the node's name, the pod's IP).
+fn expanded_args(c: &Container) -> Vec<String> {
+    let mut out = args(c);
+    for e in c.env.iter().flatten() {
+        let path = e
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str());
+        let value = match path {
+            Some("spec.nodeName") => "node-1",
+            Some("status.podIP") => "10.244.1.7",
+            _ => continue,
+        };
+        for a in &mut out {
+            *a = a.replace(&format!("$({})", e.name), value);
+        }
+    }
+    out
+}
+
 fn parse_kennel_args(c: &Container) -> Result<Command, clap::Error> {
-    Cli::try_parse_from(std::iter::once("kennel".to_owned()).chain(args(c))).map(|cli| cli.command)
+    Cli::try_parse_from(std::iter::once("kennel".to_owned()).chain(expanded_args(c)))
+        .map(|cli| cli.command)
 }
 
 fn backend_known(name: &str) -> bool {
@@ -470,6 +502,13 @@ fn node_daemonset_is_consistent() {
             Ok(Command::Driver(a)) => {
                 assert_eq!(a.driver_name, DRIVER_NAME);
                 assert!(a.metrics_addr.is_some(), "{overlay}: no --metrics-addr");
+                // Restore anywhere: the peer channel on all addresses, reached at the pod's IP.
+                let listen = a.peer_listen.expect("--peer-listen");
+                assert!(listen.ip().is_unspecified(), "{overlay}: {listen}");
+                assert!(
+                    a.peer_advertise_ip.is_some(),
+                    "{overlay}: no --peer-advertise-ip"
+                );
             }
             Ok(Command::Retention(_)) => panic!("{overlay}: driver container runs retention"),
             Err(e) if !backend_known(overlay) => {
@@ -668,7 +707,7 @@ fn probes_point_at_served_ports() {
             let servers: BTreeMap<i32, &Container> = pod
                 .containers
                 .iter()
-                .filter_map(|c| served_port(c).map(|p| (p, c)))
+                .flat_map(|c| served_ports(c).into_iter().map(move |p| (p, c)))
                 .collect();
             let mut probes = 0;
             for c in &pod.containers {

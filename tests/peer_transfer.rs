@@ -49,8 +49,14 @@ impl SnapshotSource for Files {
         tokio::task::spawn_blocking(move || {
             let file = File::open(path)?;
             let size = file.metadata()?.len();
-            let sha256 = advertised.map_or_else(|| sha256_of(&file, size), Ok)?;
-            Ok(Some(SnapshotContent { file, size, sha256 }))
+            let sha256 = advertised.map_or_else(|| sha256_of(&file, 0, size), Ok)?;
+            Ok(Some(SnapshotContent {
+                file,
+                offset: 0,
+                size,
+                sha256,
+                hold: None,
+            }))
         })
         .await?
     }
@@ -294,7 +300,7 @@ async fn a_granted_pull_copies_the_snapshot_exactly() {
     println!("pulled {SIZE} bytes in {:?}", started.elapsed());
     let source = File::open(&world.source).unwrap();
     assert!(read_all(&source) == read_all(&dest), "the copy differs");
-    assert_eq!(pulled.sha256, sha256_of(&source, SIZE).unwrap());
+    assert_eq!(pulled.sha256, sha256_of(&source, 0, SIZE).unwrap());
     assert_eq!((pulled.size, pulled.attempts), (SIZE, 1));
     assert_eq!(opts.progress.load(Ordering::SeqCst), SIZE);
     assert_eq!(opts.metrics.pulled_bytes(), SIZE);

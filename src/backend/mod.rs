@@ -165,30 +165,17 @@ pub trait Backend: Send + Sync + 'static {
     /// The range covers the whole volume (`len` = capacity), reads as zeros wherever `fill`
     /// does not write, is writable by opening `device` for writing, and holds no byte of
     /// anything else; `fill` must stay inside it. Idempotent: a committed volume with this ID
-    /// is left as it is and `fill` is not called. Both backends implement it; the default
-    /// refuses, for a wrapper that does not pass the call on.
+    /// is left as it is and `fill` is not called.
     fn create_filled(
         &self,
         record: &VolumeRecord,
-        _fill: &mut dyn FnMut(&ByteRange) -> Result<()>,
-    ) -> Result<()> {
-        Err(Error::Precondition(format!(
-            "the {} backend cannot create volume {} from pulled bytes",
-            self.kind(),
-            record.id
-        )))
-    }
+        fill: &mut dyn FnMut(&ByteRange) -> Result<()>,
+    ) -> Result<()>;
 
     /// Where snapshot `id`'s bytes can be read on this node (its first `len` bytes are the
     /// snapshot's content), or None if this node holds no such snapshot (or only part of an
-    /// unfinished one: a pending snapshot, a member of an incomplete group). The default
-    /// refuses, as for `create_filled`.
-    fn snapshot_bytes(&self, id: &SnapshotId) -> Result<Option<ByteRange>> {
-        Err(Error::Precondition(format!(
-            "the {} backend cannot expose the bytes of snapshot {id}",
-            self.kind()
-        )))
-    }
+    /// unfinished one: a pending snapshot, a member of an incomplete group).
+    fn snapshot_bytes(&self, id: &SnapshotId) -> Result<Option<ByteRange>>;
 
     /// The block device holding the volume, made available on this node (idempotent).
     fn attach(&self, id: &VolumeId) -> Result<PathBuf>;

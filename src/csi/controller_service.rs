@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::csi::change_log::{claim_in, Change};
-use crate::csi::convert::{self, CapabilityError};
+use crate::csi::convert::{self, CapabilityError, RequestedSource};
 use crate::csi::expansion;
 use crate::csi::pb::{
     self, controller_server::Controller as ControllerRpc, controller_service_capability,
@@ -63,8 +63,8 @@ impl ControllerRpc for ControllerService {
         spec::validate_name(&req.name)?;
         let capabilities = convert::capabilities(&req.volume_capabilities)?;
         let capacity = convert::capacity_range(req.capacity_range.as_ref())?;
-        let source = req
-            .volume_content_source
+        let asked_source = req.volume_content_source.clone();
+        let source = asked_source
             .as_ref()
             .map(|s| convert::content_source(s, self.node()))
             .transpose()?;
@@ -74,25 +74,49 @@ impl ControllerRpc for ControllerService {
             .accessibility_requirements
             .map(|t| t.requisite.into_iter().map(|s| s.segments).collect())
             .unwrap_or_default();
-        let record = self
-            .driver
-            .controller
-            .create(CreateRequest {
-                name: req.name,
-                capacity,
-                capabilities,
-                params,
-                requisite,
-                source,
-            })
-            .await?;
+        let create = CreateRequest {
+            name: req.name,
+            capacity,
+            capabilities,
+            params,
+            requisite,
+            source: None,
+        };
+        let controller = &self.driver.controller;
+        let record = match source {
+            None => controller.create(create).await?,
+            Some(RequestedSource::Here(source)) => {
+                controller
+                    .create(CreateRequest {
+                        source: Some(source),
+                        ..create
+                    })
+                    .await?
+            }
+            Some(RequestedSource::Peer { snapshot, node }) => match self.driver.peer.get() {
+                Some(peer) => peer.restore(controller, create, &snapshot, &node).await?,
+                // RESOURCE_EXHAUSTED: a provisioner lets the scheduler pick another node.
+                None => {
+                    return Err(Error::Exhausted(format!(
+                        "snapshot {snapshot} is held by node {node}, and this driver does not \
+                         restore other nodes' snapshots (no --peer-listen)"
+                    ))
+                    .into())
+                }
+            },
+        };
         tracing::Span::current().record("volume_id", tracing::field::display(&record.id));
         change
             .volume(&record.id)
             .bytes(record.capacity_bytes)
             .done();
+        let mut volume = self.volume(&record);
+        // A volume pulled from a peer records no local source; it answers with the one asked.
+        if volume.content_source.is_none() {
+            volume.content_source = asked_source;
+        }
         Ok(Response::new(pb::CreateVolumeResponse {
-            volume: Some(self.volume(&record)),
+            volume: Some(volume),
         }))
     }
 

@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::model::spec::{AccessMode, AccessType, Capability, FsType, Segment};
 use crate::model::volume_size::CapacityRange;
 use crate::model::ContentSource;
-use crate::model::VolumeId;
+use crate::model::{SnapshotId, VolumeId};
+use crate::peer::NodeName;
 use crate::volume::controller_ops::GroupSnapshot;
 
 use pb::volume_capability::access_mode::Mode;
@@ -146,25 +147,38 @@ pub fn volume(
     }
 }
 
+/// What a new volume's data comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestedSource {
+    /// A snapshot or volume on this node.
+    Here(ContentSource),
+    /// A snapshot another node holds: its bytes must be pulled from there.
+    Peer {
+        snapshot: SnapshotId,
+        node: NodeName,
+    },
+}
+
 /// A content source named by the request, for a volume on `this_node`. IDs that cannot exist
-/// are NOT_FOUND; another node's snapshot cannot be restored here (RESOURCE_EXHAUSTED, the
-/// code that has a provisioner let the scheduler pick another node).
-pub fn content_source(source: &pb::VolumeContentSource, this_node: &str) -> Result<ContentSource> {
+/// are NOT_FOUND.
+pub fn content_source(
+    source: &pb::VolumeContentSource,
+    this_node: &str,
+) -> Result<RequestedSource> {
     use pb::volume_content_source::Type;
     match &source.r#type {
         Some(Type::Snapshot(s)) => match snapshot_handle::locate(&s.snapshot_id, this_node) {
-            Some(Located::Here(id)) => Ok(ContentSource::Snapshot(id)),
-            Some(Located::Elsewhere { id, node }) => Err(Error::Exhausted(format!(
-                "snapshot {id} is held by node {node}: it can be restored on that node only, \
-                 not on {this_node}"
-            ))),
+            Some(Located::Here(id)) => Ok(RequestedSource::Here(ContentSource::Snapshot(id))),
+            Some(Located::Elsewhere { id, node }) => {
+                Ok(RequestedSource::Peer { snapshot: id, node })
+            }
             None => Err(Error::NotFound(format!(
                 "snapshot {:?} not found",
                 s.snapshot_id
             ))),
         },
         Some(Type::Volume(v)) => VolumeId::parse(&v.volume_id)
-            .map(ContentSource::Volume)
+            .map(|id| RequestedSource::Here(ContentSource::Volume(id)))
             .ok_or_else(|| Error::NotFound(format!("source volume {:?} not found", v.volume_id))),
         None => Err(Error::invalid(
             "volume_content_source names neither a snapshot nor a volume",
@@ -172,7 +186,7 @@ pub fn content_source(source: &pb::VolumeContentSource, this_node: &str) -> Resu
     }
 }
 
-fn content_source_pb(source: &ContentSource, node: &str) -> pb::VolumeContentSource {
+pub fn content_source_pb(source: &ContentSource, node: &str) -> pb::VolumeContentSource {
     use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
     let r#type = match source {
         ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {

@@ -9,6 +9,7 @@ pub mod expansion;
 pub mod group_controller_service;
 pub mod identity_service;
 pub mod node_service;
+pub mod peer_link;
 pub mod placement;
 pub mod server;
 pub mod snapshot_handle;

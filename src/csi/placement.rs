@@ -59,6 +59,11 @@ impl ClusterView {
         })
     }
 
+    /// The client, for the other uses of the API server (the peer channel).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// The PV of this driver whose volume handle is `handle`, if any.
     pub async fn volume(&self, handle: &str) -> Result<Option<PlacedVolume>> {
         let pvs: Api<PersistentVolume> = Api::all(self.client.clone());

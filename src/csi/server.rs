@@ -44,6 +44,8 @@ pub struct Driver {
     /// The API server, when the driver may read it (`--kube-api`): where other nodes'
     /// volumes are.
     pub cluster: Option<crate::csi::placement::ClusterView>,
+    /// The peer channel (`--peer-listen`), once joined: restores of other nodes' snapshots.
+    pub peer: std::sync::OnceLock<crate::csi::peer_link::PeerLink>,
 }
 
 impl Driver {

@@ -64,6 +64,9 @@ pub struct PullOptions {
     pub connect_timeout: Duration,
     /// Bytes of the snapshot written so far (goes back to the durable offset on a resume).
     pub progress: Arc<AtomicU64>,
+    /// Where the snapshot's first byte goes in the destination: a volume can be a range of a
+    /// larger device (an LV inside its volume group's physical volume).
+    pub destination_offset: u64,
     pub metrics: PeerMetrics,
 }
 
@@ -78,6 +81,7 @@ impl Default for PullOptions {
             stall_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             progress: Arc::default(),
+            destination_offset: 0,
             metrics: PeerMetrics::default(),
         }
     }
@@ -284,7 +288,8 @@ impl Pull<'_> {
     async fn write(&self, offset: u64, data: Vec<u8>) -> Result<(), Failure> {
         let dest = self.dest.clone();
         let len = data.len() as u64;
-        blocking(offset, move || dest.write_all_at(&data, offset)).await?;
+        let at = self.options.destination_offset + offset;
+        blocking(offset, move || dest.write_all_at(&data, at)).await?;
         self.options.metrics.pulled(len);
         Ok(())
     }
@@ -295,9 +300,10 @@ impl Pull<'_> {
     async fn sync(&mut self, upto: u64) -> Result<(), Failure> {
         let dest = self.dest.clone();
         let from = self.durable;
+        let base = self.options.destination_offset;
         blocking(upto, move || {
             dest.sync_data()?;
-            drop_cached(&dest, from, upto);
+            drop_cached(&dest, base + from, base + upto);
             Ok(())
         })
         .await?;
@@ -309,7 +315,8 @@ impl Pull<'_> {
     async fn verify(&self, advertised: &Advertised) -> Result<(), Failure> {
         let dest = self.dest.clone();
         let size = advertised.size;
-        let actual = blocking(0, move || sha256_of(&dest, size)).await?;
+        let base = self.options.destination_offset;
+        let actual = blocking(0, move || sha256_of(&dest, base, size)).await?;
         if actual != advertised.sha256 {
             return Err(PullError::Mismatch {
                 expected: hex(&advertised.sha256),

@@ -11,7 +11,7 @@ mod tests;
 
 pub use address::{advertise, lease_name, peer_address, PEER_ADDRESS_ANNOTATION};
 pub use ca::load_or_create_ca;
-pub use grants::KubeGrants;
+pub use grants::{claim_source, ClaimSource, KubeGrants};
 
 /// Where the peer Leases live: the driver's namespace, where the CA Secret is too.
 pub const PEER_NAMESPACE: &str = super::pki::CA_SECRET_NAMESPACE;

@@ -32,13 +32,25 @@ const READ_AHEAD: usize = 4;
 const KEEPALIVE: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A snapshot as the server reads it: a file (an image file or a block device) read at
-/// offsets, its size, and the SHA-256 of its `size` bytes.
-#[derive(Debug)]
+/// A snapshot as the server reads it: `size` bytes of a file (an image file or a block
+/// device) from `offset`, and their SHA-256. `hold` lives as long as the read: what keeps
+/// the snapshot from being deleted while its bytes are sent.
 pub struct SnapshotContent {
     pub file: File,
+    pub offset: u64,
     pub size: u64,
     pub sha256: Sha256,
+    pub hold: Option<Box<dyn Send + Sync>>,
+}
+
+impl std::fmt::Debug for SnapshotContent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotContent")
+            .field("offset", &self.offset)
+            .field("size", &self.size)
+            .field("sha256", &hex(&self.sha256))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where the server finds snapshots. `Ok(None)`: this node holds no snapshot with this ID.
@@ -216,7 +228,8 @@ impl Transfer {
         while *offset < size {
             let len = usize::try_from(size - *offset).map_or(BLOCK, |left| left.min(BLOCK));
             let mut data = vec![0u8; len];
-            if let Err(e) = self.content.file.read_exact_at(&mut data, *offset) {
+            let at = self.content.offset + *offset;
+            if let Err(e) = self.content.file.read_exact_at(&mut data, at) {
                 let status = Status::internal(format!(
                     "reading snapshot {} at offset {offset}: {e}",
                     self.id
@@ -236,6 +249,8 @@ impl Transfer {
             }
             *offset += len as u64;
             self.metrics.served(len as u64);
+            // Where a test holds a transfer mid-way (to cut the network under it).
+            crate::faults::step("peer read: chunk sent");
             if let Some(percent) = milestones.passed(*offset) {
                 let (id, node) = (&self.id, &self.caller);
                 tracing::info!(snapshot = %id, %node, offset, size, "served {percent}%");

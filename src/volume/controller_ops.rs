@@ -12,6 +12,7 @@ use crate::model::spec::{segment_matches, Capability, CreateRequest, Segment, Vo
 use crate::model::volume_size::{choose_size, CapacityRange, GIB};
 use crate::model::ContentSource;
 use crate::model::{SnapshotId, VolumeId};
+use crate::volume::readers::Readers;
 use crate::volume::token;
 use crate::volume::work::Work;
 
@@ -32,6 +33,8 @@ pub struct Controller {
     backend: Arc<dyn Backend>,
     work: Work,
     identity: NodeIdentity,
+    /// Snapshots peers are reading: not deleted meanwhile.
+    readers: Readers,
 }
 
 /// A volume and, if something is wrong with it, what.
@@ -43,6 +46,7 @@ impl Controller {
             backend,
             work,
             identity,
+            readers: Readers::default(),
         }
     }
 
@@ -74,7 +78,8 @@ impl Controller {
             .await
     }
 
-    async fn create_locked(&self, req: CreateRequest) -> Result<VolumeRecord> {
+    /// A volume asked of nodes other than this one cannot be made here.
+    fn check_requisite(&self, req: &CreateRequest) -> Result<()> {
         if !req.requisite.is_empty()
             && !req
                 .requisite
@@ -86,6 +91,11 @@ impl Controller {
                 self.identity.node_id
             )));
         }
+        Ok(())
+    }
+
+    async fn create_locked(&self, req: CreateRequest) -> Result<VolumeRecord> {
+        self.check_requisite(&req)?;
         let name = req.name.clone();
         let backend_params = req.params.backend.clone();
         let source = req.source.clone();
@@ -323,8 +333,10 @@ impl Controller {
         let Some(id) = SnapshotId::parse(raw_id) else {
             return Ok(());
         };
+        let readers = self.readers.clone();
         self.exclusive(vec![id.as_str().to_owned()], move |b| {
             crate::faults::step("delete snapshot: locked");
+            readers.check_unread(&id)?;
             if let Some(group) = b.get_snapshot(&id)?.and_then(|s| s.group) {
                 return Err(Error::invalid(format!(
                     "snapshot {id} is part of group snapshot {}: it cannot be deleted alone; \
@@ -456,6 +468,8 @@ fn check_same_volume(existing: VolumeRecord, req: &CreateRequest) -> Result<Volu
 
 mod group_snapshots;
 pub use group_snapshots::GroupSnapshot;
+mod pulled;
+pub use pulled::HeldSnapshot;
 
 #[cfg(test)]
 mod tests;

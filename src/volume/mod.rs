@@ -3,5 +3,6 @@
 pub mod controller_ops;
 pub mod locks;
 pub mod node_ops;
+pub mod readers;
 pub mod token;
 pub mod work;

@@ -37,6 +37,12 @@ impl Work {
         }
     }
 
+    /// Hold `key` until the guard drops, for work that is not one task (a snapshot read by a
+    /// peer for as long as its stream runs).
+    pub async fn lock(&self, key: impl Into<String>) -> Result<crate::volume::locks::VolumeGuard> {
+        self.locks.lock(key).await
+    }
+
     /// Run `op` on a task of its own holding `keys` (taken in the order given, so callers
     /// that share a fixed order never deadlock) until it ends. Dropping the returned future
     /// only stops the wait for the answer, never the operation or its locks.

@@ -61,6 +61,8 @@ impl K8s {
                 "kube-proxy",
                 "csi-provisioner",
                 "csi-resizer",
+                "csi-snapshotter",
+                "snapshot-controller",
                 "csi-node-driver-registrar",
                 "pause",
             ],

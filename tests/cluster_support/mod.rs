@@ -24,6 +24,7 @@ pub mod peer_node;
 pub mod pki;
 pub mod procs;
 pub mod retention;
+pub mod snapshots;
 pub mod workload;
 
 #[path = "../common/vg.rs"]
@@ -198,6 +199,9 @@ impl Cluster {
         cluster.import_images();
         cluster.start_kubelet();
         cluster.install_kennel_objects();
+        if !cluster.opts.peers.is_empty() && !cluster.opts.deployed {
+            cluster.start_snapshot_support();
+        }
         if cluster.opts.deployed {
             cluster.start_kube_proxy();
             cluster.wait_node_only();

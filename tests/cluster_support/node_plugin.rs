@@ -126,6 +126,9 @@ pub fn driver_command(
 
 /// The node a plugin serves: its name, its kubelet's root, and its network namespace
 /// (`None`: the host's).
+/// Where a node in a namespace of its own serves the peer channel.
+const PEER_PORT: u16 = 9650;
+
 pub struct PluginSite {
     pub node: String,
     pub kubelet_dir: PathBuf,
@@ -144,6 +147,7 @@ pub struct NodePlugin {
     registrar: Daemon,
     provisioner: Daemon,
     resizer: Option<Daemon>,
+    snapshotter: Option<Daemon>,
     /// The driver's `KENNEL_PAUSE_DIR`.
     pub pause_dir: PathBuf,
 }
@@ -198,6 +202,20 @@ impl NodePlugin {
         );
         // Reads where other nodes' volumes are, as deploy/'s DaemonSet lets it.
         driver_cmd.arg("--kube-api").env("KUBECONFIG", kubeconfig);
+        // With several nodes, each serves its snapshots to the others and restores theirs:
+        // a node in a namespace on its own address; the host (node-a) on all of its, reached
+        // at its end of the first link.
+        if let Some(first) = cluster.peers.first() {
+            let (listen, advertise) = match &site.netns {
+                Some(netns) => (format!("{}:{PEER_PORT}", netns.node_ip), &netns.node_ip),
+                None => (format!("0.0.0.0:{}", free_port()), &first.netns.host_ip),
+            };
+            driver_cmd
+                .arg(format!("--peer-listen={listen}"))
+                .arg(format!("--peer-advertise-ip={advertise}"))
+                // A cut link is noticed in seconds, not a minute.
+                .arg("--peer-stall-timeout=5s");
+        }
         // Where a scenario can hold one of the driver's steps (src/faults.rs).
         let pause_dir = cluster.root.join(format!("pause-{node}"));
         std::fs::create_dir_all(&pause_dir).expect("create pause dir");
@@ -254,6 +272,27 @@ impl NodePlugin {
                 ]);
             Daemon::spawn(&label("csi-resizer"), place(resizer), logs)
         });
+        // Snapshots where the cluster takes them (several nodes): one per node, for the
+        // node's own volumes, as deploy/'s DaemonSet runs it.
+        let snapshotter = cluster
+            .bins
+            .get("csi-snapshotter")
+            .filter(|_| !cluster.peers.is_empty())
+            .map(|bin| {
+                let mut snapshotter = Command::new(bin);
+                snapshotter
+                    .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                    .arg(format!("--csi-address={}", socket.display()))
+                    .args([
+                        "--node-deployment=true",
+                        "--leader-election=false",
+                        "--extra-create-metadata=true",
+                        "--timeout=300s",
+                        "--v=2",
+                    ])
+                    .env("NODE_NAME", &node);
+                Daemon::spawn(&label("csi-snapshotter"), place(snapshotter), logs)
+            });
         NodePlugin {
             backend,
             storage,
@@ -265,6 +304,7 @@ impl NodePlugin {
             registrar,
             provisioner,
             resizer,
+            snapshotter,
             pause_dir,
         }
     }
@@ -274,15 +314,21 @@ impl NodePlugin {
         self.driver.assert_running();
         self.registrar.assert_running();
         self.provisioner.assert_running();
-        if let Some(r) = self.resizer.as_mut() {
-            r.assert_running();
+        for d in [&mut self.resizer, &mut self.snapshotter]
+            .into_iter()
+            .flatten()
+        {
+            d.assert_running();
         }
     }
 
     /// Stop the sidecars, then the driver (gracefully).
     pub fn stop(&mut self) {
-        if let Some(r) = self.resizer.as_mut() {
-            r.stop(Duration::from_secs(5));
+        for d in [&mut self.resizer, &mut self.snapshotter]
+            .into_iter()
+            .flatten()
+        {
+            d.stop(Duration::from_secs(5));
         }
         self.provisioner.stop(Duration::from_secs(5));
         self.registrar.stop(Duration::from_secs(5));
@@ -291,8 +337,11 @@ impl NodePlugin {
 
     /// SIGKILL the driver and its sidecars, as a machine that dies does.
     pub fn kill(&mut self) {
-        if let Some(r) = self.resizer.as_mut() {
-            r.kill();
+        for d in [&mut self.resizer, &mut self.snapshotter]
+            .into_iter()
+            .flatten()
+        {
+            d.kill();
         }
         self.provisioner.kill();
         self.registrar.kill();

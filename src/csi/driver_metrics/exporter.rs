@@ -45,6 +45,12 @@ impl DriverExporter {
             telemetry,
         }
     }
+
+    /// Also export the peer channel's transfers (`--peer-listen`).
+    pub fn with_peer(mut self, peer: &crate::peer::PeerMetrics) -> Self {
+        peer.register(&mut self.registry);
+        self
+    }
 }
 
 impl Exporter for DriverExporter {

@@ -95,7 +95,42 @@ impl KubeGrants {
         ns: &str,
         name: &str,
     ) -> anyhow::Result<Result<(), Refusal>> {
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
+        let source =
+            match claim_source(&self.client, &self.driver_name, ns, name, requester).await? {
+                Ok(source) => source,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+        if !self.names_this_snapshot(&source.handle, snapshot) {
+            return Ok(Err(format!(
+                "the claim restores snapshot {:?}, not this one on this node",
+                source.handle
+            )));
+        }
+        Ok(Ok(()))
+    }
+}
+
+/// What a claim being restored from a snapshot says, each link read from the API server and
+/// checked to hold: its VolumeSnapshot's bound content (of this driver, bound back to that
+/// VolumeSnapshot) with the snapshot's handle and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimSource {
+    pub handle: String,
+    /// The content's `status.restoreSize`, if the snapshotter reported one.
+    pub restore_size: Option<u64>,
+}
+
+/// The snapshot claim `ns/name`, placed by the scheduler on `node`, is being restored from;
+/// `Ok(Err(why))` when a link is missing or wrong.
+pub async fn claim_source(
+    client: &Client,
+    driver_name: &str,
+    ns: &str,
+    name: &str,
+    node: &NodeName,
+) -> anyhow::Result<Result<ClaimSource, Refusal>> {
+    {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
         let Some(claim) = claims
             .get_opt(name)
             .await
@@ -111,9 +146,9 @@ impl KubeGrants {
             .annotations
             .as_ref()
             .and_then(|a| a.get(SELECTED_NODE_ANNOTATION));
-        if selected.map(String::as_str) != Some(requester.as_str()) {
+        if selected.map(String::as_str) != Some(node.as_str()) {
             return Ok(Err(format!(
-                "the claim's selected node is {selected:?}, not the requester"
+                "the claim's selected node is {selected:?}, not {node}"
             )));
         }
         let source = match snapshot_source(&claim, ns) {
@@ -122,7 +157,7 @@ impl KubeGrants {
         };
 
         let snapshots: Api<DynamicObject> = Api::namespaced_with(
-            self.client.clone(),
+            client.clone(),
             ns,
             &snapshot_kind("VolumeSnapshot", "volumesnapshots"),
         );
@@ -140,7 +175,7 @@ impl KubeGrants {
         };
 
         let contents: Api<DynamicObject> = Api::all_with(
-            self.client.clone(),
+            client.clone(),
             &snapshot_kind("VolumeSnapshotContent", "volumesnapshotcontents"),
         );
         let Some(content) = contents
@@ -163,19 +198,24 @@ impl KubeGrants {
             )));
         }
         let driver = field(&content, &["spec", "driver"]);
-        if driver != Some(self.driver_name.as_str()) {
+        if driver != Some(driver_name) {
             return Ok(Err(format!(
                 "VolumeSnapshotContent {content_name} is of driver {driver:?}"
             )));
         }
-        let handle = field(&content, &["status", "snapshotHandle"]);
-        if !handle.is_some_and(|h| self.names_this_snapshot(h, snapshot)) {
+        let Some(handle) = field(&content, &["status", "snapshotHandle"]) else {
             return Ok(Err(format!(
-                "VolumeSnapshotContent {content_name} holds snapshot {handle:?}, not this one \
-                 on this node"
+                "VolumeSnapshotContent {content_name} has no snapshot handle yet"
             )));
-        }
-        Ok(Ok(()))
+        };
+        let restore_size = content
+            .data
+            .pointer("/status/restoreSize")
+            .and_then(Value::as_u64);
+        Ok(Ok(ClaimSource {
+            handle: handle.to_owned(),
+            restore_size,
+        }))
     }
 }
 

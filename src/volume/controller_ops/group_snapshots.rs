@@ -260,11 +260,15 @@ impl Controller {
         // The group and each member, so a restore from a member finishes first.
         let mut keys = vec![id.as_str().to_owned()];
         keys.extend(found.members.iter().map(|m| m.id.as_str().to_owned()));
+        let readers = self.readers.clone();
         self.exclusive(keys, move |b| {
             crate::faults::step("delete group snapshot: locked");
             let Some(found) = group_by_id(b, &id)? else {
                 return Ok(());
             };
+            for member in &found.members {
+                readers.check_unread(&member.id)?;
+            }
             let members: BTreeSet<SnapshotId> =
                 found.members.iter().map(|m| m.id.clone()).collect();
             if !asked.is_empty() {

@@ -46,6 +46,16 @@ impl Backend for Gated {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
+    fn create_filled(
+        &self,
+        record: &VolumeRecord,
+        fill: &mut dyn FnMut(&crate::backend::ByteRange) -> Result<()>,
+    ) -> Result<()> {
+        self.inner.create_filled(record, fill)
+    }
+    fn snapshot_bytes(&self, id: &SnapshotId) -> Result<Option<crate::backend::ByteRange>> {
+        self.inner.snapshot_bytes(id)
+    }
     fn granularity(&self) -> u64 {
         self.inner.granularity()
     }
@@ -528,4 +538,93 @@ async fn a_running_group_snapshot_holds_its_name_and_every_source() {
         .await
         .unwrap();
     assert_eq!(made, again);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_read_by_peers_is_not_deleted_until_every_read_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, _gate) = controller(dir.path());
+    let source = controller.create(request("pvc-src", None)).await.unwrap();
+    let snap = controller
+        .create_snapshot("snap".into(), source.id.as_str())
+        .await
+        .unwrap();
+    // Two nodes restore it at once: both reads are served.
+    let first = controller
+        .hold_snapshot(&snap.id)
+        .await
+        .unwrap()
+        .expect("held");
+    let second = controller
+        .hold_snapshot(&snap.id)
+        .await
+        .unwrap()
+        .expect("held");
+    assert_eq!(first.record.id, snap.id);
+    assert_eq!(first.bytes.len, 8 * MIB);
+    match controller.delete_snapshot(snap.id.as_str()).await {
+        Err(Error::Busy(why)) => assert!(why.contains("being read"), "{why}"),
+        other => panic!("deleted under a reader: {other:?}"),
+    }
+    drop(first);
+    assert!(matches!(
+        controller.delete_snapshot(snap.id.as_str()).await,
+        Err(Error::Busy(_))
+    ));
+    drop(second);
+    controller.delete_snapshot(snap.id.as_str()).await.unwrap();
+    // Gone: a later read finds nothing.
+    assert!(controller.hold_snapshot(&snap.id).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filled_volume_exists_only_once_filled_and_a_retry_finds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, _gate) = controller(dir.path());
+    let failed = controller
+        .create_filled(request("pvc-pulled", None), 4 * MIB, |_| {
+            Err(Error::Unavailable("the peer went away".into()))
+        })
+        .await;
+    assert!(matches!(failed, Err(Error::Unavailable(_))), "{failed:?}");
+    assert!(
+        controller.list("", 0).await.unwrap().0.is_empty(),
+        "nothing left"
+    );
+    let made = controller
+        .create_filled(request("pvc-pulled", None), 4 * MIB, |range| {
+            let io = |e: std::io::Error| Error::Internal(e.to_string());
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&range.device)
+                .map_err(io)?;
+            std::os::unix::fs::FileExt::write_all_at(&f, b"pulled", range.offset).map_err(io)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        made.capacity_bytes,
+        8 * MIB,
+        "the request's size, above the content's"
+    );
+    let again = controller
+        .create_filled(request("pvc-pulled", None), 4 * MIB, |_| {
+            panic!("a retry of a filled volume fills nothing")
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.id, made.id);
+    // A local source is not the caller's to fill.
+    let snap = controller
+        .create_snapshot("s".into(), made.id.as_str())
+        .await
+        .unwrap();
+    let wrong = controller
+        .create_filled(
+            request("pvc-other", Some(ContentSource::Snapshot(snap.id))),
+            0,
+            |_| Ok(()),
+        )
+        .await;
+    assert!(matches!(wrong, Err(Error::Internal(_))), "{wrong:?}");
 }

@@ -294,19 +294,7 @@ fn apply_to_ready(cluster: &mut Cluster) {
     // This cluster has no snapshot support: the CRDs first, as the component says.
     let component = std::fs::canonicalize(deploy.join("components/snapshot-controller"))
         .expect("snapshot component");
-    cluster.kubectl.run(&[
-        "apply",
-        "-k",
-        component.join("crd").to_str().expect("utf-8 path"),
-    ]);
-    cluster.kubectl.run(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/volumesnapshots.snapshot.storage.k8s.io",
-        "crd/volumesnapshotcontents.snapshot.storage.k8s.io",
-        "crd/volumesnapshotclasses.snapshot.storage.k8s.io",
-    ]);
+    cluster_support::snapshots::install_crds(&cluster.kubectl, &component);
 
     let ds = shipped
         .iter()

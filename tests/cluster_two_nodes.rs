@@ -224,6 +224,11 @@ fn claim_and_pod_of(
             },
         }),
     );
+    pod_using(cluster, ns, name, node);
+}
+
+/// A pod `name` mounting claim `name` at /v, optionally pinned to `node`.
+fn pod_using(cluster: &Cluster, ns: &str, name: &str, node: Option<&str>) {
     let mut spec = json!({
         "terminationGracePeriodSeconds": 1,
         "automountServiceAccountToken": false,

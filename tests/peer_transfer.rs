@@ -317,12 +317,20 @@ async fn a_certificate_from_another_ca_is_refused() {
     identity.ca_pem = world.ca.cert_pem().to_owned();
     let forged = PeerTls::new(&identity);
     let dest = world.destination();
-    let err = refused(
-        world.pull(&forged, world.addr, &dest).await,
-        Code::Unauthenticated,
-    );
-    // The peer refused it during the handshake: an alert, not a refusal of the peer by us.
-    assert!(err.contains("received fatal alert"), "{err}");
+    // The peer refuses it in the handshake. Under TLS 1.3 the server checks the client's
+    // certificate after the client has finished its part, so its alert reaches the client
+    // (UNAUTHENTICATED) unless the server's close resets the connection first (the request the
+    // client already sent is unread): then every attempt fails before a byte and the pull
+    // gives up. Either way nothing is served or written.
+    match world.pull(&forged, world.addr, &dest).await {
+        Err(e) if e.code() == Code::Unauthenticated => {
+            assert!(e.to_string().contains("received fatal alert"), "{e}")
+        }
+        Err(e @ PullError::GaveUp { durable: 0, .. }) => {
+            assert!(e.to_string().contains("connection"), "{e}")
+        }
+        other => panic!("a forged certificate was not refused: {other:?}"),
+    }
     assert!(untouched(&dest));
     assert_eq!(world.files.opens.load(Ordering::SeqCst), 0);
     assert_eq!(world.metrics.served_bytes(), 0);

@@ -113,14 +113,22 @@ impl Controller {
         if let Some(existing) = existing {
             return check_same_volume(existing, &req);
         }
-        let fs_minimum = req
-            .fs_type()
-            .map_or(self.backend.granularity(), |fs| fs.minimum_bytes());
+        let record = self.new_record(req, source_bytes.unwrap_or(0))?;
+        let stored = record.clone();
+        self.blocking(move |b| b.create(&stored)).await?;
+        tracing::debug!(volume_id = %record.id, volume_name = %record.name, bytes = record.capacity_bytes, "volume created");
+        Ok(record)
+    }
+
+    /// The record of a new volume for `req`, sized to hold `content_bytes` of copied data.
+    fn new_record(&self, req: CreateRequest, content_bytes: u64) -> Result<VolumeRecord> {
+        let granularity = self.backend.granularity();
+        let fs_minimum = req.fs_type().map_or(granularity, |fs| fs.minimum_bytes());
         // A copy needs at least the source's size.
-        let minimum = fs_minimum.max(source_bytes.unwrap_or(0));
-        let default = DEFAULT_VOLUME_BYTES.max(source_bytes.unwrap_or(0));
-        let size = choose_size(req.capacity, self.backend.granularity(), minimum, default)?;
-        let record = VolumeRecord {
+        let minimum = fs_minimum.max(content_bytes);
+        let default = DEFAULT_VOLUME_BYTES.max(content_bytes);
+        let size = choose_size(req.capacity, granularity, minimum, default)?;
+        Ok(VolumeRecord {
             id: VolumeId::generate(),
             name: req.name,
             capacity_bytes: size,
@@ -131,11 +139,7 @@ impl Controller {
             machine_id: self.identity.machine_id.clone(),
             created_unix: now_unix(),
             source: req.source,
-        };
-        let stored = record.clone();
-        self.blocking(move |b| b.create(&stored)).await?;
-        tracing::debug!(volume_id = %record.id, volume_name = %record.name, bytes = size, "volume created");
-        Ok(record)
+        })
     }
 
     /// Deleting a volume that does not exist (or cannot exist) succeeds.

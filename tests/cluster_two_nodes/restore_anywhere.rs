@@ -10,7 +10,7 @@ use super::cluster_support::node_plugin::{http_get_at, NodePlugin};
 use super::cluster_support::procs::wait_for;
 use super::cluster_support::workload::*;
 use super::cluster_support::Cluster;
-use super::{claim_and_pod, driver_log_of, peer_name, pod_node, B, NODE_A};
+use super::{claim_and_pod, driver_log_of, peer_name, pod_node, pod_using, B, NODE_A};
 
 /// Random bytes the pods write and read back.
 const BLOB_MIB: u32 = 48;
@@ -98,21 +98,7 @@ fn restored_claim_and_pod(
             },
         }),
     );
-    let spec = json!({
-        "terminationGracePeriodSeconds": 1,
-        "automountServiceAccountToken": false,
-        "nodeSelector": {"kubernetes.io/hostname": node},
-        "containers": [{
-            "name": "c", "image": super::cluster_support::images::BUSYBOX_IMAGE,
-            "imagePullPolicy": "Never", "command": ["sleep", "3600"],
-            "volumeMounts": [{"name": "v", "mountPath": "/v"}],
-        }],
-        "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": name}}],
-    });
-    cluster.kubectl.apply(
-        Some(ns),
-        &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}),
-    );
+    pod_using(cluster, ns, name, Some(node));
 }
 
 /// A claim on node-a holding `mib` MiB of random bytes (and hello.txt): its checksum.

@@ -52,17 +52,11 @@ impl Backend for LvmBackend {
     }
 
     fn create(&self, record: &VolumeRecord) -> Result<()> {
-        let params = LvmParams::parse(&record.params.backend)?;
-        let vg = self.class(&params)?.vg.clone();
         let name = record.id.as_str();
         let _change = self.changing();
-        if self
-            .index()
-            .get(&vg, name)
-            .is_some_and(|lv| lv.volume().is_some())
-        {
+        let Some((params, vg)) = self.to_create(record)? else {
             return Ok(());
-        }
+        };
         // The record's chunks and, with limits, their tag: all in the one `lvcreate`.
         let tag_list = super::io_limits_tag::encode(record)?;
         super::metadata::ensure_room(&self.index, &self.lvm, &vg, &tag_list)?;

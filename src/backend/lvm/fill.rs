@@ -18,6 +18,18 @@ use crate::error::{Error, Result};
 use crate::model::SnapshotId;
 
 impl LvmBackend {
+    /// The parameters and volume group of a volume to create, or None when it already exists
+    /// complete (a create repeated after it succeeded). Call it holding `changing()`.
+    pub(super) fn to_create(&self, record: &VolumeRecord) -> Result<Option<(LvmParams, String)>> {
+        let params = LvmParams::parse(&record.params.backend)?;
+        let vg = self.class(&params)?.vg.clone();
+        let exists = self
+            .index()
+            .get(&vg, record.id.as_str())
+            .is_some_and(|lv| lv.volume().is_some());
+        Ok((!exists).then_some((params, vg)))
+    }
+
     /// See [`crate::backend::Backend::create_filled`].
     pub(super) fn create_filled_lv(
         &self,
@@ -25,17 +37,11 @@ impl LvmBackend {
         fill: &mut dyn FnMut(&ByteRange) -> Result<()>,
     ) -> Result<()> {
         crate::backend::refuse_source(record)?;
-        let params = LvmParams::parse(&record.params.backend)?;
-        let vg = self.class(&params)?.vg.clone();
         let name = record.id.as_str();
         let _change = self.changing();
-        if self
-            .index()
-            .get(&vg, name)
-            .is_some_and(|lv| lv.volume().is_some())
-        {
+        let Some((params, vg)) = self.to_create(record)? else {
             return Ok(());
-        }
+        };
         // The caller writes through the bytes: refuse what cannot have them here before
         // allocating anything.
         match &params.layout {

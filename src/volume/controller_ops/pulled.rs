@@ -7,12 +7,11 @@
 //! DeleteSnapshot meanwhile answers ABORTED, so its extents are never reused under a reader,
 //! and several nodes may read one snapshot at once.
 
-use super::{check_same_volume, now_unix, run_blocking, Controller};
+use super::{check_same_volume, run_blocking, Controller};
 use crate::backend::{ByteRange, SnapshotRecord, VolumeRecord};
 use crate::error::{Error, Result};
 use crate::model::spec::CreateRequest;
-use crate::model::volume_size::choose_size;
-use crate::model::{SnapshotId, VolumeId};
+use crate::model::SnapshotId;
 use crate::volume::readers::ReadGuard;
 
 /// A snapshot's bytes, held against deletion until dropped.
@@ -69,24 +68,7 @@ impl Controller {
         if let Some(existing) = existing {
             return check_same_volume(existing, &req);
         }
-        let granularity = self.backend.granularity();
-        let minimum = req
-            .fs_type()
-            .map_or(granularity, |fs| fs.minimum_bytes())
-            .max(content_bytes);
-        let size = choose_size(req.capacity, granularity, minimum, minimum)?;
-        let record = VolumeRecord {
-            id: VolumeId::generate(),
-            name: req.name,
-            capacity_bytes: size,
-            requested: req.capacity,
-            capabilities: req.capabilities,
-            params: req.params,
-            node_id: self.identity.node_id.clone(),
-            machine_id: self.identity.machine_id.clone(),
-            created_unix: now_unix(),
-            source: None,
-        };
+        let record = self.new_record(req, content_bytes)?;
         let stored = record.clone();
         run_blocking(self.backend.clone(), move |b| {
             let mut fill = Some(fill);
@@ -96,7 +78,7 @@ impl Controller {
             })
         })
         .await?;
-        tracing::debug!(volume_id = %record.id, volume_name = %record.name, bytes = size, "volume created and filled");
+        tracing::debug!(volume_id = %record.id, volume_name = %record.name, bytes = record.capacity_bytes, "volume created and filled");
         Ok(record)
     }
 

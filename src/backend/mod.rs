@@ -1,7 +1,7 @@
 //! Where volumes live. Each backend stores its own state (files beside the
 //! images, LV tags), so a restarted driver rebuilds everything from it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -64,20 +64,28 @@ impl SnapshotRecord {
     }
 
     /// Whether the snapshot stands whole among `all` (the backend's snapshots): a group's
-    /// member counts only while every member its group was cut with is there (fewer is an
-    /// interrupted cut or deletion).
+    /// member counts only while its group is complete.
     pub fn whole_among(&self, all: &[SnapshotRecord]) -> bool {
-        match &self.group {
-            None => true,
-            Some(group) => {
-                let found = all
-                    .iter()
-                    .filter(|s| s.group_id() == Some(&group.id))
-                    .count();
-                found == group.members as usize
-            }
+        self.group_id()
+            .is_none_or(|g| !incomplete_groups(all).contains(g))
+    }
+}
+
+/// Group snapshot IDs of the incomplete groups: fewer members than the group was cut with
+/// (debris of a cut or a deletion that never finished).
+pub fn incomplete_groups(snapshots: &[SnapshotRecord]) -> BTreeSet<GroupSnapshotId> {
+    let mut counts: BTreeMap<&GroupSnapshotId, (usize, u32)> = BTreeMap::new();
+    for s in snapshots {
+        if let Some(g) = &s.group {
+            let entry = counts.entry(&g.id).or_insert((0, g.members));
+            entry.0 += 1;
         }
     }
+    counts
+        .into_iter()
+        .filter(|(_, (found, cut))| *found != *cut as usize)
+        .map(|(id, _)| id.clone())
+        .collect()
 }
 
 /// Bytes `[offset, offset + len)` of a file or block device: a volume's or a

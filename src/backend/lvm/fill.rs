@@ -53,9 +53,6 @@ impl LvmBackend {
         }
         let tag_list = super::io_limits_tag::encode(record)?;
         super::metadata::ensure_room(&self.index, &self.lvm, &vg, &tag_list)?;
-        // A pending LV of this name left by an earlier failed try goes first (zeroed):
-        // the sweep spares only LVs being built right now.
-        self.sweep();
         let _building = self.building(name);
         if let Layout::Thin { pool } = &params.layout {
             let pool = self.pool(&vg, pool)?;

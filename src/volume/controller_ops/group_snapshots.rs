@@ -93,22 +93,7 @@ fn group_by_id(b: &dyn Backend, id: &GroupSnapshotId) -> Result<Option<Found>> {
     Ok(groups(b, |s| s.group_id() == Some(id))?.remove(id))
 }
 
-/// Group snapshot IDs of the incomplete groups: their members are debris of a cut that never
-/// finished.
-pub fn incomplete_groups(snapshots: &[SnapshotRecord]) -> BTreeSet<GroupSnapshotId> {
-    let mut counts: BTreeMap<&GroupSnapshotId, (usize, u32)> = BTreeMap::new();
-    for s in snapshots {
-        if let Some(g) = &s.group {
-            let entry = counts.entry(&g.id).or_insert((0, g.members));
-            entry.0 += 1;
-        }
-    }
-    counts
-        .into_iter()
-        .filter(|(_, (found, cut))| *found != *cut as usize)
-        .map(|(id, _)| id.clone())
-        .collect()
-}
+pub use crate::backend::incomplete_groups;
 
 impl Controller {
     /// Cut `raw_sources` together under `name`; idempotent by name.

@@ -173,13 +173,30 @@ pub fn tail(log: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released: another process could
-/// take it in between, which a fresh run retries by choosing again).
+/// A TCP port free on every address, below the kernel's ephemeral range: a port the kernel
+/// picks (`:0`) can be handed to an outgoing connection of another component before the
+/// daemon it was chosen for binds it. Never the same port twice in one test process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("pick a free port")
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // Above the fixed ports of Kubernetes components (10248-10259) and the sidecars.
+    let (low, high) = (20000u16, ephemeral_from.max(20001));
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..1000 {
+        let port = low + rand::random::<u16>() % (high - low);
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high}");
 }
 
 /// Poll `check` until it returns `Some`, or panic with `what` (and the

@@ -7,6 +7,8 @@
 //! only where the StatefulSet opted in.
 
 mod cluster_support;
+#[path = "cluster_two_nodes/migrate_on_drain.rs"]
+mod migrate_on_drain;
 #[path = "cluster_two_nodes/restore_anywhere.rs"]
 mod restore_anywhere;
 
@@ -44,6 +46,19 @@ fn two_nodes() {
             (
                 "restore-survives-a-cut-link",
                 restore_anywhere::restore_survives_a_cut_link,
+            ),
+            ("migrate-on-drain", migrate_on_drain::migrate_on_drain),
+            (
+                "migrate-survives-controller-kills",
+                migrate_on_drain::migrate_survives_controller_kills,
+            ),
+            (
+                "migrate-survives-source-driver-kills",
+                migrate_on_drain::migrate_survives_source_driver_kills,
+            ),
+            (
+                "migrate-survives-target-driver-kills",
+                migrate_on_drain::migrate_survives_target_driver_kills,
             ),
             ("no-evidence-no-loss", no_evidence_no_loss),
             ("node-deleted", node_deleted),

@@ -14,7 +14,10 @@ use k8s_openapi::api::core::v1::{
     Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
 };
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams, Preconditions,
+};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -24,9 +27,10 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::builtin::BuiltinRule;
+use super::migration_record::MIGRATION_LABEL;
 use super::names::claim_identity;
 use super::nodeloss::{pv_driver, NodeView};
-use super::policy::{self, Action, Note, Observed, Options, Plan, Regarding};
+use super::policy::{self, Action, Note, Observed, Options, Plan, Regarding, SnapshotState};
 use super::retention_metrics::Metrics;
 use crate::topology::pinned_node;
 
@@ -40,6 +44,7 @@ pub struct Settings {
     pub builtin: BuiltinRule,
     pub sweep_orphaned_claims: bool,
     pub node_loss_grace: Duration,
+    pub snapshot_class: String,
     pub driver_name: String,
     pub resync_interval: Duration,
 }
@@ -117,6 +122,7 @@ impl Context {
             sweep_orphaned_claims: self.settings.sweep_orphaned_claims,
             node_loss_grace: self.settings.node_loss_grace,
             driver_name: self.settings.driver_name.clone(),
+            snapshot_class: self.settings.snapshot_class.clone(),
             now: (self.clock)(),
         }
     }
@@ -142,6 +148,7 @@ impl Context {
         let pods: Vec<&Pod> = pods.iter().map(AsRef::as_ref).collect();
         let volumes: Vec<&PersistentVolume> = volumes.iter().map(AsRef::as_ref).collect();
         let opts = self.options(set);
+        let mut snapshots = Vec::new();
         let mut plan = policy::plan(
             Observed {
                 set,
@@ -149,12 +156,19 @@ impl Context {
                 pods: &pods,
                 volumes: &volumes,
                 nodes,
+                snapshots: &snapshots,
             },
             &opts,
         );
         // Evidence of node loss is read uncached: a lagging watch must never delete a claim.
-        if !plan.unconfirmed_nodes.is_empty() {
+        let confirm = !plan.unconfirmed_nodes.is_empty();
+        if confirm {
             self.confirm_nodes(&plan, nodes).await?;
+        }
+        if plan.needs_snapshots {
+            snapshots = migration_snapshots(&self.client, ns).await?;
+        }
+        if confirm || plan.needs_snapshots {
             plan = policy::plan(
                 Observed {
                     set,
@@ -162,6 +176,7 @@ impl Context {
                     pods: &pods,
                     volumes: &volumes,
                     nodes,
+                    snapshots: &snapshots,
                 },
                 &opts,
             );
@@ -345,11 +360,161 @@ impl Context {
                     write_result(r, "delete", format!("volume {volume}")),
                 )
             }
+            Action::PatchVolume {
+                volume,
+                resource_version,
+                patch,
+            } => {
+                let mut patch = patch.clone();
+                patch["metadata"]["resourceVersion"] = json!(resource_version);
+                let r = volumes
+                    .patch(volume, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+                (
+                    "volume_patch",
+                    write_result(r, "patch", format!("volume {volume}")),
+                )
+            }
+            Action::CreateSnapshot {
+                name,
+                claim,
+                class,
+                migration,
+            } => {
+                let r = create_snapshot(&self.client, ns, name, claim, class, migration).await;
+                (
+                    "snapshot_create",
+                    created(r, format!("volumesnapshot {ns}/{name}")),
+                )
+            }
+            Action::DeleteSnapshot { name } => {
+                let r = snapshot_api(&self.client, ns)
+                    .delete(name, &DeleteParams::default())
+                    .await;
+                (
+                    "snapshot_delete",
+                    write_result(r, "delete", format!("volumesnapshot {ns}/{name}")),
+                )
+            }
+            Action::CreateClaim { claim } => {
+                let name = claim.name_any();
+                let r = claims.create(&PostParams::default(), claim).await;
+                ("claim_create", created(r, format!("claim {ns}/{name}")))
+            }
+            Action::ReplaceClaims {
+                pod,
+                pod_uid,
+                claims: replaced,
+            } => (
+                "claim_replace",
+                self.replace_claims(ns, pod, pod_uid, replaced).await,
+            ),
+            Action::Reached(point) => {
+                crate::faults::step(point);
+                return Ok(());
+            }
         };
         result?;
         self.metrics.action(kind);
         Ok(())
     }
+}
+
+impl Context {
+    /// Deletes `replaced` claims and then `pod`, if an uncached read shows the pod is still
+    /// the one with `pod_uid`, Pending and unscheduled (else it may be using a claim).
+    async fn replace_claims(
+        &self,
+        ns: &str,
+        pod: &str,
+        pod_uid: &str,
+        replaced: &[(String, String)],
+    ) -> Result<(), Error> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
+        let object = format!("pod {ns}/{pod}");
+        let fresh = pods.get_opt(pod).await.map_err(|source| Error::Api {
+            verb: "get",
+            object: object.clone(),
+            source,
+        })?;
+        let unscheduled = fresh.as_ref().is_some_and(|p| {
+            p.metadata.uid.as_deref() == Some(pod_uid)
+                && super::nodeloss::unscheduled_since(p).is_some()
+        });
+        if !unscheduled {
+            return Err(Error::Conflict { object });
+        }
+        for (claim, uid) in replaced {
+            let r = claims.delete(claim, &preconditions(uid, None)).await;
+            write_result(r, "delete", format!("claim {ns}/{claim}"))?;
+        }
+        let r = pods.delete(pod, &preconditions(pod_uid, None)).await;
+        write_result(r, "delete", object)
+    }
+}
+
+/// Maps the API error of a create: 409 (already exists) means an earlier pass made it.
+fn created<T>(r: Result<T, kube::Error>, object: String) -> Result<(), Error> {
+    match r {
+        Err(e) if status_code(&e) == Some(409) => {
+            debug!(%object, "create: already exists");
+            Ok(())
+        }
+        other => write_result(other, "create", object),
+    }
+}
+
+fn snapshot_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
+    Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk(&gvk))
+}
+
+async fn create_snapshot(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    claim: &str,
+    class: &str,
+    migration: &str,
+) -> Result<DynamicObject, kube::Error> {
+    let object: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": {"name": name, "namespace": ns, "labels": {MIGRATION_LABEL: migration}},
+        "spec": {
+            "volumeSnapshotClassName": class,
+            "source": {"persistentVolumeClaimName": claim},
+        },
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    snapshot_api(client, ns)
+        .create(&PostParams::default(), &object)
+        .await
+}
+
+/// The migrations' VolumeSnapshots in `ns`, read uncached.
+async fn migration_snapshots(client: &Client, ns: &str) -> Result<Vec<SnapshotState>, Error> {
+    let list = snapshot_api(client, ns)
+        .list(&ListParams::default().labels(MIGRATION_LABEL))
+        .await
+        .map_err(|source| Error::Api {
+            verb: "list",
+            object: format!("volumesnapshots in {ns}"),
+            source,
+        })?;
+    Ok(list
+        .items
+        .iter()
+        .map(|s| SnapshotState {
+            name: s.name_any(),
+            ready: s.data["status"]["readyToUse"] == json!(true),
+            deleting: s.metadata.deletion_timestamp.is_some(),
+            error: s.data["status"]["error"]["message"]
+                .as_str()
+                .map(str::to_owned),
+        })
+        .collect())
 }
 
 fn preconditions(uid: &str, resource_version: Option<&String>) -> DeleteParams {

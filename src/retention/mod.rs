@@ -6,6 +6,7 @@
 pub mod builtin;
 pub mod controller;
 pub mod leader;
+pub mod migration_record;
 pub mod names;
 pub mod nodeloss;
 pub mod orphan_sweeper;
@@ -52,6 +53,11 @@ pub struct RetentionArgs {
     /// (only for sets annotated kennel.csi.dev/on-node-loss=recreate).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub node_loss_grace: Duration,
+
+    /// VolumeSnapshotClass of the snapshots that move a drained node's claims (sets annotated
+    /// kennel.csi.dev/on-drain=migrate).
+    #[arg(long, default_value = "kennel")]
+    pub migration_snapshot_class: String,
 
     /// Every StatefulSet is planned again at least this often.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -134,6 +140,7 @@ pub async fn run(args: RetentionArgs) -> anyhow::Result<()> {
         builtin,
         sweep_orphaned_claims: args.sweep_orphaned_claims,
         node_loss_grace: args.node_loss_grace,
+        snapshot_class: args.migration_snapshot_class.clone(),
         driver_name: args.driver_name.clone(),
         resync_interval: args.resync_interval,
     };

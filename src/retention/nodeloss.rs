@@ -24,6 +24,8 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, 
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 
+use crate::topology::TOPOLOGY_KEY;
+
 /// Volume attribute where the driver records the identity of the host that made the volume.
 pub const MACHINE_ID_ATTRIBUTE: &str = "kennel.csi.dev/machine-id";
 /// What drivers before host identity was required recorded when they could not read one.
@@ -41,6 +43,11 @@ struct NodeFacts {
     out_of_service: bool,
     /// Read by an uncached GET in this pass, not from the watch cache.
     fresh: bool,
+    /// Cordoned (`spec.unschedulable`), as `kubectl drain` leaves it.
+    cordoned: bool,
+    /// Ready, not cordoned, no NoSchedule/NoExecute taint, and Kennel's driver registered
+    /// (the kubelet labels the node with the driver's topology key): a claim may move here.
+    takes_volumes: bool,
 }
 
 /// What the controller knows about nodes: the cached ones, those read again uncached, and the
@@ -85,6 +92,29 @@ impl NodeView {
             .as_ref()
             .and_then(|s| s.taints.as_ref())
             .is_some_and(|ts| ts.iter().any(|t| t.key == OUT_OF_SERVICE_TAINT));
+        let cordoned = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        let ready = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|ts| {
+                ts.iter()
+                    .any(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+            });
+        let registered = node
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.get(TOPOLOGY_KEY) == Some(&name));
         self.confirmed_gone.remove(&name);
         self.nodes.insert(
             name,
@@ -92,8 +122,24 @@ impl NodeView {
                 machine_id,
                 out_of_service,
                 fresh,
+                cordoned,
+                takes_volumes: ready && !cordoned && !tainted && registered,
             },
         );
+    }
+
+    /// Whether node `name` exists and is cordoned.
+    pub fn cordoned(&self, name: &str) -> bool {
+        self.nodes.get(name).is_some_and(|f| f.cordoned)
+    }
+
+    /// Nodes a volume may move to, by name.
+    pub fn migration_targets(&self) -> Vec<&str> {
+        self.nodes
+            .iter()
+            .filter(|(_, f)| f.takes_volumes)
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 
     /// Records that an uncached GET for `name` returned 404.

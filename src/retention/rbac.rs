@@ -9,12 +9,20 @@ pub const CLUSTER_RULES: &[(&str, &str, &[&str])] = &[
     ("apps", "statefulsets", &["get", "list", "watch"]),
     // Setting blockOwnerDeletion on a ref to a set needs update on its finalizers subresource.
     ("apps", "statefulsets/finalizers", &["update"]),
-    ("", "pods", &["list", "watch", "delete"]),
+    // GET: a pod is read uncached before a migration replaces its claims.
+    ("", "pods", &["get", "list", "watch", "delete"]),
     ("", "pods/finalizers", &["update"]),
+    // create: a migration's staging claim, restored on the target node.
     (
         "",
         "persistentvolumeclaims",
-        &["list", "watch", "patch", "delete"],
+        &["list", "watch", "create", "patch", "delete"],
+    ),
+    // A migration's snapshot of the claim it moves.
+    (
+        "snapshot.storage.k8s.io",
+        "volumesnapshots",
+        &["list", "create", "delete"],
     ),
     (
         "",

@@ -228,6 +228,33 @@ impl Cluster {
         self.wait_peer_ready(i);
     }
 
+    /// SIGKILL node `name`'s plugin (driver and sidecars, as a crash would) and start it
+    /// again on the same storage, waiting until the driver is registered. Either node.
+    pub fn crash_plugin(&mut self, name: &str) {
+        if name == self.node_name {
+            let mut old = self.plugin.take().expect("plugin running");
+            old.kill();
+            let backend = old.backend;
+            drop(old);
+            self.start_plugin(backend);
+            self.wait_node_ready();
+            return;
+        }
+        let i = self.peer_index(name);
+        let mut old = self.peers[i].plugin.take().expect("plugin running");
+        assert_eq!(
+            old.backend,
+            Backend::Loop,
+            "only the loop backend keeps its storage across a plugin restart"
+        );
+        old.kill();
+        let backend = old.backend;
+        drop(old);
+        let plugin = self.spawn_peer_plugin(i, backend);
+        self.peers[i].plugin = Some(plugin);
+        self.wait_peer_ready(i);
+    }
+
     /// Node Ready and Kennel's driver in its CSINode.
     fn wait_peer_ready(&mut self, i: usize) {
         let name = self.peers[i].name.clone();

@@ -38,8 +38,20 @@ pub fn retention_command(cluster: &Cluster, extra: &[&str]) -> Command {
 
 /// Start (or restart) `kennel retention` with `extra` flags.
 pub fn start_retention_with(cluster: &mut Cluster, extra: &[&str]) {
-    stop_retention(cluster);
     let cmd = retention_command(cluster, extra);
+    start_retention_command(cluster, cmd);
+}
+
+/// Start (or restart) `kennel retention` able to stop at its steps (src/faults.rs): pause
+/// files in `pause_dir`.
+pub fn start_retention_pausable(cluster: &mut Cluster, pause_dir: &std::path::Path) {
+    let mut cmd = retention_command(cluster, &[]);
+    cmd.env(kennel::faults::PAUSE_DIR_ENV, pause_dir);
+    start_retention_command(cluster, cmd);
+}
+
+fn start_retention_command(cluster: &mut Cluster, cmd: Command) {
+    stop_retention(cluster);
     let daemon = Daemon::spawn("kennel-retention", cmd, &cluster.logs);
     cluster.extra.push(daemon);
     let log = cluster.logs.join("kennel-retention.log");

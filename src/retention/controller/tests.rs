@@ -54,6 +54,7 @@ fn context(cluster: Cluster) -> (Arc<Context>, Handle<Request<Body>, Response<Bo
             builtin: crate::retention::builtin::BuiltinRule::Never,
             sweep_orphaned_claims: false,
             node_loss_grace: Duration::from_secs(300),
+            snapshot_class: "kennel".into(),
             driver_name: DRIVER.into(),
             resync_interval: Duration::from_secs(600),
         },

@@ -11,10 +11,11 @@
 //! One room per decision: [`plan_model`] holds what the planner reads and writes, `claim_refs` the
 //! owner references a claim should carry, `reattach_guard` keeps a recreated pod off a dying
 //! claim, `recovery` recreates claims stranded on a lost node and cleans their volumes,
-//! `orphaned_claims` deletes the out-of-range claims upstream keeps forever. This file walks one
-//! set through them.
+//! `orphaned_claims` deletes the out-of-range claims upstream keeps forever, `migration` moves a
+//! drained node's claims to another node. This file walks one set through them.
 
 mod claim_refs;
+mod migration;
 mod orphaned_claims;
 mod plan_model;
 mod reattach_guard;
@@ -95,6 +96,7 @@ pub fn plan(obs: Observed<'_>, opts: &Options) -> Plan {
             recover_from_node_loss(&scope, ordinal, pod, &mut plan);
         }
     }
+    migration::plan_migrations(&scope, &mut plan);
     for pv in obs.volumes {
         clean_stale_volume(&scope, pv, &mut plan);
     }

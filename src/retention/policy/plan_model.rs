@@ -120,6 +120,8 @@ pub struct Options {
     pub node_loss_grace: Duration,
     /// CSI driver name of Kennel volumes.
     pub driver_name: String,
+    /// VolumeSnapshotClass of the snapshots migrate-on-drain takes.
+    pub snapshot_class: String,
     pub now: Timestamp,
 }
 
@@ -132,6 +134,18 @@ pub struct Observed<'a> {
     pub pods: &'a [&'a Pod],
     pub volumes: &'a [&'a PersistentVolume],
     pub nodes: &'a NodeView,
+    /// The migrations' VolumeSnapshots in the set's namespace, read when the plan asks.
+    pub snapshots: &'a [SnapshotState],
+}
+
+/// What a migration needs to know of one of its VolumeSnapshots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotState {
+    pub name: String,
+    pub ready: bool,
+    pub deleting: bool,
+    /// status.error.message, if the snapshot failed.
+    pub error: Option<String>,
 }
 
 /// The object an event is about: the one acted on, so that two actions with the same reason
@@ -191,12 +205,42 @@ pub enum Action {
         volume: String,
         uid: String,
     },
+    /// JSON merge patch of a PV, if its resourceVersion is still `resource_version`.
+    PatchVolume {
+        volume: String,
+        resource_version: String,
+        patch: serde_json::Value,
+    },
+    /// A VolumeSnapshot `name` of `claim`, labelled with the migration it belongs to.
+    CreateSnapshot {
+        name: String,
+        claim: String,
+        class: String,
+        migration: String,
+    },
+    DeleteSnapshot {
+        name: String,
+    },
+    CreateClaim {
+        claim: Box<PersistentVolumeClaim>,
+    },
+    /// Deletes the claims (UID preconditions) and then their pod, only if an uncached read
+    /// shows the pod still the one with `pod_uid`, Pending and unscheduled: a pod that may
+    /// have written to the old volume since it was copied keeps it.
+    ReplaceClaims {
+        pod: String,
+        pod_uid: String,
+        claims: Vec<(String, String)>,
+    },
+    /// A step of a multi-step operation is done: a named point where tests stop the
+    /// controller (src/faults.rs).
+    Reached(&'static str),
     Event(Note),
 }
 
 impl Action {
     pub fn is_write(&self) -> bool {
-        !matches!(self, Action::Event(_))
+        !matches!(self, Action::Event(_) | Action::Reached(_))
     }
 }
 
@@ -208,6 +252,8 @@ pub struct Plan {
     /// Nodes the cache shows missing or out of service: an uncached GET must confirm it
     /// before anything is decided about their volumes.
     pub unconfirmed_nodes: Vec<String>,
+    /// A migration is under way: plan again with its VolumeSnapshots read.
+    pub needs_snapshots: bool,
 }
 
 impl Plan {

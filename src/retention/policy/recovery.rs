@@ -15,15 +15,15 @@ use crate::retention::nodeloss::{
 use crate::topology::pinned_node;
 
 /// One claim of a pod and the node its Kennel volume is pinned to.
-struct PinnedClaim<'a> {
-    claim: &'a PersistentVolumeClaim,
-    name: String,
-    pv: &'a PersistentVolume,
-    node: String,
+pub(super) struct PinnedClaim<'a> {
+    pub claim: &'a PersistentVolumeClaim,
+    pub name: String,
+    pub pv: &'a PersistentVolume,
+    pub node: String,
 }
 
 /// The pod's live claims whose Kennel volume is pinned to one node.
-fn pinned_claims<'a>(scope: &Scope<'a>, ordinal: u32) -> Vec<PinnedClaim<'a>> {
+pub(super) fn pinned_claims<'a>(scope: &Scope<'a>, ordinal: u32) -> Vec<PinnedClaim<'a>> {
     let mut found = Vec::new();
     for template in templates(scope.obs.set) {
         let name = claim_name(&template, scope.set_name, ordinal);

@@ -18,6 +18,7 @@ fn opts(builtin: bool) -> Options {
         sweep_orphaned_claims: false,
         node_loss_grace: GRACE,
         driver_name: DRIVER.into(),
+        snapshot_class: "kennel".into(),
         now: ts(0),
     }
 }
@@ -64,6 +65,7 @@ impl World {
                 pods: &pods,
                 volumes: &volumes,
                 nodes: &nodes,
+                snapshots: &[],
             },
             opts,
         )

@@ -3,6 +3,7 @@
 
 mod execute;
 mod local_state;
+mod placement;
 mod render;
 
 use crate::csi::client::CsiClient;
@@ -143,6 +144,17 @@ pub enum CtlCommand {
     },
     /// Delete a volume and its data (OK if it is already gone).
     Delete { volume_id: String },
+    /// Where each claim's data is, and any move or pull under way (from the Kubernetes API:
+    /// a kubeconfig or the pod's account that can list PVs, claims and kennel-system's
+    /// Leases; the CSI endpoint is not used).
+    Where {
+        /// Only this namespace's claims.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// CSI driver name of Kennel volumes.
+        #[arg(long, default_value = "kennel.csi.dev")]
+        driver_name: String,
+    },
 }
 
 fn parse_key_value(raw: &str) -> Result<(String, String), String> {
@@ -194,7 +206,54 @@ impl View {
     }
 }
 
+/// `kennel ctl where`: read the cluster, print the placements.
+async fn run_where(
+    namespace: Option<String>,
+    driver_name: &str,
+    mode: Output,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    use kube::api::{Api, ListParams};
+
+    let client = kube::Client::try_default().await?;
+    let lp = ListParams::default();
+    let volumes = Api::<PersistentVolume>::all(client.clone())
+        .list(&lp)
+        .await?;
+    let claims = match &namespace {
+        Some(ns) => Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+    .list(&lp)
+    .await?;
+    let leases = Api::<Lease>::namespaced(client, crate::peer::cluster::PEER_NAMESPACE)
+        .list(&lp)
+        .await?;
+    let rows = placement::placements(
+        driver_name,
+        namespace.as_deref(),
+        &volumes.items,
+        &claims.items,
+        &leases.items,
+    );
+    if mode == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", placement::render(&rows));
+    }
+    Ok(())
+}
+
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    let mode = if args.json { Output::Json } else { args.output };
+    if let CtlCommand::Where {
+        namespace,
+        driver_name,
+    } = args.command
+    {
+        return run_where(namespace, &driver_name, mode).await;
+    }
     let mut client = CsiClient::connect(&args.endpoint).await?;
     let view = View::of(&args.command);
     let output = execute::execute(&mut client, args.command)
@@ -206,7 +265,6 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 Err(other) => other,
             }
         })?;
-    let mode = if args.json { Output::Json } else { args.output };
     if mode == Output::Json {
         println!("{}", serde_json::to_string_pretty(&output)?);
     } else {

@@ -673,3 +673,25 @@ fn out_of_service(cluster: &mut Cluster) {
     assert_eq!(node_lost_warnings(cluster, &ns, "web"), 1);
     finish(cluster, &ns);
 }
+
+/// `kennel ctl where -n <ns> -o json` with the cluster's admin kubeconfig: each claim's row.
+fn ctl_where(cluster: &Cluster, ns: &str) -> Vec<Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kennel"))
+        .args(["ctl", "where", "-n", ns, "-o", "json"])
+        .env("KUBECONFIG", &cluster.admin_kubeconfig)
+        .output()
+        .expect("run kennel ctl where");
+    assert!(
+        out.status.success(),
+        "kennel ctl where: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON rows")
+}
+
+/// The row of `claim` in `kennel ctl where`.
+fn placement_of(cluster: &Cluster, ns: &str, claim: &str) -> Option<Value> {
+    ctl_where(cluster, ns)
+        .into_iter()
+        .find(|row| row["claim"] == claim)
+}

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use crate::peer::cluster::{self as peer_cluster, KubeGrants};
 use crate::peer::digest::{sha256_of, Sha256};
 use crate::peer::{
     pull_snapshot, NodeName, PeerMetrics, PeerService, PeerTls, PullError, PullOptions,
-    PullRequest, SnapshotContent, SnapshotSource,
+    PullRequest, SnapshotContent, SnapshotSource, TransferStatus, Transfers,
 };
 use crate::volume::controller_ops::Controller;
 
@@ -45,6 +46,27 @@ pub struct PeerLink {
     node: NodeName,
     config: PeerConfig,
     metrics: PeerMetrics,
+    transfers: Transfers,
+}
+
+/// How often the pulls under way are published in this node's Lease (when they changed).
+const PUBLISH_EVERY: Duration = Duration::from_secs(2);
+
+/// Publishes this node's pulls under way whenever the list changed since the last success.
+async fn publish_transfers(client: kube::Client, node: NodeName, transfers: Transfers) {
+    let mut published: Option<Vec<TransferStatus>> = None;
+    let mut tick = tokio::time::interval(PUBLISH_EVERY);
+    loop {
+        tick.tick().await;
+        let now = transfers.current();
+        if published.as_ref() == Some(&now) || (published.is_none() && now.is_empty()) {
+            continue;
+        }
+        match peer_cluster::publish_transfers(&client, &node, &now).await {
+            Ok(()) => published = Some(now),
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "could not publish transfers"),
+        }
+    }
 }
 
 impl PeerLink {
@@ -92,12 +114,19 @@ impl PeerLink {
             .await
             .map_err(|e| Error::Unavailable(format!("advertising the peer address: {e:#}")))?;
         tracing::info!(%listen, %advertise, %node, "serving snapshots to peers");
+        let transfers = Transfers::default();
+        tokio::spawn(publish_transfers(
+            client.clone(),
+            node.clone(),
+            transfers.clone(),
+        ));
         Ok(PeerLink {
             tls,
             client,
             node,
             config,
             metrics,
+            transfers,
         })
     }
 
@@ -159,6 +188,18 @@ impl PeerLink {
                     "node {holder} advertises no peer address: is its Kennel driver running?"
                 ))
             })?;
+        let progress = Arc::new(AtomicU64::new(0));
+        let _listed = self.transfers.begin(
+            TransferStatus {
+                claim: format!("{namespace}/{claim}"),
+                snapshot: expected,
+                from: holder.to_string(),
+                done: 0,
+                total: size,
+                since: k8s_openapi::jiff::Timestamp::now().to_string(),
+            },
+            progress.clone(),
+        );
         let request = PullRequest {
             peer_address: address,
             peer_node: holder.clone(),
@@ -184,6 +225,7 @@ impl PeerLink {
                     .open(&range.device)
                     .map_err(|e| Error::io("open", range.device.display().to_string(), e))?;
                 let options = PullOptions {
+                    progress: progress.clone(),
                     destination_offset: range.offset,
                     stall_timeout,
                     metrics,

@@ -363,5 +363,6 @@ pub(super) async fn execute(c: &mut CsiClient, command: CtlCommand) -> anyhow::R
                 .await?;
             json!({ "deleted": volume_id })
         }
+        CtlCommand::Where { .. } => anyhow::bail!("`where` reads the cluster, not a CSI endpoint"),
     })
 }

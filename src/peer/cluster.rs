@@ -9,7 +9,9 @@ mod grants;
 #[cfg(test)]
 mod tests;
 
-pub use address::{advertise, lease_name, peer_address, PEER_ADDRESS_ANNOTATION};
+pub use address::{
+    advertise, lease_name, peer_address, publish_transfers, PEER_ADDRESS_ANNOTATION,
+};
 pub use ca::load_or_create_ca;
 pub use grants::{claim_source, ClaimSource, KubeGrants};
 

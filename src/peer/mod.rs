@@ -4,7 +4,8 @@
 //!
 //! `pki` makes and loads the CA and node certificates, `tls` turns them into tonic settings and
 //! names the calling node, `server` serves snapshots, `client` pulls one into a destination,
-//! `cluster` keeps the CA, the grants and the nodes' addresses in the Kubernetes API.
+//! `cluster` keeps the CA, the grants and the nodes' addresses in the Kubernetes API,
+//! `transfers` lists the pulls under way for people.
 
 pub mod client;
 pub mod cluster;
@@ -14,6 +15,7 @@ pub mod name;
 pub mod pki;
 pub mod server;
 pub mod tls;
+pub mod transfers;
 
 pub use client::{pull_snapshot, PullError, PullOptions, PullRequest, Pulled};
 pub use cluster::{advertise, load_or_create_ca, peer_address, KubeGrants};
@@ -22,6 +24,7 @@ pub use name::NodeName;
 pub use pki::{ClusterCa, NodeIdentity};
 pub use server::{serve, Grants, PeerService, SnapshotContent, SnapshotSource};
 pub use tls::PeerTls;
+pub use transfers::{TransferStatus, Transfers};
 
 /// Code generated from proto/peer.proto.
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]

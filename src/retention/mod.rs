@@ -8,6 +8,7 @@ pub mod controller;
 pub mod leader;
 pub mod migration_record;
 pub mod names;
+pub mod node_fit;
 pub mod nodeloss;
 pub mod orphan_sweeper;
 pub mod orphans;

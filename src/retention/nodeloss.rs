@@ -24,6 +24,7 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, 
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 
+use super::node_fit::pod_fits;
 use crate::topology::TOPOLOGY_KEY;
 
 /// Volume attribute where the driver records the identity of the host that made the volume.
@@ -48,6 +49,7 @@ struct NodeFacts {
     /// Ready, not cordoned, no NoSchedule/NoExecute taint, and Kennel's driver registered
     /// (the kubelet labels the node with the driver's topology key): a claim may move here.
     takes_volumes: bool,
+    labels: BTreeMap<String, String>,
 }
 
 /// What the controller knows about nodes: the cached ones, those read again uncached, and the
@@ -124,6 +126,7 @@ impl NodeView {
                 fresh,
                 cordoned,
                 takes_volumes: ready && !cordoned && !tainted && registered,
+                labels: node.metadata.labels.clone().unwrap_or_default(),
             },
         );
     }
@@ -133,11 +136,12 @@ impl NodeView {
         self.nodes.get(name).is_some_and(|f| f.cordoned)
     }
 
-    /// Nodes a volume may move to, by name.
-    pub fn migration_targets(&self) -> Vec<&str> {
+    /// Nodes a volume of `pod` may move to, by name: they take volumes and the pod's
+    /// nodeSelector and required node affinity accept them.
+    pub fn migration_targets(&self, pod: &Pod) -> Vec<&str> {
         self.nodes
             .iter()
-            .filter(|(_, f)| f.takes_volumes)
+            .filter(|(n, f)| f.takes_volumes && pod_fits(pod, n, &f.labels))
             .map(|(n, _)| n.as_str())
             .collect()
     }

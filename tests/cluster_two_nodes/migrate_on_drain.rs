@@ -39,14 +39,15 @@ enum Victim {
     Driver(&'static str),
 }
 
-/// The claim size and MiB of random data of a migration: 64Mi/16 MiB, or
-/// `KENNEL_MIGRATE_MIB` MiB of data in a claim 64 MiB larger (e.g. 960 for a 1 GiB volume).
+/// The claim size and MiB of random data of a migration: 64Mi with 16 MiB, or a claim of
+/// `KENNEL_MIGRATE_SIZE_MIB` MiB (1024 for the 1 GiB figure) seven-eighths full (the rest is
+/// the filesystem's own).
 fn sizes() -> (String, u64) {
-    match std::env::var("KENNEL_MIGRATE_MIB")
+    match std::env::var("KENNEL_MIGRATE_SIZE_MIB")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
     {
-        Some(mib) => (format!("{}Mi", mib + 64), mib),
+        Some(mib) => (format!("{mib}Mi"), mib - mib / 8),
         None => ("64Mi".to_owned(), 16),
     }
 }
@@ -222,6 +223,12 @@ fn check_moved(cluster: &Cluster, ns: &str, set: &str, old: &Value, written: &st
     }
     let undone = events(cluster, ns, "MigrationUndone");
     assert!(undone.is_empty(), "a migration was undone: {undone:?}");
+    let row = super::placement_of(cluster, ns, &claim).expect("kennel ctl where lists the claim");
+    assert_eq!(row["node"], peer.as_str(), "{row}");
+    assert!(
+        row["moving_to"].is_null() && row["transfer"].is_null(),
+        "{row}"
+    );
 }
 
 /// A drained node's StatefulSet pod starts on the other node with its data; the downtime
@@ -298,6 +305,12 @@ fn migrate_with_kills(cluster: &mut Cluster, victim: Victim, scenario: &str) {
         };
         if !seen.contains(&step) {
             seen.push(step.clone());
+        }
+        if step == "migration: copy requested" {
+            // Mid-way, `kennel ctl where` says where the claim is going.
+            let row = super::placement_of(cluster, &ns, "www-web-0").expect("listed");
+            assert_eq!(row["node"], NODE_A, "{row}");
+            assert_eq!(row["moving_to"], peer_name(cluster).as_str(), "{row}");
         }
         match victim {
             Victim::Controller => {

@@ -204,6 +204,22 @@ pub fn restore_survives_a_cut_link(cluster: &mut Cluster) {
         || paused.exists().then_some(()),
         || describe(cluster, &ns) + &driver_log_of(cluster, NODE_A),
     );
+    // `kennel ctl where` shows the pull under way, from node-a, part done.
+    let shown = wait_for(
+        "kennel ctl where to show the pull of copy",
+        30,
+        || {
+            let row = super::placement_of(cluster, &ns, "copy")?;
+            let t = &row["transfer"];
+            (t["from"] == NODE_A && t["done"].as_u64()? > 0).then(|| row.clone())
+        },
+        || describe(cluster, &ns),
+    );
+    assert!(
+        shown["transfer"]["done"].as_u64() < shown["transfer"]["total"].as_u64(),
+        "{shown}"
+    );
+    assert_eq!(shown["transfer"]["snapshot"], handle.as_str(), "{shown}");
     let link = cluster.peer(&peer).netns.clone();
     link.set_link(false);
     std::fs::remove_file(&paused).expect("release the transfer");

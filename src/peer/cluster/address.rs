@@ -17,6 +17,7 @@ use ring::digest::{digest, SHA256};
 use super::{FIELD_MANAGER, PEER_NAMESPACE};
 use crate::peer::digest::hex;
 use crate::peer::name::NodeName;
+use crate::peer::transfers::{TransferStatus, TRANSFERS_ANNOTATION};
 
 /// The annotation of a node's Lease that holds its peer server's `<ip>:<port>`.
 pub const PEER_ADDRESS_ANNOTATION: &str = "kennel.csi.dev/peer-address";
@@ -122,4 +123,44 @@ pub async fn peer_address(client: &Client, node: &NodeName) -> anyhow::Result<Op
         bail!("Lease {PEER_NAMESPACE}/{name}: {PEER_ADDRESS_ANNOTATION} {address} is no address a peer can connect to");
     }
     Ok(Some(address))
+}
+
+/// The field manager of the transfers annotation: apart from the address's, so that applying
+/// one never drops the other.
+const TRANSFERS_MANAGER: &str = "kennel-peer-transfers";
+
+/// Publish `node`'s pulls under way in its Lease (none: the annotation goes).
+pub async fn publish_transfers(
+    client: &Client,
+    node: &NodeName,
+    transfers: &[TransferStatus],
+) -> anyhow::Result<()> {
+    let name = lease_name(node);
+    let annotations = (!transfers.is_empty()).then(|| {
+        BTreeMap::from([(
+            TRANSFERS_ANNOTATION.to_owned(),
+            serde_json::to_string(transfers).unwrap_or_default(),
+        )])
+    });
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(PEER_NAMESPACE.to_owned()),
+            annotations,
+            ..Default::default()
+        },
+        spec: None,
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), PEER_NAMESPACE);
+    leases
+        .patch(
+            &name,
+            &PatchParams::apply(TRANSFERS_MANAGER).force(),
+            &Patch::Apply(&lease),
+        )
+        .await
+        .with_context(|| {
+            format!("publishing node {node}'s transfers in Lease {PEER_NAMESPACE}/{name}")
+        })?;
+    Ok(())
 }

@@ -136,7 +136,7 @@ fn start(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut Plan) {
         .collect();
     for p in drained {
         let Some(target) = nodes
-            .migration_targets()
+            .migration_targets(pod)
             .into_iter()
             .find(|n| *n != p.node)
             .map(str::to_owned)
@@ -147,7 +147,7 @@ fn start(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut Plan) {
                 "Wait",
                 Regarding::Pod(pod_name_.clone()),
                 format!(
-                    "pod {pod_name_}: node {} is drained but no other node is Ready, schedulable and running Kennel; PersistentVolumeClaim {} stays until one is",
+                    "pod {pod_name_}: node {} is drained but no other node is Ready, schedulable, untainted, running Kennel and accepted by the pod's node selector and affinity; PersistentVolumeClaim {} stays until one is",
                     p.node, p.name
                 ),
             );

@@ -488,6 +488,25 @@ fn with_no_node_to_move_to_it_waits_and_says_so() {
 }
 
 #[test]
+fn a_node_the_pod_refuses_is_no_target() {
+    let mut world = Cluster::drained(Some("migrate"));
+    world.pods[0]
+        .spec
+        .get_or_insert_with(Default::default)
+        .node_selector = Some([("disk".to_owned(), "ssd".to_owned())].into());
+    let plan = world.pass();
+    assert!(!plan.has_writes(), "{:?}", plan.actions);
+    assert_eq!(world.reasons, ["MigrationWaiting"]);
+    world.nodes[1]
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("disk".into(), "ssd".into());
+    world.pass();
+    assert_eq!(migration_of(&world.volumes[0]).unwrap().to, "node-b");
+}
+
+#[test]
 fn an_interrupted_replacement_deletes_the_left_pod() {
     let mut world = Cluster::drained(Some("migrate"));
     walk_to_prebound(&mut world);

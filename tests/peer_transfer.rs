@@ -16,8 +16,9 @@ use kennel::peer::digest::{sha256_of, Sha256};
 use kennel::peer::pb::peer_client::PeerClient;
 use kennel::peer::pb::{snapshot_chunk::Part, ReadSnapshotRequest};
 use kennel::peer::{
-    pull_snapshot, serve, ClusterCa, Grants, NodeName, PeerMetrics, PeerService, PeerTls,
-    PullError, PullOptions, PullRequest, Pulled, SnapshotContent, SnapshotSource,
+    pull_snapshot, serve, serve_renewing, ClusterCa, Grants, NodeName, PeerMetrics, PeerService,
+    PeerTls, PullError, PullOptions, PullRequest, Pulled, SharedTls, SnapshotContent,
+    SnapshotSource,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -555,4 +556,70 @@ async fn a_dropped_pull_stops_the_server_which_reads_ahead_only_a_little() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the server kept its read after the client went away");
+}
+
+/// A server that renews its certificate every 50 ms: pulls running across renewals finish in
+/// one attempt, exact (the old generation serves its streams to the end while the new one
+/// accepts); once renewals hand it a certificate of another CA, new connections meet that
+/// certificate: a client of the new CA gets in, one of the old CA no longer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_keep_transfers_whole_and_serve_the_new_certificate() {
+    let world = World::new("node-a").await;
+    let (old_ca, new_ca) = (
+        Arc::new(ClusterCa::generate().unwrap()),
+        Arc::new(ClusterCa::generate().unwrap()),
+    );
+    let switch = Arc::new(AtomicBool::new(false));
+    let renewals = Arc::new(AtomicUsize::new(0));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = PeerService::new(
+        world.files.clone(),
+        world.grants.clone(),
+        PeerMetrics::default(),
+    );
+    let tls = SharedTls::new(PeerTls::new(&old_ca.issue_node("node-a").unwrap()));
+    let renew = {
+        let (old_ca, new_ca) = (old_ca.clone(), new_ca.clone());
+        let (switch, renewals) = (switch.clone(), renewals.clone());
+        move || {
+            renewals.fetch_add(1, Ordering::SeqCst);
+            let ca = if switch.load(Ordering::SeqCst) {
+                new_ca.clone()
+            } else {
+                old_ca.clone()
+            };
+            async move { Ok(PeerTls::new(&ca.issue_node("node-a")?)) }
+        }
+    };
+    tokio::spawn(serve_renewing(
+        listener,
+        tls,
+        service,
+        Duration::from_millis(50),
+        renew,
+    ));
+    let old_client = PeerTls::new(&old_ca.issue_node("node-b").unwrap());
+    let source = sha256_of(&File::open(&world.source).unwrap(), 0, SIZE).unwrap();
+    let before = renewals.load(Ordering::SeqCst);
+    for _ in 0..6 {
+        let dest = world.destination();
+        let pulled = world.pull(&old_client, addr, &dest).await.unwrap();
+        assert_eq!((pulled.attempts, pulled.sha256), (1, source));
+    }
+    let during = renewals.load(Ordering::SeqCst) - before;
+    assert!(during >= 2, "only {during} renewals during the pulls");
+
+    switch.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new_client = PeerTls::new(&new_ca.issue_node("node-b").unwrap());
+    let dest = world.destination();
+    let pulled = world.pull(&new_client, addr, &dest).await.unwrap();
+    assert_eq!(pulled.sha256, source);
+    let dest = world.destination();
+    assert!(
+        world.pull(&old_client, addr, &dest).await.is_err(),
+        "a client of the replaced CA still got in"
+    );
+    assert!(untouched(&dest));
 }

@@ -14,8 +14,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-
 use crate::backend::VolumeRecord;
 use crate::error::{Error, Result};
 use crate::model::spec::CreateRequest;
@@ -26,6 +24,7 @@ use crate::peer::{
     pull_snapshot, NodeName, PeerMetrics, PeerService, PeerTls, PullError, PullOptions,
     PullRequest, SnapshotContent, SnapshotSource, TransferStatus, Transfers,
 };
+use crate::peer::{serve_renewing, SharedTls};
 use crate::volume::controller_ops::Controller;
 
 /// How this node joins the channel.
@@ -41,12 +40,19 @@ pub struct PeerConfig {
 
 /// This node on the channel: its TLS identity, the API server, and the transfer metrics.
 pub struct PeerLink {
-    tls: PeerTls,
+    tls: SharedTls,
     client: kube::Client,
     node: NodeName,
     config: PeerConfig,
     metrics: PeerMetrics,
     transfers: Transfers,
+}
+
+/// A node certificate is issued again after a third of its life: two thirds are left to
+/// retry a renewal that fails.
+fn renewal_interval() -> Duration {
+    let life = crate::peer::pki::NODE_VALIDITY.whole_seconds().max(3) as u64;
+    Duration::from_secs(life / 3)
 }
 
 /// How often the pulls under way are published in this node's Lease (when they changed).
@@ -86,9 +92,8 @@ impl PeerLink {
         let identity = ca
             .issue_node(node.as_str())
             .map_err(|e| Error::Internal(format!("a peer certificate for {node}: {e}")))?;
-        let tls = PeerTls::new(&identity);
-        let listener = TcpListener::bind(listen)
-            .await
+        let tls = SharedTls::new(PeerTls::new(&identity));
+        let listener = std::net::TcpListener::bind(listen)
             .map_err(|e| Error::io("bind the peer address", listen.to_string(), e))?;
         let metrics = PeerMetrics::default();
         let service = PeerService::new(
@@ -103,10 +108,21 @@ impl PeerLink {
             )),
             metrics.clone(),
         );
+        let renew = {
+            let (client, node) = (client.clone(), node.clone());
+            move || {
+                let (client, node) = (client.clone(), node.clone());
+                async move {
+                    let ca = peer_cluster::load_or_create_ca(&client).await?;
+                    let identity = ca.issue_node(node.as_str())?;
+                    Ok(PeerTls::new(&identity))
+                }
+            }
+        };
         let server_tls = tls.clone();
         tokio::spawn(async move {
-            let never = std::future::pending::<()>();
-            if let Err(e) = crate::peer::serve(listener, &server_tls, service, never).await {
+            let every = renewal_interval();
+            if let Err(e) = serve_renewing(listener, server_tls, service, every, renew).await {
                 tracing::error!(error = %e, "the peer channel stopped");
             }
         });
@@ -208,7 +224,7 @@ impl PeerLink {
             claim_name: claim,
             expected_size: size,
         };
-        let (tls, metrics) = (self.tls.clone(), self.metrics.clone());
+        let (tls, metrics) = (self.tls.get(), self.metrics.clone());
         let stall_timeout = self.config.stall_timeout;
         let runtime = tokio::runtime::Handle::current();
         controller

@@ -3,7 +3,7 @@
 //! by node name; the serving node checks a grant before it reads a byte.
 //!
 //! `pki` makes and loads the CA and node certificates, `tls` turns them into tonic settings and
-//! names the calling node, `server` serves snapshots, `client` pulls one into a destination,
+//! names the calling node, `renewal` issues them again while the driver runs, `server` serves snapshots, `client` pulls one into a destination,
 //! `cluster` keeps the CA, the grants and the nodes' addresses in the Kubernetes API,
 //! `transfers` lists the pulls under way for people.
 
@@ -13,6 +13,7 @@ pub mod digest;
 pub mod metrics;
 pub mod name;
 pub mod pki;
+pub mod renewal;
 pub mod server;
 pub mod tls;
 pub mod transfers;
@@ -22,6 +23,7 @@ pub use cluster::{advertise, load_or_create_ca, peer_address, KubeGrants};
 pub use metrics::PeerMetrics;
 pub use name::NodeName;
 pub use pki::{ClusterCa, NodeIdentity};
+pub use renewal::{serve_renewing, SharedTls};
 pub use server::{serve, Grants, PeerService, SnapshotContent, SnapshotSource};
 pub use tls::PeerTls;
 pub use transfers::{TransferStatus, Transfers};

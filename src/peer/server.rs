@@ -80,6 +80,16 @@ pub struct PeerService<S, G> {
     metrics: PeerMetrics,
 }
 
+impl<S, G> Clone for PeerService<S, G> {
+    fn clone(&self) -> Self {
+        PeerService {
+            source: self.source.clone(),
+            grants: self.grants.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
 impl<S: SnapshotSource, G: Grants> PeerService<S, G> {
     pub fn new(source: Arc<S>, grants: Arc<G>, metrics: PeerMetrics) -> Self {
         PeerService {

@@ -27,7 +27,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::builtin::BuiltinRule;
-use super::migration_record::MIGRATION_LABEL;
+use super::migration_record::{staging_source, MIGRATION_LABEL};
 use super::names::claim_identity;
 use super::nodeloss::{pv_driver, NodeView};
 use super::policy::{self, Action, Note, Observed, Options, Plan, Regarding, SnapshotState};
@@ -583,26 +583,49 @@ pub fn error_policy(set: Arc<StatefulSet>, error: &Error, ctx: Arc<Context>) -> 
     controller::Action::requeue(delay)
 }
 
-/// The sets whose claim names (computed forward) include `ns`/`claim`.
+/// The sets whose claim names (computed forward) include `ns`/`claim`; for a migration's
+/// staging claim, the sets of the claim it moves (through the old PV it is named after).
 fn sets_for_claim(
     sets: &Store<StatefulSet>,
+    volumes: &Store<PersistentVolume>,
     ns: Option<&str>,
     claim: &str,
 ) -> Vec<ObjectRef<StatefulSet>> {
+    if let Some(uid) = staging_source(claim) {
+        return volumes
+            .state()
+            .iter()
+            .filter(|pv| pv.metadata.uid.as_deref() == Some(uid))
+            .flat_map(|pv| sets_of_claim(sets, &claim_of(pv).unwrap_or_default()))
+            .collect();
+    }
+    sets_of_claim(sets, &(ns.map(str::to_owned), claim.to_owned()))
+}
+
+fn sets_of_claim(
+    sets: &Store<StatefulSet>,
+    (ns, claim): &(Option<String>, String),
+) -> Vec<ObjectRef<StatefulSet>> {
     sets.state()
         .iter()
-        .filter(|s| s.namespace().as_deref() == ns && claim_identity(s, claim).is_some())
+        .filter(|s| s.namespace() == *ns && claim_identity(s, claim).is_some())
         .map(|s| ObjectRef::from_obj(s.as_ref()))
         .collect()
 }
 
+/// The namespace and name of the claim `pv` is bound to (or reserved for).
+fn claim_of(pv: &PersistentVolume) -> Option<(Option<String>, String)> {
+    let claim_ref = pv.spec.as_ref()?.claim_ref.as_ref()?;
+    Some((claim_ref.namespace.clone(), claim_ref.name.clone()?))
+}
+
 fn sets_for_volume(
     sets: &Store<StatefulSet>,
+    volumes: &Store<PersistentVolume>,
     pv: &PersistentVolume,
 ) -> Vec<ObjectRef<StatefulSet>> {
-    let claim_ref = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
-    match claim_ref.and_then(|c| Some((c.namespace.as_deref(), c.name.as_deref()?))) {
-        Some((ns, name)) => sets_for_claim(sets, ns, name),
+    match claim_of(pv) {
+        Some((ns, name)) => sets_for_claim(sets, volumes, ns.as_deref(), &name),
         None => Vec::new(),
     }
 }
@@ -671,24 +694,34 @@ pub async fn run(
     });
 
     let (by_claim, by_volume, by_node) = (set_store.clone(), set_store.clone(), set_store.clone());
+    let (claim_volumes, volume_volumes, node_volumes) = (
+        volume_store.clone(),
+        volume_store.clone(),
+        volume_store.clone(),
+    );
     let driver = ctx.settings.driver_name.clone();
     Controller::for_stream(sets, set_store)
         .owns_stream(pods)
         .watches_stream(claims, move |c: PersistentVolumeClaim| {
-            sets_for_claim(&by_claim, c.namespace().as_deref(), &c.name_any())
+            sets_for_claim(
+                &by_claim,
+                &claim_volumes,
+                c.namespace().as_deref(),
+                &c.name_any(),
+            )
         })
         .watches_stream(volumes, move |pv: PersistentVolume| {
-            sets_for_volume(&by_volume, &pv)
+            sets_for_volume(&by_volume, &volume_volumes, &pv)
         })
         .watches_stream(nodes, move |node: Node| {
             // A node change matters to the sets whose Kennel volumes are pinned to it.
             let name = node.name_any();
-            volume_store
+            node_volumes
                 .state()
                 .iter()
                 .filter(|pv| pv_driver(pv) == Some(driver.as_str()))
                 .filter(|pv| pinned_node(pv).as_deref() == Some(name.as_str()))
-                .flat_map(|pv| sets_for_volume(&by_node, pv))
+                .flat_map(|pv| sets_for_volume(&by_node, &node_volumes, pv))
                 .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(shutdown)

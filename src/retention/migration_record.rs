@@ -51,6 +51,11 @@ pub fn staging_name(source_uid: &str) -> String {
     format!("kennel-migrate-{source_uid}")
 }
 
+/// The UID of the PV a migration's staging claim (or snapshot) named `name` moves away from.
+pub fn staging_source(name: &str) -> Option<&str> {
+    name.strip_prefix("kennel-migrate-")
+}
+
 fn annotation<'a>(pv: &'a PersistentVolume, key: &str) -> Option<&'a str> {
     pv.metadata
         .annotations
@@ -114,9 +119,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(migration_of(&garbled), None);
+        let name = staging_name("0b5e7d2c-1f4e-4c43-9a55-3f6a3a2b9e10");
+        assert_eq!(name, "kennel-migrate-0b5e7d2c-1f4e-4c43-9a55-3f6a3a2b9e10");
         assert_eq!(
-            staging_name("0b5e7d2c-1f4e-4c43-9a55-3f6a3a2b9e10"),
-            "kennel-migrate-0b5e7d2c-1f4e-4c43-9a55-3f6a3a2b9e10"
+            staging_source(&name),
+            Some("0b5e7d2c-1f4e-4c43-9a55-3f6a3a2b9e10")
         );
+        assert_eq!(staging_source("www-web-0"), None);
     }
 }

@@ -60,6 +60,10 @@ fn two_nodes() {
                 "migrate-survives-target-driver-kills",
                 migrate_on_drain::migrate_survives_target_driver_kills,
             ),
+            (
+                "migrate-undone-on-uncordon",
+                migrate_on_drain::migrate_undone_on_uncordon,
+            ),
             ("no-evidence-no-loss", no_evidence_no_loss),
             ("node-deleted", node_deleted),
             ("out-of-service", out_of_service),
@@ -694,4 +698,10 @@ fn placement_of(cluster: &Cluster, ns: &str, claim: &str) -> Option<Value> {
     ctl_where(cluster, ns)
         .into_iter()
         .find(|row| row["claim"] == claim)
+}
+
+/// The MD5 of `path` in `pod`'s container.
+fn md5_in(cluster: &Cluster, ns: &str, pod: &str, path: &str) -> String {
+    let out = exec_ok(cluster, ns, pod, &["md5sum", path], None);
+    out.split_whitespace().next().expect("md5sum").to_owned()
 }

@@ -409,6 +409,26 @@ impl Context {
                 "claim_replace",
                 self.replace_claims(ns, pod, pod_uid, replaced).await,
             ),
+            Action::ConfirmClaim {
+                claim,
+                uid,
+                in_place,
+            } => {
+                let object = format!("claim {ns}/{claim}");
+                let fresh = claims.get_opt(claim).await.map_err(|source| Error::Api {
+                    verb: "get",
+                    object: object.clone(),
+                    source,
+                })?;
+                let there = fresh.is_some_and(|c| {
+                    c.metadata.uid.as_deref() == Some(uid.as_str())
+                        && c.metadata.deletion_timestamp.is_none()
+                });
+                if there != *in_place {
+                    return Err(Error::Conflict { object });
+                }
+                return Ok(());
+            }
             Action::Reached(point) => {
                 crate::faults::step(point);
                 return Ok(());
@@ -528,6 +548,17 @@ fn preconditions(uid: &str, resource_version: Option<&String>) -> DeleteParams {
 }
 
 /// Plans and executes for one StatefulSet.
+/// Whether `store` has its first full list within `limit`.
+pub(crate) async fn caches_ready_within<K>(store: &Store<K>, limit: Duration) -> bool
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    matches!(
+        tokio::time::timeout(limit, store.wait_until_ready()).await,
+        Ok(Ok(()))
+    )
+}
+
 pub async fn reconcile(
     set: Arc<StatefulSet>,
     ctx: Arc<Context>,
@@ -536,6 +567,17 @@ pub async fn reconcile(
     let (Some(ns), Some(name)) = (set.namespace(), set.metadata.name.clone()) else {
         return Err(Error::Incomplete);
     };
+    // A just-started controller plans only from complete caches: a claim cache not yet
+    // listed looks like claims that are gone, a pod cache like pods that are.
+    let limit = Duration::from_secs(30);
+    let ready = caches_ready_within(&ctx.claims, limit).await
+        && caches_ready_within(&ctx.pods, limit).await
+        && caches_ready_within(&ctx.volumes, limit).await
+        && caches_ready_within(&ctx.nodes, limit).await;
+    if !ready {
+        debug!(%ns, %name, "caches not filled yet; planning later");
+        return Ok(controller::Action::requeue(Duration::from_secs(1)));
+    }
     let mut nodes = NodeView::from_nodes(ctx.nodes.state().iter().map(AsRef::as_ref));
     let mut set: Arc<StatefulSet> = set;
     let mut plan = ctx.plan_for(&set, &ns, &mut nodes).await?;

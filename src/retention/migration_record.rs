@@ -17,6 +17,35 @@ pub const MIGRATION_LABEL: &str = "kennel.csi.dev/migration-of";
 /// The annotation the scheduler uses to tell csi-provisioner which node to provision on.
 pub const SELECTED_NODE_ANNOTATION: &str = "volume.kubernetes.io/selected-node";
 
+/// The steps of a migration, in order: each is one write, and the controller can be stopped
+/// after any of them (src/faults.rs) to show that a restart resumes there.
+pub mod step {
+    pub const RETAINED: &str = "migration: retained";
+    pub const SNAPSHOT_REQUESTED: &str = "migration: snapshot requested";
+    pub const COPY_REQUESTED: &str = "migration: copy requested";
+    pub const COPY_KEPT: &str = "migration: copy kept";
+    pub const STAGING_RELEASED: &str = "migration: staging released";
+    pub const PREBOUND: &str = "migration: prebound";
+    pub const CLAIM_REPLACED: &str = "migration: claim replaced";
+    pub const SNAPSHOT_DELETED: &str = "migration: snapshot deleted";
+    pub const COPY_POLICY_RESTORED: &str = "migration: copy policy restored";
+    pub const OLD_VOLUME_RELEASED: &str = "migration: old volume released";
+}
+
+/// Every step, in the order a migration takes them.
+pub const STEPS: [&str; 10] = [
+    step::RETAINED,
+    step::SNAPSHOT_REQUESTED,
+    step::COPY_REQUESTED,
+    step::COPY_KEPT,
+    step::STAGING_RELEASED,
+    step::PREBOUND,
+    step::CLAIM_REPLACED,
+    step::SNAPSHOT_DELETED,
+    step::COPY_POLICY_RESTORED,
+    step::OLD_VOLUME_RELEASED,
+];
+
 /// A claim's move from one node to another, recorded on its old PV when it starts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

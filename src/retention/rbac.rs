@@ -12,11 +12,12 @@ pub const CLUSTER_RULES: &[(&str, &str, &[&str])] = &[
     // GET: a pod is read uncached before a migration replaces its claims.
     ("", "pods", &["get", "list", "watch", "delete"]),
     ("", "pods/finalizers", &["update"]),
-    // create: a migration's staging claim, restored on the target node.
+    // create: a migration's staging claim, restored on the target node; get: a claim read
+    // uncached before a migration is undone.
     (
         "",
         "persistentvolumeclaims",
-        &["list", "watch", "create", "patch", "delete"],
+        &["get", "list", "watch", "create", "patch", "delete"],
     ),
     // A migration's snapshot of the claim it moves.
     (

@@ -82,6 +82,22 @@ impl Storage {
         }
     }
 
+    /// The volumes (and snapshots) the host holds: image file names, or LV names.
+    pub fn stored_names(&self) -> std::collections::BTreeSet<String> {
+        match self {
+            Storage::Loop { dir } => std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|name| name.ends_with(".img"))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Storage::Lvm { vg, .. } => vg.lvs().into_iter().map(|lv| lv.name).collect(),
+        }
+    }
+
     /// Loop devices exposing volume `id`.
     pub fn attachments(&self, id: &str) -> Vec<PathBuf> {
         match self {

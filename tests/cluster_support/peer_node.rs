@@ -214,13 +214,18 @@ impl Cluster {
     /// storage (loop images are kept by node name), waiting until the driver is registered.
     pub fn restart_peer_plugin(&mut self, name: &str) {
         let i = self.peer_index(name);
+        self.replace_peer_plugin(i, NodePlugin::stop);
+    }
+
+    /// Node `i`'s plugin ended by `end` and started again on the same storage.
+    fn replace_peer_plugin(&mut self, i: usize, end: fn(&mut NodePlugin)) {
         let mut old = self.peers[i].plugin.take().expect("plugin running");
         assert_eq!(
             old.backend,
             Backend::Loop,
             "only the loop backend keeps its storage across a plugin restart"
         );
-        old.stop();
+        end(&mut old);
         let backend = old.backend;
         drop(old);
         let plugin = self.spawn_peer_plugin(i, backend);
@@ -241,18 +246,7 @@ impl Cluster {
             return;
         }
         let i = self.peer_index(name);
-        let mut old = self.peers[i].plugin.take().expect("plugin running");
-        assert_eq!(
-            old.backend,
-            Backend::Loop,
-            "only the loop backend keeps its storage across a plugin restart"
-        );
-        old.kill();
-        let backend = old.backend;
-        drop(old);
-        let plugin = self.spawn_peer_plugin(i, backend);
-        self.peers[i].plugin = Some(plugin);
-        self.wait_peer_ready(i);
+        self.replace_peer_plugin(i, NodePlugin::kill);
     }
 
     /// Node Ready and Kennel's driver in its CSINode.

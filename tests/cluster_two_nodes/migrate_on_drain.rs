@@ -5,9 +5,10 @@
 //! pod is Ready on the new node. Killing the controller or either node's driver after any step
 //! changes nothing of the outcome.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kennel::retention::migration_record::{step, STEPS};
 use serde_json::Value;
 
 use super::cluster_support::kube::{name_of, Kubectl};
@@ -18,20 +19,6 @@ use super::cluster_support::{report, Cluster};
 use super::{apply_set, finish, namespace, peer_name, pod_node, set_preferring, NODE_A};
 
 const MIGRATE: (&str, &str) = ("kennel.csi.dev/on-drain", "migrate");
-/// Every point the controller stops at, in order (src/retention/policy/migration.rs).
-const STEPS: [&str; 10] = [
-    "migration: retained",
-    "migration: snapshot requested",
-    "migration: copy requested",
-    "migration: copy kept",
-    "migration: staging released",
-    "migration: prebound",
-    "migration: claim replaced",
-    "migration: snapshot deleted",
-    "migration: copy policy restored",
-    "migration: old volume released",
-];
-
 /// What is killed after each step.
 #[derive(Clone, Copy, Debug)]
 enum Victim {
@@ -81,15 +68,14 @@ fn set_with_data(cluster: &Cluster, ns: &str, name: &str, size: &str, mib: u64) 
 }
 
 fn checksum(cluster: &Cluster, ns: &str, pod: &str) -> String {
-    let out = exec_ok(cluster, ns, pod, &["md5sum", &format!("{WWW}/blob")], None);
-    out.split_whitespace().next().expect("md5sum").to_owned()
+    super::md5_in(cluster, ns, pod, &format!("{WWW}/blob"))
 }
 
 /// Node-a uncordoned and the controller's stops disarmed when a scenario ends, also by a
 /// failure: the next scenarios need both.
 struct Restore {
     kubectl: Kubectl,
-    pause_dir: Option<std::path::PathBuf>,
+    pause_dir: Option<PathBuf>,
 }
 
 impl Drop for Restore {
@@ -276,15 +262,7 @@ pub fn migrate_survives_target_driver_kills(cluster: &mut Cluster) {
 /// with its data and nothing left behind.
 fn migrate_with_kills(cluster: &mut Cluster, victim: Victim, scenario: &str) {
     let ns = namespace(cluster, scenario);
-    let pause_dir = cluster.root.join("pause-retention");
-    std::fs::create_dir_all(&pause_dir).expect("pause dir");
-    let (arm, paused) = (
-        pause_dir.join(kennel::faults::ARM_FILE),
-        pause_dir.join(kennel::faults::PAUSED_FILE),
-    );
-    let _ = std::fs::remove_file(&paused);
-    std::fs::write(&arm, "1").expect("arm");
-    start_retention_pausable(cluster, &pause_dir);
+    let (pause_dir, arm, paused) = pausable_controller(cluster, 1);
     let (size, mib) = sizes();
     let (old, written) = set_with_data(cluster, &ns, "web", &size, mib);
     let old_pv = name_of(&old).to_owned();
@@ -306,7 +284,7 @@ fn migrate_with_kills(cluster: &mut Cluster, victim: Victim, scenario: &str) {
         if !seen.contains(&step) {
             seen.push(step.clone());
         }
-        if step == "migration: copy requested" {
+        if step == step::COPY_REQUESTED {
             // Mid-way, `kennel ctl where` says where the claim is going.
             let row = super::placement_of(cluster, &ns, "www-web-0").expect("listed");
             assert_eq!(row["node"], NODE_A, "{row}");
@@ -341,6 +319,116 @@ fn migrate_with_kills(cluster: &mut Cluster, victim: Victim, scenario: &str) {
     // The next scenarios run with a controller that does not stop.
     start_retention(cluster);
     finish(cluster, &ns);
+}
+
+/// Node-a is uncordoned while the copy is under way: the pod goes back to node-a, on its old
+/// volume, and the migration is undone — snapshot, staging claim and copy deleted (nothing left
+/// on node-b), the old volume's reclaim policy back, a MigrationUndone event — and the data is
+/// where it was.
+pub fn migrate_undone_on_uncordon(cluster: &mut Cluster) {
+    let ns = namespace(cluster, "undo");
+    // Held at the third stop: the staging claim was just created.
+    let (pause_dir, _, paused) = pausable_controller(cluster, 3);
+    let peer = peer_name(cluster);
+    let held_on_peer = cluster.peer(&peer).plugin().storage.stored_names();
+    let (size, mib) = sizes();
+    let (old, written) = set_with_data(cluster, &ns, "web", &size, mib);
+    let old_pv = name_of(&old).to_owned();
+    let mut restore = drain(cluster, "web");
+    restore.pause_dir = Some(pause_dir.clone());
+    let step = wait_for(
+        "the controller held after requesting the copy",
+        120,
+        || std::fs::read_to_string(&paused).ok(),
+        || describe(cluster, &ns) + &retention_tail(cluster),
+    );
+    assert_eq!(step, step::COPY_REQUESTED);
+    cluster.kubectl.run(&["uncordon", NODE_A]);
+    wait_for(
+        "web-0 scheduled on node-a again",
+        60,
+        || (pod_node(cluster, &ns, "web-0").as_deref() == Some(NODE_A)).then_some(()),
+        || describe(cluster, &ns),
+    );
+    std::fs::remove_file(&paused).expect("release the controller");
+    wait_for(
+        "the migration undone and nothing of it left",
+        180,
+        || {
+            let pv = cluster.kubectl.get(&["pv", &old_pv])?;
+            let restored = pv["spec"]["persistentVolumeReclaimPolicy"] == "Delete"
+                && pv["metadata"]["annotations"]["kennel.csi.dev/migration"].is_null();
+            let claims = cluster.kubectl.list(&["pvc", "-n", &ns]);
+            (restored
+                && claims.len() == 1
+                && cluster
+                    .kubectl
+                    .list(&["volumesnapshot", "-n", &ns])
+                    .is_empty()
+                // Nothing new on node-b (earlier scenarios' volumes may still be going).
+                && cluster
+                    .peer(&peer)
+                    .plugin()
+                    .storage
+                    .stored_names()
+                    .is_subset(&held_on_peer))
+            .then_some(())
+        },
+        || {
+            let now = cluster.peer(&peer).plugin().storage.stored_names();
+            let new: Vec<&String> = now.difference(&held_on_peer).collect();
+            format!(
+                "old PV: {}\nnew on {peer}: {new:?}\nsnapshots: {:?}\n{}{}",
+                cluster
+                    .kubectl
+                    .get(&["pv", &old_pv])
+                    .map(|pv| pv["metadata"]["annotations"].to_string()
+                        + " "
+                        + &pv["spec"]["persistentVolumeReclaimPolicy"].to_string())
+                    .unwrap_or_default(),
+                cluster
+                    .kubectl
+                    .list(&["volumesnapshot", "-n", &ns])
+                    .iter()
+                    .map(|v| name_of(v).to_owned())
+                    .collect::<Vec<_>>(),
+                describe(cluster, &ns),
+                retention_tail(cluster)
+            )
+        },
+    );
+    wait_pods_ready(cluster, &ns, &["web-0".to_owned()], 120);
+    assert_eq!(pod_node(cluster, &ns, "web-0").as_deref(), Some(NODE_A));
+    let pv = claim_pv(cluster, &ns, "www-web-0").expect("bound");
+    assert_eq!(name_of(&pv), old_pv, "the claim kept its volume");
+    assert_eq!(checksum(cluster, &ns, "web-0"), written);
+    let undone = events(cluster, &ns, "MigrationUndone");
+    assert!(
+        undone.iter().any(|m| m.contains("scheduled again")),
+        "no MigrationUndone event: {undone:?}"
+    );
+    assert!(
+        events(cluster, &ns, "MigrationComplete").is_empty(),
+        "a migration completed"
+    );
+    drop(restore);
+    start_retention(cluster);
+    finish(cluster, &ns);
+}
+
+/// `kennel retention` restarted to stop at its `nth` step from now: its pause directory, arm
+/// file and paused file.
+fn pausable_controller(cluster: &mut Cluster, nth: u32) -> (PathBuf, PathBuf, PathBuf) {
+    let pause_dir = cluster.root.join("pause-retention");
+    std::fs::create_dir_all(&pause_dir).expect("pause dir");
+    let (arm, paused) = (
+        pause_dir.join(kennel::faults::ARM_FILE),
+        pause_dir.join(kennel::faults::PAUSED_FILE),
+    );
+    let _ = std::fs::remove_file(&paused);
+    std::fs::write(&arm, nth.to_string()).expect("arm");
+    start_retention_pausable(cluster, &pause_dir);
+    (pause_dir, arm, paused)
 }
 
 /// Arm the next stop, then let the held step go.

@@ -31,8 +31,7 @@ fn metric(plugin: &NodePlugin, name: &str, labels: &str) -> u64 {
 }
 
 fn checksum(cluster: &Cluster, ns: &str, pod: &str) -> String {
-    let out = exec_ok(cluster, ns, pod, &["md5sum", "/v/blob"], None);
-    out.split_whitespace().next().expect("md5sum").to_owned()
+    super::md5_in(cluster, ns, pod, "/v/blob")
 }
 
 /// A VolumeSnapshot of `claim` named `name`, ready; returns its content's snapshot handle.

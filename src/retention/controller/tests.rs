@@ -27,9 +27,11 @@ where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
     let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
     for o in objects {
-        writer.apply_watcher_event(&watcher::Event::Apply(o));
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
     }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
     reader
 }
 
@@ -426,4 +428,11 @@ async fn a_not_ready_node_is_never_lost() {
     // No request at all: a NotReady node is not evidence, so nothing is read or written.
     let (result, _) = run_scenario(web, cluster, vec![]).await;
     result.expect("reconciled");
+}
+
+#[tokio::test]
+async fn nothing_is_planned_before_every_cache_is_filled() {
+    let (claims, _writer) = reflector::store::<PersistentVolumeClaim>();
+    assert!(!super::caches_ready_within(&claims, Duration::from_millis(50)).await);
+    assert!(super::caches_ready_within(&store::<Pod>(vec![]), Duration::from_millis(50)).await);
 }

@@ -33,7 +33,7 @@ use serde_json::json;
 use super::recovery::{find_volume, pinned_claims};
 use super::{Action, Plan, Regarding, Scope, SnapshotState};
 use crate::retention::migration_record::{
-    copy_of, migration_of, staging_name, to_annotation, Migration, COPY_ANNOTATION,
+    copy_of, migration_of, staging_name, step, to_annotation, Migration, COPY_ANNOTATION,
     MIGRATION_ANNOTATION, MIGRATION_LABEL, ON_DRAIN_ANNOTATION, SELECTED_NODE_ANNOTATION,
 };
 use crate::retention::names::{claim_identity, pod_name};
@@ -199,7 +199,7 @@ fn start(scope: &Scope<'_>, ordinal: u32, pod: &Pod, plan: &mut Plan) {
                 "spec": {"persistentVolumeReclaimPolicy": "Retain"},
             }),
         });
-        plan.actions.push(Action::Reached("migration: retained"));
+        plan.actions.push(Action::Reached(step::RETAINED));
         plan.requeue(POLL);
     }
 }
@@ -215,11 +215,12 @@ enum Ahead {
 fn advance(scope: &Scope<'_>, ordinal: u32, moves: &[Moving<'_>], plan: &mut Plan) {
     plan.requeue(POLL);
     let pod = scope.pods.get(&ordinal).copied();
+    // A claim being deleted was replaced (or is going anyway): past the point of no return.
     let old_alive = |m: &Moving<'_>| {
-        scope
-            .claims
-            .get(m.record.claim.as_str())
-            .is_some_and(|c| c.metadata.uid.as_deref() == Some(m.old_claim_uid.as_str()))
+        scope.claims.get(m.record.claim.as_str()).is_some_and(|c| {
+            c.metadata.uid.as_deref() == Some(m.old_claim_uid.as_str())
+                && c.metadata.deletion_timestamp.is_none()
+        })
     };
     let mut prebound = Vec::new();
     let mut all_prebound = true;
@@ -280,8 +281,7 @@ fn advance(scope: &Scope<'_>, ordinal: u32, moves: &[Moving<'_>], plan: &mut Pla
             .map(|m| (m.record.claim.clone(), m.old_claim_uid.clone()))
             .collect(),
     });
-    plan.actions
-        .push(Action::Reached("migration: claim replaced"));
+    plan.actions.push(Action::Reached(step::CLAIM_REPLACED));
 }
 
 /// Why a migration whose claim is not replaced yet must be undone, if it must.
@@ -377,8 +377,7 @@ fn ahead(scope: &Scope<'_>, m: &Moving<'_>, plan: &mut Plan) -> Ahead {
                     class: scope.opts.snapshot_class.clone(),
                     migration: m.pv.metadata.uid.clone().unwrap_or_default(),
                 });
-                plan.actions
-                    .push(Action::Reached("migration: snapshot requested"));
+                plan.actions.push(Action::Reached(step::SNAPSHOT_REQUESTED));
             }
             Some(s) if s.ready => {
                 if let Some(claim) = staging_claim(scope, m) {
@@ -395,8 +394,7 @@ fn ahead(scope: &Scope<'_>, m: &Moving<'_>, plan: &mut Plan) -> Ahead {
                     plan.actions.push(Action::CreateClaim {
                         claim: Box::new(claim),
                     });
-                    plan.actions
-                        .push(Action::Reached("migration: copy requested"));
+                    plan.actions.push(Action::Reached(step::COPY_REQUESTED));
                 }
             }
             Some(_) => {} // the snapshot is being taken
@@ -419,24 +417,13 @@ fn ahead(scope: &Scope<'_>, m: &Moving<'_>, plan: &mut Plan) -> Ahead {
             }),
             plan,
         ) {
-            plan.actions.push(Action::Reached("migration: copy kept"));
+            plan.actions.push(Action::Reached(step::COPY_KEPT));
         }
         return Ahead::Busy;
     }
     if let Some(staging) = staging {
-        if staging.metadata.deletion_timestamp.is_none() {
-            if let (Some(uid), Some(rv)) = (
-                staging.metadata.uid.clone(),
-                staging.metadata.resource_version.clone(),
-            ) {
-                plan.actions.push(Action::DeleteClaim {
-                    claim: m.staging.clone(),
-                    uid,
-                    resource_version: rv,
-                });
-                plan.actions
-                    .push(Action::Reached("migration: staging released"));
-            }
+        if delete_staging(m, staging, plan) {
+            plan.actions.push(Action::Reached(step::STAGING_RELEASED));
         }
         return Ahead::Busy;
     }
@@ -451,13 +438,32 @@ fn ahead(scope: &Scope<'_>, m: &Moving<'_>, plan: &mut Plan) -> Ahead {
                 }}}),
                 plan,
             ) {
-                plan.actions.push(Action::Reached("migration: prebound"));
+                plan.actions.push(Action::Reached(step::PREBOUND));
             }
             Ahead::Busy
         }
         (Some(name), None) if name == m.record.claim => Ahead::Prebound,
         _ => Ahead::Busy,
     }
+}
+
+/// Deletes the staging claim unless it is already going; whether it planned the delete.
+fn delete_staging(m: &Moving<'_>, staging: &PersistentVolumeClaim, plan: &mut Plan) -> bool {
+    if staging.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let (Some(uid), Some(resource_version)) = (
+        staging.metadata.uid.clone(),
+        staging.metadata.resource_version.clone(),
+    ) else {
+        return false;
+    };
+    plan.actions.push(Action::DeleteClaim {
+        claim: m.staging.clone(),
+        uid,
+        resource_version,
+    });
+    true
 }
 
 /// The staging claim: the old claim's class, modes and the old volume's size, restored from
@@ -508,17 +514,18 @@ fn staging_claim(scope: &Scope<'_>, m: &Moving<'_>) -> Option<PersistentVolumeCl
 /// Undoes a migration whose claim was not replaced, one step per pass; the record on the old
 /// PV goes last, so an interrupted undo is finished by the next pass.
 fn undo(scope: &Scope<'_>, m: &Moving<'_>, why: &str, plan: &mut Plan) {
+    // Watch caches lag each other: a new pod may show before the deletion of the claim it
+    // was replaced with. Undoing is safe only while the old claim really is in place.
+    plan.actions.push(Action::ConfirmClaim {
+        claim: m.record.claim.clone(),
+        uid: m.old_claim_uid.clone(),
+        in_place: true,
+    });
     let staging = scope.claims.get(m.staging.as_str()).copied();
-    let mut pending = false;
-    if snapshot(scope, &m.staging).is_some_and(|s| !s.deleting) {
-        plan.actions.push(Action::DeleteSnapshot {
-            name: m.staging.clone(),
-        });
-        pending = true;
-    }
     let copy = copy_volume(scope, m, staging);
+    // The staging claim first: a snapshot still restoring into it cannot be deleted (its
+    // deletion would wait for the controller's next resync).
     if let Some(staging) = staging {
-        pending = true;
         // The copy goes with the staging claim once its policy is Delete again.
         let kept = copy.is_some_and(|c| {
             c.spec
@@ -526,8 +533,8 @@ fn undo(scope: &Scope<'_>, m: &Moving<'_>, why: &str, plan: &mut Plan) {
                 .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
                 == Some("Retain")
         });
-        if kept {
-            if let Some(copy) = copy {
+        match copy.filter(|_| kept) {
+            Some(copy) => {
                 patch_volume(
                     copy,
                     json!({
@@ -537,21 +544,14 @@ fn undo(scope: &Scope<'_>, m: &Moving<'_>, why: &str, plan: &mut Plan) {
                     plan,
                 );
             }
-        } else if staging.metadata.deletion_timestamp.is_none() {
-            if let (Some(uid), Some(rv)) = (
-                staging.metadata.uid.clone(),
-                staging.metadata.resource_version.clone(),
-            ) {
-                plan.actions.push(Action::DeleteClaim {
-                    claim: m.staging.clone(),
-                    uid,
-                    resource_version: rv,
-                });
+            None => {
+                delete_staging(m, staging, plan);
             }
         }
-    } else if let Some((copy, record)) = copy.and_then(|c| Some((c, copy_of(c)?))) {
+        return;
+    }
+    if let Some((copy, record)) = copy.and_then(|c| Some((c, copy_of(c)?))) {
         // Bound back to the deleted staging claim, the copy is Released and deleted.
-        pending = true;
         patch_volume(
             copy,
             json!({
@@ -563,8 +563,14 @@ fn undo(scope: &Scope<'_>, m: &Moving<'_>, why: &str, plan: &mut Plan) {
             }),
             plan,
         );
+        return;
     }
-    if pending {
+    if let Some(s) = snapshot(scope, &m.staging) {
+        if !s.deleting {
+            plan.actions.push(Action::DeleteSnapshot {
+                name: m.staging.clone(),
+            });
+        }
         return;
     }
     plan.event(
@@ -599,6 +605,12 @@ fn finish(scope: &Scope<'_>, m: &Moving<'_>, pod: Option<&Pod>, plan: &mut Plan)
                 && p.metadata.deletion_timestamp.is_none()
         }) {
             if let Some(name) = pod.metadata.name.clone() {
+                // Only on the API server's word that the claim is gone, never a cache's.
+                plan.actions.push(Action::ConfirmClaim {
+                    claim: m.record.claim.clone(),
+                    uid: m.old_claim_uid.clone(),
+                    in_place: false,
+                });
                 plan.actions.push(Action::DeletePod {
                     pod: name,
                     uid: m.record.pod_uid.clone(),
@@ -633,8 +645,7 @@ fn finish(scope: &Scope<'_>, m: &Moving<'_>, pod: Option<&Pod>, plan: &mut Plan)
             plan.actions.push(Action::DeleteSnapshot {
                 name: m.staging.clone(),
             });
-            plan.actions
-                .push(Action::Reached("migration: snapshot deleted"));
+            plan.actions.push(Action::Reached(step::SNAPSHOT_DELETED));
         }
         return; // the old volume goes after its snapshot
     }
@@ -648,7 +659,7 @@ fn finish(scope: &Scope<'_>, m: &Moving<'_>, pod: Option<&Pod>, plan: &mut Plan)
             plan,
         ) {
             plan.actions
-                .push(Action::Reached("migration: copy policy restored"));
+                .push(Action::Reached(step::COPY_POLICY_RESTORED));
         }
         return;
     }
@@ -696,7 +707,7 @@ fn finish(scope: &Scope<'_>, m: &Moving<'_>, pod: Option<&Pod>, plan: &mut Plan)
         plan,
     ) {
         plan.actions
-            .push(Action::Reached("migration: old volume released"));
+            .push(Action::Reached(step::OLD_VOLUME_RELEASED));
     }
 }
 

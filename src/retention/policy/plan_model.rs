@@ -232,6 +232,14 @@ pub enum Action {
         pod_uid: String,
         claims: Vec<(String, String)>,
     },
+    /// Stops the plan here (a conflict: plan again) unless an uncached read shows `claim` with
+    /// `uid` and not being deleted (`in_place`), or shows it gone (not `in_place`): what
+    /// follows is safe only then.
+    ConfirmClaim {
+        claim: String,
+        uid: String,
+        in_place: bool,
+    },
     /// A step of a multi-step operation is done: a named point where tests stop the
     /// controller (src/faults.rs).
     Reached(&'static str),
@@ -240,7 +248,10 @@ pub enum Action {
 
 impl Action {
     pub fn is_write(&self) -> bool {
-        !matches!(self, Action::Event(_) | Action::Reached(_))
+        !matches!(
+            self,
+            Action::Event(_) | Action::Reached(_) | Action::ConfirmClaim { .. }
+        )
     }
 }
 

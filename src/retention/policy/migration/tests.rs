@@ -175,6 +175,19 @@ impl Cluster {
                     }
                     self.pods.retain(|p| p.metadata.name.as_ref() != Some(pod));
                 }
+                Action::ConfirmClaim {
+                    claim,
+                    uid,
+                    in_place,
+                } => {
+                    let there = self.claim(claim).is_some_and(|c| {
+                        c.metadata.uid.as_ref() == Some(uid)
+                            && c.metadata.deletion_timestamp.is_none()
+                    });
+                    if there != *in_place {
+                        break; // the controller stops the plan and plans again
+                    }
+                }
                 Action::DeletePod { pod, .. } => {
                     self.pods.retain(|p| p.metadata.name.as_ref() != Some(pod))
                 }
@@ -324,21 +337,7 @@ fn a_drained_claim_moves_step_by_step_and_the_old_volume_goes_last() {
     for _ in 0..4 {
         world.pass();
     }
-    assert_eq!(
-        world.reached,
-        [
-            "migration: retained",
-            "migration: snapshot requested",
-            "migration: copy requested",
-            "migration: copy kept",
-            "migration: staging released",
-            "migration: prebound",
-            "migration: claim replaced",
-            "migration: snapshot deleted",
-            "migration: copy policy restored",
-            "migration: old volume released",
-        ]
-    );
+    assert_eq!(world.reached, STEPS, "every step, in order");
     assert!(world.snapshots.is_empty());
     assert_eq!(world.policy("pv-copy"), "Delete", "the old volume's policy");
     assert_eq!(
@@ -507,6 +506,42 @@ fn a_node_the_pod_refuses_is_no_target() {
 }
 
 #[test]
+fn a_replaced_claim_still_in_the_cache_never_undoes() {
+    let mut world = Cluster::drained(Some("migrate"));
+    walk_to_prebound(&mut world);
+    world.pass();
+    // The claim's deletion has not reached this cache, but the new pod already has: an undo
+    // here would release the copy the new claim is about to bind.
+    let mut stale = claim(0, vec![]);
+    stale.spec.as_mut().unwrap().storage_class_name = Some("kennel-loop".into());
+    world.claims.push(stale);
+    world.pods = vec![unschedulable(pod_with_uid(0, "pod-2"), ts(0))];
+    let plan = world.plan();
+    assert!(
+        matches!(plan.actions.first(), Some(Action::ConfirmClaim { .. })),
+        "an undo must confirm the claim first: {:?}",
+        plan.actions
+    );
+    // The API server says the claim is going: nothing of the undo is carried out.
+    world.claims[0].metadata.deletion_timestamp = world.pods[0].metadata.creation_timestamp.clone();
+    world.pass();
+    assert_eq!(world.policy("pv-copy"), "Retain", "the copy is kept");
+    assert!(
+        migration_of(&world.volumes[0]).is_some(),
+        "the record stays"
+    );
+    // Seen being deleted, the claim counts as replaced: the migration goes on.
+    let plan = world.plan();
+    assert!(
+        plan.actions
+            .iter()
+            .all(|a| !matches!(a, Action::ConfirmClaim { .. })),
+        "{:?}",
+        plan.actions
+    );
+}
+
+#[test]
 fn an_interrupted_replacement_deletes_the_left_pod() {
     let mut world = Cluster::drained(Some("migrate"));
     walk_to_prebound(&mut world);
@@ -515,11 +550,17 @@ fn an_interrupted_replacement_deletes_the_left_pod() {
         .claims
         .retain(|c| c.metadata.name.as_deref() != Some(CLAIM));
     let plan = world.pass();
+    let confirm = plan.actions.iter().position(
+        |a| matches!(a, Action::ConfirmClaim { in_place: false, uid, .. } if *uid == claim_uid(0)),
+    );
+    let delete = plan
+        .actions
+        .iter()
+        .position(|a| matches!(a, Action::DeletePod { uid, .. } if uid == "pod-1"));
     assert!(
-        plan.actions
-            .iter()
-            .any(|a| matches!(a, Action::DeletePod { uid, .. } if uid == "pod-1")),
-        "{:?}",
+        matches!((confirm, delete), (Some(c), Some(d)) if c < d),
+        "the claim's absence is confirmed uncached before the pod goes: {:?}",
         plan.actions
     );
+    assert!(world.pods.is_empty(), "the pod is deleted");
 }

@@ -559,8 +559,8 @@ async fn a_dropped_pull_stops_the_server_which_reads_ahead_only_a_little() {
 }
 
 /// A server that renews its certificate every 50 ms: pulls running across renewals finish in
-/// one attempt, exact (the old generation serves its streams to the end while the new one
-/// accepts); once renewals hand it a certificate of another CA, new connections meet that
+/// one attempt, exact, no byte sent twice (a retired generation serves its connections to
+/// their end, untouched, while the new one gets the new connections); once renewals hand it a certificate of another CA, new connections meet that
 /// certificate: a client of the new CA gets in, one of the old CA no longer does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewals_keep_transfers_whole_and_serve_the_new_certificate() {
@@ -573,11 +573,8 @@ async fn renewals_keep_transfers_whole_and_serve_the_new_certificate() {
     let renewals = Arc::new(AtomicUsize::new(0));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = PeerService::new(
-        world.files.clone(),
-        world.grants.clone(),
-        PeerMetrics::default(),
-    );
+    let served = PeerMetrics::default();
+    let service = PeerService::new(world.files.clone(), world.grants.clone(), served.clone());
     let tls = SharedTls::new(PeerTls::new(&old_ca.issue_node("node-a").unwrap()));
     let renew = {
         let (old_ca, new_ca) = (old_ca.clone(), new_ca.clone());
@@ -605,10 +602,16 @@ async fn renewals_keep_transfers_whole_and_serve_the_new_certificate() {
     for _ in 0..6 {
         let dest = world.destination();
         let pulled = world.pull(&old_client, addr, &dest).await.unwrap();
-        assert_eq!((pulled.attempts, pulled.sha256), (1, source));
+        assert_eq!(pulled.sha256, source);
+        // On a loaded machine an attempt may fail before its first byte (a handshake that
+        // timed out); a cut stream shows below as bytes sent twice.
+        assert!(pulled.attempts <= 2, "{} attempts", pulled.attempts);
     }
     let during = renewals.load(Ordering::SeqCst) - before;
     assert!(during >= 2, "only {during} renewals during the pulls");
+    // No stream was cut: a cut one is resumed from its last synced offset, and what it had
+    // sent past that would be sent twice.
+    assert_eq!(served.served_bytes(), 6 * SIZE, "bytes sent twice");
 
     switch.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -1,16 +1,18 @@
 //! Certificates renewed while the driver runs. A node certificate lives
 //! `pki::NODE_VALIDITY`; long before it ends a new one is issued, the pulls started from then
-//! on present it, and a new generation of the server starts accepting with it on the same
-//! socket before the old generation stops accepting. The old one finishes the streams it
-//! serves (a graceful shutdown), so a renewal never cuts a transfer.
+//! on present it, and the connections accepted from then on go to a new generation of the
+//! server that presents it. One loop accepts on the socket and hands each connection to the
+//! current generation; a retired generation gets no new connection, and those it has run to
+//! their end untouched (no GOAWAY), so a renewal never cuts a transfer.
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
-use super::server::{serve, Grants, PeerService, SnapshotSource};
+use super::server::{serve_connections, Grants, PeerService, SnapshotSource};
 use super::tls::PeerTls;
 
 /// The identity this node presents now, shared by the server's renewal and the pulls.
@@ -49,38 +51,60 @@ where
     Fut: Future<Output = anyhow::Result<PeerTls>>,
 {
     listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let retry = renew_every.min(Duration::from_secs(60));
-    let mut stop_old: Option<oneshot::Sender<()>> = None;
+    // The current generation's inbox of connections; replaced at each renewal.
+    let mut inbox = start_generation(&tls, &service);
+    let mut renewal = Box::pin(tokio::time::sleep(renew_every));
     loop {
-        let socket = tokio::net::TcpListener::from_std(listener.try_clone()?)?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (current, generation) = (tls.get(), service.clone());
-        tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            if let Err(e) = serve(socket, &current, generation, shutdown).await {
-                tracing::error!(error = %e, "the peer channel stopped");
-            }
-        });
-        // The new generation accepts before the old one stops: no connection is refused.
-        if let Some(old) = stop_old.replace(stop) {
-            let _ = old.send(());
-        }
-        let mut wait = renew_every;
-        loop {
-            tokio::time::sleep(wait).await;
-            match renew().await {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    if let Err(mpsc::error::SendError(stream)) = inbox.send(Ok(stream)).await {
+                        tracing::error!("the peer server generation stopped; starting another");
+                        inbox = start_generation(&tls, &service);
+                        let _ = inbox.send(stream).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a peer connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = &mut renewal => match renew().await {
                 Ok(next) => {
                     tracing::info!(node = %next.node(), "renewed the peer certificate");
                     tls.set(next);
-                    break;
+                    // Dropping the old inbox ends its generation's incoming stream: it takes
+                    // no new connection and its own run on.
+                    inbox = start_generation(&tls, &service);
+                    renewal.as_mut().reset(tokio::time::Instant::now() + renew_every);
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?retry, "could not renew the peer certificate");
-                    wait = retry;
+                    renewal.as_mut().reset(tokio::time::Instant::now() + retry);
                 }
-            }
+            },
         }
     }
+}
+
+type Inbox = mpsc::Sender<std::io::Result<tokio::net::TcpStream>>;
+
+/// A server generation presenting `tls`'s current identity, fed through the returned inbox.
+fn start_generation<S, G>(tls: &SharedTls, service: &PeerService<S, G>) -> Inbox
+where
+    S: SnapshotSource + 'static,
+    G: Grants + 'static,
+{
+    let (inbox, connections) = mpsc::channel(16);
+    let (current, service) = (tls.get(), service.clone());
+    // Runs until its inbox is dropped and its last connection has ended.
+    tokio::spawn(async move {
+        let incoming = ReceiverStream::new(connections);
+        if let Err(e) = serve_connections(incoming, &current, service).await {
+            tracing::error!(error = %e, "a peer server generation stopped");
+        }
+    });
+    inbox
 }

@@ -278,13 +278,31 @@ pub async fn serve<S: SnapshotSource, G: Grants>(
     service: PeerService<S, G>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    Server::builder()
-        .tls_config(tls.server_config())?
-        .http2_keepalive_interval(Some(KEEPALIVE))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+    server(tls)?
         .add_service(PeerServer::new(service))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
+}
+
+/// Serves the connections `incoming` yields until it ends. The connections already taken go
+/// on to their own end, untouched: with no shutdown signal, tonic runs each as a task of its
+/// own and tells none to go away. How a renewal retires a certificate without cutting a stream.
+pub async fn serve_connections<S: SnapshotSource, G: Grants>(
+    incoming: impl tokio_stream::Stream<Item = io::Result<tokio::net::TcpStream>> + Send + 'static,
+    tls: &PeerTls,
+    service: PeerService<S, G>,
+) -> Result<(), tonic::transport::Error> {
+    server(tls)?
+        .add_service(PeerServer::new(service))
+        .serve_with_incoming(incoming)
+        .await
+}
+
+fn server(tls: &PeerTls) -> Result<Server, tonic::transport::Error> {
+    Ok(Server::builder()
+        .tls_config(tls.server_config())?
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT)))
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 
 mod execute;
 mod local_state;
-mod placement;
 mod render;
+mod whereabouts;
 
 use crate::csi::client::CsiClient;
 use crate::csi::pb::{self, volume_capability as vc};
@@ -230,7 +230,7 @@ async fn run_where(
     let leases = Api::<Lease>::namespaced(client, crate::peer::cluster::PEER_NAMESPACE)
         .list(&lp)
         .await?;
-    let rows = placement::placements(
+    let rows = whereabouts::placements(
         driver_name,
         namespace.as_deref(),
         &volumes.items,
@@ -240,7 +240,7 @@ async fn run_where(
     if mode == Output::Json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        print!("{}", placement::render(&rows));
+        print!("{}", whereabouts::render(&rows));
     }
     Ok(())
 }
